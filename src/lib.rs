@@ -1,0 +1,24 @@
+//! lorastream: merge PEFT LoRA adapters into model weights and convert checkpoints by
+//! streaming tensors one at a time, without building the model.
+//!
+//! Data flows one way:
+//!
+//! ```text
+//! source (mmap readers) ─▶ plan (names, deltas, checks) ─▶ compute (cpu | cuda) ─▶ sink (writers)
+//! ```
+//!
+//! - [`source`] reads safetensors and PyTorch zip checkpoints zero-copy from memory maps.
+//! - [`plan`] decides output names, dtypes and which tensors get which delta.
+//! - [`sink`] writes `.pth` and safetensors incrementally and atomically.
+//! - [`pipeline`] runs jobs (`convert`) and holds what jobs share.
+
+pub mod dtype;
+pub mod error;
+pub mod inspect;
+pub mod pipeline;
+pub mod plan;
+pub mod sink;
+pub mod source;
+
+pub use dtype::Dtype;
+pub use error::{Error, Result};

@@ -1,0 +1,157 @@
+//! Ties sources, plan and sinks together for `convert`, and holds the pieces every job
+//! shares: streaming one stored tensor into a sink (with an optional cast), timing and
+//! peak-memory reports, and the progress bar.
+
+use crate::dtype::{Dtype, cast_float};
+use crate::error::{Error, Result};
+use crate::plan::{DtypeChoice, RenameRule, rename};
+use crate::sink::{self, OutTensor, SinkOptions, TensorSink};
+use crate::source::{self, TensorEntry};
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+
+/// Bytes handed to a sink per call when copying; also how much of a mapped file is
+/// resident at once before it is released.
+const COPY_CHUNK: usize = 16 << 20;
+
+/// Options of `convert`.
+#[derive(Clone, Debug, Default)]
+pub struct ConvertOptions {
+    pub dtype: DtypeChoice,
+    pub renames: Vec<RenameRule>,
+    pub sink: SinkOptions,
+    pub progress: bool,
+}
+
+/// What a finished job reports (`--json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub output: String,
+    pub format: &'static str,
+    pub tensors: usize,
+    /// Tensors that received a LoRA delta (0 for convert).
+    pub merged: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub peak_rss_bytes: u64,
+}
+
+/// Converts any readable checkpoint into the format `output`'s path names.
+pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Report> {
+    let start = Instant::now();
+    let format = sink::OutputFormat::from_path(output)?;
+    let ckpt = source::open(input)?;
+    let plan: Vec<OutTensor> = ckpt
+        .tensors
+        .iter()
+        .map(|t| OutTensor {
+            name: rename::apply(&opts.renames, &t.name),
+            dtype: opts.dtype.apply(t.dtype),
+            shape: t.shape.clone(),
+        })
+        .collect();
+    rename::check_unique(
+        plan.iter()
+            .zip(&ckpt.tensors)
+            .map(|(o, t)| (o.name.as_str(), t.name.as_str())),
+    )?;
+    let mut out = sink::create(output, &plan, &opts.sink)?;
+    let bar = progress_bar(opts.progress, plan.iter().map(|t| t.nbytes()).sum());
+    for (t, o) in ckpt.tensors.iter().zip(&plan) {
+        out.begin(o)?;
+        copy_tensor(t, o.dtype, out.as_mut())?;
+        out.end()?;
+        bar.inc(o.nbytes());
+    }
+    out.finish()?;
+    bar.finish_and_clear();
+    Ok(Report {
+        output: output.display().to_string(),
+        format: format.name(),
+        tensors: plan.len(),
+        merged: 0,
+        bytes: plan.iter().map(|t| t.nbytes()).sum(),
+        seconds: start.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+/// Streams a stored tensor into the sink, cast to `to` (a floating tensor to another
+/// floating dtype; anything else must keep its dtype). Mapped pages are released as they
+/// are consumed, so a 10 GB tensor costs one chunk of resident memory.
+pub fn copy_tensor(t: &TensorEntry, to: Dtype, out: &mut dyn TensorSink) -> Result<()> {
+    if to != t.dtype && !(to.is_float() && t.dtype.is_float()) {
+        return Err(Error::tensor(
+            t.file.path(),
+            &t.name,
+            format!("cannot cast {} to {to}", t.dtype),
+        ));
+    }
+    let es = t.dtype.size();
+    let chunk = COPY_CHUNK - COPY_CHUNK % es; // whole elements, so casts never split one
+    match t.contiguous_range() {
+        Some((start, len)) => {
+            let all = t.file.bytes();
+            let mut cast_buf = Vec::new();
+            let mut at = 0;
+            while at < len {
+                let n = chunk.min(len - at);
+                let piece = &all[start + at..start + at + n];
+                write_piece(t.dtype, to, piece, &mut cast_buf, out)?;
+                t.file.release(start + at, n);
+                at += n;
+            }
+        }
+        None => {
+            let bytes = t.bytes();
+            let mut cast_buf = Vec::new();
+            for piece in bytes.chunks(chunk.max(es)) {
+                write_piece(t.dtype, to, piece, &mut cast_buf, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_piece(
+    from: Dtype,
+    to: Dtype,
+    piece: &[u8],
+    buf: &mut Vec<u8>,
+    out: &mut dyn TensorSink,
+) -> Result<()> {
+    if from == to {
+        out.write(piece)
+    } else {
+        buf.clear();
+        cast_float(from, to, piece, buf);
+        out.write(buf)
+    }
+}
+
+/// The process's peak resident set size so far (VmHWM), in bytes; 0 where unknown.
+pub fn peak_rss_bytes() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// A byte-counting progress bar on stderr, drawn only when asked and stderr is a terminal.
+pub fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !enabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar
+}

@@ -1,0 +1,83 @@
+//! `--rename REGEX=REPLACEMENT` rules: applied in order to every final key, each
+//! replacing every match (like Python's `re.sub`), with `$1`/`${name}` group references.
+
+use crate::error::{Error, Result};
+use regex::Regex;
+use std::collections::HashMap;
+
+#[derive(Clone, Debug)]
+pub struct RenameRule {
+    pub pattern: Regex,
+    pub replacement: String,
+}
+
+impl RenameRule {
+    /// Parses `REGEX=REPLACEMENT`, split at the first `=`.
+    pub fn parse(spec: &str) -> Result<RenameRule> {
+        let (pat, rep) = spec
+            .split_once('=')
+            .ok_or_else(|| Error::Usage(format!("--rename '{spec}' is not REGEX=REPLACEMENT")))?;
+        let pattern = Regex::new(pat)
+            .map_err(|e| Error::Usage(format!("--rename '{spec}': bad regular expression: {e}")))?;
+        Ok(RenameRule {
+            pattern,
+            replacement: rep.to_string(),
+        })
+    }
+}
+
+/// Applies every rule in order.
+pub fn apply(rules: &[RenameRule], name: &str) -> String {
+    let mut s = name.to_string();
+    for r in rules {
+        s = r
+            .pattern
+            .replace_all(&s, r.replacement.as_str())
+            .into_owned();
+    }
+    s
+}
+
+/// Fails if two planned outputs have the same final name, naming both sources.
+pub fn check_unique<'a>(names: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<()> {
+    let mut seen: HashMap<&str, &str> = HashMap::new();
+    for (out, src) in names {
+        if let Some(prev) = seen.insert(out, src) {
+            return Err(Error::Plan(format!(
+                "two tensors would be written as '{out}': '{prev}' and '{src}' (check --rename rules and component names)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_apply_in_order_with_groups() {
+        let rules = [
+            RenameRule::parse(r"^model\.=language_model.model.").unwrap(),
+            RenameRule::parse(r"layers\.(\d+)=blocks.$1").unwrap(),
+        ];
+        assert_eq!(
+            apply(&rules, "model.layers.3.w"),
+            "language_model.model.blocks.3.w"
+        );
+    }
+
+    #[test]
+    fn bad_specs_are_usage_errors() {
+        assert!(RenameRule::parse("nothing").unwrap_err().is_usage());
+        assert!(RenameRule::parse("(=x").unwrap_err().is_usage());
+    }
+
+    #[test]
+    fn collisions_are_reported_with_both_sources() {
+        let e = check_unique([("a", "x"), ("a", "y")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'x'") && e.contains("'y'"), "{e}");
+    }
+}

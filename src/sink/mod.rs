@@ -1,0 +1,192 @@
+//! Sinks: writers that receive planned tensors one at a time, their bytes in pieces, and
+//! produce a checkpoint incrementally. Every sink knows the full list of tensors up front
+//! (`OutTensor`s), so headers can be written before data and the shard layout decided;
+//! bytes go straight to a buffered file, so memory does not grow with the model.
+//!
+//! Sinks know nothing of sources: they see names, dtypes, shapes and bytes.
+
+mod atomic;
+mod pickle_writer;
+mod safetensors;
+mod sharded;
+mod torch_zip;
+
+pub use atomic::{TempOutput, install_interrupt_cleanup};
+pub use pickle_writer::{PickledTensor, state_dict_pickle};
+pub use safetensors::SafetensorsWriter;
+pub use sharded::ShardedSafetensorsWriter;
+pub use torch_zip::TorchZipWriter;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use std::path::Path;
+
+/// One tensor of the output, as planned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+}
+
+impl OutTensor {
+    pub fn nbytes(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product::<u64>() * self.dtype.size() as u64
+    }
+}
+
+/// The interface every writer offers. Calls come in plan order:
+/// `begin(t0) write* end  begin(t1) write* end … finish`.
+pub trait TensorSink: Send {
+    /// Starts the next planned tensor; `t` must be the next tensor of the plan.
+    fn begin(&mut self, t: &OutTensor) -> Result<()>;
+    /// Appends bytes of the current tensor.
+    fn write(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Ends the current tensor; all of its bytes must have arrived.
+    fn end(&mut self) -> Result<()>;
+    /// Completes the file(s) and moves them into place.
+    fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Output formats, chosen from the output path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// `.pth`, `.pt`, `.bin`: a PyTorch zip checkpoint.
+    TorchZip,
+    /// `.safetensors`
+    Safetensors,
+    /// An existing folder or a path ending in `/`: HF sharded safetensors.
+    ShardedSafetensors,
+}
+
+impl OutputFormat {
+    pub fn from_path(path: &Path) -> Result<OutputFormat> {
+        let s = path.to_string_lossy();
+        if s.ends_with('/') || path.is_dir() {
+            return Ok(OutputFormat::ShardedSafetensors);
+        }
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("pth" | "pt" | "bin") => Ok(OutputFormat::TorchZip),
+            Some("safetensors") => Ok(OutputFormat::Safetensors),
+            _ => Err(Error::Usage(format!(
+                "cannot tell the output format of '{s}': use a .pth/.pt/.bin file (PyTorch), a \
+                 .safetensors file, or a folder ending in '/' (sharded safetensors)"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputFormat::TorchZip => "torch-zip",
+            OutputFormat::Safetensors => "safetensors",
+            OutputFormat::ShardedSafetensors => "sharded-safetensors",
+        }
+    }
+}
+
+/// Options that apply to some formats.
+#[derive(Clone, Debug)]
+pub struct SinkOptions {
+    /// Largest shard of a sharded output, in bytes (a bigger tensor gets a shard alone).
+    pub shard_size: u64,
+}
+
+impl Default for SinkOptions {
+    fn default() -> Self {
+        SinkOptions {
+            shard_size: 5_000_000_000,
+        }
+    }
+}
+
+/// Opens the writer for `out`, whose format follows from its path.
+pub fn create(out: &Path, plan: &[OutTensor], opts: &SinkOptions) -> Result<Box<dyn TensorSink>> {
+    let dest = Path::new(
+        out.to_str()
+            .map(|s| s.trim_end_matches('/'))
+            .unwrap_or_default(),
+    );
+    let dest = if dest.as_os_str().is_empty() {
+        out
+    } else {
+        dest
+    };
+    Ok(match OutputFormat::from_path(out)? {
+        OutputFormat::TorchZip => Box::new(TorchZipWriter::create(dest, plan)?),
+        OutputFormat::Safetensors => Box::new(SafetensorsWriter::create(dest, plan)?),
+        OutputFormat::ShardedSafetensors => Box::new(ShardedSafetensorsWriter::create(
+            dest,
+            plan,
+            opts.shard_size,
+        )?),
+    })
+}
+
+/// Tracks a writer's position in its plan and checks the call order and byte counts.
+#[derive(Debug)]
+pub(crate) struct PlanCursor {
+    plan: Vec<OutTensor>,
+    next: usize,
+    remaining: Option<u64>,
+}
+
+impl PlanCursor {
+    pub(crate) fn new(plan: &[OutTensor]) -> PlanCursor {
+        PlanCursor {
+            plan: plan.to_vec(),
+            next: 0,
+            remaining: None,
+        }
+    }
+
+    pub(crate) fn plan(&self) -> &[OutTensor] {
+        &self.plan
+    }
+
+    /// Index of the tensor being started.
+    pub(crate) fn begin(&mut self, t: &OutTensor) -> Result<usize> {
+        let i = self.next;
+        match self.plan.get(i) {
+            Some(p) if p == t && self.remaining.is_none() => {
+                self.remaining = Some(t.nbytes());
+                self.next += 1;
+                Ok(i)
+            }
+            _ => Err(Error::Plan(format!(
+                "internal: tensor '{}' written out of plan order",
+                t.name
+            ))),
+        }
+    }
+
+    pub(crate) fn write(&mut self, n: usize) -> Result<()> {
+        match &mut self.remaining {
+            Some(r) if *r >= n as u64 => {
+                *r -= n as u64;
+                Ok(())
+            }
+            _ => Err(Error::Plan(
+                "internal: more bytes written than the tensor holds".into(),
+            )),
+        }
+    }
+
+    pub(crate) fn end(&mut self) -> Result<()> {
+        match self.remaining.take() {
+            Some(0) => Ok(()),
+            _ => Err(Error::Plan(
+                "internal: tensor ended before all of its bytes were written".into(),
+            )),
+        }
+    }
+
+    pub(crate) fn check_complete(&self) -> Result<()> {
+        if self.next == self.plan.len() && self.remaining.is_none() {
+            Ok(())
+        } else {
+            Err(Error::Plan(
+                "internal: output finished before every planned tensor was written".into(),
+            ))
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! `SafetensorsWriter`: one safetensors file. The header is computed from the plan and
+//! written first (padded with spaces to a multiple of 8, as torch does); tensor data then
+//! streams in plan order.
+
+use super::atomic::TempOutput;
+use super::{OutTensor, PlanCursor, TensorSink};
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+pub struct SafetensorsWriter {
+    out: BufWriter<File>,
+    /// None when the file is part of a sharded output, whose folder is the atomic unit.
+    temp: Option<TempOutput>,
+    path: std::path::PathBuf,
+    cursor: PlanCursor,
+}
+
+/// The header bytes (length prefix included) for `plan`.
+pub fn header(plan: &[OutTensor], path: &Path) -> Result<Vec<u8>> {
+    let mut map = serde_json::Map::new();
+    let mut meta = serde_json::Map::new();
+    meta.insert("format".into(), "pt".into());
+    map.insert("__metadata__".into(), meta.into());
+    let mut offset = 0u64;
+    for t in plan {
+        if !t.dtype.in_safetensors() {
+            return Err(Error::tensor(
+                path,
+                &t.name,
+                format!(
+                    "safetensors cannot store dtype {}; write a .pth instead",
+                    t.dtype
+                ),
+            ));
+        }
+        let end = offset + t.nbytes();
+        let prev = map.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, end]}),
+        );
+        if prev.is_some() || t.name == "__metadata__" {
+            return Err(Error::tensor(path, &t.name, "appears twice in the output"));
+        }
+        offset = end;
+    }
+    let mut json = serde_json::to_vec(&serde_json::Value::Object(map))
+        .map_err(|e| Error::format(path, e.to_string()))?;
+    while !json.len().is_multiple_of(8) {
+        json.push(b' ');
+    }
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend(json);
+    Ok(out)
+}
+
+impl SafetensorsWriter {
+    /// A standalone file at `dest`, written atomically.
+    pub fn create(dest: &Path, plan: &[OutTensor]) -> Result<SafetensorsWriter> {
+        let temp = TempOutput::new(dest)?;
+        let mut w = Self::create_at(temp.path(), plan)?;
+        w.path = dest.to_path_buf();
+        w.temp = Some(temp);
+        Ok(w)
+    }
+
+    /// A plain file at `path` (the caller owns atomicity).
+    pub(crate) fn create_at(path: &Path, plan: &[OutTensor]) -> Result<SafetensorsWriter> {
+        let head = header(plan, path)?;
+        let f = File::create(path).map_err(|e| Error::io(path, e))?;
+        let mut out = BufWriter::with_capacity(8 << 20, f);
+        out.write_all(&head).map_err(|e| Error::io(path, e))?;
+        Ok(SafetensorsWriter {
+            out,
+            temp: None,
+            path: path.to_path_buf(),
+            cursor: PlanCursor::new(plan),
+        })
+    }
+
+    /// Flushes and syncs; commits when standalone.
+    pub(crate) fn close(self) -> Result<()> {
+        self.cursor.check_complete()?;
+        let f = self
+            .out
+            .into_inner()
+            .map_err(|e| Error::io(&self.path, e.into_error()))?;
+        f.sync_all().map_err(|e| Error::io(&self.path, e))?;
+        match self.temp {
+            Some(t) => t.commit(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl TensorSink for SafetensorsWriter {
+    fn begin(&mut self, t: &OutTensor) -> Result<()> {
+        self.cursor.begin(t).map(|_| ())
+    }
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.cursor.write(bytes.len())?;
+        self.out
+            .write_all(bytes)
+            .map_err(|e| Error::io(&self.path, e))
+    }
+    fn end(&mut self) -> Result<()> {
+        self.cursor.end()
+    }
+    fn finish(self: Box<Self>) -> Result<()> {
+        self.close()
+    }
+}

@@ -1,0 +1,112 @@
+//! `TorchZipWriter`: a PyTorch zip checkpoint written as the tensors arrive.
+//!
+//! Each tensor becomes a stored (uncompressed), 64-byte-aligned record `archive/data/<i>`
+//! with a real CRC32; the pickle that describes them goes last (torch does not care about
+//! entry order), so nothing but the small per-tensor metadata is held in memory. The `zip`
+//! crate writes zip64 records where sizes or counts need them. We do not write
+//! `.format_version`: with it, some torch load paths assume miniz's exact layout.
+
+use super::atomic::TempOutput;
+use super::pickle_writer::{PickledTensor, state_dict_pickle};
+use super::{OutTensor, PlanCursor, TensorSink};
+use crate::error::{Error, Result};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use zip::write::SimpleFileOptions;
+use zip::{CompressionMethod, ZipWriter};
+
+const FOLDER: &str = "archive";
+
+pub struct TorchZipWriter {
+    zip: ZipWriter<BufWriter<File>>,
+    temp: TempOutput,
+    cursor: PlanCursor,
+}
+
+fn record_options(nbytes: u64) -> SimpleFileOptions {
+    SimpleFileOptions::default()
+        .compression_method(CompressionMethod::Stored)
+        .with_alignment(64)
+        .large_file(nbytes >= u32::MAX as u64)
+}
+
+impl TorchZipWriter {
+    pub fn create(dest: &Path, plan: &[OutTensor]) -> Result<TorchZipWriter> {
+        let temp = TempOutput::new(dest)?;
+        let f = File::create(temp.path()).map_err(|e| Error::io(dest, e))?;
+        Ok(TorchZipWriter {
+            zip: ZipWriter::new(BufWriter::with_capacity(8 << 20, f)),
+            temp,
+            cursor: PlanCursor::new(plan),
+        })
+    }
+
+    fn zip_err(&self, e: zip::result::ZipError) -> Error {
+        Error::format(self.temp.dest(), format!("writing the zip failed: {e}"))
+    }
+
+    fn entry(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.zip
+            .start_file(
+                format!("{FOLDER}/{name}"),
+                record_options(data.len() as u64),
+            )
+            .map_err(|e| self.zip_err(e))?;
+        self.zip
+            .write_all(data)
+            .map_err(|e| Error::io(self.temp.dest(), e))
+    }
+}
+
+impl TensorSink for TorchZipWriter {
+    fn begin(&mut self, t: &OutTensor) -> Result<()> {
+        let i = self.cursor.begin(t)?;
+        self.zip
+            .start_file(format!("{FOLDER}/data/{i}"), record_options(t.nbytes()))
+            .map_err(|e| self.zip_err(e))
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.cursor.write(bytes.len())?;
+        self.zip
+            .write_all(bytes)
+            .map_err(|e| Error::io(self.temp.dest(), e))
+    }
+
+    fn end(&mut self) -> Result<()> {
+        self.cursor.end()
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.cursor.check_complete()?;
+        let tensors: Vec<PickledTensor<'_>> = self
+            .cursor
+            .plan()
+            .iter()
+            .enumerate()
+            .map(|(i, t)| PickledTensor {
+                name: &t.name,
+                dtype: t.dtype,
+                shape: &t.shape,
+                key: i.to_string(),
+            })
+            .collect();
+        let pkl = state_dict_pickle(&tensors);
+        drop(tensors);
+        self.entry("data.pkl", &pkl)?;
+        self.entry("byteorder", b"little")?;
+        self.entry("version", b"3\n")?;
+        let this = *self;
+        let dest = this.temp.dest().to_path_buf();
+        let buf = this
+            .zip
+            .finish()
+            .map_err(|e| Error::format(&dest, format!("writing the zip failed: {e}")))?;
+        let file = buf
+            .into_inner()
+            .map_err(|e| Error::io(&dest, e.into_error()))?;
+        file.sync_all().map_err(|e| Error::io(&dest, e))?;
+        this.temp.commit()
+    }
+}

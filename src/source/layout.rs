@@ -1,0 +1,225 @@
+//! What a path is: one checkpoint file (sniffed by content), a sharded `*.index.json`, an
+//! HF model folder, or a PEFT adapter folder. Turns it into a [`Checkpoint`].
+
+use super::{Checkpoint, MappedFile, SourceFormat, TensorEntry, safetensors, torch_zip};
+use crate::error::{Error, Result};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// The files of a PEFT adapter folder.
+#[derive(Debug)]
+pub struct AdapterFiles {
+    pub dir: PathBuf,
+    /// `adapter_config.json`, parsed.
+    pub config: serde_json::Value,
+    pub config_path: PathBuf,
+    /// The adapter's tensors (`adapter_model.safetensors`, else `adapter_model.bin`).
+    pub weights: Checkpoint,
+}
+
+/// Opens any supported checkpoint path. For a PEFT adapter folder this returns the
+/// adapter's tensors; use [`open_adapter`] to get its config too.
+pub fn open(path: &Path) -> Result<Checkpoint> {
+    if path.is_dir() {
+        if path.join("adapter_config.json").is_file() {
+            return Ok(open_adapter(path)?.weights);
+        }
+        let file = model_file_in(path)?;
+        return open_file(&file, path);
+    }
+    open_file(path, path)
+}
+
+/// Opens a PEFT adapter folder.
+pub fn open_adapter(dir: &Path) -> Result<AdapterFiles> {
+    let config_path = dir.join("adapter_config.json");
+    if !dir.is_dir() || !config_path.is_file() {
+        return Err(Error::format(
+            dir,
+            "not a PEFT adapter folder (expected adapter_config.json and adapter_model.safetensors or .bin)",
+        ));
+    }
+    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&config_path, format!("not valid JSON: {e}")))?;
+    let weights_path = ["adapter_model.safetensors", "adapter_model.bin"]
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::format(
+                dir,
+                "adapter folder has no adapter_model.safetensors or adapter_model.bin",
+            )
+        })?;
+    let weights = open_file(&weights_path, &weights_path)?;
+    Ok(AdapterFiles {
+        dir: dir.to_path_buf(),
+        config,
+        config_path,
+        weights,
+    })
+}
+
+/// The weights file of an HF model folder, safetensors preferred.
+fn model_file_in(dir: &Path) -> Result<PathBuf> {
+    const NAMES: [&str; 4] = [
+        "model.safetensors.index.json",
+        "model.safetensors",
+        "pytorch_model.bin.index.json",
+        "pytorch_model.bin",
+    ];
+    if let Some(p) = NAMES.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
+        return Ok(p);
+    }
+    // Otherwise accept a folder holding exactly one checkpoint-looking file or index.
+    let mut found = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    for ent in rd {
+        let p = ent.map_err(|e| Error::io(dir, e))?.path();
+        let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if n.ends_with(".index.json")
+            || [".safetensors", ".pth", ".pt", ".bin"]
+                .iter()
+                .any(|e| n.ends_with(e))
+        {
+            found.push(p);
+        }
+    }
+    let indexes: Vec<_> = found
+        .iter()
+        .filter(|p| p.to_string_lossy().ends_with(".index.json"))
+        .collect();
+    match (indexes.len(), found.len()) {
+        (1, _) => Ok(indexes[0].clone()),
+        (0, 1) => Ok(found.remove(0)),
+        _ => Err(Error::format(
+            dir,
+            format!(
+                "cannot tell which checkpoint to read in this folder (looked for {}; found {} candidate files)",
+                NAMES.join(", "),
+                found.len()
+            ),
+        )),
+    }
+}
+
+/// Opens one file (or an index of shards). `given` is what the user named, for reports.
+fn open_file(path: &Path, given: &Path) -> Result<Checkpoint> {
+    if path.to_string_lossy().ends_with(".index.json") {
+        return open_index(path, given);
+    }
+    let file = MappedFile::open(path)?;
+    let (format, tensors, skipped) = read_one(&file)?;
+    Ok(Checkpoint {
+        path: given.to_path_buf(),
+        format,
+        files: vec![file],
+        tensors,
+        skipped,
+    })
+}
+
+type ReadOne = (SourceFormat, Vec<TensorEntry>, Vec<String>);
+
+fn read_one(file: &std::sync::Arc<MappedFile>) -> Result<ReadOne> {
+    let b = file.bytes();
+    let path = file.path();
+    if b.starts_with(b"PK\x03\x04") || b.starts_with(b"PK\x05\x06") {
+        let (t, s) = torch_zip::read(file)?;
+        return Ok((SourceFormat::TorchZip, t, s));
+    }
+    if b.first() == Some(&0x80) || b.get(257..262) == Some(b"ustar") {
+        return Err(Error::format(
+            path,
+            "this is a legacy (pre-1.6, non-zip) PyTorch file, which cannot be read in place; \
+             re-save it once with a current torch: torch.save(torch.load(path, weights_only=True), new_path)",
+        ));
+    }
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if matches!(ext, "pth" | "pt" | "bin" | "ckpt") {
+        return Err(Error::format(
+            path,
+            "not a PyTorch zip checkpoint (no zip signature; truncated or another format?)",
+        ));
+    }
+    Ok((
+        SourceFormat::Safetensors,
+        safetensors::read(file)?,
+        Vec::new(),
+    ))
+}
+
+fn open_index(index: &Path, given: &Path) -> Result<Checkpoint> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(index, format!("not valid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::format(index, "index has no \"weight_map\" object"))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut shard_names: Vec<&str> = Vec::new();
+    for (tensor, shard) in map {
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| Error::tensor(index, tensor, "weight_map value is not a file name"))?;
+        if shard.contains('/') || shard.contains('\\') || shard == ".." {
+            return Err(Error::tensor(
+                index,
+                tensor,
+                format!("shard name '{shard}' is not a plain file name"),
+            ));
+        }
+        if !shard_names.contains(&shard) {
+            shard_names.push(shard);
+        }
+    }
+    shard_names.sort();
+    let mut files = Vec::new();
+    let mut tensors: Vec<TensorEntry> = Vec::new();
+    let mut skipped = Vec::new();
+    let mut format = None;
+    for shard in &shard_names {
+        let p = dir.join(shard);
+        if !p.is_file() {
+            return Err(Error::format(
+                index,
+                format!("names shard '{shard}', which is missing"),
+            ));
+        }
+        let file = MappedFile::open(&p)?;
+        let (f, t, s) = read_one(&file)?;
+        format.get_or_insert(f);
+        tensors.extend(t);
+        skipped.extend(s);
+        files.push(file);
+    }
+    let mut seen = HashSet::with_capacity(tensors.len());
+    for t in &tensors {
+        if !seen.insert(t.name.as_str()) {
+            return Err(Error::tensor(
+                index,
+                &t.name,
+                "appears in more than one shard",
+            ));
+        }
+    }
+    for name in map.keys() {
+        if !seen.contains(name.as_str()) {
+            let shard = map[name].as_str().unwrap_or("?");
+            return Err(Error::tensor(
+                index,
+                name,
+                format!("is listed for shard '{shard}' but not found in it"),
+            ));
+        }
+    }
+    Ok(Checkpoint {
+        path: given.to_path_buf(),
+        format: format.unwrap_or(SourceFormat::Safetensors),
+        files,
+        tensors,
+        skipped,
+    })
+}

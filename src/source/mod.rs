@@ -1,0 +1,216 @@
+//! Sources: read-only, zero-copy views of tensors inside memory-mapped checkpoint files.
+//!
+//! A [`Checkpoint`] lists [`TensorEntry`]s in file order; each entry knows its dtype,
+//! shape and where its bytes live in which [`MappedFile`]. Nothing is read until a caller
+//! asks for an entry's bytes, and [`TensorEntry::release`] hands the pages back to the
+//! kernel once they are consumed so resident memory stays flat however big the model is.
+//! Sources know nothing of plans or writers.
+
+mod layout;
+pub mod pickle;
+mod safetensors;
+mod torch_zip;
+
+pub use layout::{AdapterFiles, open, open_adapter};
+
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use memmap2::Mmap;
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A file mapped read-only into memory.
+#[derive(Debug)]
+pub struct MappedFile {
+    path: PathBuf,
+    map: Option<Mmap>,
+}
+
+impl MappedFile {
+    pub fn open(path: &Path) -> Result<Arc<MappedFile>> {
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        // An empty file cannot be mapped; treat it as zero bytes.
+        let map = if len == 0 {
+            None
+        } else {
+            // SAFETY: the map is read-only. If another process truncates the file while we
+            // read it we get SIGBUS, the same hazard every mmap-based loader (safetensors,
+            // torch mmap=True) accepts.
+            Some(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?)
+        };
+        Ok(Arc::new(MappedFile {
+            path: path.to_path_buf(),
+            map,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.map.as_deref().unwrap_or(&[])
+    }
+
+    /// Drops the resident pages of `range` (they are re-read from the page cache if
+    /// touched again). Pages shared with a neighbour are kept.
+    pub fn release(&self, start: usize, len: usize) {
+        let Some(map) = &self.map else { return };
+        let page = page_size();
+        let first = start.div_ceil(page) * page;
+        let end = (start + len).min(map.len()) / page * page;
+        if end > first {
+            // SAFETY: the mapping is a read-only shared file mapping, so DONTNEED only drops
+            // clean pages; later reads fault them back in from the file.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
+            };
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 { p as usize } else { 4096 }
+}
+
+/// Where a tensor's elements are inside its file.
+#[derive(Clone, Debug)]
+pub enum TensorData {
+    /// `len` bytes at `start`, in row-major order.
+    Contiguous { start: usize, len: usize },
+    /// A strided view of a storage starting at byte `base`: element `idx` (multi-index) is
+    /// at element `offset + Σ idx[i]·strides[i]`. Bounds were checked when the entry was
+    /// made.
+    Strided {
+        base: usize,
+        offset: usize,
+        strides: Vec<usize>,
+    },
+}
+
+/// One tensor of a checkpoint.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub file: Arc<MappedFile>,
+    pub data: TensorData,
+}
+
+impl TensorEntry {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Bytes of the tensor when contiguous (validated not to overflow when the entry was made).
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+
+    /// The tensor's bytes in row-major order: borrowed from the map when contiguous,
+    /// gathered into a new buffer for strided views.
+    pub fn bytes(&self) -> Cow<'_, [u8]> {
+        let all = self.file.bytes();
+        match &self.data {
+            TensorData::Contiguous { start, len } => Cow::Borrowed(&all[*start..*start + *len]),
+            TensorData::Strided {
+                base,
+                offset,
+                strides,
+            } => {
+                let es = self.dtype.size();
+                let mut out = Vec::with_capacity(self.nbytes());
+                if self.numel() == 0 {
+                    return Cow::Owned(out);
+                }
+                let mut idx = vec![0usize; self.shape.len()];
+                loop {
+                    let elem = offset + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
+                    let at = base + elem * es;
+                    out.extend_from_slice(&all[at..at + es]);
+                    // Odometer increment over the shape, last dimension fastest.
+                    let mut d = self.shape.len();
+                    loop {
+                        if d == 0 {
+                            return Cow::Owned(out);
+                        }
+                        d -= 1;
+                        idx[d] += 1;
+                        if idx[d] < self.shape[d] {
+                            break;
+                        }
+                        idx[d] = 0;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Byte range of a contiguous slice `[start, start+len)` of the tensor's data, for
+    /// streaming a large tensor in pieces. None for strided views.
+    pub fn contiguous_range(&self) -> Option<(usize, usize)> {
+        match self.data {
+            TensorData::Contiguous { start, len } => Some((start, len)),
+            TensorData::Strided { .. } => None,
+        }
+    }
+
+    /// Tells the kernel the tensor's pages are no longer needed.
+    pub fn release(&self) {
+        if let TensorData::Contiguous { start, len } = self.data {
+            self.file.release(start, len);
+        }
+    }
+}
+
+/// What kind of files a checkpoint came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceFormat {
+    Safetensors,
+    TorchZip,
+}
+
+impl SourceFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            SourceFormat::Safetensors => "safetensors",
+            SourceFormat::TorchZip => "torch-zip",
+        }
+    }
+}
+
+/// All tensors of one checkpoint (one file, a sharded set, or a folder's weights).
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The path the user gave.
+    pub path: PathBuf,
+    pub format: SourceFormat,
+    pub files: Vec<Arc<MappedFile>>,
+    /// In file order (shards in index order, tensors by position within each file).
+    pub tensors: Vec<TensorEntry>,
+    /// Names of non-tensor entries that were skipped (e.g. `epoch` in a training save).
+    pub skipped: Vec<String>,
+}
+
+impl Checkpoint {
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.iter().map(|t| t.nbytes() as u64).sum()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}
+
+/// Checks that `shape` has a representable element count and byte size.
+pub(crate) fn checked_nbytes(shape: &[usize], dtype: Dtype) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))?
+        .checked_mul(dtype.size())
+}
