@@ -12,9 +12,12 @@
 //! - [`sink`] writes `.pth` and safetensors incrementally and atomically.
 //! - [`pipeline`] runs jobs (`convert`) and holds what jobs share.
 
+pub mod adapter;
+pub mod compute;
 pub mod dtype;
 pub mod error;
 pub mod inspect;
+pub mod merge;
 pub mod pipeline;
 pub mod plan;
 pub mod sink;

@@ -2,7 +2,9 @@
 //! the one error. Exit codes: 0 success, 1 runtime error, 2 usage error.
 
 use clap::{Parser, Subcommand};
+use lorastream::merge::{Device, MergeOptions, split_named};
 use lorastream::pipeline::{self, ConvertOptions};
+use lorastream::plan::merge::MergeSettings;
 use lorastream::plan::{DtypeChoice, RenameRule};
 use lorastream::sink::SinkOptions;
 use lorastream::{Error, inspect};
@@ -57,6 +59,66 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Merge PEFT LoRA adapters into base weights (or keep them unmerged) and write one checkpoint.
+    ///
+    /// A component is an optional NAME with a base and/or adapters; every output key of
+    /// component NAME is "NAME." + its key. `--lora NAME=DIR` applies to `--base NAME=PATH`;
+    /// several --lora for one component merge one after another, in order.
+    ///
+    /// Default: merged: each targeted weight becomes W + s·ΔW with PEFT's semantics
+    /// (Linear, Conv1D, Embedding, Conv, rsLoRA, rank/alpha patterns, DoRA, lora_bias,
+    /// modules_to_save, saved biases), computed in f32 and rounded into the weight's dtype;
+    /// every other tensor is copied byte for byte. With --keep-lora the output holds the
+    /// keys of PEFT's `PeftModel.state_dict()` instead (…lora_A.default.weight,
+    /// …base_layer.weight), adapter tensors in f32 as PEFT holds them.
+    #[command(
+        after_help = "Example (XTuner LLaVA, continue the released LoRA training):\n  \
+        lorastream merge --lora llm=R/llm_adapter --lora visual_encoder=R/visual_encoder_adapter \\\n    \
+        --base projector=R/projector --keep-lora --out llava.pth"
+    )]
+    Merge {
+        /// Output: .pth/.pt/.bin, .safetensors, or a folder ending in '/' (sharded).
+        #[arg(long)]
+        out: PathBuf,
+        /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder).
+        #[arg(long = "base", value_name = "[NAME=]PATH")]
+        bases: Vec<String>,
+        /// A PEFT adapter folder for a component: [NAME=]DIR. Repeat to merge several in order.
+        #[arg(long = "lora", value_name = "[NAME=]DIR")]
+        loras: Vec<String>,
+        /// Write the adapters unmerged, keyed as PeftModel.state_dict() (one adapter per component).
+        #[arg(long)]
+        keep_lora: bool,
+        /// Cast floating outputs after merging; keep = each tensor's base dtype.
+        #[arg(long, default_value = "keep", value_parser = parse_dtype, value_name = "keep|bf16|f16|f32")]
+        dtype: DtypeChoice,
+        /// Rename final keys: every match of REGEX is replaced; rules apply in order.
+        #[arg(long = "rename", value_name = "REGEX=REPLACEMENT", value_parser = parse_rename)]
+        renames: Vec<RenameRule>,
+        /// Before writing, fail unless every output key exists in REF (a checkpoint: same
+        /// shape too; a .txt file: one key per line).
+        #[arg(long, value_name = "REF")]
+        expect_keys_from: Option<PathBuf>,
+        /// Worker threads for the CPU merge (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Where to compute deltas: auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto", value_parser = parse_device)]
+        device: Device,
+        /// Largest shard of a sharded output (e.g. 5GB, 500MB, 2GiB, or bytes).
+        #[arg(long, default_value = "5GB", value_parser = parse_size)]
+        shard_size: u64,
+        /// Plan and check everything, print the plan, write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print one JSON report on stdout at the end.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_device(s: &str) -> Result<Device, String> {
+    Device::parse(s).ok_or_else(|| format!("'{s}' is not one of auto, cpu, cuda, cuda:N"))
 }
 
 fn parse_dtype(s: &str) -> Result<DtypeChoice, String> {
@@ -138,6 +200,67 @@ fn run(cli: Cli) -> Result<(), Error> {
                     report.seconds,
                     report.peak_rss_bytes / 1_000_000
                 );
+            }
+        }
+        Command::Merge {
+            out,
+            bases,
+            loras,
+            keep_lora,
+            dtype,
+            renames,
+            expect_keys_from,
+            threads,
+            device,
+            shard_size,
+            dry_run,
+            json,
+        } => {
+            let opts = MergeOptions {
+                bases: bases.iter().map(|s| split_named(s)).collect(),
+                loras: loras.iter().map(|s| split_named(s)).collect(),
+                settings: MergeSettings {
+                    keep_lora,
+                    dtype,
+                    renames,
+                },
+                expect_keys_from,
+                threads,
+                device,
+                sink: SinkOptions { shard_size },
+                dry_run,
+                progress: !json,
+            };
+            let r = lorastream::merge::merge(&out, &opts)?;
+            if json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                for c in &r.components {
+                    eprintln!(
+                        "{:<16} {:>6} tensors, {:>6} merged, {:>14} bytes",
+                        c.name.as_deref().unwrap_or("(unnamed)"),
+                        c.tensors,
+                        c.merged,
+                        c.bytes
+                    );
+                }
+                if r.dry_run {
+                    eprintln!(
+                        "dry run: would write {} ({} tensors, {} bytes) on {}",
+                        r.output, r.tensors, r.bytes, r.device
+                    );
+                } else {
+                    eprintln!(
+                        "wrote {} ({} tensors, {} merged, {} bytes) in {:.2}s on {}, peak RSS {} MB",
+                        r.output,
+                        r.tensors,
+                        r.merged,
+                        r.bytes,
+                        r.seconds,
+                        r.device,
+                        r.peak_rss_bytes / 1_000_000
+                    );
+                }
             }
         }
     }

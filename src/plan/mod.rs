@@ -3,6 +3,8 @@
 //! where its data comes from. Collisions and missing keys are found here, so a bad
 //! request fails before the first byte is written.
 
+pub mod merge;
+pub mod merge_types;
 pub mod rename;
 
 pub use rename::RenameRule;

@@ -129,14 +129,17 @@ fn read_one(file: &std::sync::Arc<MappedFile>) -> Result<ReadOne> {
         let (t, s) = torch_zip::read(file)?;
         return Ok((SourceFormat::TorchZip, t, s));
     }
-    if b.first() == Some(&0x80) || b.get(257..262) == Some(b"ustar") {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    // A legacy torch file starts with the pickled magic number (PROTO 2, LONG1 of 10
+    // bytes) or is a tar archive.
+    let legacy = b.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) || b.get(257..262) == Some(b"ustar");
+    if legacy && ext != "safetensors" {
         return Err(Error::format(
             path,
             "this is a legacy (pre-1.6, non-zip) PyTorch file, which cannot be read in place; \
              re-save it once with a current torch: torch.save(torch.load(path, weights_only=True), new_path)",
         ));
     }
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     if matches!(ext, "pth" | "pt" | "bin" | "ckpt") {
         return Err(Error::format(
             path,

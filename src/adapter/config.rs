@@ -1,0 +1,221 @@
+//! `adapter_config.json`: the fields that change a LoRA merge, and the refusals.
+
+use crate::error::{Error, Result};
+use regex::Regex;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// A LoRA adapter's configuration.
+#[derive(Debug, Clone)]
+pub struct LoraConfig {
+    pub path: PathBuf,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub fan_in_fan_out: bool,
+    /// (PEFT pattern key, compiled matcher, value), in the file's order.
+    pub rank_pattern: Vec<(String, Regex, usize)>,
+    pub alpha_pattern: Vec<(String, Regex, f64)>,
+    pub modules_to_save: Vec<String>,
+}
+
+/// `init_lora_weights` values that change the base weights when PEFT loads the adapter;
+/// an adapter saved that way only merges right after PEFT's conversion to plain LoRA.
+const BASE_MUTATING_INITS: [&str; 5] = ["olora", "corda", "loftq", "lora_ga", "pissa"];
+
+impl LoraConfig {
+    pub fn from_json(v: &Value, path: &Path) -> Result<LoraConfig> {
+        let fail = |msg: String| Error::format(path, msg);
+        let peft_type = v
+            .get("peft_type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("LORA");
+        if !peft_type.eq_ignore_ascii_case("LORA") {
+            return Err(fail(format!(
+                "peft_type {peft_type} is not supported: lorastream merges LoRA (incl. DoRA, rsLoRA) \
+                 adapters only; {peft_type} uses different merge math"
+            )));
+        }
+        if let Some(init) = v.get("init_lora_weights").and_then(|i| i.as_str()) {
+            let lower = init.to_ascii_lowercase();
+            if BASE_MUTATING_INITS
+                .iter()
+                .any(|b| lower == *b || (*b == "pissa" && lower.starts_with("pissa")))
+            {
+                return Err(fail(format!(
+                    "init_lora_weights is \"{init}\": this initialisation changes the base weights, so the adapter \
+                     cannot be merged into the original base. Convert it to a plain LoRA first with PEFT's \
+                     save_pretrained(..., path_initial_model_for_weight_conversion=...)"
+                )));
+            }
+        }
+        if v.get("loftq_config")
+            .and_then(|l| l.as_object())
+            .is_some_and(|o| !o.is_empty())
+        {
+            return Err(fail("loftq_config is set: LoftQ adapters change the base weights and cannot be merged into the original base".into()));
+        }
+        let r = v
+            .get("r")
+            .and_then(|r| r.as_u64())
+            .filter(|&r| r > 0)
+            .ok_or_else(|| fail("\"r\" is missing or not a positive integer".into()))?
+            as usize;
+        let lora_alpha = v.get("lora_alpha").and_then(|a| a.as_f64()).unwrap_or(8.0);
+        let flag = |k: &str| v.get(k).and_then(|b| b.as_bool()).unwrap_or(false);
+        let rank_pattern = patterns(v.get("rank_pattern"), path, "rank_pattern", |x| {
+            x.as_u64().filter(|&r| r > 0).map(|r| r as usize)
+        })?;
+        let alpha_pattern = patterns(v.get("alpha_pattern"), path, "alpha_pattern", |x| {
+            x.as_f64()
+        })?;
+        let modules_to_save = match v.get("modules_to_save") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|m| m.as_str().map(String::from))
+                .collect(),
+            Some(Value::String(s)) => vec![s.clone()],
+            _ => Vec::new(),
+        };
+        Ok(LoraConfig {
+            path: path.to_path_buf(),
+            r,
+            lora_alpha,
+            use_rslora: flag("use_rslora"),
+            use_dora: flag("use_dora"),
+            fan_in_fan_out: flag("fan_in_fan_out"),
+            rank_pattern,
+            alpha_pattern,
+            modules_to_save,
+        })
+    }
+
+    /// Rank and scale of a module (name relative to the base model), with PEFT's
+    /// `get_pattern_key` rule: the first pattern key (in file order) for which
+    /// `re.match(rf"(.*\.)?({key})$", name)` succeeds.
+    pub fn rank_and_scale(&self, module: &str) -> (usize, f32) {
+        let r = self
+            .rank_pattern
+            .iter()
+            .find(|(_, re, _)| re.is_match(module))
+            .map_or(self.r, |(_, _, r)| *r);
+        let alpha = self
+            .alpha_pattern
+            .iter()
+            .find(|(_, re, _)| re.is_match(module))
+            .map_or(self.lora_alpha, |(_, _, a)| *a);
+        let scale = if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        (r, scale as f32)
+    }
+
+    /// Whether a module (by name relative to the base model) is one of `modules_to_save`:
+    /// its name equals an entry or ends with "." + entry (PEFT's rule).
+    pub fn saves_module(&self, module: &str) -> bool {
+        self.modules_to_save
+            .iter()
+            .any(|m| module == m || module.ends_with(&format!(".{m}")))
+    }
+}
+
+fn patterns<T>(
+    v: Option<&Value>,
+    path: &Path,
+    field: &str,
+    value: impl Fn(&Value) -> Option<T>,
+) -> Result<Vec<(String, Regex, T)>> {
+    let Some(Value::Object(map)) = v else {
+        return Ok(Vec::new());
+    };
+    map.iter()
+        .map(|(k, x)| {
+            let re = Regex::new(&format!(r"^(?:.*\.)?(?:{k})$")).map_err(|e| {
+                Error::format(
+                    path,
+                    format!(
+                        "{field} key '{k}' is not a regular expression lorastream can use: {e}"
+                    ),
+                )
+            })?;
+            let val = value(x).ok_or_else(|| {
+                Error::format(path, format!("{field} value for '{k}' is not a number"))
+            })?;
+            Ok((k.clone(), re, val))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cfg(v: Value) -> Result<LoraConfig> {
+        LoraConfig::from_json(&v, Path::new("adapter_config.json"))
+    }
+
+    #[test]
+    fn patterns_follow_peft_matching() {
+        let c = cfg(json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+            "rank_pattern": {"q_proj": 4, "^model\\.layers\\.1\\.mlp\\.down_proj": 2},
+            "alpha_pattern": {"down_proj": 4}}))
+        .unwrap();
+        assert_eq!(
+            c.rank_and_scale("model.layers.0.self_attn.q_proj"),
+            (4, 4.0)
+        );
+        assert_eq!(
+            c.rank_and_scale("model.layers.0.self_attn.k_proj"),
+            (8, 2.0)
+        );
+        // The '^' key only matches the whole name: layer 0's down_proj keeps r=8.
+        assert_eq!(c.rank_and_scale("model.layers.0.mlp.down_proj"), (8, 0.5));
+        assert_eq!(c.rank_and_scale("model.layers.1.mlp.down_proj"), (2, 2.0));
+        // A pattern must match a whole dotted component: "proj" does not match "q_proj".
+        let c = cfg(json!({"r": 8, "lora_alpha": 8, "rank_pattern": {"proj": 2}})).unwrap();
+        assert_eq!(c.rank_and_scale("x.q_proj").0, 8);
+    }
+
+    #[test]
+    fn rslora_scale() {
+        let c = cfg(json!({"r": 16, "lora_alpha": 8, "use_rslora": true})).unwrap();
+        assert_eq!(c.rank_and_scale("m").1, 2.0);
+    }
+
+    #[test]
+    fn refuses_other_tuners_and_base_mutating_inits() {
+        for t in ["LOHA", "LOKR", "IA3", "ADALORA", "VERA"] {
+            let e = cfg(json!({"peft_type": t, "r": 8}))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(t), "{e}");
+        }
+        for i in [
+            "pissa",
+            "pissa_niter_4",
+            "olora",
+            "corda",
+            "loftq",
+            "lora_ga",
+        ] {
+            let e = cfg(json!({"r": 8, "init_lora_weights": i}))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(i), "{e}");
+        }
+        assert!(cfg(json!({"r": 8, "init_lora_weights": "gaussian"})).is_ok());
+        assert!(cfg(json!({"r": 8, "init_lora_weights": true})).is_ok());
+    }
+
+    #[test]
+    fn modules_to_save_match_by_suffix() {
+        let c = cfg(json!({"r": 8, "modules_to_save": ["lm_head", "score"]})).unwrap();
+        assert!(c.saves_module("lm_head"));
+        assert!(c.saves_module("model.score"));
+        assert!(!c.saves_module("model.xscore"));
+    }
+}

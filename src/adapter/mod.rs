@@ -1,0 +1,225 @@
+//! PEFT adapters: `adapter_config.json` plus the saved tensors, turned into per-module
+//! LoRA parts (A, B, optional lora_B bias and DoRA magnitude) and full replacement tensors
+//! (modules_to_save copies, embedding copies, saved biases).
+//!
+//! The rules follow PEFT 0.21 (see `fixtures/peft/NOTES.md`, observed from real PEFT):
+//! saved keys carry the prefix `base_model.model.` and no adapter name; the scale is
+//! `lora_alpha / r` (or `/ sqrt(r)` with rsLoRA) with per-module overrides from
+//! `rank_pattern` / `alpha_pattern`. Tuner types and initialisations whose merge we do
+//! not reproduce are refused by name.
+
+mod config;
+
+pub use config::LoraConfig;
+
+use crate::error::{Error, Result};
+use crate::source::{self, TensorEntry};
+use std::path::{Path, PathBuf};
+
+/// The fixed prefix of saved adapter keys.
+pub const SAVED_PREFIX: &str = "base_model.model.";
+
+/// The LoRA parts of one adapted module.
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    /// Module name relative to the base model (`model.layers.0.self_attn.q_proj`).
+    pub name: String,
+    /// `lora_A.weight` [r, in, …] or `lora_embedding_A` [r, num_embeddings].
+    pub a: TensorEntry,
+    /// `lora_B.weight` [out, r, …] or `lora_embedding_B` [dim, r].
+    pub b: TensorEntry,
+    /// `lora_B.bias` [out] (lora_bias=True).
+    pub b_bias: Option<TensorEntry>,
+    /// `lora_magnitude_vector` (DoRA).
+    pub magnitude: Option<TensorEntry>,
+    /// An Embedding LoRA (`lora_embedding_A/B`).
+    pub embedding: bool,
+    /// The rank from the config (after rank_pattern).
+    pub r: usize,
+    /// The scale s applied to B @ A.
+    pub scale: f32,
+}
+
+/// A full tensor saved in the adapter that replaces a base tensor on load.
+#[derive(Debug, Clone)]
+pub struct Replacement {
+    /// The base tensor's key it replaces (`lm_head.weight`).
+    pub base_key: String,
+    /// The key as saved, less the prefix (`lm_head.base_layer.weight`).
+    pub saved_key: String,
+    pub tensor: TensorEntry,
+}
+
+/// One loaded adapter folder.
+#[derive(Debug)]
+pub struct Adapter {
+    pub dir: PathBuf,
+    pub config: LoraConfig,
+    pub modules: Vec<LoraModule>,
+    pub replacements: Vec<Replacement>,
+}
+
+impl Adapter {
+    /// Opens and validates an adapter folder.
+    pub fn open(dir: &Path) -> Result<Adapter> {
+        let files = source::open_adapter(dir)?;
+        let config = LoraConfig::from_json(&files.config, &files.config_path)?;
+        let weights_path = files.weights.path.clone();
+        let mut parts: Vec<(String, Parts)> = Vec::new();
+        let mut replacements = Vec::new();
+        for t in files.weights.tensors {
+            let rel = t.name.strip_prefix(SAVED_PREFIX).ok_or_else(|| {
+                Error::tensor(
+                    &weights_path,
+                    &t.name,
+                    format!("adapter key does not start with '{SAVED_PREFIX}' (not saved by PEFT's save_pretrained?)"),
+                )
+            })?;
+            let rel = rel.to_string();
+            match classify(&rel) {
+                Some((module, part)) => {
+                    let idx = match parts.iter().position(|(m, _)| *m == module) {
+                        Some(i) => i,
+                        None => {
+                            parts.push((module.to_string(), Parts::default()));
+                            parts.len() - 1
+                        }
+                    };
+                    let p = &mut parts[idx].1;
+                    let slot = match part {
+                        Part::A | Part::EmbA => &mut p.a,
+                        Part::B | Part::EmbB => &mut p.b,
+                        Part::BBias => &mut p.b_bias,
+                        Part::Magnitude => &mut p.magnitude,
+                    };
+                    if matches!(part, Part::EmbA | Part::EmbB) {
+                        p.embedding = true;
+                    }
+                    *slot = Some(t);
+                }
+                None => {
+                    let base_key = rel.replace(".base_layer.", ".");
+                    replacements.push(Replacement {
+                        base_key,
+                        saved_key: rel,
+                        tensor: t,
+                    });
+                }
+            }
+        }
+        let mut modules = Vec::with_capacity(parts.len());
+        for (name, p) in parts {
+            let missing = |what: &str| {
+                Error::format(
+                    &weights_path,
+                    format!("module '{name}' has no {what} (incomplete adapter)"),
+                )
+            };
+            let a = p.a.ok_or_else(|| missing("lora_A"))?;
+            let b = p.b.ok_or_else(|| missing("lora_B"))?;
+            let (r, scale) = config.rank_and_scale(&name);
+            if a.shape.first() != Some(&r) || b.shape.get(1) != Some(&r) {
+                return Err(Error::tensor(
+                    &weights_path,
+                    &a.name,
+                    format!(
+                        "lora_A {:?} / lora_B {:?} do not have rank {r}, which adapter_config.json gives \
+                         for module '{name}' (r / rank_pattern)",
+                        a.shape, b.shape
+                    ),
+                ));
+            }
+            modules.push(LoraModule {
+                name,
+                a,
+                b,
+                b_bias: p.b_bias,
+                magnitude: p.magnitude,
+                embedding: p.embedding,
+                r,
+                scale,
+            });
+        }
+        if modules.is_empty() && replacements.is_empty() {
+            return Err(Error::format(&weights_path, "adapter holds no tensors"));
+        }
+        Ok(Adapter {
+            dir: dir.to_path_buf(),
+            config,
+            modules,
+            replacements,
+        })
+    }
+
+    /// The adapter's weights file, for messages.
+    pub fn weights_path(&self) -> &Path {
+        self.modules
+            .first()
+            .map(|m| m.a.file.path())
+            .or_else(|| self.replacements.first().map(|r| r.tensor.file.path()))
+            .unwrap_or(&self.dir)
+    }
+
+    pub fn module(&self, name: &str) -> Option<&LoraModule> {
+        self.modules.iter().find(|m| m.name == name)
+    }
+}
+
+#[derive(Default)]
+struct Parts {
+    a: Option<TensorEntry>,
+    b: Option<TensorEntry>,
+    b_bias: Option<TensorEntry>,
+    magnitude: Option<TensorEntry>,
+    embedding: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Part {
+    A,
+    B,
+    BBias,
+    EmbA,
+    EmbB,
+    Magnitude,
+}
+
+/// Splits a saved key (prefix removed) into (module, LoRA part), or None for a full tensor.
+fn classify(rel: &str) -> Option<(&str, Part)> {
+    const SUFFIXES: [(&str, Part); 7] = [
+        (".lora_A.weight", Part::A),
+        (".lora_B.weight", Part::B),
+        (".lora_B.bias", Part::BBias),
+        (".lora_embedding_A", Part::EmbA),
+        (".lora_embedding_B", Part::EmbB),
+        (".lora_magnitude_vector", Part::Magnitude),
+        (".lora_magnitude_vector.weight", Part::Magnitude),
+    ];
+    SUFFIXES
+        .iter()
+        .find_map(|(s, p)| rel.strip_suffix(s).map(|m| (m, *p)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_saved_keys() {
+        assert_eq!(
+            classify("model.layers.0.q_proj.lora_A.weight"),
+            Some(("model.layers.0.q_proj", Part::A))
+        );
+        assert_eq!(
+            classify("model.embed_tokens.lora_embedding_B"),
+            Some(("model.embed_tokens", Part::EmbB))
+        );
+        assert_eq!(
+            classify("c1.lora_magnitude_vector"),
+            Some(("c1", Part::Magnitude))
+        );
+        assert_eq!(classify("q.lora_B.bias"), Some(("q", Part::BBias)));
+        assert_eq!(classify("lm_head.base_layer.weight"), None);
+        assert_eq!(classify("lm_head.weight"), None);
+    }
+}

@@ -1,0 +1,26 @@
+//! Compute: turns a base tensor plus its merge steps into output bytes, band by band.
+//! Backends sit behind [`DeltaBackend`]; readers, plan and writers never know which one
+//! runs.
+
+pub mod cpu;
+
+use crate::dtype::Dtype;
+use crate::error::Result;
+use crate::plan::merge_types::Step;
+use crate::sink::TensorSink;
+use crate::source::TensorEntry;
+
+/// Something that can apply merge steps to a tensor and stream the result into a sink.
+pub trait DeltaBackend: Send + Sync {
+    /// Writes `base` with `steps` applied, encoded as `out_dtype`, into `sink` (which has
+    /// already begun the tensor).
+    fn merge(
+        &self,
+        base: &TensorEntry,
+        steps: &[Step],
+        out_dtype: Dtype,
+        sink: &mut dyn TensorSink,
+    ) -> Result<()>;
+    /// For messages and reports ("cpu (8 threads)").
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,285 @@
+//! The `merge` job: opens components, plans, checks, and streams every planned tensor
+//! through the compute backend into the sink.
+
+use crate::adapter::Adapter;
+use crate::compute::DeltaBackend;
+use crate::compute::cpu::CpuBackend;
+use crate::error::{Error, Result};
+use crate::pipeline::{copy_tensor, peak_rss_bytes, progress_bar};
+use crate::plan::merge::{Component, MergeSettings, plan};
+use crate::plan::merge_types::{Job, JobSource};
+use crate::sink::{self, OutTensor, SinkOptions};
+use crate::source;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where deltas are computed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// The GPU when one is usable, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl Device {
+    pub fn parse(s: &str) -> Option<Device> {
+        match s {
+            "auto" => Some(Device::Auto),
+            "cpu" => Some(Device::Cpu),
+            "cuda" => Some(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda),
+        }
+    }
+}
+
+/// Everything `merge` takes.
+#[derive(Clone, Debug, Default)]
+pub struct MergeOptions {
+    /// `--base [NAME=]PATH`, in order.
+    pub bases: Vec<(Option<String>, PathBuf)>,
+    /// `--lora [NAME=]PATH`, in order.
+    pub loras: Vec<(Option<String>, PathBuf)>,
+    pub settings: MergeSettings,
+    pub expect_keys_from: Option<PathBuf>,
+    pub threads: Option<usize>,
+    pub device: Device,
+    pub sink: SinkOptions,
+    pub dry_run: bool,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ComponentReport {
+    pub name: Option<String>,
+    pub base: Option<String>,
+    pub adapters: Vec<String>,
+    pub tensors: usize,
+    pub merged: usize,
+    pub bytes: u64,
+}
+
+/// What `merge` reports (`--json`).
+#[derive(Clone, Debug, Serialize)]
+pub struct MergeReport {
+    pub output: String,
+    pub format: &'static str,
+    pub dry_run: bool,
+    pub device: String,
+    pub tensors: usize,
+    pub merged: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub peak_rss_bytes: u64,
+    pub components: Vec<ComponentReport>,
+}
+
+/// Splits `NAME=PATH` (NAME: letters, digits, `_`, `-`, `.`, not starting with a digit);
+/// anything else is a plain path.
+pub fn split_named(spec: &str) -> (Option<String>, PathBuf) {
+    if let Some((name, path)) = spec.split_once('=') {
+        let ok = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            && !name.starts_with(|c: char| c.is_ascii_digit() || c == '.');
+        if ok && !path.is_empty() {
+            return (Some(name.to_string()), PathBuf::from(path));
+        }
+    }
+    (None, PathBuf::from(spec))
+}
+
+/// Opens the components in the order they were first named.
+fn open_components(opts: &MergeOptions) -> Result<Vec<Component>> {
+    let mut order: Vec<Option<String>> = Vec::new();
+    let mut note = |n: &Option<String>| {
+        if !order.contains(n) {
+            order.push(n.clone());
+        }
+    };
+    for (n, _) in opts.bases.iter().chain(&opts.loras) {
+        note(n);
+    }
+    if order.is_empty() {
+        return Err(Error::Usage(
+            "merge needs at least one --base or --lora".into(),
+        ));
+    }
+    let mut comps = Vec::new();
+    for name in order {
+        let bases: Vec<&PathBuf> = opts
+            .bases
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, p)| p)
+            .collect();
+        if bases.len() > 1 {
+            return Err(Error::Usage(format!(
+                "component {} has {} --base paths; give one per component",
+                name.as_deref().unwrap_or("(unnamed)"),
+                bases.len()
+            )));
+        }
+        let base = bases.first().map(|p| source::open(p)).transpose()?;
+        let adapters = opts
+            .loras
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, p)| Adapter::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        comps.push(Component {
+            name,
+            base,
+            adapters,
+        });
+    }
+    Ok(comps)
+}
+
+fn backend(opts: &MergeOptions) -> Result<Box<dyn DeltaBackend>> {
+    match opts.device {
+        Device::Cpu | Device::Auto => Ok(Box::new(CpuBackend::new(opts.threads)?)),
+        Device::Cuda(n) => Err(Error::Device(format!(
+            "--device cuda:{n}: this build of lorastream has no GPU backend; use --device cpu or auto"
+        ))),
+    }
+}
+
+/// Plans, checks and (unless dry-run) writes the merged checkpoint.
+pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
+    let start = Instant::now();
+    let format = sink::OutputFormat::from_path(out)?;
+    let comps = open_components(opts)?;
+    let jobs = plan(&comps, &opts.settings)?;
+    if let Some(reference) = &opts.expect_keys_from {
+        check_expected_keys(&jobs, reference)?;
+    }
+    let backend = backend(opts)?;
+    let plan_out: Vec<OutTensor> = jobs.iter().map(|j| j.out.clone()).collect();
+    if !opts.dry_run {
+        let mut sink = sink::create(out, &plan_out, &opts.sink)?;
+        let bar = progress_bar(opts.progress, plan_out.iter().map(|t| t.nbytes()).sum());
+        for j in &jobs {
+            sink.begin(&j.out)?;
+            match &j.source {
+                JobSource::Copy(t) => copy_tensor(t, j.out.dtype, sink.as_mut())?,
+                JobSource::Merge { base, steps } => {
+                    backend.merge(base, steps, j.out.dtype, sink.as_mut())?
+                }
+            }
+            sink.end()?;
+            bar.inc(j.out.nbytes());
+        }
+        sink.finish()?;
+        bar.finish_and_clear();
+    }
+    let components = comps
+        .iter()
+        .enumerate()
+        .map(|(ci, c)| {
+            let mine: Vec<&Job> = jobs.iter().filter(|j| j.component == ci).collect();
+            ComponentReport {
+                name: c.name.clone(),
+                base: c.base.as_ref().map(|b| b.path.display().to_string()),
+                adapters: c
+                    .adapters
+                    .iter()
+                    .map(|a| a.dir.display().to_string())
+                    .collect(),
+                tensors: mine.len(),
+                merged: mine.iter().filter(|j| j.is_merged()).count(),
+                bytes: mine.iter().map(|j| j.out.nbytes()).sum(),
+            }
+        })
+        .collect();
+    Ok(MergeReport {
+        output: out.display().to_string(),
+        format: format.name(),
+        dry_run: opts.dry_run,
+        device: backend.describe(),
+        tensors: jobs.len(),
+        merged: jobs.iter().filter(|j| j.is_merged()).count(),
+        bytes: plan_out.iter().map(|t| t.nbytes()).sum(),
+        seconds: start.elapsed().as_secs_f64(),
+        peak_rss_bytes: peak_rss_bytes(),
+        components,
+    })
+}
+
+/// `--expect-keys-from`: every output key must exist in the reference (with the same
+/// shape when the reference is a checkpoint). A `.txt` reference lists one key per line.
+fn check_expected_keys(jobs: &[Job], reference: &Path) -> Result<()> {
+    let is_text = reference.extension().and_then(|e| e.to_str()) == Some("txt");
+    let expected: HashMap<String, Option<Vec<usize>>> = if is_text {
+        let text = std::fs::read_to_string(reference).map_err(|e| Error::io(reference, e))?;
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| (l.to_string(), None))
+            .collect()
+    } else {
+        source::open(reference)?
+            .tensors
+            .into_iter()
+            .map(|t| (t.name, Some(t.shape)))
+            .collect()
+    };
+    let mut problems = Vec::new();
+    for j in jobs {
+        match expected.get(&j.out.name) {
+            None => problems.push(format!("  {} (not in the reference)", j.out.name)),
+            Some(Some(shape)) if *shape != j.out.shape => problems.push(format!(
+                "  {} (shape {:?} here, {:?} in the reference)",
+                j.out.name, j.out.shape, shape
+            )),
+            _ => {}
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let n = problems.len();
+    problems.truncate(50);
+    Err(Error::Plan(format!(
+        "{n} output key(s) do not match {} (a loader with strict=False would silently drop them); nothing was written:\n{}{}",
+        reference.display(),
+        problems.join("\n"),
+        if n > 50 {
+            format!("\n  … and {} more", n - 50)
+        } else {
+            String::new()
+        }
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_specs() {
+        assert_eq!(
+            split_named("llm=/a/b"),
+            (Some("llm".into()), PathBuf::from("/a/b"))
+        );
+        assert_eq!(split_named("/a/b=c"), (None, PathBuf::from("/a/b=c")));
+        assert_eq!(
+            split_named("visual_encoder=x"),
+            (Some("visual_encoder".into()), PathBuf::from("x"))
+        );
+        assert_eq!(split_named("plain"), (None, PathBuf::from("plain")));
+    }
+
+    #[test]
+    fn devices() {
+        assert_eq!(Device::parse("cuda:1"), Some(Device::Cuda(1)));
+        assert_eq!(Device::parse("gpu"), None);
+    }
+}
