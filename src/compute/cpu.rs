@@ -355,8 +355,8 @@ impl<'a> PreparedMerge<'a> {
         let len = (i1 - i0) * n;
         scratch.value.resize(len, 0.0);
         self.w.decode(i0 * n, &mut scratch.value);
-        for j in 0..upto {
-            match &self.steps[j] {
+        for (j, step) in self.steps.iter().enumerate().take(upto) {
+            match step {
                 Prepared::Replace(t) => t.decode(i0 * n, &mut scratch.value),
                 Prepared::AddBias { bias, scale } => {
                     scratch.delta.resize(len, 0.0);

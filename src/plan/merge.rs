@@ -160,13 +160,11 @@ fn mismatch_error(c: &Component, ad: &Adapter, base: &Checkpoint, unmatched: &[S
     let has = |m: &str| names.contains(format!("{m}.weight").as_str()) || names.contains(m);
     let first = &unmatched[0];
     let mut hint = String::new();
-    if let Some(rest) = first.strip_prefix(SAVED_PREFIX) {
-        if has(rest) {
-            hint = format!(
-                " The adapter's keys carry '{SAVED_PREFIX}' twice (saved from an already wrapped model): \
-                 re-save it, or strip one prefix."
-            );
-        }
+    if first.strip_prefix(SAVED_PREFIX).is_some_and(has) {
+        hint = format!(
+            " The adapter's keys carry '{SAVED_PREFIX}' twice (saved from an already wrapped model): \
+             re-save it, or strip one prefix."
+        );
     }
     if hint.is_empty() {
         for p in ["model.", "model.model.", "language_model.model."] {
@@ -179,12 +177,8 @@ fn mismatch_error(c: &Component, ad: &Adapter, base: &Checkpoint, unmatched: &[S
             }
         }
     }
-    if hint.is_empty() {
-        if let Some(rest) = first.split_once('.').map(|(_, r)| r) {
-            if has(rest) {
-                hint = format!(" They would match without their first component (e.g. '{rest}').");
-            }
-        }
+    if let Some((_, rest)) = first.split_once('.').filter(|(_, r)| hint.is_empty() && has(r)) {
+        hint = format!(" They would match without their first component (e.g. '{rest}').");
     }
     let shown: Vec<&str> = unmatched.iter().take(5).map(String::as_str).collect();
     Error::Plan(format!(

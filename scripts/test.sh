@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls this):
+#   1. cargo fmt --check and clippy -D warnings;
+#   2. Rust unit tests and the fixture tests in tests/*.rs (no Python needed);
+#   3. the compatibility tests in tests/compat/ against the real clients: our outputs loaded
+#      by torch.load (weights_only, mmap) and safetensors, merges compared with PEFT's
+#      merge_and_unload, XTuner's LLaVA layout. Their Python venv is created once and cached
+#      in ~/.cache/lorastream (scripts/python-env.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --check
+cargo clippy --release --all-targets -- -D warnings
+cargo build --release
+cargo test --release
+PY=$(scripts/python-env.sh)
+export LORASTREAM_BIN="$PWD/target/release/lorastream" LORASTREAM_REQUIRE_MERGE=1 PYTHONUNBUFFERED=1
+"$PY" -m pytest tests/compat -q -p no:cacheprovider

@@ -1,0 +1,145 @@
+//! Merges against the committed PEFT fixtures (`fixtures/peft/`, made and checked with real
+//! PEFT 0.21 `merge_and_unload()` by `fixtures/make_peft_fixtures.py`): every merge case
+//! within the manifest's ulp tolerance of PEFT's result, `--keep-lora` bit-exact against
+//! `PeftModel.state_dict()`, and every refusal with the expected words in its message.
+//! The same cases also run through the CLI with real torch in `tests/compat/`.
+
+use lorastream::merge::{MergeOptions, merge};
+use lorastream::plan::merge::MergeSettings;
+use lorastream::source::{self, Checkpoint};
+use lorastream::{Dtype, dtype::decode_f32};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn peft_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/peft")
+}
+
+fn cases() -> Vec<Value> {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(peft_dir().join("cases.json")).unwrap()).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+fn options(case: &Value, keep_lora: bool, with_base: bool) -> MergeOptions {
+    let mut o = MergeOptions {
+        settings: MergeSettings { keep_lora, ..Default::default() },
+        ..Default::default()
+    };
+    if with_base {
+        o.bases.push((None, peft_dir().join(case["base"].as_str().unwrap())));
+    }
+    for l in case["loras"].as_array().unwrap() {
+        o.loras.push((None, peft_dir().join(l.as_str().unwrap())));
+    }
+    o
+}
+
+/// Distance in units of the last place between two values of `dtype`, via their ordered bits.
+fn ulps(dtype: Dtype, a: &[u8], b: &[u8]) -> u64 {
+    let n = a.len() / dtype.size();
+    let (mut x, mut y) = (vec![0f32; n], vec![0f32; n]);
+    decode_f32(dtype, a, &mut x);
+    decode_f32(dtype, b, &mut y);
+    let ordered = |v: f32| -> i64 {
+        // Map to the dtype's own bit pattern so one step is one ulp of that dtype.
+        let bits = match dtype {
+            Dtype::F16 => half::f16::from_f32(v).to_bits() as i64,
+            Dtype::BF16 => half::bf16::from_f32(v).to_bits() as i64,
+            _ => v.to_bits() as i64,
+        };
+        let sign = match dtype {
+            Dtype::F16 | Dtype::BF16 => 0x8000,
+            _ => 0x8000_0000,
+        };
+        if bits & sign != 0 { sign - bits } else { bits }
+    };
+    x.iter().zip(&y).map(|(p, q)| ordered(*p).abs_diff(ordered(*q))).max().unwrap_or(0)
+}
+
+fn by_name(c: &Checkpoint) -> HashMap<String, &source::TensorEntry> {
+    c.tensors.iter().map(|t| (t.name.clone(), t)).collect()
+}
+
+/// `dtype_free`: keys whose dtype may differ (adapter tensors written without a base to
+/// take the dtype from); their values must round to the expected ones.
+fn compare(ours: &Path, expected: &Path, tol: u64, label: &str, dtype_free: &[String]) {
+    let ours = source::open(ours).unwrap();
+    let exp = source::open(expected).unwrap();
+    let (o, e) = (by_name(&ours), by_name(&exp));
+    let mut ok: Vec<&String> = o.keys().collect();
+    let mut ek: Vec<&String> = e.keys().collect();
+    ok.sort();
+    ek.sort();
+    assert_eq!(ok, ek, "{label}: key sets");
+    for (k, et) in &e {
+        let ot = o[k];
+        if dtype_free.contains(k) && ot.dtype != et.dtype {
+            let mut rounded = Vec::new();
+            lorastream::dtype::cast_float(ot.dtype, et.dtype, &ot.bytes(), &mut rounded);
+            assert_eq!(rounded, et.bytes().as_ref(), "{label}: {k} values");
+            continue;
+        }
+        assert_eq!((ot.dtype, &ot.shape), (et.dtype, &et.shape), "{label}: {k}");
+        if ot.bytes() == et.bytes() {
+            continue;
+        }
+        assert!(et.dtype.is_float(), "{label}: {k} differs");
+        let d = ulps(et.dtype, &ot.bytes(), &et.bytes());
+        assert!(d <= tol, "{label}: {k} is {d} ulp from PEFT (allowed {tol})");
+    }
+}
+
+#[test]
+fn merges_match_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for case in cases().iter().filter(|c| c["expected"].is_string()) {
+        let name = case["name"].as_str().unwrap();
+        let out = dir.path().join(format!("{name}.safetensors"));
+        merge(&out, &options(case, false, true)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let tol = case["ulp_tolerance"].as_u64().unwrap_or(1);
+        compare(&out, &peft_dir().join(case["expected"].as_str().unwrap()), tol, name, &[]);
+        n += 1;
+    }
+    assert!(n >= 25, "only {n} merge cases");
+}
+
+#[test]
+fn keep_lora_matches_peft_state_dict() {
+    let dir = tempfile::tempdir().unwrap();
+    for case in cases().iter().filter(|c| c["expected_keep_lora"].is_string()) {
+        let name = case["name"].as_str().unwrap();
+        let out = dir.path().join(format!("{name}.keep.safetensors"));
+        merge(&out, &options(case, true, true)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        compare(&out, &peft_dir().join(case["expected_keep_lora"].as_str().unwrap()), 0, name, &[]);
+        if let Some(only) = case.get("expected_keep_lora_adapter_only").and_then(|v| v.as_str()) {
+            let out = dir.path().join(format!("{name}.only.safetensors"));
+            merge(&out, &options(case, true, false)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let free: Vec<String> = case
+                .get("adapter_only_dtype_from_base")
+                .and_then(|v| v.as_array())
+                .map(|a| a.iter().filter_map(|k| k.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            compare(&out, &peft_dir().join(only), 0, &format!("{name} (adapter only)"), &free);
+        }
+    }
+}
+
+#[test]
+fn refusals_name_the_problem_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for case in cases().iter().filter(|c| c["refuse"] == true) {
+        let name = case["name"].as_str().unwrap();
+        let out = dir.path().join("out.safetensors");
+        let err = merge(&out, &options(case, false, true)).expect_err(name).to_string().to_lowercase();
+        for m in case["must_mention"].as_array().unwrap() {
+            let m = m.as_str().unwrap().to_lowercase();
+            assert!(err.contains(&m), "{name}: '{m}' not in: {err}");
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{name}: output left");
+        n += 1;
+    }
+    assert!(n >= 15, "only {n} refusal cases");
+}
