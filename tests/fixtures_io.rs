@@ -20,25 +20,46 @@ fn load_json(p: &Path) -> Value {
 }
 
 fn sha256(b: &[u8]) -> String {
-    Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 /// Checks a checkpoint's tensors against the generator's record for it.
 fn check_against(path: &Path, want: &Value, label: &str, check_skipped: bool) {
     let ckpt = source::open(path).unwrap_or_else(|e| panic!("{label}: {e}"));
     let want_tensors = want["tensors"].as_object().unwrap();
-    assert_eq!(ckpt.tensors.len(), want_tensors.len(), "{label}: tensor count");
+    assert_eq!(
+        ckpt.tensors.len(),
+        want_tensors.len(),
+        "{label}: tensor count"
+    );
     for t in &ckpt.tensors {
-        let w = want_tensors.get(&t.name).unwrap_or_else(|| panic!("{label}: unexpected tensor {}", t.name));
+        let w = want_tensors
+            .get(&t.name)
+            .unwrap_or_else(|| panic!("{label}: unexpected tensor {}", t.name));
         assert_eq!(t.dtype.name(), w["dtype"], "{label}: {} dtype", t.name);
-        let shape: Vec<usize> = w["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
+        let shape: Vec<usize> = w["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
         assert_eq!(t.shape, shape, "{label}: {} shape", t.name);
         assert_eq!(sha256(&t.bytes()), w["sha256"], "{label}: {} bytes", t.name);
     }
-    if let Some(skipped) = want.get("skipped").and_then(|s| s.as_array()).filter(|_| check_skipped) {
+    if let Some(skipped) = want
+        .get("skipped")
+        .and_then(|s| s.as_array())
+        .filter(|_| check_skipped)
+    {
         let mut got = ckpt.skipped.clone();
         got.sort();
-        let mut exp: Vec<String> = skipped.iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        let mut exp: Vec<String> = skipped
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
         exp.sort();
         assert_eq!(got, exp, "{label}: skipped entries");
     }
@@ -61,14 +82,23 @@ fn writers_round_trip_every_fixture() {
     for (i, (input, want)) in expected["inputs"].as_object().unwrap().iter().enumerate() {
         for ext in ["pth", "safetensors", "shards/"] {
             // complex128 cannot be stored in safetensors; that refusal is tested elsewhere.
-            let has_c128 = want["tensors"].as_object().unwrap().values().any(|t| t["dtype"] == "C128");
+            let has_c128 = want["tensors"]
+                .as_object()
+                .unwrap()
+                .values()
+                .any(|t| t["dtype"] == "C128");
             if has_c128 && ext != "pth" {
                 continue;
             }
             let out = dir.path().join(format!("out{i}.{ext}"));
             let opts = ConvertOptions::default();
-            convert(&io_dir().join(input), &out, &opts).unwrap_or_else(|e| panic!("{input} -> {ext}: {e}"));
-            let reread = if ext.ends_with('/') { out.join("model.safetensors.index.json") } else { out };
+            convert(&io_dir().join(input), &out, &opts)
+                .unwrap_or_else(|e| panic!("{input} -> {ext}: {e}"));
+            let reread = if ext.ends_with('/') {
+                out.join("model.safetensors.index.json")
+            } else {
+                out
+            };
             // Outputs hold only tensors: the input's non-tensor entries are gone.
             check_against(&reread, want, &format!("{input} -> {ext}"), false);
         }
@@ -91,14 +121,31 @@ fn bad_inputs_fail_cleanly() {
             }
             let res = c.output().unwrap();
             let err = String::from_utf8_lossy(&res.stderr).to_lowercase();
-            assert_eq!(res.status.code(), Some(1), "{} {cmd}: exit code; stderr: {err}", case["file"]);
-            assert!(!err.contains("panicked"), "{} panicked: {err}", case["file"]);
+            assert_eq!(
+                res.status.code(),
+                Some(1),
+                "{} {cmd}: exit code; stderr: {err}",
+                case["file"]
+            );
+            assert!(
+                !err.contains("panicked"),
+                "{} panicked: {err}",
+                case["file"]
+            );
             for m in case["must_mention"].as_array().unwrap() {
                 let m = m.as_str().unwrap().to_lowercase();
-                assert!(err.contains(&m), "{} {cmd}: error does not mention '{m}': {err}", case["file"]);
+                assert!(
+                    err.contains(&m),
+                    "{} {cmd}: error does not mention '{m}': {err}",
+                    case["file"]
+                );
             }
             let left: Vec<_> = std::fs::read_dir(out_dir.path()).unwrap().collect();
-            assert!(left.is_empty(), "{} {cmd}: output left behind", case["file"]);
+            assert!(
+                left.is_empty(),
+                "{} {cmd}: output left behind",
+                case["file"]
+            );
         }
     }
 }

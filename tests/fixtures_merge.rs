@@ -17,17 +17,23 @@ fn peft_dir() -> PathBuf {
 }
 
 fn cases() -> Vec<Value> {
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(peft_dir().join("cases.json")).unwrap()).unwrap();
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(peft_dir().join("cases.json")).unwrap())
+            .unwrap();
     v["cases"].as_array().unwrap().clone()
 }
 
 fn options(case: &Value, keep_lora: bool, with_base: bool) -> MergeOptions {
     let mut o = MergeOptions {
-        settings: MergeSettings { keep_lora, ..Default::default() },
+        settings: MergeSettings {
+            keep_lora,
+            ..Default::default()
+        },
         ..Default::default()
     };
     if with_base {
-        o.bases.push((None, peft_dir().join(case["base"].as_str().unwrap())));
+        o.bases
+            .push((None, peft_dir().join(case["base"].as_str().unwrap())));
     }
     for l in case["loras"].as_array().unwrap() {
         o.loras.push((None, peft_dir().join(l.as_str().unwrap())));
@@ -54,7 +60,11 @@ fn ulps(dtype: Dtype, a: &[u8], b: &[u8]) -> u64 {
         };
         if bits & sign != 0 { sign - bits } else { bits }
     };
-    x.iter().zip(&y).map(|(p, q)| ordered(*p).abs_diff(ordered(*q))).max().unwrap_or(0)
+    x.iter()
+        .zip(&y)
+        .map(|(p, q)| ordered(*p).abs_diff(ordered(*q)))
+        .max()
+        .unwrap_or(0)
 }
 
 fn by_name(c: &Checkpoint) -> HashMap<String, &source::TensorEntry> {
@@ -86,7 +96,10 @@ fn compare(ours: &Path, expected: &Path, tol: u64, label: &str, dtype_free: &[St
         }
         assert!(et.dtype.is_float(), "{label}: {k} differs");
         let d = ulps(et.dtype, &ot.bytes(), &et.bytes());
-        assert!(d <= tol, "{label}: {k} is {d} ulp from PEFT (allowed {tol})");
+        assert!(
+            d <= tol,
+            "{label}: {k} is {d} ulp from PEFT (allowed {tol})"
+        );
     }
 }
 
@@ -99,7 +112,13 @@ fn merges_match_peft() {
         let out = dir.path().join(format!("{name}.safetensors"));
         merge(&out, &options(case, false, true)).unwrap_or_else(|e| panic!("{name}: {e}"));
         let tol = case["ulp_tolerance"].as_u64().unwrap_or(1);
-        compare(&out, &peft_dir().join(case["expected"].as_str().unwrap()), tol, name, &[]);
+        compare(
+            &out,
+            &peft_dir().join(case["expected"].as_str().unwrap()),
+            tol,
+            name,
+            &[],
+        );
         n += 1;
     }
     assert!(n >= 25, "only {n} merge cases");
@@ -108,20 +127,42 @@ fn merges_match_peft() {
 #[test]
 fn keep_lora_matches_peft_state_dict() {
     let dir = tempfile::tempdir().unwrap();
-    for case in cases().iter().filter(|c| c["expected_keep_lora"].is_string()) {
+    for case in cases()
+        .iter()
+        .filter(|c| c["expected_keep_lora"].is_string())
+    {
         let name = case["name"].as_str().unwrap();
         let out = dir.path().join(format!("{name}.keep.safetensors"));
         merge(&out, &options(case, true, true)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        compare(&out, &peft_dir().join(case["expected_keep_lora"].as_str().unwrap()), 0, name, &[]);
-        if let Some(only) = case.get("expected_keep_lora_adapter_only").and_then(|v| v.as_str()) {
+        compare(
+            &out,
+            &peft_dir().join(case["expected_keep_lora"].as_str().unwrap()),
+            0,
+            name,
+            &[],
+        );
+        if let Some(only) = case
+            .get("expected_keep_lora_adapter_only")
+            .and_then(|v| v.as_str())
+        {
             let out = dir.path().join(format!("{name}.only.safetensors"));
             merge(&out, &options(case, true, false)).unwrap_or_else(|e| panic!("{name}: {e}"));
             let free: Vec<String> = case
                 .get("adapter_only_dtype_from_base")
                 .and_then(|v| v.as_array())
-                .map(|a| a.iter().filter_map(|k| k.as_str().map(String::from)).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|k| k.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
-            compare(&out, &peft_dir().join(only), 0, &format!("{name} (adapter only)"), &free);
+            compare(
+                &out,
+                &peft_dir().join(only),
+                0,
+                &format!("{name} (adapter only)"),
+                &free,
+            );
         }
     }
 }
@@ -133,12 +174,19 @@ fn refusals_name_the_problem_and_write_nothing() {
     for case in cases().iter().filter(|c| c["refuse"] == true) {
         let name = case["name"].as_str().unwrap();
         let out = dir.path().join("out.safetensors");
-        let err = merge(&out, &options(case, false, true)).expect_err(name).to_string().to_lowercase();
+        let err = merge(&out, &options(case, false, true))
+            .expect_err(name)
+            .to_string()
+            .to_lowercase();
         for m in case["must_mention"].as_array().unwrap() {
             let m = m.as_str().unwrap().to_lowercase();
             assert!(err.contains(&m), "{name}: '{m}' not in: {err}");
         }
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{name}: output left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{name}: output left"
+        );
         n += 1;
     }
     assert!(n >= 15, "only {n} refusal cases");

@@ -177,7 +177,10 @@ fn mismatch_error(c: &Component, ad: &Adapter, base: &Checkpoint, unmatched: &[S
             }
         }
     }
-    if let Some((_, rest)) = first.split_once('.').filter(|(_, r)| hint.is_empty() && has(r)) {
+    if let Some((_, rest)) = first
+        .split_once('.')
+        .filter(|(_, r)| hint.is_empty() && has(r))
+    {
         hint = format!(" They would match without their first component (e.g. '{rest}').");
     }
     let shown: Vec<&str> = unmatched.iter().take(5).map(String::as_str).collect();
