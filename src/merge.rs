@@ -5,7 +5,7 @@ use crate::adapter::Adapter;
 use crate::compute::DeltaBackend;
 use crate::compute::cpu::CpuBackend;
 use crate::error::{Error, Result};
-use crate::pipeline::{copy_tensor, peak_rss_bytes, progress_bar};
+use crate::pipeline::{copy_tensor, peak_rss_bytes, progress_bar, write_pipelined};
 use crate::plan::merge::{Component, MergeSettings, plan};
 use crate::plan::merge_types::{Job, JobSource};
 use crate::sink::{self, OutTensor, SinkOptions};
@@ -14,6 +14,9 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// How much of the next job's source to start reading while the current one runs.
+const PREFETCH_BYTES: usize = 16 << 20;
 
 /// Where deltas are computed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -164,20 +167,25 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
     let backend = backend(opts)?;
     let plan_out: Vec<OutTensor> = jobs.iter().map(|j| j.out.clone()).collect();
     if !opts.dry_run {
-        let mut sink = sink::create(out, &plan_out, &opts.sink)?;
+        let sink = sink::create(out, &plan_out, &opts.sink)?;
         let bar = progress_bar(opts.progress, plan_out.iter().map(|t| t.nbytes()).sum());
-        for j in &jobs {
-            sink.begin(&j.out)?;
-            match &j.source {
-                JobSource::Copy(t) => copy_tensor(t, j.out.dtype, sink.as_mut())?,
-                JobSource::Merge { base, steps } => {
-                    backend.merge(base, steps, j.out.dtype, sink.as_mut())?
+        write_pipelined(sink, |sink| {
+            for (i, j) in jobs.iter().enumerate() {
+                if let Some(next) = jobs.get(i + 1) {
+                    next.source_tensor().prefetch(PREFETCH_BYTES);
                 }
+                sink.begin(&j.out)?;
+                match &j.source {
+                    JobSource::Copy(t) => copy_tensor(t, j.out.dtype, sink)?,
+                    JobSource::Merge { base, steps } => {
+                        backend.merge(base, steps, j.out.dtype, sink)?
+                    }
+                }
+                sink.end()?;
+                bar.inc(j.out.nbytes());
             }
-            sink.end()?;
-            bar.inc(j.out.nbytes());
-        }
-        sink.finish()?;
+            Ok(())
+        })?;
         bar.finish_and_clear();
     }
     let components = comps

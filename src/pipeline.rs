@@ -56,15 +56,20 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
             .zip(&ckpt.tensors)
             .map(|(o, t)| (o.name.as_str(), t.name.as_str())),
     )?;
-    let mut out = sink::create(output, &plan, &opts.sink)?;
+    let out = sink::create(output, &plan, &opts.sink)?;
     let bar = progress_bar(opts.progress, plan.iter().map(|t| t.nbytes()).sum());
-    for (t, o) in ckpt.tensors.iter().zip(&plan) {
-        out.begin(o)?;
-        copy_tensor(t, o.dtype, out.as_mut())?;
-        out.end()?;
-        bar.inc(o.nbytes());
-    }
-    out.finish()?;
+    write_pipelined(out, |out| {
+        for (i, (t, o)) in ckpt.tensors.iter().zip(&plan).enumerate() {
+            if let Some(next) = ckpt.tensors.get(i + 1) {
+                next.prefetch(COPY_CHUNK);
+            }
+            out.begin(o)?;
+            copy_tensor(t, o.dtype, out)?;
+            out.end()?;
+            bar.inc(o.nbytes());
+        }
+        Ok(())
+    })?;
     bar.finish_and_clear();
     Ok(Report {
         output: output.display().to_string(),
@@ -97,6 +102,7 @@ pub fn copy_tensor(t: &TensorEntry, to: Dtype, out: &mut dyn TensorSink) -> Resu
             let mut at = 0;
             while at < len {
                 let n = chunk.min(len - at);
+                t.file.prefetch(start + at + n, chunk.min(len - at - n));
                 let piece = &all[start + at..start + at + n];
                 write_piece(t.dtype, to, piece, &mut cast_buf, out)?;
                 t.file.release(start + at, n);
@@ -128,6 +134,89 @@ fn write_piece(
         cast_float(from, to, piece, buf);
         out.write(buf)
     }
+}
+
+/// Messages from the producing thread (reading, computing) to the writing thread.
+enum Piece {
+    Begin(OutTensor),
+    Data(Vec<u8>),
+    End,
+    Finish,
+}
+
+/// A sink that hands everything to the writer thread through a bounded queue.
+struct QueueSink {
+    tx: std::sync::mpsc::SyncSender<Piece>,
+}
+
+impl QueueSink {
+    fn send(&mut self, p: Piece) -> Result<()> {
+        // A closed queue means the writer stopped on an error, which `write_pipelined` reports.
+        self.tx
+            .send(p)
+            .map_err(|_| Error::Plan("writer stopped".into()))
+    }
+}
+
+impl TensorSink for QueueSink {
+    fn begin(&mut self, t: &OutTensor) -> Result<()> {
+        self.send(Piece::Begin(t.clone()))
+    }
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.send(Piece::Data(bytes.to_vec()))
+    }
+    fn write_owned(&mut self, bytes: Vec<u8>) -> Result<()> {
+        self.send(Piece::Data(bytes))
+    }
+    fn end(&mut self) -> Result<()> {
+        self.send(Piece::End)
+    }
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.send(Piece::Finish)
+    }
+}
+
+/// Pieces in flight between producer and writer: bounds memory (each piece is at most one
+/// copy chunk or one band group) while letting reading/computing and writing overlap.
+const QUEUE_DEPTH: usize = 4;
+
+/// Runs `produce` (reading and computing, on this thread and its workers) while a second
+/// thread writes what it produces into `sink`, in order. Output bytes do not depend on
+/// timing. The first error wins; on any error the sink is dropped and its temp output removed.
+pub fn write_pipelined(
+    sink: Box<dyn TensorSink>,
+    produce: impl FnOnce(&mut dyn TensorSink) -> Result<()>,
+) -> Result<()> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(QUEUE_DEPTH);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> Result<bool> {
+            let mut sink = sink;
+            for piece in rx {
+                match piece {
+                    Piece::Begin(t) => sink.begin(&t)?,
+                    Piece::Data(d) => sink.write(&d)?,
+                    Piece::End => sink.end()?,
+                    Piece::Finish => {
+                        sink.finish()?;
+                        return Ok(true);
+                    }
+                }
+            }
+            Ok(false)
+        });
+        let mut queue = QueueSink { tx };
+        let produced = produce(&mut queue).and_then(|()| queue.send(Piece::Finish));
+        drop(queue);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(Error::Plan("internal: the writer thread panicked".into())));
+        match (produced, written) {
+            (_, Err(e)) => Err(e),
+            (Err(e), Ok(_)) => Err(e),
+            (Ok(()), Ok(true)) => Ok(()),
+            (Ok(()), Ok(false)) => Err(Error::Plan("internal: output ended early".into())),
+        }
+    })
 }
 
 /// The process's peak resident set size so far (VmHWM), in bytes; 0 where unknown.

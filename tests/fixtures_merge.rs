@@ -191,3 +191,92 @@ fn refusals_name_the_problem_and_write_nothing() {
     }
     assert!(n >= 15, "only {n} refusal cases");
 }
+
+/// Writes a safetensors file of bf16 tensors filled from a small deterministic generator.
+fn write_bf16(path: &Path, tensors: &[(&str, Vec<usize>)], seed: u32) {
+    use lorastream::sink::{OutTensor, SafetensorsWriter, TensorSink};
+    let plan: Vec<OutTensor> = tensors
+        .iter()
+        .map(|(n, s)| OutTensor {
+            name: n.to_string(),
+            dtype: Dtype::BF16,
+            shape: s.clone(),
+        })
+        .collect();
+    let mut w = Box::new(SafetensorsWriter::create(path, &plan).unwrap());
+    let mut x = seed;
+    for t in &plan {
+        w.begin(t).unwrap();
+        let n: usize = t.shape.iter().product();
+        let vals: Vec<f32> = (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(1664525).wrapping_add(1013904223);
+                (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect();
+        let mut bytes = vec![0u8; n * 2];
+        lorastream::dtype::encode_f32(Dtype::BF16, &vals, &mut bytes);
+        w.write(&bytes).unwrap();
+        w.end().unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn output_bytes_do_not_depend_on_thread_count() {
+    // Tensors larger than one band (1M elements), with row-norm DoRA (Linear) and
+    // column-norm DoRA (Embedding), so several bands and both DoRA passes run in parallel.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.safetensors");
+    write_bf16(
+        &base,
+        &[
+            ("w.weight", vec![1500, 1024]),
+            ("e.weight", vec![3000, 512]),
+        ],
+        1,
+    );
+    let ad = dir.path().join("adapter");
+    std::fs::create_dir(&ad).unwrap();
+    std::fs::write(
+        ad.join("adapter_config.json"),
+        r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"use_dora":true}"#,
+    )
+    .unwrap();
+    write_bf16(
+        &ad.join("adapter_model.safetensors"),
+        &[
+            ("base_model.model.w.lora_A.weight", vec![8, 1024]),
+            ("base_model.model.w.lora_B.weight", vec![1500, 8]),
+            ("base_model.model.w.lora_magnitude_vector", vec![1500]),
+            ("base_model.model.e.lora_embedding_A", vec![8, 3000]),
+            ("base_model.model.e.lora_embedding_B", vec![512, 8]),
+            ("base_model.model.e.lora_magnitude_vector", vec![512]),
+        ],
+        2,
+    );
+    let mut outs = Vec::new();
+    for threads in [1, 2, 3] {
+        let out = dir.path().join(format!("t{threads}.pth"));
+        let o = MergeOptions {
+            bases: vec![(None, base.clone())],
+            loras: vec![(None, ad.clone())],
+            threads: Some(threads),
+            ..Default::default()
+        };
+        let r = merge(&out, &o).unwrap();
+        assert_eq!(r.merged, 2);
+        outs.push(std::fs::read(&out).unwrap());
+    }
+    let base_bytes = source::open(&base).unwrap().tensors[0].bytes().into_owned();
+    let merged = source::open(&dir.path().join("t1.pth")).unwrap();
+    assert_ne!(
+        merged.tensors[0].bytes().as_ref(),
+        base_bytes.as_slice(),
+        "the merge changed nothing"
+    );
+    assert!(
+        outs.windows(2).all(|w| w[0] == w[1]),
+        "outputs differ between thread counts"
+    );
+}

@@ -228,12 +228,19 @@ impl<'a> PreparedMerge<'a> {
         let band = self.band_rows();
         let group = band * threads.max(1);
         let oes = out_dtype.size();
-        let mut out = Vec::new();
+        let es = self.base.dtype.size();
+        let row_bytes = self.cols * es;
         let mut g0 = 0;
         while g0 < self.rows {
             let g1 = (g0 + group).min(self.rows);
-            out.clear();
-            out.resize((g1 - g0) * self.cols * oes, 0u8);
+            // Let the kernel read the next group while this one is computed.
+            if let Some((start, _)) = self.base.contiguous_range() {
+                let next = (g1 + group).min(self.rows);
+                self.base
+                    .file
+                    .prefetch(start + g1 * row_bytes, (next - g1) * row_bytes);
+            }
+            let mut out = vec![0u8; (g1 - g0) * self.cols * oes];
             out.par_chunks_mut(band * self.cols * oes)
                 .enumerate()
                 .for_each_init(Scratch::default, |scratch, (ci, chunk)| {

@@ -65,10 +65,7 @@ pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<Vec<Jo
 }
 
 fn describe_source(j: &Job) -> String {
-    let t = match &j.source {
-        JobSource::Copy(t) => t,
-        JobSource::Merge { base, .. } => base,
-    };
+    let t = j.source_tensor();
     format!("{} in {}", t.name, t.file.path().display())
 }
 

@@ -64,6 +64,14 @@ pub struct Job {
 }
 
 impl Job {
+    /// The stored tensor the job reads first.
+    pub fn source_tensor(&self) -> &TensorEntry {
+        match &self.source {
+            JobSource::Copy(t) => t,
+            JobSource::Merge { base, .. } => base,
+        }
+    }
+
     /// Whether a LoRA delta or bias addition applies (counted as "merged").
     pub fn is_merged(&self) -> bool {
         matches!(&self.source, JobSource::Merge { steps, .. }

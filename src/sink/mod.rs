@@ -42,6 +42,10 @@ pub trait TensorSink: Send {
     fn begin(&mut self, t: &OutTensor) -> Result<()>;
     /// Appends bytes of the current tensor.
     fn write(&mut self, bytes: &[u8]) -> Result<()>;
+    /// Appends bytes the caller no longer needs (lets a pipelined sink skip a copy).
+    fn write_owned(&mut self, bytes: Vec<u8>) -> Result<()> {
+        self.write(&bytes)
+    }
     /// Ends the current tensor; all of its bytes must have arrived.
     fn end(&mut self) -> Result<()>;
     /// Completes the file(s) and moves them into place.

@@ -71,6 +71,17 @@ impl MappedFile {
     }
 }
 
+impl MappedFile {
+    /// Asks the kernel to start reading `range` now, so a later touch does not wait.
+    pub fn prefetch(&self, start: usize, len: usize) {
+        let Some(map) = &self.map else { return };
+        let end = (start + len).min(map.len());
+        if end > start {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, start, end - start);
+        }
+    }
+}
+
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -157,6 +168,13 @@ impl TensorEntry {
         match self.data {
             TensorData::Contiguous { start, len } => Some((start, len)),
             TensorData::Strided { .. } => None,
+        }
+    }
+
+    /// Starts reading the first `len` bytes of the tensor ahead of use.
+    pub fn prefetch(&self, len: usize) {
+        if let TensorData::Contiguous { start, len: n } = self.data {
+            self.file.prefetch(start, n.min(len));
         }
     }
 
