@@ -144,9 +144,11 @@ enum Piece {
     Finish,
 }
 
-/// A sink that hands everything to the writer thread through a bounded queue.
+/// A sink that hands everything to the writer thread through a bounded queue; the writer
+/// returns data buffers through `free` for reuse.
 struct QueueSink {
     tx: std::sync::mpsc::SyncSender<Piece>,
+    free: std::sync::mpsc::Receiver<Vec<u8>>,
 }
 
 impl QueueSink {
@@ -163,10 +165,17 @@ impl TensorSink for QueueSink {
         self.send(Piece::Begin(t.clone()))
     }
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.send(Piece::Data(bytes.to_vec()))
+        let mut buf = self.buffer();
+        buf.extend_from_slice(bytes);
+        self.send(Piece::Data(buf))
     }
     fn write_owned(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.send(Piece::Data(bytes))
+    }
+    fn buffer(&mut self) -> Vec<u8> {
+        let mut b = self.free.try_recv().unwrap_or_default();
+        b.clear();
+        b
     }
     fn end(&mut self) -> Result<()> {
         self.send(Piece::End)
@@ -188,13 +197,18 @@ pub fn write_pipelined(
     produce: impl FnOnce(&mut dyn TensorSink) -> Result<()>,
 ) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(QUEUE_DEPTH);
+    let (free_tx, free) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<bool> {
             let mut sink = sink;
             for piece in rx {
                 match piece {
                     Piece::Begin(t) => sink.begin(&t)?,
-                    Piece::Data(d) => sink.write(&d)?,
+                    Piece::Data(d) => {
+                        sink.write(&d)?;
+                        // The producer may have finished; then the buffer is simply dropped.
+                        let _ = free_tx.send(d);
+                    }
                     Piece::End => sink.end()?,
                     Piece::Finish => {
                         sink.finish()?;
@@ -204,7 +218,7 @@ pub fn write_pipelined(
             }
             Ok(false)
         });
-        let mut queue = QueueSink { tx };
+        let mut queue = QueueSink { tx, free };
         let produced = produce(&mut queue).and_then(|()| queue.send(Piece::Finish));
         drop(queue);
         let written = writer

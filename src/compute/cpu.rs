@@ -240,7 +240,8 @@ impl<'a> PreparedMerge<'a> {
                     .file
                     .prefetch(start + g1 * row_bytes, (next - g1) * row_bytes);
             }
-            let mut out = vec![0u8; (g1 - g0) * self.cols * oes];
+            let mut out = sink.buffer();
+            out.resize((g1 - g0) * self.cols * oes, 0u8);
             out.par_chunks_mut(band * self.cols * oes)
                 .enumerate()
                 .for_each_init(Scratch::default, |scratch, (ci, chunk)| {

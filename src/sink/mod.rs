@@ -46,6 +46,11 @@ pub trait TensorSink: Send {
     fn write_owned(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.write(&bytes)
     }
+    /// An empty buffer to fill and pass to `write_owned`; a pipelined sink hands back
+    /// recycled ones, so big buffers are not allocated (and page-faulted) for every piece.
+    fn buffer(&mut self) -> Vec<u8> {
+        Vec::new()
+    }
     /// Ends the current tensor; all of its bytes must have arrived.
     fn end(&mut self) -> Result<()>;
     /// Completes the file(s) and moves them into place.

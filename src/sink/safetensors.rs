@@ -79,14 +79,13 @@ impl SafetensorsWriter {
         })
     }
 
-    /// Flushes and syncs; commits when standalone.
+    /// Flushes; commits when standalone. No fsync: like cp and torch.save we leave that to
+    /// the kernel; the rename still makes the output appear whole or not at all to readers.
     pub(crate) fn close(self) -> Result<()> {
         self.cursor.check_complete()?;
-        let f = self
-            .out
+        self.out
             .into_inner()
             .map_err(|e| Error::io(&self.path, e.into_error()))?;
-        f.sync_all().map_err(|e| Error::io(&self.path, e))?;
         match self.temp {
             Some(t) => t.commit(),
             None => Ok(()),

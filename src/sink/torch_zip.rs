@@ -103,10 +103,9 @@ impl TensorSink for TorchZipWriter {
             .zip
             .finish()
             .map_err(|e| Error::format(&dest, format!("writing the zip failed: {e}")))?;
-        let file = buf
-            .into_inner()
+        // No fsync, as in SafetensorsWriter::close.
+        buf.into_inner()
             .map_err(|e| Error::io(&dest, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&dest, e))?;
         this.temp.commit()
     }
 }

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Benchmark for `lorastream convert` (issue 2): converts a ~2 GB checkpoint and reports its
+# throughput as a ratio to `cp` of the same file, measured side by side in the same run, and
+# lorastream's peak RSS. Not a test: the machine is shared, so read the ratios, not seconds.
+#   bench/convert.sh [SIZE_GB]   (default 2) → appends a section to bench/RESULTS-convert.md
+set -euo pipefail
+cd "$(dirname "$0")/.."
+size_gb=${1:-2}
+work=bench/out/convert
+mkdir -p "$work"
+cargo build --release -q
+bin=target/release/lorastream
+PY=$(scripts/python-env.sh)
+src="$work/in.safetensors"
+# A bf16 model-like file: 64 tensors of equal size, random bits (content does not matter).
+"$PY" - "$src" "$size_gb" <<'PYEOF'
+import json, sys, numpy as np
+path, gb = sys.argv[1], float(sys.argv[2])
+n_t = 64
+per = int(gb * 1e9) // n_t // 2 // 4096 * 4096   # bf16 elements per tensor
+hdr = {f"layers.{i}.weight": {"dtype": "BF16", "shape": [per // 4096, 4096],
+       "data_offsets": [i * per * 2, (i + 1) * per * 2]} for i in range(n_t)}
+h = json.dumps(hdr).encode(); h += b" " * (-len(h) % 8)
+rng = np.random.default_rng(0); block = rng.integers(0, 2**16, per, dtype=np.uint16).tobytes()
+with open(path, "wb") as f:
+    f.write(len(h).to_bytes(8, "little")); f.write(h)
+    for i in range(n_t): f.write(block)
+PYEOF
+bytes=$(stat -c %s "$src")
+timeit() { # prints wall seconds, peak RSS KB of a command
+  /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null 2>&1
+  cat "$work/time"
+}
+sync
+results=()
+for round in 1 2 3; do
+  rm -f "$work/copy" "$work/out.pth" "$work/out.safetensors"; sync
+  read -r cp_s _ < <(timeit cp "$src" "$work/copy"); sync
+  read -r pth_s pth_kb < <(timeit "$bin" convert "$src" "$work/out.pth"); sync
+  read -r st_s st_kb < <(timeit "$bin" convert "$src" "$work/out.safetensors"); sync
+  results+=("| $round | $cp_s | $pth_s | $(echo "scale=2; $cp_s / $pth_s" | bc) | $st_s | $(echo "scale=2; $cp_s / $st_s" | bc) | $((pth_kb / 1024)) / $((st_kb / 1024)) |")
+done
+{
+  echo
+  echo "## $(date -u +%Y-%m-%dT%H:%MZ) — convert, $(echo "scale=2; $bytes / 1000000000" | bc) GB bf16 safetensors"
+  echo
+  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB RAM, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); page cache hot (the input was just written; no cache drop)."
+  echo
+  echo "| round | cp s | → .pth s | .pth throughput ÷ cp | → .safetensors s | .safetensors ÷ cp | peak RSS MB (.pth / .st) |"
+  echo "|---|---|---|---|---|---|---|"
+  printf '%s\n' "${results[@]}"
+  echo
+  echo "Target: ≥ 0.8× cp throughput for a same-dtype conversion; peak RSS < 200 MB."
+} | tee -a bench/RESULTS-convert.md
+rm -rf "$work"
