@@ -13,5 +13,9 @@ cargo clippy --release --all-targets -- -D warnings
 cargo build --release
 cargo test --release
 PY=$(scripts/python-env.sh)
-export LORASTREAM_BIN="$PWD/target/release/lorastream" LORASTREAM_REQUIRE_MERGE=1 PYTHONUNBUFFERED=1
+# Real XTuner 0.2.0 for the LLaVA load check, in its own cached venv (it pins an older
+# transformers); torch and peft are shared with the compat venv.
+(cd fixtures && "$PY" -c "import make_xtuner_fixtures as m; m.ensure_xtuner_venv()" >&2)
+export LORASTREAM_BIN="$PWD/target/release/lorastream" LORASTREAM_REQUIRE_MERGE=1 \
+  LORASTREAM_REQUIRE_XTUNER=1 PYTHONUNBUFFERED=1
 "$PY" -m pytest tests/compat -q -p no:cacheprovider
