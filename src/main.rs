@@ -8,6 +8,7 @@ use lorastream::plan::merge::MergeSettings;
 use lorastream::plan::{DtypeChoice, RenameRule};
 use lorastream::sink::SinkOptions;
 use lorastream::{Error, inspect};
+use regex::Regex;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -52,6 +53,9 @@ enum Command {
         /// Rename keys: every match of REGEX is replaced (groups as $1); rules apply in order.
         #[arg(long = "rename", value_name = "REGEX=REPLACEMENT", value_parser = parse_rename)]
         renames: Vec<RenameRule>,
+        /// Leave out tensors whose final key (after renames) matches REGEX. Repeatable.
+        #[arg(long = "exclude", value_name = "REGEX", value_parser = parse_exclude)]
+        exclude: Vec<Regex>,
         /// Largest shard of a sharded output (e.g. 5GB, 500MB, 2GiB, or bytes).
         #[arg(long, default_value = "5GB", value_parser = parse_size)]
         shard_size: u64,
@@ -95,6 +99,10 @@ enum Command {
         /// Rename final keys: every match of REGEX is replaced; rules apply in order.
         #[arg(long = "rename", value_name = "REGEX=REPLACEMENT", value_parser = parse_rename)]
         renames: Vec<RenameRule>,
+        /// Leave out tensors whose final key (after prefixes and renames) matches REGEX,
+        /// e.g. '^visual_encoder\.text_model\.' for a full CLIP checkpoint. Repeatable.
+        #[arg(long = "exclude", value_name = "REGEX", value_parser = parse_exclude)]
+        exclude: Vec<Regex>,
         /// Before writing, fail unless every output key exists in REF (a checkpoint: same
         /// shape too; a .txt file: one key per line).
         #[arg(long, value_name = "REF")]
@@ -123,6 +131,10 @@ fn parse_device(s: &str) -> Result<Device, String> {
 
 fn parse_dtype(s: &str) -> Result<DtypeChoice, String> {
     DtypeChoice::parse(s).ok_or_else(|| format!("'{s}' is not one of keep, bf16, f16, f32"))
+}
+
+fn parse_exclude(s: &str) -> Result<Regex, String> {
+    lorastream::plan::rename::parse_exclude(s).map_err(|e| e.to_string())
 }
 
 fn parse_rename(s: &str) -> Result<RenameRule, String> {
@@ -179,12 +191,14 @@ fn run(cli: Cli) -> Result<(), Error> {
             output,
             dtype,
             renames,
+            exclude,
             shard_size,
             json,
         } => {
             let opts = ConvertOptions {
                 dtype,
                 renames,
+                exclude,
                 sink: SinkOptions { shard_size },
                 progress: !json,
             };
@@ -209,6 +223,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             keep_lora,
             dtype,
             renames,
+            exclude,
             expect_keys_from,
             threads,
             device,
@@ -223,6 +238,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                     keep_lora,
                     dtype,
                     renames,
+                    exclude,
                 },
                 expect_keys_from,
                 threads,

@@ -20,6 +20,8 @@ const COPY_CHUNK: usize = 16 << 20;
 pub struct ConvertOptions {
     pub dtype: DtypeChoice,
     pub renames: Vec<RenameRule>,
+    /// `--exclude`: final keys to leave out.
+    pub exclude: Vec<regex::Regex>,
     pub sink: SinkOptions,
     pub progress: bool,
 }
@@ -42,25 +44,29 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
     let start = Instant::now();
     let format = sink::OutputFormat::from_path(output)?;
     let ckpt = source::open(input)?;
-    let plan: Vec<OutTensor> = ckpt
+    let (plan, sources): (Vec<OutTensor>, Vec<&TensorEntry>) = ckpt
         .tensors
         .iter()
-        .map(|t| OutTensor {
-            name: rename::apply(&opts.renames, &t.name),
-            dtype: opts.dtype.apply(t.dtype),
-            shape: t.shape.clone(),
+        .map(|t| {
+            let o = OutTensor {
+                name: rename::apply(&opts.renames, &t.name),
+                dtype: opts.dtype.apply(t.dtype),
+                shape: t.shape.clone(),
+            };
+            (o, t)
         })
-        .collect();
+        .filter(|(o, _)| !rename::excluded(&opts.exclude, &o.name))
+        .unzip();
     rename::check_unique(
         plan.iter()
-            .zip(&ckpt.tensors)
+            .zip(&sources)
             .map(|(o, t)| (o.name.as_str(), t.name.as_str())),
     )?;
     let out = sink::create(output, &plan, &opts.sink)?;
     let bar = progress_bar(opts.progress, plan.iter().map(|t| t.nbytes()).sum());
     write_pipelined(out, |out| {
-        for (i, (t, o)) in ckpt.tensors.iter().zip(&plan).enumerate() {
-            if let Some(next) = ckpt.tensors.get(i + 1) {
+        for (i, (t, o)) in sources.iter().zip(&plan).enumerate() {
+            if let Some(next) = sources.get(i + 1) {
                 next.prefetch(COPY_CHUNK);
             }
             out.begin(o)?;

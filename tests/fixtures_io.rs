@@ -163,3 +163,26 @@ fn usage_errors_exit_2() {
         .unwrap();
     assert_eq!(res.status.code(), Some(2));
 }
+
+#[test]
+fn exclude_drops_matching_final_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let res = Command::new(env!("CARGO_BIN_EXE_lorastream"))
+        .arg("convert")
+        .arg(io_dir().join("hf_model"))
+        .arg(&out)
+        .args(["--rename", r"^model\.=llm.", "--exclude", r"^llm\.layers\.", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(res.status.code(), Some(0), "{}", String::from_utf8_lossy(&res.stderr));
+    let before = source::open(&io_dir().join("hf_model")).unwrap();
+    let after = source::open(&out).unwrap();
+    let kept: Vec<&str> = after.tensors.iter().map(|t| t.name.as_str()).collect();
+    assert!(kept.iter().all(|n| !n.starts_with("llm.layers.")), "{kept:?}");
+    let expect = before.tensors.iter().filter(|t| !t.name.starts_with("model.layers.")).count();
+    assert_eq!(kept.len(), expect);
+    assert!(kept.iter().any(|n| n.starts_with("llm.")));
+    let report: Value = serde_json::from_slice(&res.stdout).unwrap();
+    assert_eq!(report["tensors"].as_u64(), Some(expect as u64));
+}

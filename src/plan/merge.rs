@@ -39,6 +39,8 @@ pub struct MergeSettings {
     pub keep_lora: bool,
     pub dtype: DtypeChoice,
     pub renames: Vec<RenameRule>,
+    /// `--exclude`: final keys to leave out.
+    pub exclude: Vec<regex::Regex>,
 }
 
 /// Plans the whole output.
@@ -55,6 +57,7 @@ pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<Vec<Jo
             j.out.name = rename::apply(&settings.renames, &c.key(&j.out.name));
         }
     }
+    jobs.retain(|j| !rename::excluded(&settings.exclude, &j.out.name));
     let sources: Vec<String> = jobs.iter().map(describe_source).collect();
     rename::check_unique(
         jobs.iter()

@@ -1,5 +1,6 @@
 //! `--rename REGEX=REPLACEMENT` rules: applied in order to every final key, each
-//! replacing every match (like Python's `re.sub`), with `$1`/`${name}` group references.
+//! replacing every match (like Python's `re.sub`), with `$1`/`${name}` group references;
+//! and `--exclude REGEX` patterns, which drop the tensors whose final key matches.
 
 use crate::error::{Error, Result};
 use regex::Regex;
@@ -24,6 +25,17 @@ impl RenameRule {
             replacement: rep.to_string(),
         })
     }
+}
+
+/// Parses an `--exclude` pattern.
+pub fn parse_exclude(spec: &str) -> Result<Regex> {
+    Regex::new(spec)
+        .map_err(|e| Error::Usage(format!("--exclude '{spec}': bad regular expression: {e}")))
+}
+
+/// Whether any `--exclude` pattern matches the final key.
+pub fn excluded(patterns: &[Regex], name: &str) -> bool {
+    patterns.iter().any(|p| p.is_match(name))
 }
 
 /// Applies every rule in order.
