@@ -8,7 +8,7 @@
 //! tensor before the writing pass.
 
 use super::DeltaBackend;
-use crate::dtype::{Dtype, decode_f32, encode_f32};
+use crate::dtype::{Dtype, decode_f32, encode_f32, round_through};
 use crate::error::{Error, Result};
 use crate::plan::merge_types::{DeltaLayout, Step};
 use crate::sink::TensorSink;
@@ -247,7 +247,9 @@ impl<'a> PreparedMerge<'a> {
                 .for_each_init(Scratch::default, |scratch, (ci, chunk)| {
                     let i0 = g0 + ci * band;
                     let i1 = (i0 + band).min(g1);
-                    self.compute_band(i0, i1, self.steps.len(), &col_factors, scratch);
+                    // Encoding into the base dtype rounds the last step itself.
+                    let last_round = out_dtype != self.base.dtype;
+                    self.compute_band(i0, i1, self.steps.len(), &col_factors, last_round, scratch);
                     encode_f32(out_dtype, &scratch.value, chunk);
                 });
             sink.write(&out)?;
@@ -270,7 +272,7 @@ impl<'a> PreparedMerge<'a> {
             .par_iter()
             .map_init(Scratch::default, |scratch, &i0| {
                 let i1 = (i0 + band).min(self.rows);
-                self.compute_band(i0, i1, j, col_factors, scratch);
+                self.compute_band(i0, i1, j, col_factors, true, scratch);
                 self.delta(j, i0, i1, scratch);
                 let mut sums = vec![0f64; self.cols];
                 for (row, drow) in scratch
@@ -350,13 +352,15 @@ impl<'a> PreparedMerge<'a> {
         }
     }
 
-    /// scratch.value = rows [i0, i1) after steps[..upto].
+    /// scratch.value = rows [i0, i1) after steps[..upto]; the rounding into the base dtype
+    /// after the last of them is skipped when `last_round` is false.
     fn compute_band(
         &self,
         i0: usize,
         i1: usize,
         upto: usize,
         col_factors: &[Option<Vec<f32>>],
+        last_round: bool,
         scratch: &mut Scratch,
     ) {
         let (n, wd) = (self.cols, self.base.dtype);
@@ -408,16 +412,9 @@ impl<'a> PreparedMerge<'a> {
                 }
             }
             // Each step lands in the weight's own dtype, like PEFT's in-place merge.
-            round_through(wd, &mut scratch.value);
+            if last_round || j + 1 < upto {
+                round_through(wd, &mut scratch.value);
+            }
         }
-    }
-}
-
-/// Rounds f32 values to `dtype` and back (a no-op for f32 and f64).
-fn round_through(dtype: Dtype, v: &mut [f32]) {
-    if matches!(dtype, Dtype::F16 | Dtype::BF16) {
-        let mut buf = vec![0u8; v.len() * 2];
-        encode_f32(dtype, v, &mut buf);
-        decode_f32(dtype, &buf, v);
     }
 }
