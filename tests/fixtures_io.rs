@@ -172,15 +172,33 @@ fn exclude_drops_matching_final_keys() {
         .arg("convert")
         .arg(io_dir().join("hf_model"))
         .arg(&out)
-        .args(["--rename", r"^model\.=llm.", "--exclude", r"^llm\.layers\.", "--json"])
+        .args([
+            "--rename",
+            r"^model\.=llm.",
+            "--exclude",
+            r"^llm\.layers\.",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert_eq!(res.status.code(), Some(0), "{}", String::from_utf8_lossy(&res.stderr));
+    assert_eq!(
+        res.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
     let before = source::open(&io_dir().join("hf_model")).unwrap();
     let after = source::open(&out).unwrap();
     let kept: Vec<&str> = after.tensors.iter().map(|t| t.name.as_str()).collect();
-    assert!(kept.iter().all(|n| !n.starts_with("llm.layers.")), "{kept:?}");
-    let expect = before.tensors.iter().filter(|t| !t.name.starts_with("model.layers.")).count();
+    assert!(
+        kept.iter().all(|n| !n.starts_with("llm.layers.")),
+        "{kept:?}"
+    );
+    let expect = before
+        .tensors
+        .iter()
+        .filter(|t| !t.name.starts_with("model.layers."))
+        .count();
     assert_eq!(kept.len(), expect);
     assert!(kept.iter().any(|n| n.starts_with("llm.")));
     let report: Value = serde_json::from_slice(&res.stdout).unwrap();
