@@ -208,20 +208,29 @@ def test_convert_to_safetensors(name, run, out_dir):
     check_safetensors(out, EXPECTED[name])
 
 
+def assert_no_temp(out_dir: Path) -> None:
+    # Temp files/folders are named .<outname>.lorastream-tmp-* beside the destination.
+    left = [p for p in dir_listing(out_dir) if "lorastream-tmp" in p]
+    assert not left, f"temp entries left: {left}"
+
+
 @pytest.mark.parametrize("name", GOOD)
 def test_convert_to_sharded_dir(name, run, out_dir):
     # An existing directory is a sharded safetensors output; 4000 bytes forces several
     # shards for everything but the smallest inputs.
-    run(["convert", IO / name, out_dir, "--shard-size", "4000"])
-    check_sharded_dir(out_dir, EXPECTED[name], shard_size=4000)
-    assert not [p for p in dir_listing(out_dir) if "lorastream-tmp" in p]
+    d = out_dir / "model"
+    d.mkdir()
+    run(["convert", IO / name, d, "--shard-size", "4000"])
+    check_sharded_dir(d, EXPECTED[name], shard_size=4000)
+    assert_no_temp(out_dir)
 
 
-def test_convert_to_new_dir_with_trailing_slash(run, tmp_path):
-    out = tmp_path / "new_folder"
+def test_convert_to_new_dir_with_trailing_slash(run, out_dir):
+    out = out_dir / "new_folder"
     run(["convert", IO / "sharded_st", str(out) + "/", "--shard-size", "10KB"])
     index = check_sharded_dir(out, EXPECTED["sharded_st"], shard_size=10_000)
     assert len(set(index["weight_map"].values())) >= 3
+    assert_no_temp(out_dir)
 
 
 def test_default_shard_size_gives_one_shard(run, out_dir):
@@ -446,25 +455,49 @@ def test_missing_input_exits_1_naming_it(run, out_dir):
 # ----------------------------------------------------------------------------- bad inputs
 
 
-@pytest.mark.parametrize("out_kind", ["out.pth", "out.safetensors", "dir"])
+def destination(out_dir: Path, out_kind: str) -> tuple[str, list[str]]:
+    """The OUT argument for an output kind, and what out_dir holds before the run (and
+    must hold after a failed or interrupted one): files and a new folder leave nothing,
+    an existing folder stays, empty."""
+    if out_kind == "existing_dir":
+        (out_dir / "existing").mkdir()
+        return str(out_dir / "existing"), ["existing"]
+    if out_kind == "new_dir/":
+        return str(out_dir / "new_dir") + "/", []
+    return str(out_dir / out_kind), []
+
+
+def check_mentions(case: dict, stderr: str) -> None:
+    """Every must_mention substring is in the message (case-insensitive). The file name
+    is looked for anywhere; the other words outside the file's path, so that a keyword
+    that is also part of the file name (`pth_os_system.pth` / "system") still counts."""
+    name = Path(case["file"]).name
+    rest = stderr
+    for token in sorted({str(IO / case["file"]), case["file"], name}, key=len, reverse=True):
+        rest = rest.replace(token, "<input>")
+    for s in case["must_mention"]:
+        where = stderr if s == name else rest
+        assert s.lower() in where.lower(), f"{case['what']}: stderr lacks {s!r}:\n{stderr}"
+
+
+OUT_KINDS = ["out.pth", "out.safetensors", "existing_dir", "new_dir/"]
+
+
+@pytest.mark.parametrize("out_kind", OUT_KINDS)
 @pytest.mark.parametrize("case", CASES, ids=[c["file"] for c in CASES])
 def test_bad_input_convert(case, out_kind, run, out_dir):
-    out = out_dir if out_kind == "dir" else out_dir / out_kind
+    out, before = destination(out_dir, out_kind)
     proc = run(["convert", IO / case["file"], out], expect_rc=1)
-    err = proc.stderr.lower()
-    assert "error" in err
-    for s in case["must_mention"]:
-        assert s.lower() in err, f"{case['what']}: stderr lacks {s!r}:\n{proc.stderr}"
+    assert "error" in proc.stderr.lower()
+    check_mentions(case, proc.stderr)
     assert "lorastream-executed-a-pickle" not in proc.stdout + proc.stderr
-    assert_only(out_dir, [])
+    assert_only(out_dir, before)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["file"] for c in CASES])
 def test_bad_input_inspect(case, run):
     proc = run(["inspect", IO / case["file"], "--json"], expect_rc=1)
-    err = proc.stderr.lower()
-    for s in case["must_mention"]:
-        assert s.lower() in err, f"{case['what']}: stderr lacks {s!r}:\n{proc.stderr}"
+    check_mentions(case, proc.stderr)
     assert "lorastream-executed-a-pickle" not in proc.stdout + proc.stderr
 
 
@@ -627,14 +660,15 @@ def sparse_input(tmp_path_factory):
     path.unlink(missing_ok=True)
 
 
-@pytest.mark.parametrize("out_kind", ["out.pth", "out.safetensors", "dir"])
+@pytest.mark.parametrize("out_kind", OUT_KINDS)
 def test_sigint_leaves_nothing(out_kind, sparse_input, lorastream, out_dir):
-    out = out_dir if out_kind == "dir" else out_dir / out_kind
-    proc = subprocess.Popen([str(lorastream), "convert", str(sparse_input), str(out)],
+    out, before = destination(out_dir, out_kind)
+    proc = subprocess.Popen([str(lorastream), "convert", str(sparse_input), out],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        # Wait until it writes (a temp file or folder appears beside the destination).
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and proc.poll() is None and not dir_listing(out_dir):
+        while time.monotonic() < deadline and proc.poll() is None and dir_listing(out_dir) == before:
             time.sleep(0.002)
         seen = dir_listing(out_dir)
         time.sleep(0.05)  # let it write a little
@@ -650,4 +684,4 @@ def test_sigint_leaves_nothing(out_kind, sparse_input, lorastream, out_dir):
         f"rc {proc.returncode}: SIGINT not handled (temp files seen before: {seen})\n{stderr}")
     assert "panicked" not in stderr
     assert "interrupt" in stderr.lower(), stderr
-    assert_only(out_dir, [])
+    assert_only(out_dir, before)
