@@ -47,21 +47,8 @@ enum Command {
     Convert {
         input: PathBuf,
         output: PathBuf,
-        /// Cast floating tensors (F64/F32/F16/BF16); integers, bools and float8 pass through.
-        #[arg(long, default_value = "keep", value_parser = parse_dtype, value_name = "keep|bf16|f16|f32")]
-        dtype: DtypeChoice,
-        /// Rename keys: every match of REGEX is replaced (groups as $1); rules apply in order.
-        #[arg(long = "rename", value_name = "REGEX=REPLACEMENT", value_parser = parse_rename)]
-        renames: Vec<RenameRule>,
-        /// Leave out tensors whose final key (after renames) matches REGEX. Repeatable.
-        #[arg(long = "exclude", value_name = "REGEX", value_parser = parse_exclude)]
-        exclude: Vec<Regex>,
-        /// Largest shard of a sharded output (e.g. 5GB, 500MB, 2GiB, or bytes).
-        #[arg(long, default_value = "5GB", value_parser = parse_size)]
-        shard_size: u64,
-        /// Print one JSON report on stdout at the end.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        out: OutputArgs,
     },
     /// Merge PEFT LoRA adapters into base weights (or keep them unmerged) and write one checkpoint.
     ///
@@ -93,16 +80,6 @@ enum Command {
         /// Write the adapters unmerged, keyed as PeftModel.state_dict() (one adapter per component).
         #[arg(long)]
         keep_lora: bool,
-        /// Cast floating outputs after merging; keep = each tensor's base dtype.
-        #[arg(long, default_value = "keep", value_parser = parse_dtype, value_name = "keep|bf16|f16|f32")]
-        dtype: DtypeChoice,
-        /// Rename final keys: every match of REGEX is replaced; rules apply in order.
-        #[arg(long = "rename", value_name = "REGEX=REPLACEMENT", value_parser = parse_rename)]
-        renames: Vec<RenameRule>,
-        /// Leave out tensors whose final key (after prefixes and renames) matches REGEX,
-        /// e.g. '^visual_encoder\.text_model\.' for a full CLIP checkpoint. Repeatable.
-        #[arg(long = "exclude", value_name = "REGEX", value_parser = parse_exclude)]
-        exclude: Vec<Regex>,
         /// Before writing, fail unless every output key exists in REF (a checkpoint: same
         /// shape too; a .txt file: one key per line).
         #[arg(long, value_name = "REF")]
@@ -113,16 +90,35 @@ enum Command {
         /// Where to compute deltas: auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto", value_parser = parse_device)]
         device: Device,
-        /// Largest shard of a sharded output (e.g. 5GB, 500MB, 2GiB, or bytes).
-        #[arg(long, default_value = "5GB", value_parser = parse_size)]
-        shard_size: u64,
         /// Plan and check everything, print the plan, write nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Print one JSON report on stdout at the end.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
+}
+
+/// What to write and how to report it: shared by `convert` and `merge`.
+#[derive(clap::Args)]
+struct OutputArgs {
+    /// Cast floating outputs (F64/F32/F16/BF16; after merging) with round-to-nearest-even;
+    /// keep = each tensor's stored dtype. Integers, bools and float8 pass through.
+    #[arg(long, default_value = "keep", value_parser = parse_dtype, value_name = "keep|bf16|f16|f32")]
+    dtype: DtypeChoice,
+    /// Rename final keys (after component prefixes): every match of REGEX is replaced,
+    /// groups as $1; rules apply in order.
+    #[arg(long = "rename", value_name = "REGEX=REPLACEMENT", value_parser = parse_rename)]
+    renames: Vec<RenameRule>,
+    /// Leave out tensors whose final key (after prefixes and renames) matches REGEX, e.g.
+    /// '^visual_encoder\.text_model\.' for a full CLIP checkpoint. Repeatable.
+    #[arg(long = "exclude", value_name = "REGEX", value_parser = parse_exclude)]
+    exclude: Vec<Regex>,
+    /// Largest shard of a sharded output (e.g. 5GB, 500MB, 2GiB, or bytes).
+    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    shard_size: u64,
+    /// Print one JSON report on stdout at the end (and no progress bar).
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -186,24 +182,18 @@ fn run(cli: Cli) -> Result<(), Error> {
                 print!("{}", report.to_text());
             }
         }
-        Command::Convert {
-            input,
-            output,
-            dtype,
-            renames,
-            exclude,
-            shard_size,
-            json,
-        } => {
+        Command::Convert { input, output, out } => {
             let opts = ConvertOptions {
-                dtype,
-                renames,
-                exclude,
-                sink: SinkOptions { shard_size },
-                progress: !json,
+                dtype: out.dtype,
+                renames: out.renames,
+                exclude: out.exclude,
+                sink: SinkOptions {
+                    shard_size: out.shard_size,
+                },
+                progress: !out.json,
             };
             let report = pipeline::convert(&input, &output, &opts)?;
-            if json {
+            if out.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
                 eprintln!(
@@ -221,29 +211,28 @@ fn run(cli: Cli) -> Result<(), Error> {
             bases,
             loras,
             keep_lora,
-            dtype,
-            renames,
-            exclude,
             expect_keys_from,
             threads,
             device,
-            shard_size,
             dry_run,
-            json,
+            output,
         } => {
+            let json = output.json;
             let opts = MergeOptions {
                 bases: bases.iter().map(|s| split_named(s)).collect(),
                 loras: loras.iter().map(|s| split_named(s)).collect(),
                 settings: MergeSettings {
                     keep_lora,
-                    dtype,
-                    renames,
-                    exclude,
+                    dtype: output.dtype,
+                    renames: output.renames,
+                    exclude: output.exclude,
                 },
                 expect_keys_from,
                 threads,
                 device,
-                sink: SinkOptions { shard_size },
+                sink: SinkOptions {
+                    shard_size: output.shard_size,
+                },
                 dry_run,
                 progress: !json,
             };

@@ -368,49 +368,22 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
         })
     };
     let push_lora = |jobs: &mut Vec<Job>, m: &LoraModule| {
-        let p = format!("{SAVED_PREFIX}{}", m.name);
-        if m.embedding {
-            push(
-                jobs,
-                format!("{p}.lora_embedding_A.default"),
-                &m.a,
-                adapter_dtype(&m.a),
-            );
-            push(
-                jobs,
-                format!("{p}.lora_embedding_B.default"),
-                &m.b,
-                adapter_dtype(&m.b),
-            );
+        let (a_key, b_key) = if m.embedding {
+            ("lora_embedding_A.default", "lora_embedding_B.default")
         } else {
-            push(
-                jobs,
-                format!("{p}.lora_A.default.weight"),
-                &m.a,
-                adapter_dtype(&m.a),
-            );
-            push(
-                jobs,
-                format!("{p}.lora_B.default.weight"),
-                &m.b,
-                adapter_dtype(&m.b),
-            );
-        }
-        if let Some(bb) = &m.b_bias {
-            push(
-                jobs,
-                format!("{p}.lora_B.default.bias"),
-                bb,
-                adapter_dtype(bb),
-            );
-        }
-        if let Some(mag) = &m.magnitude {
-            push(
-                jobs,
-                format!("{p}.lora_magnitude_vector.default.weight"),
-                mag,
-                adapter_dtype(mag),
-            );
+            ("lora_A.default.weight", "lora_B.default.weight")
+        };
+        let parts = [
+            (a_key, Some(&m.a)),
+            (b_key, Some(&m.b)),
+            ("lora_B.default.bias", m.b_bias.as_ref()),
+            ("lora_magnitude_vector.default.weight", m.magnitude.as_ref()),
+        ];
+        for (suffix, t) in parts {
+            if let Some(t) = t {
+                let name = format!("{SAVED_PREFIX}{}.{suffix}", m.name);
+                push(jobs, name, t, adapter_dtype(t));
+            }
         }
     };
     match &c.base {
