@@ -109,6 +109,7 @@ enum Prepared<'a> {
 
 struct PreparedMerge<'a> {
     base: &'a TensorEntry,
+    source_steps: &'a [Step],
     w: Bytes<'a>,
     rows: usize,
     cols: usize,
@@ -192,6 +193,7 @@ impl<'a> PreparedMerge<'a> {
         }
         Ok(PreparedMerge {
             base,
+            source_steps: steps,
             w: Bytes::of(base),
             rows,
             cols,
@@ -252,14 +254,38 @@ impl<'a> PreparedMerge<'a> {
                     self.compute_band(i0, i1, self.steps.len(), &col_factors, last_round, scratch);
                     encode_f32(out_dtype, &scratch.value, chunk);
                 });
-            sink.write(&out)?;
+            sink.write_owned(out)?;
             if let Some((start, _)) = self.base.contiguous_range() {
-                let es = self.base.dtype.size();
                 self.base
                     .file
-                    .release(start + g0 * self.cols * es, (g1 - g0) * self.cols * es);
+                    .release(start + g0 * row_bytes, (g1 - g0) * row_bytes);
+            }
+            // B's rows for this group (Normal layout reads B by rows; an lm_head-sized B
+            // is ~100 MB, so it is released as it goes, like the weight).
+            for l in self.source_steps.iter().filter_map(|s| match s {
+                Step::Lora(l) if l.layout == DeltaLayout::Normal => Some(l),
+                _ => None,
+            }) {
+                if let Some((start, _)) = l.b.contiguous_range() {
+                    let rb = l.r * l.b.dtype.size();
+                    l.b.file.release(start + g0 * rb, (g1 - g0) * rb);
+                }
             }
             g0 = g1;
+        }
+        // The adapter's pages for this tensor are done with: without this, every adapter
+        // tensor ever read would stay resident (GBs for an r=512 adapter of a 7B model).
+        for step in self.source_steps {
+            match step {
+                Step::Lora(l) => {
+                    l.a.release();
+                    l.b.release();
+                    if let Some(m) = &l.magnitude {
+                        m.release();
+                    }
+                }
+                Step::Replace(t) | Step::AddBias { bias: t, .. } => t.release(),
+            }
         }
         Ok(())
     }
