@@ -359,7 +359,9 @@ impl<'a> PreparedMerge<'a> {
                 m,
                 k,
                 n,
-                1.0,
+                // PEFT computes (B @ A) * s: the kernel scales the finished f32 dot
+                // product, which rounds exactly like a separate multiply.
+                *scale,
                 scratch.left.as_ptr(),
                 lrs,
                 lcs,
@@ -371,10 +373,6 @@ impl<'a> PreparedMerge<'a> {
                 n as isize,
                 1,
             );
-        }
-        // PEFT scales the product (B @ A) * s, not B first.
-        for d in scratch.delta.iter_mut() {
-            *d *= scale;
         }
     }
 
