@@ -5,10 +5,11 @@
 use crate::dtype::{Dtype, cast_float};
 use crate::error::{Error, Result};
 use crate::plan::{DtypeChoice, RenameRule, rename};
-use crate::sink::{self, OutTensor, SinkOptions, TensorSink};
-use crate::source::{self, TensorEntry};
+use crate::sink::{self, OutTensor, SharedBytes, SinkOptions, TensorSink};
+use crate::source::{self, MappedFile, TensorEntry};
 use serde::Serialize;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Bytes handed to a sink per call when copying; also how much of a mapped file is
@@ -104,14 +105,20 @@ pub fn copy_tensor(t: &TensorEntry, to: Dtype, out: &mut dyn TensorSink) -> Resu
     match t.contiguous_range() {
         Some((start, len)) => {
             let all = t.file.bytes();
+            let shared: Arc<dyn SharedBytes> = t.file.clone();
             let mut cast_buf = Vec::new();
             let mut at = 0;
             while at < len {
                 let n = chunk.min(len - at);
                 t.file.prefetch(start + at + n, chunk.min(len - at - n));
-                let piece = &all[start + at..start + at + n];
-                write_piece(t.dtype, to, piece, &mut cast_buf, out)?;
-                t.file.release(start + at, n);
+                if to == t.dtype {
+                    // Straight from the map to the writer; it releases the pages after.
+                    out.write_shared(&shared, start + at, n)?;
+                } else {
+                    let piece = &all[start + at..start + at + n];
+                    write_piece(t.dtype, to, piece, &mut cast_buf, out)?;
+                    t.file.release(start + at, n);
+                }
                 at += n;
             }
         }
@@ -142,10 +149,22 @@ fn write_piece(
     }
 }
 
+/// A mapped input shared with the writer thread: written straight from the map, its
+/// pages released once written.
+impl SharedBytes for MappedFile {
+    fn bytes(&self) -> &[u8] {
+        MappedFile::bytes(self)
+    }
+    fn done(&self, start: usize, len: usize) {
+        self.release(start, len);
+    }
+}
+
 /// Messages from the producing thread (reading, computing) to the writing thread.
 enum Piece {
     Begin(OutTensor),
     Data(Vec<u8>),
+    Shared(Arc<dyn SharedBytes>, usize, usize),
     End,
     Finish,
 }
@@ -177,6 +196,9 @@ impl TensorSink for QueueSink {
     }
     fn write_owned(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.send(Piece::Data(bytes))
+    }
+    fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
+        self.send(Piece::Shared(Arc::clone(src), start, len))
     }
     fn buffer(&mut self) -> Vec<u8> {
         let mut b = self.free.try_recv().unwrap_or_default();
@@ -214,6 +236,10 @@ pub fn write_pipelined(
                         sink.write(&d)?;
                         // The producer may have finished; then the buffer is simply dropped.
                         let _ = free_tx.send(d);
+                    }
+                    Piece::Shared(src, start, len) => {
+                        sink.write(&src.bytes()[start..start + len])?;
+                        src.done(start, len);
                     }
                     Piece::End => sink.end()?,
                     Piece::Finish => {

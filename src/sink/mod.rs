@@ -20,6 +20,7 @@ pub use torch_zip::TorchZipWriter;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use std::path::Path;
+use std::sync::Arc;
 
 /// One tensor of the output, as planned.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,6 +36,13 @@ impl OutTensor {
     }
 }
 
+/// Bytes owned elsewhere (a memory-mapped input, say) that a writer may read on another
+/// thread without a copy; `done` is told when a range has been written.
+pub trait SharedBytes: Send + Sync {
+    fn bytes(&self) -> &[u8];
+    fn done(&self, _start: usize, _len: usize) {}
+}
+
 /// The interface every writer offers. Calls come in plan order:
 /// `begin(t0) write* end  begin(t1) write* end … finish`.
 pub trait TensorSink: Send {
@@ -45,6 +53,13 @@ pub trait TensorSink: Send {
     /// Appends bytes the caller no longer needs (lets a pipelined sink skip a copy).
     fn write_owned(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.write(&bytes)
+    }
+    /// Appends `src.bytes()[start..start + len]`; a pipelined sink passes the reference to
+    /// its writer thread instead of copying.
+    fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
+        self.write(&src.bytes()[start..start + len])?;
+        src.done(start, len);
+        Ok(())
     }
     /// An empty buffer to fill and pass to `write_owned`; a pipelined sink hands back
     /// recycled ones, so big buffers are not allocated (and page-faulted) for every piece.
