@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 cargo fmt --check
 cargo clippy --release --all-targets -- -D warnings
 cargo build --release
+# libnvrtc from PyPI (no GPU or CUDA toolkit needed) so the kernel-compile tests run in CI.
+LD_LIBRARY_PATH="$(scripts/nvrtc-lib.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH LORASTREAM_REQUIRE_NVRTC=1
 cargo test --release
 PY=$(scripts/python-env.sh)
 # Real XTuner 0.2.0 for the LLaVA load check, in its own cached venv (it pins an older

@@ -235,6 +235,7 @@ fn run(cli: Cli) -> Result<(), Error> {
                 },
                 dry_run,
                 progress: !json,
+                notify: Some(|note| eprintln!("note: {note}")),
             };
             let r = lorastream::merge::merge(&out, &opts)?;
             if json {

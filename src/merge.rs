@@ -4,6 +4,7 @@
 use crate::adapter::Adapter;
 use crate::compute::DeltaBackend;
 use crate::compute::cpu::CpuBackend;
+use crate::compute::cuda::CudaBackend;
 use crate::error::{Error, Result};
 use crate::pipeline::{copy_tensor, peak_rss_bytes, progress_bar, write_pipelined};
 use crate::plan::merge::{Component, MergeSettings, plan};
@@ -56,6 +57,9 @@ pub struct MergeOptions {
     pub sink: SinkOptions,
     pub dry_run: bool,
     pub progress: bool,
+    /// Told things worth one line to a person as they happen (the CLI prints them on
+    /// stderr); they also land in the report's `notes`.
+    pub notify: Option<fn(&str)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -81,6 +85,7 @@ pub struct MergeReport {
     pub seconds: f64,
     pub peak_rss_bytes: u64,
     pub components: Vec<ComponentReport>,
+    pub notes: Vec<String>,
 }
 
 /// Splits `NAME=PATH` (NAME: letters, digits, `_`, `-`, `.`, not starting with a digit);
@@ -146,12 +151,24 @@ fn open_components(opts: &MergeOptions) -> Result<Vec<Component>> {
     Ok(comps)
 }
 
-fn backend(opts: &MergeOptions) -> Result<Box<dyn DeltaBackend>> {
+/// `--device`: cpu; cuda[:N] (an error when that GPU is not usable); auto (the GPU when one
+/// is usable, else the CPU, with a note saying why).
+fn backend(opts: &MergeOptions) -> Result<(Box<dyn DeltaBackend>, Option<String>)> {
     match opts.device {
-        Device::Cpu | Device::Auto => Ok(Box::new(CpuBackend::new(opts.threads)?)),
-        Device::Cuda(n) => Err(Error::Device(format!(
-            "--device cuda:{n}: this build of lorastream has no GPU backend; use --device cpu or auto"
-        ))),
+        Device::Cpu => Ok((Box::new(CpuBackend::new(opts.threads)?), None)),
+        Device::Cuda(n) => match CudaBackend::new(n, opts.threads) {
+            Ok(b) => Ok((Box::new(b), None)),
+            Err(why) => Err(Error::Device(format!(
+                "--device cuda:{n}: no usable CUDA GPU ({why}); use --device cpu or auto"
+            ))),
+        },
+        Device::Auto => match CudaBackend::new(0, opts.threads) {
+            Ok(b) => Ok((Box::new(b), None)),
+            Err(why) => {
+                let note = format!("no usable CUDA GPU ({why}); merging on the CPU");
+                Ok((Box::new(CpuBackend::new(opts.threads)?), Some(note)))
+            }
+        },
     }
 }
 
@@ -164,7 +181,10 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
     if let Some(reference) = &opts.expect_keys_from {
         check_expected_keys(&jobs, reference)?;
     }
-    let backend = backend(opts)?;
+    let (backend, note) = backend(opts)?;
+    if let (Some(n), Some(notify)) = (&note, opts.notify) {
+        notify(n);
+    }
     let plan_out: Vec<OutTensor> = jobs.iter().map(|j| j.out.clone()).collect();
     if !opts.dry_run {
         let sink = sink::create(out, &plan_out, &opts.sink)?;
@@ -218,6 +238,7 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
         seconds: start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
         components,
+        notes: note.into_iter().collect(),
     })
 }
 

@@ -3,6 +3,7 @@
 //! runs.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::dtype::Dtype;
 use crate::error::Result;

@@ -1,0 +1,1321 @@
+//! The CUDA backend: the same arithmetic as [`super::cpu`], on an NVIDIA GPU.
+//!
+//! `kernels/merge.cu` is embedded and compiled by NVRTC at run time for the device's
+//! architecture (`compute_XY` PTX, JIT-compiled by the driver; a `sm_XY` cubin when the
+//! driver cannot load NVRTC's PTX). A merged tensor streams through the GPU in row bands:
+//!
+//! ```text
+//! host:   copy band b of W (memory map) into pinned buffer ─┐           write band b-2 to the sink
+//! h2d:                                                      └ H2D b ─┐
+//! comp:                                             fused kernel(s) on b ─┐
+//! d2h:                                                                  └ D2H b
+//! ```
+//!
+//! Three slots of pinned host buffers and device buffers are allocated once (grown when a
+//! tensor needs more) and reused; the three streams are ordered by events only, so the copy
+//! of one band in, the kernels on another and the copy of a third out overlap. W travels in
+//! its stored dtype and the output in its own, both ways once; the LoRA factors are
+//! uploaded once per tensor, also in their stored dtypes (the kernel converts on load).
+//!
+//! Jobs the GPU adds nothing to run on the CPU backend: tensors without a LoRA step after
+//! their last replacement, and `lora_B.bias` additions (1-D biases).
+//!
+//! Nothing here panics on a machine without CUDA: the driver and NVRTC libraries are looked
+//! for before cudarc touches them, and any panic cudarc raises while the backend is set up
+//! becomes an `Err`.
+
+use super::DeltaBackend;
+use super::cpu::CpuBackend;
+use crate::dtype::{Dtype, decode_f32};
+use crate::error::{Error, Result};
+use crate::plan::merge_types::{DeltaLayout, LoraStep, Step};
+use crate::sink::TensorSink;
+use crate::source::TensorEntry;
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
+    LaunchConfig, PinnedHostSlice, PushKernelArg, result as drv, sys as drv_sys,
+};
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::ffi::{CString, c_char};
+use std::sync::{Arc, Mutex};
+
+/// The kernels' source, compiled by NVRTC at run time.
+pub const KERNEL_SOURCE: &str = include_str!("../../kernels/merge.cu");
+
+/// Every `extern "C"` kernel in [`KERNEL_SOURCE`].
+pub const KERNEL_NAMES: [&str; 4] = [
+    "ls_factor_f32",
+    "ls_lora_band",
+    "ls_dora_rows",
+    "ls_col_sumsq",
+];
+
+/// Elements of W per band (default): 8 MB of bf16, 16 MB of f32.
+const BAND_ELEMS: usize = 1 << 22;
+/// Band buffers in flight (H2D, kernel, D2H).
+const SLOTS: usize = 3;
+/// Output tile of the fused kernel (rows, columns) and its threads per block.
+const TILE_M: usize = 128;
+const TILE_N: usize = 128;
+const THREADS: u32 = 256;
+/// Above this rank the delta is summed in blocks of 256 values of k, each block's partial
+/// sum added to the running one, as matrixmultiply's sgemm (the CPU path) does.
+const KC: usize = 256;
+
+/// Whether libnvrtc can be loaded (cudarc panics on first use otherwise).
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library names cudarc would use.
+    unsafe { nvrtc_sys::is_culib_present() }
+}
+
+/// Whether the CUDA driver library (libcuda) can be loaded.
+pub fn driver_present() -> bool {
+    // SAFETY: as above.
+    unsafe { drv_sys::is_culib_present() }
+}
+
+/// The version of the libnvrtc that would be used, e.g. (12, 8).
+pub fn nvrtc_version() -> Option<(i32, i32)> {
+    if !nvrtc_present() {
+        return None;
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two out-pointers to live integers.
+    let r = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
+    r.result().ok().map(|_| (major, minor))
+}
+
+/// What NVRTC made of [`KERNEL_SOURCE`].
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    /// PTX text (NUL-terminated) for `compute_XY`, a cubin for `sm_XY`.
+    pub image: Vec<u8>,
+    pub is_cubin: bool,
+    /// NVRTC's log (warnings; with `--ptxas-options=-v`, registers and spills per kernel).
+    pub log: String,
+}
+
+impl Compiled {
+    /// The PTX as text (empty for a cubin).
+    pub fn ptx(&self) -> &str {
+        if self.is_cubin {
+            return "";
+        }
+        let end = self
+            .image
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(self.image.len());
+        std::str::from_utf8(&self.image[..end]).unwrap_or("")
+    }
+}
+
+fn c_text(v: &[c_char]) -> String {
+    let bytes: Vec<u8> = v.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+    String::from_utf8_lossy(&bytes).trim().to_string()
+}
+
+/// Compiles the kernels for `arch`: `compute_XY` gives PTX, `sm_XY` a cubin (which runs
+/// NVRTC's built-in ptxas, so inline PTX and register allocation are checked too).
+/// `extra` options are appended (e.g. `--ptxas-options=-v`).
+pub fn compile(arch: &str, extra: &[&str]) -> std::result::Result<Compiled, String> {
+    if !nvrtc_present() {
+        return Err("libnvrtc not found".into());
+    }
+    let is_cubin = arch.starts_with("sm_");
+    let src = CString::new(KERNEL_SOURCE).map_err(|_| "kernel source holds a NUL byte")?;
+    let name = CString::new("merge.cu").map_err(|_| "bad program name")?;
+    let mut opts = vec![
+        format!("--gpu-architecture={arch}"),
+        "--generate-line-info".to_string(),
+        "--std=c++17".to_string(),
+    ];
+    opts.extend(extra.iter().map(|s| s.to_string()));
+    let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| format!("NVRTC: {e}"))?;
+    // SAFETY: `prog` is live until destroy_program below; src/name outlive it.
+    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
+    // SAFETY: as above.
+    let log = unsafe { nvrtc::get_program_log(prog) }
+        .map(|v| c_text(&v))
+        .unwrap_or_default();
+    let out = match compiled {
+        Err(e) => Err(format!(
+            "NVRTC could not compile kernels/merge.cu for {arch} ({e}): {log}"
+        )),
+        Ok(()) if is_cubin => {
+            let mut size = 0usize;
+            // SAFETY: prog compiled; the buffer is sized by NVRTC's answer.
+            unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size) }
+                .result()
+                .map_err(|e| format!("NVRTC: no cubin for {arch}: {e}"))
+                .and_then(|_| {
+                    let mut buf = vec![0u8; size];
+                    // SAFETY: buf holds `size` bytes.
+                    unsafe { nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char) }
+                        .result()
+                        .map_err(|e| format!("NVRTC: no cubin for {arch}: {e}"))
+                        .map(|_| buf)
+                })
+        }
+        Ok(()) => {
+            // SAFETY: prog compiled.
+            unsafe { nvrtc::get_ptx(prog) }
+                .map(|v| v.iter().map(|&c| c as u8).collect::<Vec<u8>>())
+                .map_err(|e| format!("NVRTC: no PTX for {arch}: {e}"))
+        }
+    };
+    // SAFETY: prog is not used afterwards.
+    let _ = unsafe { nvrtc::destroy_program(prog) };
+    out.map(|image| Compiled {
+        image,
+        is_cubin,
+        log,
+    })
+}
+
+/// dtype codes shared with kernels/merge.cu.
+fn dt_code(d: Dtype) -> Option<i32> {
+    match d {
+        Dtype::F32 => Some(0),
+        Dtype::F16 => Some(1),
+        Dtype::BF16 => Some(2),
+        Dtype::F64 => Some(3),
+        _ => None,
+    }
+}
+const DT_F32: i32 = 0;
+
+/// Arguments of `ls_factor_f32` (struct FactorArgs in merge.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FactorArgs {
+    src: u64,
+    dst: u64,
+    s_outer: i64,
+    s_inner: i64,
+    outer: i64,
+    inner: i64,
+    dt: i32,
+    pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<FactorArgs>() == 56);
+// SAFETY: plain-old-data with the C layout the kernel declares (size checked on both sides).
+unsafe impl DeviceRepr for FactorArgs {}
+
+/// Arguments of `ls_lora_band[_kc]` (struct LoraArgs in merge.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct LoraArgs {
+    lt: u64,
+    rc: u64,
+    inp: u64,
+    out: u64,
+    colf: u64,
+    part_in: u64,
+    part_out: u64,
+    ld_l: i64,
+    m: i32,
+    n: i32,
+    k: i32,
+    in_dt: i32,
+    out_dt: i32,
+    wd: i32,
+    scale: f32,
+    round_delta_first: i32,
+    round_result: i32,
+    vec: i32,
+}
+const _: () = assert!(std::mem::size_of::<LoraArgs>() == 104);
+// SAFETY: as above.
+unsafe impl DeviceRepr for LoraArgs {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct DoraRowsArgs {
+    v: u64,
+    mag: u64,
+    out: u64,
+    m: i32,
+    n: i32,
+    wd: i32,
+    out_dt: i32,
+}
+const _: () = assert!(std::mem::size_of::<DoraRowsArgs>() == 40);
+// SAFETY: as above.
+unsafe impl DeviceRepr for DoraRowsArgs {}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct ColSumsqArgs {
+    v: u64,
+    colsum: u64,
+    m: i32,
+    n: i32,
+}
+const _: () = assert!(std::mem::size_of::<ColSumsqArgs>() == 24);
+// SAFETY: as above.
+unsafe impl DeviceRepr for ColSumsqArgs {}
+
+fn dev_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Device(format!("CUDA: {what}: {e}"))
+}
+
+/// Device address of a buffer (event tracking is off: nothing is recorded).
+fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _guard) = s.device_ptr(stream);
+    p
+}
+
+/// Tuning knobs (tests and benchmarks).
+#[derive(Clone, Debug, Default)]
+pub struct CudaOptions {
+    /// Worker threads of the CPU backend that takes the jobs the GPU adds nothing to.
+    pub threads: Option<usize>,
+    /// Elements of W per band (default 4 Mi; `LORASTREAM_CUDA_BAND_ELEMS` overrides).
+    pub band_elems: Option<usize>,
+}
+
+/// The GPU merge backend. Create with [`CudaBackend::new`]; it fails (never panics) with a
+/// one-line reason when no usable GPU is there.
+pub struct CudaBackend {
+    gpu: Mutex<Gpu>,
+    cpu: CpuBackend,
+    desc: String,
+    band_elems: usize,
+}
+
+struct Kernels {
+    factor: CudaFunction,
+    lora: CudaFunction,
+    dora_rows: CudaFunction,
+    col_sumsq: CudaFunction,
+}
+
+struct Slot {
+    pin_in: Option<PinnedHostSlice<u8>>,
+    pin_out: Option<PinnedHostSlice<u8>>,
+    d_in: Option<CudaSlice<u8>>,
+    d_out: Option<CudaSlice<u8>>,
+    ev_h2d: CudaEvent,
+    ev_comp: CudaEvent,
+    ev_d2h: CudaEvent,
+}
+
+struct Gpu {
+    ctx: Arc<CudaContext>,
+    h2d: Arc<CudaStream>,
+    comp: Arc<CudaStream>,
+    d2h: Arc<CudaStream>,
+    k: Kernels,
+    slots: Vec<Slot>,
+    /// f32 scratch value of one band.
+    v: Option<CudaSlice<f32>>,
+    /// f32 running sums of one band (ranks above KC).
+    part: Option<CudaSlice<f32>>,
+}
+
+impl CudaBackend {
+    /// The backend on GPU `ordinal`, or why there is none ("libcuda not found", "no CUDA
+    /// device", an NVRTC or driver error…), in one line.
+    pub fn new(ordinal: usize, threads: Option<usize>) -> std::result::Result<CudaBackend, String> {
+        Self::with_options(
+            ordinal,
+            CudaOptions {
+                threads,
+                band_elems: None,
+            },
+        )
+    }
+
+    pub fn with_options(
+        ordinal: usize,
+        opts: CudaOptions,
+    ) -> std::result::Result<CudaBackend, String> {
+        if !driver_present() {
+            return Err("libcuda not found".into());
+        }
+        // cudarc panics where a library symbol is missing; keep that an error.
+        let setup = std::panic::catch_unwind(|| Gpu::new(ordinal));
+        let (gpu, desc) = match setup {
+            Ok(r) => r?,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| p.downcast_ref::<&str>().copied())
+                    .unwrap_or("panic");
+                return Err(format!("CUDA set-up failed: {}", one_line(msg)));
+            }
+        };
+        let cpu = CpuBackend::new(opts.threads).map_err(|e| e.to_string())?;
+        let band_elems = opts
+            .band_elems
+            .or_else(|| {
+                std::env::var("LORASTREAM_CUDA_BAND_ELEMS")
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+            })
+            .unwrap_or(BAND_ELEMS)
+            .max(1);
+        Ok(CudaBackend {
+            gpu: Mutex::new(gpu),
+            cpu,
+            desc,
+            band_elems,
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Gpu>> {
+        self.gpu
+            .lock()
+            .map_err(|_| Error::Device("CUDA backend unusable after an earlier failure".into()))
+    }
+}
+
+fn one_line(s: &str) -> String {
+    let mut out: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if out.len() > 300 {
+        let mut cut = 300;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
+}
+
+impl Gpu {
+    fn new(ordinal: usize) -> std::result::Result<(Gpu, String), String> {
+        let count = CudaContext::device_count()
+            .map_err(|e| format!("CUDA driver error: {}", one_line(&e.to_string())))?;
+        if count <= 0 {
+            return Err("no CUDA device".into());
+        }
+        if ordinal >= count as usize {
+            return Err(format!(
+                "there is no cuda:{ordinal}; {count} CUDA device(s) present"
+            ));
+        }
+        if !nvrtc_present() {
+            return Err(
+                "libnvrtc not found: install the CUDA toolkit or put libnvrtc.so.12 on LD_LIBRARY_PATH"
+                    .into(),
+            );
+        }
+        let derr = |what: &str, e: cudarc::driver::DriverError| {
+            format!("{what}: {}", one_line(&e.to_string()))
+        };
+        let ctx = CudaContext::new(ordinal).map_err(|e| derr("cannot open the device", e))?;
+        // Streams are ordered by our own events; cudarc's per-buffer tracking would add
+        // waits of its own.
+        // SAFETY: called before any buffer exists; every cross-stream use below waits on
+        // an event, and buffers are only freed when all streams are idle.
+        unsafe { ctx.disable_event_tracking() };
+        let name = ctx.name().unwrap_or_else(|_| "GPU".into());
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| derr("compute capability", e))?;
+        let module = load_kernels(&ctx, major, minor)?;
+        let f = |n: &str| {
+            module
+                .load_function(n)
+                .map_err(|e| derr(&format!("kernel {n}"), e))
+        };
+        let k = Kernels {
+            factor: f("ls_factor_f32")?,
+            lora: f("ls_lora_band")?,
+            dora_rows: f("ls_dora_rows")?,
+            col_sumsq: f("ls_col_sumsq")?,
+        };
+        let stream = || ctx.new_stream().map_err(|e| derr("stream", e));
+        let (h2d, comp, d2h) = (stream()?, stream()?, stream()?);
+        let ev = || ctx.new_event(None).map_err(|e| derr("event", e));
+        let mut slots = Vec::with_capacity(SLOTS);
+        for _ in 0..SLOTS {
+            slots.push(Slot {
+                pin_in: None,
+                pin_out: None,
+                d_in: None,
+                d_out: None,
+                ev_h2d: ev()?,
+                ev_comp: ev()?,
+                ev_d2h: ev()?,
+            });
+        }
+        let desc = format!("cuda:{ordinal} ({name}, sm_{major}{minor})");
+        Ok((
+            Gpu {
+                ctx,
+                h2d,
+                comp,
+                d2h,
+                k,
+                slots,
+                v: None,
+                part: None,
+            },
+            desc,
+        ))
+    }
+}
+
+/// [`compile`] once per architecture and process (tests and library users may open many
+/// backends).
+fn compile_cached(arch: &str) -> std::result::Result<Vec<u8>, String> {
+    static CACHE: Mutex<Vec<(String, Vec<u8>)>> = Mutex::new(Vec::new());
+    if let Ok(c) = CACHE.lock()
+        && let Some((_, image)) = c.iter().find(|(a, _)| a == arch)
+    {
+        return Ok(image.clone());
+    }
+    let image = compile(arch, &[])?.image;
+    if let Ok(mut c) = CACHE.lock() {
+        c.push((arch.to_string(), image.clone()));
+    }
+    Ok(image)
+}
+
+/// Compiles for the device and loads the module: PTX for compute_XY (or compute_80 when
+/// this NVRTC does not know the device), then a cubin when the driver rejects the PTX.
+fn load_kernels(
+    ctx: &Arc<CudaContext>,
+    major: i32,
+    minor: i32,
+) -> std::result::Result<Arc<cudarc::driver::CudaModule>, String> {
+    let cc = format!("{major}{minor}");
+    let ptx = compile_cached(&format!("compute_{cc}")).or_else(|e| {
+        if major * 10 + minor > 80 {
+            compile_cached("compute_80")
+        } else {
+            Err(e)
+        }
+    });
+    let mut why = String::new();
+    match ptx {
+        Ok(image) => match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)) {
+            Ok(m) => return Ok(m),
+            Err(e) => why = format!("the driver rejected NVRTC's PTX ({e})"),
+        },
+        Err(e) => why.push_str(&one_line(&e)),
+    }
+    let cubin =
+        compile_cached(&format!("sm_{cc}")).map_err(|e| format!("{why}; {}", one_line(&e)))?;
+    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+        .map_err(|e| format!("{why}; the cubin did not load either ({e})"))
+}
+
+/// A tensor's bytes with its dtype code and element size.
+struct Host<'a> {
+    bytes: Cow<'a, [u8]>,
+    dt: i32,
+    es: usize,
+}
+
+impl<'a> Host<'a> {
+    fn of(t: &'a TensorEntry) -> Option<Host<'a>> {
+        let dt = dt_code(t.dtype)?;
+        let bytes = t.bytes();
+        let es = t.dtype.size();
+        (bytes.len() == t.numel() * es).then_some(Host { bytes, dt, es })
+    }
+}
+
+/// How a step's DoRA magnitude applies.
+enum Dora {
+    None,
+    /// Per row (Normal layout): magnitudes of all rows on the device.
+    Rows(CudaSlice<f32>),
+    /// Per column (Transposed): magnitudes on the host; factors once the first pass ran.
+    Cols {
+        mag: Vec<f32>,
+        colf: Option<CudaSlice<f32>>,
+    },
+}
+
+/// One LoRA step on the device: delta = scale · L @ R, with L held as L^T [k][rows] and R
+/// as [k][cols], both f32 (converted from the stored factors once per tensor).
+struct DevStep {
+    lt: CudaSlice<f32>,
+    rc: CudaSlice<f32>,
+    rows: usize,
+    k: usize,
+    scale: f32,
+    round_delta_first: bool,
+    dora: Dora,
+}
+
+/// A merge the GPU takes: the value starts from `src` (W or its last replacement) and the
+/// LoRA steps after it apply in order.
+struct GpuPlan<'a> {
+    src: &'a TensorEntry,
+    rows: usize,
+    cols: usize,
+    wd: i32,
+    steps: Vec<&'a LoraStep>,
+}
+
+/// Checks the job exactly as the CPU backend does; None sends it to the CPU (which either
+/// merges it or reports what is wrong with it).
+fn plan<'a>(base: &'a TensorEntry, steps: &'a [Step]) -> Option<GpuPlan<'a>> {
+    let wd = dt_code(base.dtype)?;
+    let numel = base.numel();
+    let rows = base.shape.first().copied().unwrap_or(1).max(1);
+    let cols = numel / rows;
+    if numel == 0 || cols > i32::MAX as usize {
+        return None;
+    }
+    let mut src = base;
+    let mut lora: Vec<&LoraStep> = Vec::new();
+    for s in steps {
+        match s {
+            Step::AddBias { .. } => return None,
+            Step::Replace(t) => {
+                if t.numel() != numel || dt_code(t.dtype).is_none() {
+                    return None;
+                }
+                src = t;
+                lora.clear();
+            }
+            Step::Lora(l) => {
+                let (left, right) = match l.layout {
+                    DeltaLayout::Normal => (&l.b, &l.a),
+                    DeltaLayout::Transposed => (&l.a, &l.b),
+                };
+                if l.r == 0
+                    || l.r > i32::MAX as usize
+                    || left.numel() != rows * l.r
+                    || right.numel() != cols * l.r
+                    || dt_code(l.a.dtype).is_none()
+                    || dt_code(l.b.dtype).is_none()
+                {
+                    return None;
+                }
+                if let Some(m) = &l.magnitude {
+                    let want = match l.layout {
+                        DeltaLayout::Normal => rows,
+                        DeltaLayout::Transposed => cols,
+                    };
+                    if m.numel() != want || dt_code(m.dtype).is_none() {
+                        return None;
+                    }
+                }
+                lora.push(l);
+            }
+        }
+    }
+    if lora.is_empty() {
+        return None;
+    }
+    Some(GpuPlan {
+        src,
+        rows,
+        cols,
+        wd,
+        steps: lora,
+    })
+}
+
+/// What a pass over the bands ends with.
+#[derive(Clone, Copy)]
+enum Final {
+    /// All steps, the last one writing the output dtype; bands go to the sink.
+    Out { dt: i32, es: usize },
+    /// Steps before `step`, then step `step`'s unrounded value summed per column into
+    /// `colsum` (DoRA column norms).
+    ColSum { step: usize, colsum: u64 },
+}
+
+impl Gpu {
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| dev_err("bind context", e))
+    }
+
+    /// Waits until every stream is idle (before buffers are replaced, after errors).
+    fn idle(&self) -> Result<()> {
+        self.ctx
+            .synchronize()
+            .map_err(|e| dev_err("synchronize", e))
+    }
+
+    fn upload_bytes(&self, data: &[u8]) -> Result<CudaSlice<u8>> {
+        // SAFETY: filled by the copy below before any kernel reads it.
+        let d = unsafe { self.comp.alloc::<u8>(data.len().max(1)) }
+            .map_err(|e| dev_err("allocate", e))?;
+        if !data.is_empty() {
+            // SAFETY: d holds at least data.len() bytes; a pageable source is staged by
+            // the driver before the call returns.
+            unsafe { drv::memcpy_htod_async(dptr(&d, &self.comp), data, self.comp.cu_stream()) }
+                .map_err(|e| dev_err("upload", e))?;
+        }
+        Ok(d)
+    }
+
+    fn upload_f32(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
+        self.comp.clone_htod(data).map_err(|e| dev_err("upload", e))
+    }
+
+    /// Grows a slot's buffers to hold `inb` bytes in and `outb` bytes out, the scratch
+    /// value to `velems` f32 and the partial sums to `pelems`.
+    fn ensure(&mut self, inb: usize, outb: usize, velems: usize, pelems: usize) -> Result<()> {
+        let round = |n: usize| n.max(1).next_multiple_of(1 << 20);
+        let need_grow = self.slots.iter().any(|s| {
+            s.pin_in.as_ref().map_or(0, |p| p.len()) < inb
+                || s.pin_out.as_ref().map_or(0, |p| p.len()) < outb
+                || s.d_in.as_ref().map_or(0, |d| d.len()) < inb
+                || s.d_out.as_ref().map_or(0, |d| d.len()) < outb
+        }) || self.v.as_ref().map_or(0, |v| v.len()) < velems
+            || self.part.as_ref().map_or(0, |v| v.len()) < pelems;
+        if !need_grow {
+            return Ok(());
+        }
+        self.idle()?;
+        let ctx = self.ctx.clone();
+        let comp = self.comp.clone();
+        let pinned = |n: usize| {
+            // SAFETY: the buffer is written (by us or a D2H copy) before it is read.
+            unsafe { ctx.alloc_pinned_with_flags::<u8>(round(n), 0) }
+                .map_err(|e| dev_err("allocate pinned host memory", e))
+        };
+        let device = |n: usize| {
+            // SAFETY: written by a copy or kernel before it is read.
+            unsafe { comp.alloc::<u8>(round(n)) }.map_err(|e| dev_err("allocate", e))
+        };
+        for s in &mut self.slots {
+            if s.pin_in.as_ref().map_or(0, |p| p.len()) < inb {
+                s.pin_in = None;
+                s.pin_in = Some(pinned(inb)?);
+            }
+            if s.pin_out.as_ref().map_or(0, |p| p.len()) < outb {
+                s.pin_out = None;
+                s.pin_out = Some(pinned(outb)?);
+            }
+            if s.d_in.as_ref().map_or(0, |d| d.len()) < inb {
+                s.d_in = None;
+                s.d_in = Some(device(inb)?);
+            }
+            if s.d_out.as_ref().map_or(0, |d| d.len()) < outb {
+                s.d_out = None;
+                s.d_out = Some(device(outb)?);
+            }
+        }
+        let comp = self.comp.clone();
+        let scratch = |n: usize| {
+            // SAFETY: written by a kernel before it is read.
+            unsafe { comp.alloc::<f32>(round(n * 4) / 4) }.map_err(|e| dev_err("allocate", e))
+        };
+        if self.v.as_ref().map_or(0, |v| v.len()) < velems {
+            self.v = None;
+            self.v = Some(scratch(velems)?);
+        }
+        if pelems > 0 && self.part.as_ref().map_or(0, |v| v.len()) < pelems {
+            self.part = None;
+            self.part = Some(scratch(pelems)?);
+        }
+        self.idle()
+    }
+
+    /// Uploads a stored factor and converts it on the device to f32 `[outer][inner]` with
+    /// element (o, i) taken from `o * s_outer + i * s_inner`.
+    fn factor_f32(
+        &self,
+        h: &Host,
+        outer: usize,
+        inner: usize,
+        s_outer: i64,
+        s_inner: i64,
+    ) -> Result<CudaSlice<f32>> {
+        let raw = self.upload_bytes(&h.bytes)?;
+        let total = outer * inner;
+        // SAFETY: written by the kernel below before anything reads it.
+        let dst =
+            unsafe { self.comp.alloc::<f32>(total.max(1)) }.map_err(|e| dev_err("allocate", e))?;
+        let a = FactorArgs {
+            src: dptr(&raw, &self.comp),
+            dst: dptr(&dst, &self.comp),
+            s_outer,
+            s_inner,
+            outer: outer as i64,
+            inner: inner as i64,
+            dt: h.dt,
+            pad: 0,
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (
+                total.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32,
+                1,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.comp.launch_builder(&self.k.factor);
+        b.arg(&a);
+        // SAFETY: src holds the factor (every (o, i) address is inside it: the strides are
+        // those of its own shape), dst outer·inner floats.
+        unsafe { b.launch(cfg) }.map_err(|e| dev_err("launch", e))?;
+        // `raw` is freed in stream order on the compute stream, after the kernel.
+        drop(raw);
+        Ok(dst)
+    }
+
+    fn upload_steps(&self, p: &GpuPlan) -> Result<Vec<DevStep>> {
+        let internal = || {
+            Error::tensor(
+                p.src.file.path(),
+                &p.src.name,
+                "internal: LoRA factor bytes do not match their shape",
+            )
+        };
+        let mut out = Vec::with_capacity(p.steps.len());
+        for l in &p.steps {
+            let (left, right) = match l.layout {
+                DeltaLayout::Normal => (&l.b, &l.a),
+                DeltaLayout::Transposed => (&l.a, &l.b),
+            };
+            let lh = Host::of(left).ok_or_else(internal)?;
+            let rh = Host::of(right).ok_or_else(internal)?;
+            let (r, rows, cols) = (l.r as i64, p.rows as i64, p.cols as i64);
+            // Element strides of L (along rows, along k) and R (along k, along columns).
+            // Normal: L = B [rows, r], R = A [r, cols].
+            // Transposed: L[i,k] = A[k,i] (A [r, rows]), R[k,j] = B[j,k] (B [cols, r]).
+            let (l_si, l_sk, r_sk, r_sj) = match l.layout {
+                DeltaLayout::Normal => (r, 1, cols, 1),
+                DeltaLayout::Transposed => (1, rows, 1, r),
+            };
+            let dora = match &l.magnitude {
+                None => Dora::None,
+                Some(m) => {
+                    let mh = Host::of(m).ok_or_else(internal)?;
+                    let mut mag = vec![0f32; m.numel()];
+                    decode_f32(m.dtype, &mh.bytes, &mut mag);
+                    match l.layout {
+                        DeltaLayout::Normal => Dora::Rows(self.upload_f32(&mag)?),
+                        DeltaLayout::Transposed => Dora::Cols { mag, colf: None },
+                    }
+                }
+            };
+            out.push(DevStep {
+                lt: self.factor_f32(&lh, l.r, p.rows, l_sk, l_si)?,
+                rc: self.factor_f32(&rh, l.r, p.cols, r_sk, r_sj)?,
+                rows: p.rows,
+                k: l.r,
+                scale: l.scale,
+                round_delta_first: l.round_delta_first,
+                dora,
+            });
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_lora(
+        &self,
+        s: &DevStep,
+        i0: usize,
+        m: usize,
+        n: usize,
+        wd: i32,
+        inp: (u64, i32),
+        out: (u64, i32),
+        colf: u64,
+        round_result: bool,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(TILE_N) as u32, m.div_ceil(TILE_M) as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Ranks above KC: one launch per block of KC values of k; all but the last leave
+        // their (running) sums in `part`, the last adds its own and merges.
+        let blocks = s.k.div_ceil(KC);
+        let part = if blocks > 1 {
+            self.part
+                .as_ref()
+                .map(|p| dptr(p, &self.comp))
+                .ok_or_else(|| Error::Device("internal: no partial-sum buffer".into()))?
+        } else {
+            0
+        };
+        let (lt, rc) = (dptr(&s.lt, &self.comp), dptr(&s.rc, &self.comp));
+        for blk in 0..blocks {
+            let k0 = blk * KC;
+            let last = blk + 1 == blocks;
+            let a = LoraArgs {
+                lt: lt + ((k0 * s.rows + i0) * 4) as u64,
+                rc: rc + ((k0 * n) * 4) as u64,
+                inp: inp.0,
+                out: out.0,
+                colf,
+                part_in: if blk > 0 { part } else { 0 },
+                part_out: if last { 0 } else { part },
+                ld_l: s.rows as i64,
+                m: m as i32,
+                n: n as i32,
+                k: (s.k - k0).min(KC) as i32,
+                in_dt: inp.1,
+                out_dt: out.1,
+                wd,
+                scale: s.scale,
+                round_delta_first: s.round_delta_first as i32,
+                round_result: round_result as i32,
+                vec: n.is_multiple_of(4) as i32,
+            };
+            let mut b = self.comp.launch_builder(&self.k.lora);
+            b.arg(&a);
+            // SAFETY: the argument struct matches the kernel's; every pointer addresses a
+            // live buffer of at least the extent the kernel reads or writes (m rows × n
+            // columns of in/out/part, k rows of L^T and R from k0, n column factors).
+            unsafe { b.launch(cfg) }.map_err(|e| dev_err("launch", e))?;
+        }
+        Ok(())
+    }
+
+    /// Queues the kernels of one band (rows i0.., m of them) on the compute stream.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_band(
+        &self,
+        p: &GpuPlan,
+        steps: &[DevStep],
+        i0: usize,
+        m: usize,
+        din: u64,
+        dout: u64,
+        fin: Final,
+    ) -> Result<()> {
+        let n = p.cols;
+        let v = self
+            .v
+            .as_ref()
+            .map(|v| dptr(v, &self.comp))
+            .ok_or_else(|| Error::Device("internal: no scratch buffer".into()))?;
+        let src_dt = dt_code(p.src.dtype).unwrap_or(DT_F32);
+        let upto = match fin {
+            Final::Out { .. } => steps.len(),
+            Final::ColSum { step, .. } => step,
+        };
+        let mut cur = (din, src_dt);
+        for (idx, s) in steps[..upto].iter().enumerate() {
+            let last = matches!(fin, Final::Out { .. }) && idx + 1 == upto;
+            let dest = match fin {
+                Final::Out { dt, .. } if last => (dout, dt),
+                _ => (v, DT_F32),
+            };
+            match &s.dora {
+                Dora::Rows(mag) => {
+                    self.launch_lora(s, i0, m, n, p.wd, cur, (v, DT_F32), 0, false)?;
+                    let a = DoraRowsArgs {
+                        v,
+                        mag: dptr(mag, &self.comp) + (i0 * 4) as u64,
+                        out: if last { dest.0 } else { 0 },
+                        m: m as i32,
+                        n: n as i32,
+                        wd: p.wd,
+                        out_dt: dest.1,
+                    };
+                    let cfg = LaunchConfig {
+                        grid_dim: (m as u32, 1, 1),
+                        block_dim: (THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    let mut b = self.comp.launch_builder(&self.k.dora_rows);
+                    b.arg(&a);
+                    // SAFETY: v holds m·n values, mag rows i0..i0+m, out m·n of out_dt.
+                    unsafe { b.launch(cfg) }.map_err(|e| dev_err("launch", e))?;
+                }
+                Dora::Cols { colf, .. } => {
+                    let cf = colf.as_ref().map(|c| dptr(c, &self.comp)).ok_or_else(|| {
+                        Error::Device("internal: DoRA column factors missing".into())
+                    })?;
+                    self.launch_lora(s, i0, m, n, p.wd, cur, dest, cf, true)?;
+                }
+                Dora::None => self.launch_lora(s, i0, m, n, p.wd, cur, dest, 0, true)?,
+            }
+            cur = (v, DT_F32);
+        }
+        if let Final::ColSum { step, colsum } = fin {
+            let s = &steps[step];
+            self.launch_lora(s, i0, m, n, p.wd, cur, (v, DT_F32), 0, false)?;
+            let a = ColSumsqArgs {
+                v,
+                colsum,
+                m: m as i32,
+                n: n as i32,
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(THREADS as usize) as u32, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.comp.launch_builder(&self.k.col_sumsq);
+            b.arg(&a);
+            // SAFETY: v holds m·n values, colsum n.
+            unsafe { b.launch(cfg) }.map_err(|e| dev_err("launch", e))?;
+        }
+        Ok(())
+    }
+
+    /// One pass over all bands of the tensor: copy in, compute, and (for Final::Out) copy
+    /// out and hand to the sink, with up to SLOTS bands in flight.
+    #[allow(clippy::too_many_arguments)]
+    fn pass(
+        &mut self,
+        p: &GpuPlan,
+        steps: &[DevStep],
+        src: &[u8],
+        band_rows: usize,
+        fin: Final,
+        sink: Option<&mut dyn TensorSink>,
+    ) -> Result<()> {
+        let (rows, cols) = (p.rows, p.cols);
+        let in_es = p.src.dtype.size();
+        let out_es = match fin {
+            Final::Out { es, .. } => es,
+            Final::ColSum { .. } => 0,
+        };
+        let writes = matches!(fin, Final::Out { .. });
+        let mut sink = sink;
+        let nb = rows.div_ceil(band_rows);
+        // (band, slot, out bytes) copied out but not yet written.
+        let mut pending: VecDeque<(usize, usize, usize)> = VecDeque::new();
+        for b in 0..nb {
+            let si = b % SLOTS;
+            let i0 = b * band_rows;
+            let m = band_rows.min(rows - i0);
+            let inb = m * cols * in_es;
+            let outb = m * cols * out_es;
+            let slot = &mut self.slots[si];
+            // The pinned buffer's previous upload (band b - SLOTS) has finished.
+            slot.ev_h2d
+                .synchronize()
+                .map_err(|e| dev_err("wait for upload", e))?;
+            let (Some(pin_in), Some(d_in), Some(d_out)) = (
+                slot.pin_in.as_mut(),
+                slot.d_in.as_ref(),
+                slot.d_out.as_ref(),
+            ) else {
+                return Err(Error::Device("internal: band buffers missing".into()));
+            };
+            let host = pin_in
+                .as_mut_slice()
+                .map_err(|e| dev_err("pinned buffer", e))?;
+            let from = &src[i0 * cols * in_es..i0 * cols * in_es + inb];
+            host[..inb]
+                .par_chunks_mut(1 << 20)
+                .zip(from.par_chunks(1 << 20))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+            let (din, dout) = (dptr(d_in, &self.h2d), dptr(d_out, &self.comp));
+            // The kernels of band b - SLOTS have finished reading d_in.
+            self.h2d
+                .wait(&slot.ev_comp)
+                .map_err(|e| dev_err("stream wait", e))?;
+            // SAFETY: d_in holds ≥ inb bytes (ensure); host[..inb] stays untouched until
+            // ev_h2d has passed (checked before the next fill of this slot).
+            unsafe { drv::memcpy_htod_async(din, &host[..inb], self.h2d.cu_stream()) }
+                .map_err(|e| dev_err("copy to device", e))?;
+            slot.ev_h2d
+                .record(&self.h2d)
+                .map_err(|e| dev_err("event", e))?;
+            self.comp
+                .wait(&slot.ev_h2d)
+                .map_err(|e| dev_err("stream wait", e))?;
+            // d_out's previous contents (band b - SLOTS) are on the host.
+            self.comp
+                .wait(&slot.ev_d2h)
+                .map_err(|e| dev_err("stream wait", e))?;
+            let slot = &self.slots[si];
+            self.enqueue_band(p, steps, i0, m, din, dout, fin)?;
+            slot.ev_comp
+                .record(&self.comp)
+                .map_err(|e| dev_err("event", e))?;
+            if writes {
+                let slot = &mut self.slots[si];
+                self.d2h
+                    .wait(&slot.ev_comp)
+                    .map_err(|e| dev_err("stream wait", e))?;
+                let Some(pin_out) = slot.pin_out.as_mut() else {
+                    return Err(Error::Device("internal: band buffers missing".into()));
+                };
+                let host = pin_out
+                    .as_mut_slice()
+                    .map_err(|e| dev_err("pinned buffer", e))?;
+                // SAFETY: d_out holds ≥ outb bytes written by the band's last kernel; the
+                // host buffer is not read before ev_d2h has passed.
+                unsafe { drv::memcpy_dtoh_async(&mut host[..outb], dout, self.d2h.cu_stream()) }
+                    .map_err(|e| dev_err("copy from device", e))?;
+                slot.ev_d2h
+                    .record(&self.d2h)
+                    .map_err(|e| dev_err("event", e))?;
+                pending.push_back((b, si, outb));
+                while pending.len() >= SLOTS {
+                    self.drain(p, &mut pending, band_rows, &mut sink)?;
+                }
+            }
+        }
+        while !pending.is_empty() {
+            self.drain(p, &mut pending, band_rows, &mut sink)?;
+        }
+        if !writes {
+            self.comp
+                .synchronize()
+                .map_err(|e| dev_err("synchronize", e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the oldest band copied out to the sink and releases its input pages.
+    fn drain<'s>(
+        &self,
+        p: &GpuPlan,
+        pending: &mut VecDeque<(usize, usize, usize)>,
+        band_rows: usize,
+        sink: &mut Option<&'s mut (dyn TensorSink + 's)>,
+    ) -> Result<()> {
+        let Some((b, si, outb)) = pending.pop_front() else {
+            return Ok(());
+        };
+        let slot = &self.slots[si];
+        slot.ev_d2h
+            .synchronize()
+            .map_err(|e| dev_err("wait for copy from device", e))?;
+        let Some(pin_out) = slot.pin_out.as_ref() else {
+            return Err(Error::Device("internal: band buffers missing".into()));
+        };
+        let host = pin_out
+            .as_slice()
+            .map_err(|e| dev_err("pinned buffer", e))?;
+        if let Some(sink) = sink.as_mut() {
+            sink.write(&host[..outb])?;
+        }
+        if let Some((start, _)) = p.src.contiguous_range() {
+            let es = p.src.dtype.size();
+            let i0 = b * band_rows;
+            let m = band_rows.min(p.rows - i0);
+            p.src
+                .file
+                .release(start + i0 * p.cols * es, m * p.cols * es);
+        }
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        p: &GpuPlan,
+        out_dtype: Dtype,
+        band_elems: usize,
+        sink: &mut dyn TensorSink,
+    ) -> Result<()> {
+        self.bind()?;
+        self.idle()?;
+        let internal = |m: &str| Error::tensor(p.src.file.path(), &p.src.name, m.to_string());
+        let out_dt =
+            dt_code(out_dtype).ok_or_else(|| internal("internal: output dtype is not floating"))?;
+        let src = Host::of(p.src)
+            .ok_or_else(|| internal("internal: tensor bytes do not match its shape"))?;
+        let mut band_rows = (band_elems / p.cols.max(1)).max(1);
+        if band_rows >= TILE_M {
+            band_rows -= band_rows % TILE_M;
+        }
+        band_rows = band_rows.min(p.rows).min(65535 * TILE_M);
+        let elems = band_rows * p.cols;
+        let pelems = if p.steps.iter().any(|l| l.r > KC) {
+            elems
+        } else {
+            0
+        };
+        self.ensure(elems * src.es, elems * out_dtype.size(), elems, pelems)?;
+        let mut steps = self.upload_steps(p)?;
+        // DoRA on columns: one pass per such step for its column norms, in step order.
+        for j in 0..steps.len() {
+            if !matches!(steps[j].dora, Dora::Cols { .. }) {
+                continue;
+            }
+            let colsum = self
+                .comp
+                .alloc_zeros::<f64>(p.cols)
+                .map_err(|e| dev_err("allocate", e))?;
+            let fin = Final::ColSum {
+                step: j,
+                colsum: dptr(&colsum, &self.comp),
+            };
+            self.pass(p, &steps, &src.bytes, band_rows, fin, None)?;
+            let sums = self
+                .comp
+                .clone_dtoh(&colsum)
+                .map_err(|e| dev_err("copy from device", e))?;
+            self.comp
+                .synchronize()
+                .map_err(|e| dev_err("synchronize", e))?;
+            if let Dora::Cols { mag, .. } = &steps[j].dora {
+                let f: Vec<f32> = mag
+                    .iter()
+                    .zip(&sums)
+                    .map(|(m, s)| m / (s.sqrt() as f32))
+                    .collect();
+                let colf = self.upload_f32(&f)?;
+                steps[j].dora = Dora::Cols {
+                    mag: Vec::new(),
+                    colf: Some(colf),
+                };
+            }
+        }
+        let fin = Final::Out {
+            dt: out_dt,
+            es: out_dtype.size(),
+        };
+        let r = self.pass(p, &steps, &src.bytes, band_rows, fin, Some(sink));
+        // Whatever happened, nothing may still run when the step buffers are freed.
+        let idle = self.idle();
+        drop(steps);
+        r.and(idle)
+    }
+}
+
+impl DeltaBackend for CudaBackend {
+    fn merge(
+        &self,
+        base: &TensorEntry,
+        steps: &[Step],
+        out_dtype: Dtype,
+        sink: &mut dyn TensorSink,
+    ) -> Result<()> {
+        let Some(p) = plan(base, steps) else {
+            return self.cpu.merge(base, steps, out_dtype, sink);
+        };
+        if dt_code(out_dtype).is_none() {
+            return self.cpu.merge(base, steps, out_dtype, sink);
+        }
+        let mut gpu = self.lock()?;
+        gpu.run(&p, out_dtype, self.band_elems, sink)
+            .map_err(|e| match e {
+                Error::Device(msg) => Error::tensor(base.file.path(), &base.name, msg),
+                other => other,
+            })
+    }
+
+    fn describe(&self) -> String {
+        self.desc.clone()
+    }
+}
+
+/// One timing of the fused kernel alone, on device-resident data.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelBench {
+    pub device: String,
+    pub rows: usize,
+    pub cols: usize,
+    pub r: usize,
+    pub dtype: String,
+    pub iters: usize,
+    pub seconds_per_launch: f64,
+    /// (W in + out + both factors) bytes / time.
+    pub bytes_per_second: f64,
+    /// 2·rows·cols·r / time.
+    pub flop_per_second: f64,
+    /// From the memory clock and bus width the driver reports (None if it reports none).
+    pub peak_bytes_per_second: Option<f64>,
+    /// SMs × FP32 lanes per SM × 2 × SM clock.
+    pub peak_fp32_flop_per_second: Option<f64>,
+}
+
+impl CudaBackend {
+    /// Times the fused kernel (one LoRA step, no DoRA, W and output in `dtype`) on a
+    /// rows × cols weight with rank `r`, data already on the GPU.
+    pub fn bench_lora_kernel(
+        &self,
+        rows: usize,
+        cols: usize,
+        r: usize,
+        dtype: Dtype,
+        iters: usize,
+    ) -> Result<KernelBench> {
+        let dt =
+            dt_code(dtype).ok_or_else(|| Error::Usage("bench dtype must be floating".into()))?;
+        let es = dtype.size();
+        let mut g = self.lock()?;
+        g.bind()?;
+        g.ensure(0, 0, 0, if r > KC { rows * cols } else { 0 })?;
+        // Deterministic small values (|x| < 0.05) in the bench dtype.
+        let fill = |n: usize, seed: u64| -> Vec<u8> {
+            let mut x = seed | 1;
+            let vals: Vec<f32> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+                })
+                .collect();
+            let mut out = vec![0u8; n * es];
+            crate::dtype::encode_f32(dtype, &vals, &mut out);
+            out
+        };
+        let w = g.upload_bytes(&fill(rows * cols, 1))?;
+        let host = |bytes: Vec<u8>| Host {
+            bytes: Cow::Owned(bytes),
+            dt,
+            es,
+        };
+        let step = DevStep {
+            lt: g.factor_f32(&host(fill(rows * r, 2)), r, rows, 1, r as i64)?,
+            rc: g.factor_f32(&host(fill(r * cols, 3)), r, cols, cols as i64, 1)?,
+            rows,
+            k: r,
+            scale: 0.5,
+            round_delta_first: false,
+            dora: Dora::None,
+        };
+        // SAFETY: written by the kernel before anything reads it.
+        let out =
+            unsafe { g.comp.alloc::<u8>(rows * cols * es) }.map_err(|e| dev_err("allocate", e))?;
+        let (wp, op) = (dptr(&w, &g.comp), dptr(&out, &g.comp));
+        let launch = || g.launch_lora(&step, 0, rows, cols, dt, (wp, dt), (op, dt), 0, true);
+        launch()?;
+        launch()?;
+        let ev = |f| g.ctx.new_event(Some(f)).map_err(|e| dev_err("event", e));
+        let (t0, t1) = (
+            ev(drv_sys::CUevent_flags::CU_EVENT_DEFAULT)?,
+            ev(drv_sys::CUevent_flags::CU_EVENT_DEFAULT)?,
+        );
+        t0.record(&g.comp).map_err(|e| dev_err("event", e))?;
+        for _ in 0..iters.max(1) {
+            launch()?;
+        }
+        t1.record(&g.comp).map_err(|e| dev_err("event", e))?;
+        let ms = t0.elapsed_ms(&t1).map_err(|e| dev_err("timing", e))? as f64;
+        g.idle()?;
+        let secs = ms / 1e3 / iters.max(1) as f64;
+        let bytes = (2 * rows * cols + rows * r + r * cols) * es;
+        let attr = |a| g.ctx.attribute(a).ok().filter(|&v| v > 0).map(|v| v as f64);
+        use drv_sys::CUdevice_attribute_enum::*;
+        let peak_bw = attr(CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)
+            .zip(attr(CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH))
+            .map(|(khz, bits)| 2.0 * khz * 1e3 * bits / 8.0);
+        let (major, minor) = g.ctx.compute_capability().unwrap_or((0, 0));
+        let lanes = match (major, minor) {
+            (6, 0) | (7, _) | (8, 0) => 64.0,
+            _ => 128.0,
+        };
+        let peak_fp32 = attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .zip(attr(CU_DEVICE_ATTRIBUTE_CLOCK_RATE))
+            .map(|(sms, khz)| sms * lanes * 2.0 * khz * 1e3);
+        Ok(KernelBench {
+            device: self.desc.clone(),
+            rows,
+            cols,
+            r,
+            dtype: dtype.name().to_string(),
+            iters: iters.max(1),
+            seconds_per_launch: secs,
+            bytes_per_second: bytes as f64 / secs,
+            flop_per_second: 2.0 * (rows * cols * r) as f64 / secs,
+            peak_bytes_per_second: peak_bw,
+            peak_fp32_flop_per_second: peak_fp32,
+        })
+    }
+}
