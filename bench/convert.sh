@@ -2,12 +2,14 @@
 # Benchmark for `lorastream convert` (issue 2): converts a ~2 GB checkpoint and reports its
 # throughput as a ratio to `cp` of the same file, measured side by side in the same run, and
 # lorastream's peak RSS. Not a test: the machine is shared, so read the ratios, not seconds.
-#   bench/convert.sh [SIZE_GB]   (default 2) → appends a section to bench/RESULTS-convert.md
+#   bench/convert.sh [SIZE_GB] [hot|cold]   (default 2 hot) → appends to bench/RESULTS-convert.md
+# cold: the page cache is dropped before every timed command (needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size_gb=${1:-2}
-work=bench/out/convert
-mkdir -p "$work"
+cache=${2:-hot}
+work=$(mktemp -d "${TMPDIR:-/tmp}/lorastream-convert-bench.XXXX")
+trap 'rm -rf "$work"' EXIT
 cargo build --release -q
 bin=target/release/lorastream
 PY=$(scripts/python-env.sh)
@@ -28,6 +30,8 @@ with open(path, "wb") as f:
 PYEOF
 bytes=$(stat -c %s "$src")
 timeit() { # prints wall seconds, peak RSS KB of a command
+  sync
+  if [ "$cache" = cold ]; then echo 3 > /proc/sys/vm/drop_caches; fi
   /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null 2>&1
   cat "$work/time"
 }
@@ -36,20 +40,22 @@ results=()
 for round in 1 2 3; do
   rm -f "$work/copy" "$work/out.pth" "$work/out.safetensors"; sync
   read -r cp_s _ < <(timeit cp "$src" "$work/copy"); sync
+  rm -f "$work/copy"; sync
+  read -r dd_s _ < <(timeit dd if="$src" of="$work/copy" bs=16M status=none); sync
   read -r pth_s pth_kb < <(timeit "$bin" convert "$src" "$work/out.pth"); sync
   read -r st_s st_kb < <(timeit "$bin" convert "$src" "$work/out.safetensors"); sync
-  results+=("| $round | $cp_s | $pth_s | $(echo "scale=2; $cp_s / $pth_s" | bc) | $st_s | $(echo "scale=2; $cp_s / $st_s" | bc) | $((pth_kb / 1024)) / $((st_kb / 1024)) |")
+  results+=("| $round | $cp_s | $dd_s | $pth_s | $(echo "scale=2; $cp_s / $pth_s" | bc) | $st_s | $(echo "scale=2; $cp_s / $st_s" | bc) | $((pth_kb / 1024)) / $((st_kb / 1024)) |")
 done
 {
   echo
   echo "## $(date -u +%Y-%m-%dT%H:%MZ) — convert, $(echo "scale=2; $bytes / 1000000000" | bc) GB bf16 safetensors"
   echo
-  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB RAM, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); page cache hot (the input was just written; no cache drop)."
+  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB RAM, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); page cache $cache$([ "$cache" = cold ] && echo ' (dropped before every timed command)' || echo ' (the input was just written)'); the output is not synced inside the timing for any tool."
   echo
-  echo "| round | cp s | → .pth s | .pth throughput ÷ cp | → .safetensors s | .safetensors ÷ cp | peak RSS MB (.pth / .st) |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| round | cp s | dd bs=16M s | → .pth s | .pth throughput ÷ cp | → .safetensors s | .safetensors ÷ cp | peak RSS MB (.pth / .st) |"
+  echo "|---|---|---|---|---|---|---|---|"
   printf '%s\n' "${results[@]}"
   echo
-  echo "Target: ≥ 0.8× cp throughput for a same-dtype conversion; peak RSS < 200 MB."
+  echo "Target: ≥ 0.8× cp throughput for a same-dtype conversion; peak RSS < 200 MB. cp copies"
+  echo "in the kernel (copy_file_range); dd is the plain read/write copy through user space."
 } | tee -a bench/RESULTS-convert.md
-rm -rf "$work"

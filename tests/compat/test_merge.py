@@ -18,7 +18,6 @@ Run: PY=$(scripts/python-env.sh); $PY -m pytest tests/compat/test_merge.py
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,30 +33,6 @@ CASES = MANIFEST["cases"]
 MERGE = [c for c in CASES if not c.get("refuse")]
 REFUSE = [c for c in CASES if c.get("refuse")]
 KEEP = [c for c in MERGE if c.get("expected_keep_lora")]
-
-# --------------------------------------------------------------------------------------
-# fallback for the shared conftest.py (tests/compat/conftest.py provides these when present)
-# --------------------------------------------------------------------------------------
-if not (Path(__file__).parent / "conftest.py").exists():
-
-    @pytest.fixture
-    def lorastream():
-        p = Path(os.environ.get("LORASTREAM_BIN", REPO / "target" / "release" / "lorastream"))
-        if not p.is_file():
-            pytest.skip(f"lorastream binary not built: {p}")
-        return str(p)
-
-    @pytest.fixture
-    def run(lorastream):
-        def _run(args, expect_rc=0):
-            p = subprocess.run([lorastream, *map(str, args)], capture_output=True, text=True)
-            assert p.returncode == expect_rc, (
-                f"lorastream {' '.join(map(str, args))}: rc={p.returncode} (want {expect_rc})\n"
-                f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
-            )
-            return p
-
-        return _run
 
 
 @pytest.fixture(scope="module")

@@ -34,30 +34,6 @@ import xtuner_llava_repro as repro  # noqa: E402
 XTUNER_VENV = Path(os.environ.get("LORASTREAM_XTUNER_VENV", Path.home() / ".cache/lorastream/xtuner-venv"))
 XTUNER_PY = XTUNER_VENV / "bin" / "python"
 
-# --------------------------------------------------------------------------------------
-# fallback for the shared conftest.py (tests/compat/conftest.py provides these when present)
-# --------------------------------------------------------------------------------------
-if not (Path(__file__).parent / "conftest.py").exists():
-
-    @pytest.fixture
-    def lorastream():
-        p = Path(os.environ.get("LORASTREAM_BIN", REPO / "target" / "release" / "lorastream"))
-        if not p.is_file():
-            pytest.skip(f"lorastream binary not built: {p}")
-        return str(p)
-
-    @pytest.fixture
-    def run(lorastream):
-        def _run(args, expect_rc=0):
-            p = subprocess.run([lorastream, *map(str, args)], capture_output=True, text=True)
-            assert p.returncode == expect_rc, (
-                f"lorastream {' '.join(map(str, args))}: rc={p.returncode} (want {expect_rc})\n"
-                f"stdout:\n{p.stdout}\nstderr:\n{p.stderr}"
-            )
-            return p
-
-        return _run
-
 
 # --------------------------------------------------------------------------------------
 # helpers
