@@ -158,6 +158,9 @@ impl SharedBytes for MappedFile {
     fn done(&self, start: usize, len: usize) {
         self.release(start, len);
     }
+    fn file(&self) -> Option<&std::fs::File> {
+        Some(MappedFile::file(self))
+    }
 }
 
 /// Messages from the producing thread (reading, computing) to the writing thread.
@@ -237,10 +240,7 @@ pub fn write_pipelined(
                         // The producer may have finished; then the buffer is simply dropped.
                         let _ = free_tx.send(d);
                     }
-                    Piece::Shared(src, start, len) => {
-                        sink.write(&src.bytes()[start..start + len])?;
-                        src.done(start, len);
-                    }
+                    Piece::Shared(src, start, len) => sink.write_shared(&src, start, len)?,
                     Piece::End => sink.end()?,
                     Piece::Finish => {
                         sink.finish()?;

@@ -41,6 +41,11 @@ impl OutTensor {
 pub trait SharedBytes: Send + Sync {
     fn bytes(&self) -> &[u8];
     fn done(&self, _start: usize, _len: usize) {}
+    /// The file the bytes are read from, byte 0 = `bytes()[0]`, when there is one: a
+    /// writer may then copy ranges in the kernel without touching them.
+    fn file(&self) -> Option<&std::fs::File> {
+        None
+    }
 }
 
 /// The interface every writer offers. Calls come in plan order:

@@ -8,6 +8,37 @@ use crate::error::{Error, Result};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::sync::Arc;
+
+use super::SharedBytes;
+
+/// Copies up to `len` bytes from `from` at `offset` to `to`'s current position with
+/// `copy_file_range`; returns how many were copied (less than `len` when the kernel
+/// refuses, e.g. across filesystems on old kernels; the caller writes the rest).
+fn copy_range(from: &File, offset: u64, to: &File, len: usize) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut off_in = offset as libc::loff_t;
+    let mut done = 0usize;
+    while done < len {
+        // SAFETY: both descriptors are open files we own for the duration of the call;
+        // the kernel reads and writes them directly, no user memory is involved.
+        let n = unsafe {
+            libc::copy_file_range(
+                from.as_raw_fd(),
+                &mut off_in,
+                to.as_raw_fd(),
+                std::ptr::null_mut(),
+                len - done,
+                0,
+            )
+        };
+        if n <= 0 {
+            break;
+        }
+        done += n as usize;
+    }
+    done
+}
 
 pub struct SafetensorsWriter {
     out: BufWriter<File>,
@@ -96,6 +127,25 @@ impl SafetensorsWriter {
 impl TensorSink for SafetensorsWriter {
     fn begin(&mut self, t: &OutTensor) -> Result<()> {
         self.cursor.begin(t).map(|_| ())
+    }
+    fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
+        self.cursor.write(len)?;
+        // Same bytes, same place: let the kernel copy them file to file, as cp does. Falls
+        // back to an ordinary write where the kernel or filesystem cannot.
+        let copied = match src.file() {
+            Some(f) => {
+                self.out.flush().map_err(|e| Error::io(&self.path, e))?;
+                copy_range(f, start as u64, self.out.get_ref(), len)
+            }
+            None => 0,
+        };
+        if copied < len {
+            self.out
+                .write_all(&src.bytes()[start + copied..start + len])
+                .map_err(|e| Error::io(&self.path, e))?;
+        }
+        src.done(start, len);
+        Ok(())
     }
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.cursor.write(bytes.len())?;

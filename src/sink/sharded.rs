@@ -5,9 +5,10 @@
 
 use super::atomic::TempOutput;
 use super::safetensors::SafetensorsWriter;
-use super::{OutTensor, PlanCursor, TensorSink};
+use super::{OutTensor, PlanCursor, SharedBytes, TensorSink};
 use crate::error::{Error, Result};
 use std::path::Path;
+use std::sync::Arc;
 
 pub struct ShardedSafetensorsWriter {
     temp: TempOutput,
@@ -106,6 +107,10 @@ impl TensorSink for ShardedSafetensorsWriter {
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.cursor.write(bytes.len())?;
         self.writer()?.write(bytes)
+    }
+    fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
+        self.cursor.write(len)?;
+        self.writer()?.write_shared(src, start, len)
     }
     fn end(&mut self) -> Result<()> {
         self.cursor.end()?;

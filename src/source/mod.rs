@@ -24,6 +24,8 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct MappedFile {
     path: PathBuf,
+    /// Kept open so writers can copy ranges in the kernel (`copy_file_range`).
+    file: std::fs::File,
     map: Option<Mmap>,
 }
 
@@ -42,12 +44,18 @@ impl MappedFile {
         };
         Ok(Arc::new(MappedFile {
             path: path.to_path_buf(),
+            file,
             map,
         }))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The open file behind the map.
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
     }
 
     pub fn bytes(&self) -> &[u8] {
