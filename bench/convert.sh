@@ -38,12 +38,12 @@ timeit() { # prints wall seconds, peak RSS KB of a command
 sync
 results=()
 for round in 1 2 3; do
-  rm -f "$work/copy" "$work/out.pth" "$work/out.safetensors"; sync
-  read -r cp_s _ < <(timeit cp "$src" "$work/copy"); sync
-  rm -f "$work/copy"; sync
-  read -r dd_s _ < <(timeit dd if="$src" of="$work/copy" bs=16M status=none); sync
-  read -r pth_s pth_kb < <(timeit "$bin" convert "$src" "$work/out.pth"); sync
-  read -r st_s st_kb < <(timeit "$bin" convert "$src" "$work/out.safetensors"); sync
+  # Each output is deleted right after its timing, so every command starts from the same
+  # page-cache state (a command that runs after another's 2 GB output pays for reclaiming it).
+  read -r cp_s _ < <(timeit cp "$src" "$work/copy"); rm -f "$work/copy"
+  read -r dd_s _ < <(timeit dd if="$src" of="$work/copy" bs=16M status=none); rm -f "$work/copy"
+  read -r pth_s pth_kb < <(timeit "$bin" convert "$src" "$work/out.pth"); rm -f "$work/out.pth"
+  read -r st_s st_kb < <(timeit "$bin" convert "$src" "$work/out.safetensors"); rm -f "$work/out.safetensors"
   results+=("| $round | $cp_s | $dd_s | $pth_s | $(echo "scale=2; $cp_s / $pth_s" | bc) | $st_s | $(echo "scale=2; $cp_s / $st_s" | bc) | $((pth_kb / 1024)) / $((st_kb / 1024)) |")
 done
 {
