@@ -1,7 +1,7 @@
 //! The `lorastream` command: parses arguments, calls the library, prints the result or
 //! the one error. Exit codes: 0 success, 1 runtime error, 2 usage error.
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lorastream::merge::{Device, MergeOptions, split_named};
 use lorastream::pipeline::{self, ConvertOptions};
 use lorastream::plan::merge::MergeSettings;
@@ -169,7 +169,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
-fn run(cli: Cli) -> Result<(), Error> {
+fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<(), Error> {
     match cli.command {
         Command::Inspect { path, json } => {
             let report = inspect::inspect(&path)?;
@@ -221,6 +221,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             let opts = MergeOptions {
                 bases: bases.iter().map(|s| split_named(s)).collect(),
                 loras: loras.iter().map(|s| split_named(s)).collect(),
+                component_order,
                 settings: MergeSettings {
                     keep_lora,
                     dtype: output.dtype,
@@ -273,10 +274,38 @@ fn run(cli: Cli) -> Result<(), Error> {
     Ok(())
 }
 
+/// Component names in the order the user first named them across --base and --lora
+/// (clap keeps the two lists apart; their positions on the command line tell the order).
+fn component_order(matches: &clap::ArgMatches) -> Vec<Option<String>> {
+    let Some(("merge", m)) = matches.subcommand() else {
+        return Vec::new();
+    };
+    let mut seen: Vec<(usize, Option<String>)> = Vec::new();
+    for id in ["bases", "loras"] {
+        let values = m.get_many::<String>(id).into_iter().flatten();
+        let indices = m.indices_of(id).into_iter().flatten();
+        for (v, i) in values.zip(indices) {
+            seen.push((i, split_named(v).0));
+        }
+    }
+    seen.sort_by_key(|(i, _)| *i);
+    let mut order: Vec<Option<String>> = Vec::new();
+    for (_, name) in seen {
+        if !order.contains(&name) {
+            order.push(name);
+        }
+    }
+    order
+}
+
 fn main() -> ExitCode {
     lorastream::sink::install_interrupt_cleanup();
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match run(cli, component_order(&matches)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -300,8 +329,29 @@ mod tests {
     }
 
     #[test]
+    fn components_keep_command_line_order() {
+        let m = Cli::command()
+            .try_get_matches_from([
+                "lorastream",
+                "merge",
+                "--lora",
+                "llm=a",
+                "--lora",
+                "vis=b",
+                "--base",
+                "proj=c",
+                "--base",
+                "llm=d",
+                "--out",
+                "o.pth",
+            ])
+            .unwrap();
+        let names = ["llm", "vis", "proj"].map(|n| Some(n.to_string()));
+        assert_eq!(component_order(&m), names.to_vec());
+    }
+
+    #[test]
     fn cli_definition_is_valid() {
-        use clap::CommandFactory;
         Cli::command().debug_assert();
     }
 }

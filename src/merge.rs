@@ -50,6 +50,9 @@ pub struct MergeOptions {
     pub bases: Vec<(Option<String>, PathBuf)>,
     /// `--lora [NAME=]PATH`, in order.
     pub loras: Vec<(Option<String>, PathBuf)>,
+    /// The order of components in the output; components not listed follow in the order
+    /// they are first named in `bases`, then `loras`.
+    pub component_order: Vec<Option<String>>,
     pub settings: MergeSettings,
     pub expect_keys_from: Option<PathBuf>,
     pub threads: Option<usize>,
@@ -112,7 +115,15 @@ fn open_components(opts: &MergeOptions) -> Result<Vec<Component>> {
             order.push(n.clone());
         }
     };
-    for (n, _) in opts.bases.iter().chain(&opts.loras) {
+    let named = opts.bases.iter().chain(&opts.loras).map(|(n, _)| n);
+    for n in opts
+        .component_order
+        .iter()
+        .filter(|n| named.clone().any(|m| m == *n))
+    {
+        note(n);
+    }
+    for n in named {
         note(n);
     }
     if order.is_empty() {
