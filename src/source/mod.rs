@@ -77,9 +77,7 @@ impl MappedFile {
             };
         }
     }
-}
 
-impl MappedFile {
     /// Asks the kernel to start reading `range` now, so a later touch does not wait.
     pub fn prefetch(&self, start: usize, len: usize) {
         let Some(map) = &self.map else { return };
