@@ -14,6 +14,7 @@
 
 pub mod adapter;
 pub mod compute;
+pub mod direct_io;
 pub mod dtype;
 pub mod error;
 pub mod inspect;

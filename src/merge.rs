@@ -58,6 +58,8 @@ pub struct MergeOptions {
     pub threads: Option<usize>,
     pub device: Device,
     pub sink: SinkOptions,
+    /// Read inputs through the page cache instead of around it (see `MappedFile::read_at`).
+    pub buffered_reads: bool,
     pub dry_run: bool,
     pub progress: bool,
     /// Told things worth one line to a person as they happen (the CLI prints them on
@@ -153,6 +155,10 @@ fn open_components(opts: &MergeOptions) -> Result<Vec<Component>> {
             .filter(|(n, _)| *n == name)
             .map(|(_, p)| Adapter::open(p))
             .collect::<Result<Vec<_>>>()?;
+        if opts.buffered_reads {
+            base.iter().for_each(|b| b.set_direct_reads(false));
+            adapters.iter().for_each(|a| a.set_direct_reads(false));
+        }
         comps.push(Component {
             name,
             base,

@@ -2,6 +2,7 @@
 //! shares: streaming one stored tensor into a sink (with an optional cast), timing and
 //! peak-memory reports, and the progress bar.
 
+use crate::direct_io::AlignedBuf;
 use crate::dtype::{Dtype, cast_float};
 use crate::error::{Error, Result};
 use crate::plan::{DtypeChoice, RenameRule, rename};
@@ -24,6 +25,8 @@ pub struct ConvertOptions {
     /// `--exclude`: final keys to leave out.
     pub exclude: Vec<regex::Regex>,
     pub sink: SinkOptions,
+    /// Read the input through the page cache instead of around it (`MappedFile::read_at`).
+    pub buffered_reads: bool,
     pub progress: bool,
 }
 
@@ -45,6 +48,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
     let start = Instant::now();
     let format = sink::OutputFormat::from_path(output)?;
     let ckpt = source::open(input)?;
+    ckpt.set_direct_reads(!opts.buffered_reads);
     let (plan, sources): (Vec<OutTensor>, Vec<&TensorEntry>) = ckpt
         .tensors
         .iter()
@@ -90,8 +94,9 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
 }
 
 /// Streams a stored tensor into the sink, cast to `to` (a floating tensor to another
-/// floating dtype; anything else must keep its dtype). Mapped pages are released as they
-/// are consumed, so a 10 GB tensor costs one chunk of resident memory.
+/// floating dtype; anything else must keep its dtype). Bytes are read a chunk at a time
+/// with positioned reads (or copied by the kernel), so a 10 GB tensor costs one chunk of
+/// memory.
 pub fn copy_tensor(t: &TensorEntry, to: Dtype, out: &mut dyn TensorSink) -> Result<()> {
     if to != t.dtype && !(to.is_float() && t.dtype.is_float()) {
         return Err(Error::tensor(
@@ -104,20 +109,21 @@ pub fn copy_tensor(t: &TensorEntry, to: Dtype, out: &mut dyn TensorSink) -> Resu
     let chunk = COPY_CHUNK - COPY_CHUNK % es; // whole elements, so casts never split one
     match t.contiguous_range() {
         Some((start, len)) => {
-            let all = t.file.bytes();
             let shared: Arc<dyn SharedBytes> = t.file.clone();
             let mut cast_buf = Vec::new();
+            let mut read_buf = AlignedBuf::default();
             let mut at = 0;
             while at < len {
                 let n = chunk.min(len - at);
                 t.file.prefetch(start + at + n, chunk.min(len - at - n));
                 if to == t.dtype {
-                    // Straight from the map to the writer; it releases the pages after.
+                    // The writer reads the range itself (or has the kernel copy it).
                     out.write_shared(&shared, start + at, n)?;
                 } else {
-                    let piece = &all[start + at..start + at + n];
-                    write_piece(t.dtype, to, piece, &mut cast_buf, out)?;
-                    t.file.release(start + at, n);
+                    let r = t.file.read_at(start + at, n, &mut read_buf).map_err(|e| {
+                        Error::tensor(t.file.path(), &t.name, format!("reading failed: {e}"))
+                    })?;
+                    write_piece(t.dtype, to, &read_buf.as_slice()[r], &mut cast_buf, out)?;
                 }
                 at += n;
             }
@@ -161,6 +167,19 @@ impl SharedBytes for MappedFile {
     fn file(&self) -> Option<&std::fs::File> {
         Some(MappedFile::file(self))
     }
+    fn read_at(
+        &self,
+        start: usize,
+        len: usize,
+        buf: &mut AlignedBuf,
+    ) -> std::io::Result<std::ops::Range<usize>> {
+        MappedFile::read_at(self, start, len, buf).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("reading {} failed: {e}", self.path().display()),
+            )
+        })
+    }
 }
 
 /// Messages from the producing thread (reading, computing) to the writing thread.
@@ -194,6 +213,7 @@ impl TensorSink for QueueSink {
     }
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let mut buf = self.buffer();
+        buf.clear();
         buf.extend_from_slice(bytes);
         self.send(Piece::Data(buf))
     }
@@ -204,9 +224,9 @@ impl TensorSink for QueueSink {
         self.send(Piece::Shared(Arc::clone(src), start, len))
     }
     fn buffer(&mut self) -> Vec<u8> {
-        let mut b = self.free.try_recv().unwrap_or_default();
-        b.clear();
-        b
+        // Not cleared: a caller that sets the length itself then overwrites old bytes
+        // instead of zeroing the whole buffer first.
+        self.free.try_recv().unwrap_or_default()
     }
     fn end(&mut self) -> Result<()> {
         self.send(Piece::End)

@@ -203,7 +203,7 @@ fn write_bf16(path: &Path, tensors: &[(&str, Vec<usize>)], seed: u32) {
             shape: s.clone(),
         })
         .collect();
-    let mut w = Box::new(SafetensorsWriter::create(path, &plan).unwrap());
+    let mut w = Box::new(SafetensorsWriter::create(path, &plan, true).unwrap());
     let mut x = seed;
     for t in &plan {
         w.begin(t).unwrap();

@@ -60,6 +60,26 @@ pub struct Adapter {
 }
 
 impl Adapter {
+    /// Whether big reads of the adapter's tensors may bypass the page cache (default yes).
+    pub fn set_direct_reads(&self, on: bool) {
+        for m in &self.modules {
+            for t in [
+                Some(&m.a),
+                Some(&m.b),
+                m.b_bias.as_ref(),
+                m.magnitude.as_ref(),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                t.file.set_direct_reads(on);
+            }
+        }
+        for r in &self.replacements {
+            r.tensor.file.set_direct_reads(on);
+        }
+    }
+
     /// Opens and validates an adapter folder.
     pub fn open(dir: &Path) -> Result<Adapter> {
         let files = source::open_adapter(dir)?;

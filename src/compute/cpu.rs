@@ -8,6 +8,7 @@
 //! tensor before the writing pass.
 
 use super::DeltaBackend;
+use crate::direct_io::AlignedBuf;
 use crate::dtype::{Dtype, decode_f32, encode_f32, round_through};
 use crate::error::{Error, Result};
 use crate::plan::merge_types::{DeltaLayout, Step};
@@ -15,6 +16,8 @@ use crate::sink::TensorSink;
 use crate::source::TensorEntry;
 use rayon::prelude::*;
 use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::Mutex;
 
 /// f32 elements per band (per thread): 8 MB of values, and the same again for the delta.
 const BAND_ELEMS: usize = 2 << 20;
@@ -27,6 +30,18 @@ const MIN_BAND_ROWS: usize = 256;
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
+    /// Read buffers kept between tensors: two groups of input rows (one being computed,
+    /// the next being read) and one for whole factors.
+    buffers: Mutex<ReadBuffers>,
+    /// One scratch space per worker, kept between bands and tensors: fresh ones would be
+    /// zeroed (and page-faulted) for every band.
+    scratch: Vec<Mutex<Scratch>>,
+}
+
+#[derive(Default)]
+struct ReadBuffers {
+    groups: [GroupBuffers; 2],
+    factor: AlignedBuf,
 }
 
 impl CpuBackend {
@@ -39,7 +54,12 @@ impl CpuBackend {
             .num_threads(threads)
             .build()
             .map_err(|e| Error::Device(format!("cannot start {threads} worker threads: {e}")))?;
-        Ok(CpuBackend { pool, threads })
+        Ok(CpuBackend {
+            pool,
+            threads,
+            buffers: Mutex::default(),
+            scratch: (0..threads).map(|_| Mutex::default()).collect(),
+        })
     }
 }
 
@@ -51,8 +71,11 @@ impl DeltaBackend for CpuBackend {
         out_dtype: Dtype,
         sink: &mut dyn TensorSink,
     ) -> Result<()> {
-        let job = PreparedMerge::new(base, steps)?;
-        self.pool.install(|| job.run(out_dtype, self.threads, sink))
+        let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        let ReadBuffers { groups, factor } = &mut *buffers;
+        let job = PreparedMerge::new(base, steps, factor, &self.scratch)?;
+        self.pool
+            .install(|| job.run(out_dtype, self.threads, groups, sink))
     }
 
     fn describe(&self) -> String {
@@ -93,6 +116,70 @@ impl<'a> Bytes<'a> {
     }
 }
 
+/// All of `t` as f32, read in pieces with positioned reads (not through the map) when
+/// contiguous.
+fn decode_all(t: &TensorEntry, buf: &mut AlignedBuf) -> Result<Vec<f32>> {
+    const PIECE: usize = 4 << 20;
+    if t.contiguous_range().is_none() {
+        return Ok(Bytes::of(t).all());
+    }
+    let es = t.dtype.size();
+    let piece = PIECE / es * es;
+    let mut v = vec![0f32; t.numel()];
+    for (i, out) in v.chunks_mut(piece / es).enumerate() {
+        if let Some(r) = t.read_into(i * piece, out.len() * es, buf) {
+            decode_f32(t.dtype, &buf.as_slice()[r?], out);
+        }
+    }
+    Ok(v)
+}
+
+/// Buffers for one group of rows: the weight's and each step's left factor's.
+#[derive(Default)]
+struct GroupBuffers {
+    w: AlignedBuf,
+    left: Vec<AlignedBuf>,
+}
+
+/// Where a group's rows landed in its `GroupBuffers`; None for a tensor read from its
+/// map instead (strided views, and every tensor in `column_sumsq`).
+#[derive(Default)]
+struct GroupRanges {
+    w: Option<Range<usize>>,
+    left: Vec<Option<Range<usize>>>,
+}
+
+/// Rows `[first, …)` of the weight and of the Normal-layout left factors, as bytes.
+struct Rows<'b> {
+    first: usize,
+    w: Option<&'b [u8]>,
+    left: Vec<Option<&'b [u8]>>,
+}
+
+impl<'b> Rows<'b> {
+    /// Nothing read ahead: every tensor is decoded from its map.
+    fn from_maps() -> Rows<'b> {
+        Rows {
+            first: 0,
+            w: None,
+            left: Vec::new(),
+        }
+    }
+
+    fn of(first: usize, bufs: &'b GroupBuffers, ranges: &GroupRanges) -> Rows<'b> {
+        Rows {
+            first,
+            w: ranges.w.clone().map(|r| &bufs.w.as_slice()[r]),
+            left: ranges
+                .left
+                .iter()
+                .zip(&bufs.left)
+                .map(|(r, b)| r.clone().map(|r| &b.as_slice()[r]))
+                .collect(),
+        }
+    }
+}
+
 enum Prepared<'a> {
     Replace(Bytes<'a>),
     Lora {
@@ -115,6 +202,9 @@ enum Prepared<'a> {
 struct PreparedMerge<'a> {
     base: &'a TensorEntry,
     source_steps: &'a [Step],
+    /// Per step: the tensor read by rows (B in the Normal layout), None for the others.
+    row_factors: Vec<Option<&'a TensorEntry>>,
+    scratch: &'a [Mutex<Scratch>],
     w: Bytes<'a>,
     rows: usize,
     cols: usize,
@@ -130,7 +220,12 @@ struct Scratch {
 }
 
 impl<'a> PreparedMerge<'a> {
-    fn new(base: &'a TensorEntry, steps: &'a [Step]) -> Result<PreparedMerge<'a>> {
+    fn new(
+        base: &'a TensorEntry,
+        steps: &'a [Step],
+        factor_buf: &mut AlignedBuf,
+        scratch: &'a [Mutex<Scratch>],
+    ) -> Result<PreparedMerge<'a>> {
         if !base.dtype.is_float() {
             return Err(Error::tensor(
                 base.file.path(),
@@ -180,13 +275,13 @@ impl<'a> PreparedMerge<'a> {
                             if m.numel() != want {
                                 return Err(internal(base, "DoRA magnitude of another size"));
                             }
-                            Some(Bytes::of(m).all())
+                            Some(decode_all(m, factor_buf)?)
                         }
                         None => None,
                     };
                     Prepared::Lora {
                         left: Bytes::of(left_t),
-                        right: Bytes::of(right_t).all(),
+                        right: decode_all(right_t, factor_buf)?,
                         r: l.r,
                         scale: l.scale,
                         layout: l.layout,
@@ -196,9 +291,18 @@ impl<'a> PreparedMerge<'a> {
                 }
             });
         }
+        let row_factors = steps
+            .iter()
+            .map(|s| match s {
+                Step::Lora(l) if l.layout == DeltaLayout::Normal => Some(&l.b),
+                _ => None,
+            })
+            .collect();
         Ok(PreparedMerge {
             base,
             source_steps: steps,
+            row_factors,
+            scratch,
             w: Bytes::of(base),
             rows,
             cols,
@@ -206,11 +310,48 @@ impl<'a> PreparedMerge<'a> {
         })
     }
 
+    /// This worker's scratch space (workers never wait on each other's).
+    fn scratch(&self) -> std::sync::MutexGuard<'a, Scratch> {
+        let i = rayon::current_thread_index().unwrap_or(0) % self.scratch.len().max(1);
+        match self.scratch.get(i) {
+            Some(m) => m.lock().unwrap_or_else(|p| p.into_inner()),
+            None => unreachable!("CpuBackend makes one scratch per worker, at least one"),
+        }
+    }
+
     fn band_rows(&self) -> usize {
         (BAND_ELEMS / self.cols.max(1)).max(MIN_BAND_ROWS)
     }
 
-    fn run(&self, out_dtype: Dtype, threads: usize, sink: &mut dyn TensorSink) -> Result<()> {
+    /// Reads rows `[g0, g1)` of the weight and of every row-read factor into `bufs`.
+    fn read_group(&self, g0: usize, g1: usize, bufs: &mut GroupBuffers) -> Result<GroupRanges> {
+        let row_bytes = self.cols * self.base.dtype.size();
+        let w = self
+            .base
+            .read_into(g0 * row_bytes, (g1 - g0) * row_bytes, &mut bufs.w)
+            .transpose()?;
+        bufs.left
+            .resize_with(self.row_factors.len(), AlignedBuf::default);
+        let mut left = Vec::with_capacity(self.row_factors.len());
+        for (f, buf) in self.row_factors.iter().zip(&mut bufs.left) {
+            left.push(match f {
+                Some(t) => {
+                    let rb = t.numel() / self.rows.max(1) * t.dtype.size();
+                    t.read_into(g0 * rb, (g1 - g0) * rb, buf).transpose()?
+                }
+                None => None,
+            });
+        }
+        Ok(GroupRanges { w, left })
+    }
+
+    fn run(
+        &self,
+        out_dtype: Dtype,
+        threads: usize,
+        bufs: &mut [GroupBuffers; 2],
+        sink: &mut dyn TensorSink,
+    ) -> Result<()> {
         if self.rows * self.cols == 0 {
             return Ok(());
         }
@@ -235,51 +376,59 @@ impl<'a> PreparedMerge<'a> {
         let band = self.band_rows();
         let group = band * threads.max(1);
         let oes = out_dtype.size();
-        let es = self.base.dtype.size();
-        let row_bytes = self.cols * es;
+        // Encoding into the base dtype rounds the last step itself.
+        let last_round = out_dtype != self.base.dtype;
+        let [first, second] = bufs;
+        let (mut cur, mut next) = (first, second);
+        let mut ranges = self.read_group(0, group.min(self.rows), cur)?;
         let mut g0 = 0;
         while g0 < self.rows {
             let g1 = (g0 + group).min(self.rows);
-            // Let the kernel read the next group while this one is computed.
-            if let Some((start, _)) = self.base.contiguous_range() {
-                let next = (g1 + group).min(self.rows);
-                self.base
-                    .file
-                    .prefetch(start + g1 * row_bytes, (next - g1) * row_bytes);
-            }
-            let mut out = sink.buffer();
-            out.resize((g1 - g0) * self.cols * oes, 0u8);
-            out.par_chunks_mut(band * self.cols * oes)
-                .enumerate()
-                .for_each_init(Scratch::default, |scratch, (ci, chunk)| {
-                    let i0 = g0 + ci * band;
-                    let i1 = (i0 + band).min(g1);
-                    // Encoding into the base dtype rounds the last step itself.
-                    let last_round = out_dtype != self.base.dtype;
-                    self.compute_band(i0, i1, self.steps.len(), &col_factors, last_round, scratch);
-                    encode_f32(out_dtype, &scratch.value, chunk);
+            let n1 = (g1 + group).min(self.rows);
+            // The next group is read on a helper thread while this one is computed; the
+            // reads are DMA into `next`, so the helper costs the cores almost nothing.
+            let (computed, read) = std::thread::scope(|s| {
+                let reader = (g1 < self.rows).then(|| {
+                    let next = &mut *next;
+                    s.spawn(move || self.read_group(g1, n1, next))
                 });
-            sink.write_owned(out)?;
-            if let Some((start, _)) = self.base.contiguous_range() {
-                self.base
-                    .file
-                    .release(start + g0 * row_bytes, (g1 - g0) * row_bytes);
+                let rows = Rows::of(g0, cur, &ranges);
+                let mut out = sink.buffer();
+                out.resize((g1 - g0) * self.cols * oes, 0u8);
+                out.par_chunks_mut(band * self.cols * oes)
+                    .enumerate()
+                    .for_each(|(ci, chunk)| {
+                        let mut scratch = self.scratch();
+                        let i0 = g0 + ci * band;
+                        let i1 = (i0 + band).min(g1);
+                        self.compute_band(
+                            i0,
+                            i1,
+                            &rows,
+                            self.steps.len(),
+                            &col_factors,
+                            last_round,
+                            &mut scratch,
+                        );
+                        encode_f32(out_dtype, &scratch.value, chunk);
+                    });
+                let computed = sink.write_owned(out);
+                let read = reader.map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(internal(self.base, "the reading thread panicked")))
+                });
+                (computed, read)
+            });
+            computed?;
+            if let Some(r) = read {
+                ranges = r?;
             }
-            // B's rows for this group (Normal layout reads B by rows; an lm_head-sized B
-            // is ~100 MB, so it is released as it goes, like the weight).
-            for l in self.source_steps.iter().filter_map(|s| match s {
-                Step::Lora(l) if l.layout == DeltaLayout::Normal => Some(l),
-                _ => None,
-            }) {
-                if let Some((start, _)) = l.b.contiguous_range() {
-                    let rb = l.r * l.b.dtype.size();
-                    l.b.file.release(start + g0 * rb, (g1 - g0) * rb);
-                }
-            }
+            std::mem::swap(&mut cur, &mut next);
             g0 = g1;
         }
-        // The adapter's pages for this tensor are done with: without this, every adapter
-        // tensor ever read would stay resident (GBs for an r=512 adapter of a 7B model).
+        // Pages of the tensors read through the map (small factors, strided views) are
+        // done with: without this, every adapter tensor ever read would stay resident.
+        self.base.release();
         for step in self.source_steps {
             match step {
                 Step::Lora(l) => {
@@ -303,8 +452,9 @@ impl<'a> PreparedMerge<'a> {
             .par_iter()
             .map_init(Scratch::default, |scratch, &i0| {
                 let i1 = (i0 + band).min(self.rows);
-                self.compute_band(i0, i1, j, col_factors, true, scratch);
-                self.delta(j, i0, i1, scratch);
+                let rows = Rows::from_maps();
+                self.compute_band(i0, i1, &rows, j, col_factors, true, scratch);
+                self.delta(j, i0, i1, &rows, scratch);
                 let mut sums = vec![0f64; self.cols];
                 for (row, drow) in scratch
                     .value
@@ -328,7 +478,7 @@ impl<'a> PreparedMerge<'a> {
     }
 
     /// scratch.delta = s·(B @ A) for rows [i0, i1) of step j (in stored orientation).
-    fn delta(&self, j: usize, i0: usize, i1: usize, scratch: &mut Scratch) {
+    fn delta(&self, j: usize, i0: usize, i1: usize, rows: &Rows<'_>, scratch: &mut Scratch) {
         let Prepared::Lora {
             left,
             right,
@@ -346,7 +496,14 @@ impl<'a> PreparedMerge<'a> {
         // Strides (row, column) of the left [m, k] and right [k, n] operands.
         let (lrs, lcs, rrs, rcs) = match layout {
             DeltaLayout::Normal => {
-                left.decode(i0 * k, &mut scratch.left);
+                match rows.left.get(j).copied().flatten() {
+                    Some(b) => {
+                        let es = left.dtype.size();
+                        let at = (i0 - rows.first) * k * es;
+                        decode_f32(left.dtype, &b[at..at + m * k * es], &mut scratch.left);
+                    }
+                    None => left.decode(i0 * k, &mut scratch.left),
+                }
                 (k as isize, 1, n as isize, 1)
             }
             DeltaLayout::Transposed => {
@@ -383,10 +540,12 @@ impl<'a> PreparedMerge<'a> {
 
     /// scratch.value = rows [i0, i1) after steps[..upto]; the rounding into the base dtype
     /// after the last of them is skipped when `last_round` is false.
+    #[allow(clippy::too_many_arguments)]
     fn compute_band(
         &self,
         i0: usize,
         i1: usize,
+        rows: &Rows<'_>,
         upto: usize,
         col_factors: &[Option<Vec<f32>>],
         last_round: bool,
@@ -395,7 +554,14 @@ impl<'a> PreparedMerge<'a> {
         let (n, wd) = (self.cols, self.base.dtype);
         let len = (i1 - i0) * n;
         scratch.value.resize(len, 0.0);
-        self.w.decode(i0 * n, &mut scratch.value);
+        match rows.w {
+            Some(w) => {
+                let es = wd.size();
+                let at = (i0 - rows.first) * n * es;
+                decode_f32(wd, &w[at..at + len * es], &mut scratch.value);
+            }
+            None => self.w.decode(i0 * n, &mut scratch.value),
+        }
         for (j, step) in self.steps.iter().enumerate().take(upto) {
             match step {
                 Prepared::Replace(t) => t.decode(i0 * n, &mut scratch.value),
@@ -412,7 +578,7 @@ impl<'a> PreparedMerge<'a> {
                     magnitude,
                     ..
                 } => {
-                    self.delta(j, i0, i1, scratch);
+                    self.delta(j, i0, i1, rows, scratch);
                     if *round_delta_first {
                         round_through(wd, &mut scratch.delta);
                     }

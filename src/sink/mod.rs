@@ -6,17 +6,20 @@
 //! Sinks know nothing of sources: they see names, dtypes, shapes and bytes.
 
 mod atomic;
+mod direct_file;
 mod pickle_writer;
 mod safetensors;
 mod sharded;
 mod torch_zip;
 
 pub use atomic::{TempOutput, install_interrupt_cleanup};
+pub use direct_file::DirectFileWriter;
 pub use pickle_writer::{PickledTensor, state_dict_pickle};
 pub use safetensors::SafetensorsWriter;
 pub use sharded::ShardedSafetensorsWriter;
 pub use torch_zip::TorchZipWriter;
 
+use crate::direct_io::AlignedBuf;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use std::path::Path;
@@ -46,6 +49,22 @@ pub trait SharedBytes: Send + Sync {
     fn file(&self) -> Option<&std::fs::File> {
         None
     }
+    /// Reads `bytes()[start..start + len]` into `buf` and says where they landed; a
+    /// file-backed source reads with a positioned (ideally direct) read instead of
+    /// touching its map. Errors name the source.
+    fn read_at(
+        &self,
+        start: usize,
+        len: usize,
+        buf: &mut AlignedBuf,
+    ) -> std::io::Result<std::ops::Range<usize>> {
+        let src = self.bytes().get(start..start + len).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the end")
+        })?;
+        buf.reserve(len);
+        buf.as_mut_slice()[..len].copy_from_slice(src);
+        Ok(0..len)
+    }
 }
 
 /// The interface every writer offers. Calls come in plan order:
@@ -66,8 +85,9 @@ pub trait TensorSink: Send {
         src.done(start, len);
         Ok(())
     }
-    /// An empty buffer to fill and pass to `write_owned`; a pipelined sink hands back
-    /// recycled ones, so big buffers are not allocated (and page-faulted) for every piece.
+    /// A buffer to fill and pass to `write_owned`; a pipelined sink hands back recycled
+    /// ones, so big buffers are not allocated (and page-faulted) for every piece. It may
+    /// hold old bytes: set its length (`resize`) and overwrite them.
     fn buffer(&mut self) -> Vec<u8> {
         Vec::new()
     }
@@ -118,12 +138,16 @@ impl OutputFormat {
 pub struct SinkOptions {
     /// Largest shard of a sharded output, in bytes (a bigger tensor gets a shard alone).
     pub shard_size: u64,
+    /// Write around the page cache (`O_DIRECT`) where the filesystem allows: no kernel
+    /// copy per byte, no output left dirty in the cache. Off: ordinary buffered writes.
+    pub direct_io: bool,
 }
 
 impl Default for SinkOptions {
     fn default() -> Self {
         SinkOptions {
             shard_size: 5_000_000_000,
+            direct_io: true,
         }
     }
 }
@@ -141,12 +165,15 @@ pub fn create(out: &Path, plan: &[OutTensor], opts: &SinkOptions) -> Result<Box<
         dest
     };
     Ok(match OutputFormat::from_path(out)? {
-        OutputFormat::TorchZip => Box::new(TorchZipWriter::create(dest, plan)?),
-        OutputFormat::Safetensors => Box::new(SafetensorsWriter::create(dest, plan)?),
+        OutputFormat::TorchZip => Box::new(TorchZipWriter::create(dest, plan, opts.direct_io)?),
+        OutputFormat::Safetensors => {
+            Box::new(SafetensorsWriter::create(dest, plan, opts.direct_io)?)
+        }
         OutputFormat::ShardedSafetensors => Box::new(ShardedSafetensorsWriter::create(
             dest,
             plan,
             opts.shard_size,
+            opts.direct_io,
         )?),
     })
 }

@@ -3,45 +3,18 @@
 //! streams in plan order.
 
 use super::atomic::TempOutput;
-use super::{OutTensor, PlanCursor, TensorSink};
+use super::direct_file::DirectFileWriter;
+use super::{OutTensor, PlanCursor, SharedBytes, TensorSink};
+use crate::direct_io::AlignedBuf;
 use crate::error::{Error, Result};
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::SharedBytes;
-
-/// Copies up to `len` bytes from `from` at `offset` to `to`'s current position with
-/// `copy_file_range`; returns how many were copied (less than `len` when the kernel
-/// refuses, e.g. across filesystems on old kernels; the caller writes the rest).
-fn copy_range(from: &File, offset: u64, to: &File, len: usize) -> usize {
-    use std::os::fd::AsRawFd;
-    let mut off_in = offset as libc::loff_t;
-    let mut done = 0usize;
-    while done < len {
-        // SAFETY: both descriptors are open files we own for the duration of the call;
-        // the kernel reads and writes them directly, no user memory is involved.
-        let n = unsafe {
-            libc::copy_file_range(
-                from.as_raw_fd(),
-                &mut off_in,
-                to.as_raw_fd(),
-                std::ptr::null_mut(),
-                len - done,
-                0,
-            )
-        };
-        if n <= 0 {
-            break;
-        }
-        done += n as usize;
-    }
-    done
-}
-
 pub struct SafetensorsWriter {
-    out: BufWriter<File>,
+    out: DirectFileWriter,
+    /// Where copied input ranges are read to (aligned, for direct reads).
+    bounce: AlignedBuf,
     /// None when the file is part of a sharded output, whose folder is the atomic unit.
     temp: Option<TempOutput>,
     path: std::path::PathBuf,
@@ -89,23 +62,28 @@ pub fn header(plan: &[OutTensor], path: &Path) -> Result<Vec<u8>> {
 }
 
 impl SafetensorsWriter {
-    /// A standalone file at `dest`, written atomically.
-    pub fn create(dest: &Path, plan: &[OutTensor]) -> Result<SafetensorsWriter> {
+    /// A standalone file at `dest`, written atomically; `direct`: bypass the page cache
+    /// where the filesystem allows (see `DirectFileWriter`).
+    pub fn create(dest: &Path, plan: &[OutTensor], direct: bool) -> Result<SafetensorsWriter> {
         let temp = TempOutput::new(dest)?;
-        let mut w = Self::create_at(temp.path(), plan)?;
+        let mut w = Self::create_at(temp.path(), plan, direct)?;
         w.path = dest.to_path_buf();
         w.temp = Some(temp);
         Ok(w)
     }
 
     /// A plain file at `path` (the caller owns atomicity).
-    pub(crate) fn create_at(path: &Path, plan: &[OutTensor]) -> Result<SafetensorsWriter> {
+    pub(crate) fn create_at(
+        path: &Path,
+        plan: &[OutTensor],
+        direct: bool,
+    ) -> Result<SafetensorsWriter> {
         let head = header(plan, path)?;
-        let f = File::create(path).map_err(|e| Error::io(path, e))?;
-        let mut out = BufWriter::with_capacity(8 << 20, f);
+        let mut out = DirectFileWriter::create(path, direct).map_err(|e| Error::io(path, e))?;
         out.write_all(&head).map_err(|e| Error::io(path, e))?;
         Ok(SafetensorsWriter {
             out,
+            bounce: AlignedBuf::default(),
             temp: None,
             path: path.to_path_buf(),
             cursor: PlanCursor::new(plan),
@@ -116,9 +94,7 @@ impl SafetensorsWriter {
     /// the kernel; the rename still makes the output appear whole or not at all to readers.
     pub(crate) fn close(self) -> Result<()> {
         self.cursor.check_complete()?;
-        self.out
-            .into_inner()
-            .map_err(|e| Error::io(&self.path, e.into_error()))?;
+        self.out.finish().map_err(|e| Error::io(&self.path, e))?;
         match self.temp {
             Some(t) => t.commit(),
             None => Ok(()),
@@ -132,18 +108,24 @@ impl TensorSink for SafetensorsWriter {
     }
     fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
         self.cursor.write(len)?;
-        // Same bytes, same place: let the kernel copy them file to file, as cp does. Falls
-        // back to an ordinary write where the kernel or filesystem cannot.
+        // Same bytes, same place: the kernel copies them file to file (or, when writing
+        // directly, reads them straight into the aligned staging path).
         let copied = match src.file() {
-            Some(f) => {
-                self.out.flush().map_err(|e| Error::io(&self.path, e))?;
-                copy_range(f, start as u64, self.out.get_ref(), len)
-            }
-            None => 0,
+            Some(f) => self
+                .out
+                .append_copy(
+                    f,
+                    start as u64,
+                    len,
+                    &mut |at, n, buf| src.read_at(at as usize, n, buf),
+                    &mut self.bounce,
+                )
+                .map_err(|e| Error::io(&self.path, e))?,
+            None => false,
         };
-        if copied < len {
+        if !copied {
             self.out
-                .write_all(&src.bytes()[start + copied..start + len])
+                .write_all(&src.bytes()[start..start + len])
                 .map_err(|e| Error::io(&self.path, e))?;
         }
         src.done(start, len);

@@ -14,6 +14,7 @@ pub struct ShardedSafetensorsWriter {
     temp: TempOutput,
     shards: Vec<(String, Vec<OutTensor>)>,
     current: Option<(usize, SafetensorsWriter)>,
+    direct: bool,
     /// Which shard each plan index belongs to.
     shard_of: Vec<usize>,
     cursor: PlanCursor,
@@ -41,7 +42,7 @@ pub fn split(plan: &[OutTensor], limit: u64) -> Vec<Vec<OutTensor>> {
 }
 
 impl ShardedSafetensorsWriter {
-    pub fn create(dest: &Path, plan: &[OutTensor], shard_size: u64) -> Result<Self> {
+    pub fn create(dest: &Path, plan: &[OutTensor], shard_size: u64, direct: bool) -> Result<Self> {
         if dest.is_dir() {
             let mut rd = std::fs::read_dir(dest).map_err(|e| Error::io(dest, e))?;
             if rd.next().is_some() {
@@ -71,6 +72,7 @@ impl ShardedSafetensorsWriter {
             temp,
             shards,
             current: None,
+            direct,
             shard_of,
             cursor: PlanCursor::new(plan),
         })
@@ -81,7 +83,7 @@ impl ShardedSafetensorsWriter {
             w.close()?;
         }
         let (name, plan) = &self.shards[i];
-        let w = SafetensorsWriter::create_at(&self.temp.path().join(name), plan)?;
+        let w = SafetensorsWriter::create_at(&self.temp.path().join(name), plan, self.direct)?;
         self.current = Some((i, w));
         Ok(())
     }

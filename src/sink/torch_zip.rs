@@ -7,19 +7,23 @@
 //! `.format_version`: with it, some torch load paths assume miniz's exact layout.
 
 use super::atomic::TempOutput;
+use super::direct_file::DirectFileWriter;
 use super::pickle_writer::{PickledTensor, state_dict_pickle};
-use super::{OutTensor, PlanCursor, TensorSink};
+use super::{OutTensor, PlanCursor, SharedBytes, TensorSink};
+use crate::direct_io::AlignedBuf;
 use crate::error::{Error, Result};
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipWriter};
 
 const FOLDER: &str = "archive";
 
 pub struct TorchZipWriter {
-    zip: ZipWriter<BufWriter<File>>,
+    zip: ZipWriter<DirectFileWriter>,
+    /// Where shared input ranges are read to (aligned, for direct reads).
+    bounce: AlignedBuf,
     temp: TempOutput,
     cursor: PlanCursor,
 }
@@ -32,11 +36,13 @@ fn record_options(nbytes: u64) -> SimpleFileOptions {
 }
 
 impl TorchZipWriter {
-    pub fn create(dest: &Path, plan: &[OutTensor]) -> Result<TorchZipWriter> {
+    /// `direct`: bypass the page cache where the filesystem allows (`DirectFileWriter`).
+    pub fn create(dest: &Path, plan: &[OutTensor], direct: bool) -> Result<TorchZipWriter> {
         let temp = TempOutput::new(dest)?;
-        let f = File::create(temp.path()).map_err(|e| Error::io(dest, e))?;
+        let f = DirectFileWriter::create(temp.path(), direct).map_err(|e| Error::io(dest, e))?;
         Ok(TorchZipWriter {
-            zip: ZipWriter::new(BufWriter::with_capacity(8 << 20, f)),
+            zip: ZipWriter::new(f),
+            bounce: AlignedBuf::default(),
             temp,
             cursor: PlanCursor::new(plan),
         })
@@ -74,6 +80,26 @@ impl TensorSink for TorchZipWriter {
             .map_err(|e| Error::io(self.temp.dest(), e))
     }
 
+    /// Read with a positioned read rather than through the source's map: no page faults,
+    /// nothing left resident (the zip crate must see the bytes anyway, for the CRC).
+    fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
+        const PIECE: usize = 8 << 20;
+        let mut at = 0;
+        while at < len {
+            let n = PIECE.min(len - at);
+            let r = src
+                .read_at(start + at, n, &mut self.bounce)
+                .map_err(|e| Error::io(self.temp.dest(), e))?;
+            self.cursor.write(n)?;
+            self.zip
+                .write_all(&self.bounce.as_slice()[r])
+                .map_err(|e| Error::io(self.temp.dest(), e))?;
+            at += n;
+        }
+        src.done(start, len);
+        Ok(())
+    }
+
     fn end(&mut self) -> Result<()> {
         self.cursor.end()
     }
@@ -99,13 +125,12 @@ impl TensorSink for TorchZipWriter {
         self.entry("version", b"3\n")?;
         let this = *self;
         let dest = this.temp.dest().to_path_buf();
-        let buf = this
+        let file = this
             .zip
             .finish()
             .map_err(|e| Error::format(&dest, format!("writing the zip failed: {e}")))?;
         // No fsync, as in SafetensorsWriter::close.
-        buf.into_inner()
-            .map_err(|e| Error::io(&dest, e.into_error()))?;
+        file.finish().map_err(|e| Error::io(&dest, e))?;
         this.temp.commit()
     }
 }

@@ -13,12 +13,14 @@ mod torch_zip;
 
 pub use layout::{AdapterFiles, open, open_adapter};
 
+use crate::direct_io::{self, AlignedBuf};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 /// A file mapped read-only into memory.
 #[derive(Debug)]
@@ -27,6 +29,11 @@ pub struct MappedFile {
     /// Kept open so writers can copy ranges in the kernel (`copy_file_range`).
     file: std::fs::File,
     map: Option<Mmap>,
+    /// A second descriptor with `O_DIRECT`, opened on the first big read; None inside
+    /// when the filesystem refuses it.
+    direct: OnceLock<Option<std::fs::File>>,
+    /// Cleared by [`MappedFile::set_direct_reads`] or when a direct read fails.
+    direct_allowed: AtomicBool,
 }
 
 impl MappedFile {
@@ -46,6 +53,8 @@ impl MappedFile {
             path: path.to_path_buf(),
             file,
             map,
+            direct: OnceLock::new(),
+            direct_allowed: AtomicBool::new(true),
         }))
     }
 
@@ -78,8 +87,57 @@ impl MappedFile {
         }
     }
 
-    /// Asks the kernel to start reading `range` now, so a later touch does not wait.
+    /// Whether big reads ([`MappedFile::read_at`]) may bypass the page cache (the default).
+    pub fn set_direct_reads(&self, on: bool) {
+        self.direct_allowed.store(on, Ordering::Relaxed);
+    }
+
+    /// Reads bytes `[start, start + len)` into `buf` with a positioned read (bypassing
+    /// the page cache where the filesystem allows) and returns where in `buf` they are.
+    /// For streaming big ranges: unlike touching the map, this costs no page faults and
+    /// leaves nothing resident. Falls back to reading through the cache when a direct
+    /// read is refused.
+    pub fn read_at(
+        &self,
+        start: usize,
+        len: usize,
+        buf: &mut AlignedBuf,
+    ) -> std::io::Result<std::ops::Range<usize>> {
+        if start
+            .checked_add(len)
+            .is_none_or(|end| end > self.bytes().len())
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "read past the end of the file",
+            ));
+        }
+        let direct = if self.direct_allowed.load(Ordering::Relaxed) {
+            self.direct
+                .get_or_init(|| direct_io::open_direct_read(&self.path))
+                .as_ref()
+        } else {
+            None
+        };
+        if direct.is_some() {
+            match direct_io::read_range(direct, &self.file, start as u64, len, buf) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // The device wants another alignment: read through the cache from now on.
+                    self.set_direct_reads(false);
+                }
+                other => return other,
+            }
+        }
+        direct_io::read_range(None, &self.file, start as u64, len, buf)
+    }
+
+    /// Asks the kernel to start reading `range` now, so a later touch does not wait. Only
+    /// with buffered reads: direct reads skip the cache, so reading ahead into it would
+    /// read every byte twice.
     pub fn prefetch(&self, start: usize, len: usize) {
+        if self.direct_allowed.load(Ordering::Relaxed) {
+            return;
+        }
         let Some(map) = &self.map else { return };
         let end = (start + len).min(map.len());
         if end > start {
@@ -177,6 +235,28 @@ impl TensorEntry {
         }
     }
 
+    /// Reads bytes `[from, from + len)` of a contiguous tensor into `buf` (see
+    /// [`MappedFile::read_at`]) and returns where in `buf` they are; None for strided
+    /// views, which are read through [`TensorEntry::bytes`].
+    pub fn read_into(
+        &self,
+        from: usize,
+        len: usize,
+        buf: &mut AlignedBuf,
+    ) -> Option<Result<std::ops::Range<usize>>> {
+        let (start, n) = self.contiguous_range()?;
+        if from.checked_add(len).is_none_or(|end| end > n) {
+            return Some(Err(Error::tensor(
+                self.file.path(),
+                &self.name,
+                "internal: read past the end of the tensor",
+            )));
+        }
+        Some(self.file.read_at(start + from, len, buf).map_err(|e| {
+            Error::tensor(self.file.path(), &self.name, format!("reading failed: {e}"))
+        }))
+    }
+
     /// Starts reading the first `len` bytes of the tensor ahead of use.
     pub fn prefetch(&self, len: usize) {
         if let TensorData::Contiguous { start, len: n } = self.data {
@@ -224,6 +304,14 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn total_bytes(&self) -> u64 {
         self.tensors.iter().map(|t| t.nbytes() as u64).sum()
+    }
+
+    /// Whether big reads may bypass the page cache (default: yes, where the filesystem
+    /// allows); see [`MappedFile::read_at`].
+    pub fn set_direct_reads(&self, on: bool) {
+        for f in &self.files {
+            f.set_direct_reads(on);
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&TensorEntry> {
