@@ -208,14 +208,19 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
         let bar = progress_bar(opts.progress, plan_out.iter().map(|t| t.nbytes()).sum());
         write_pipelined(sink, |sink| {
             for (i, j) in jobs.iter().enumerate() {
-                if let Some(next) = jobs.get(i + 1) {
-                    next.source_tensor().prefetch(PREFETCH_BYTES);
+                let next = jobs.get(i + 1).map(|n| &n.source);
+                if let Some(JobSource::Copy(t)) = next {
+                    t.prefetch(PREFETCH_BYTES);
                 }
                 sink.begin(&j.out)?;
                 match &j.source {
                     JobSource::Copy(t) => copy_tensor(t, j.out.dtype, sink)?,
                     JobSource::Merge { base, steps } => {
-                        backend.merge(base, steps, j.out.dtype, sink)?
+                        let next = match next {
+                            Some(JobSource::Merge { base, steps }) => Some((base, &steps[..])),
+                            _ => None,
+                        };
+                        backend.merge_before(base, steps, next, j.out.dtype, sink)?
                     }
                 }
                 sink.end()?;

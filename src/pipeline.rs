@@ -109,22 +109,22 @@ pub fn copy_tensor(t: &TensorEntry, to: Dtype, out: &mut dyn TensorSink) -> Resu
     let chunk = COPY_CHUNK - COPY_CHUNK % es; // whole elements, so casts never split one
     match t.contiguous_range() {
         Some((start, len)) => {
-            let shared: Arc<dyn SharedBytes> = t.file.clone();
+            if to == t.dtype {
+                // One piece, however big: the writer reads the range itself, reading ahead
+                // as it writes (or has the kernel copy it), and the producer moves on.
+                let shared: Arc<dyn SharedBytes> = t.file.clone();
+                return out.write_shared(&shared, start, len);
+            }
             let mut cast_buf = Vec::new();
             let mut read_buf = AlignedBuf::default();
             let mut at = 0;
             while at < len {
                 let n = chunk.min(len - at);
                 t.file.prefetch(start + at + n, chunk.min(len - at - n));
-                if to == t.dtype {
-                    // The writer reads the range itself (or has the kernel copy it).
-                    out.write_shared(&shared, start + at, n)?;
-                } else {
-                    let r = t.file.read_at(start + at, n, &mut read_buf).map_err(|e| {
-                        Error::tensor(t.file.path(), &t.name, format!("reading failed: {e}"))
-                    })?;
-                    write_piece(t.dtype, to, &read_buf.as_slice()[r], &mut cast_buf, out)?;
-                }
+                let r = t.file.read_at(start + at, n, &mut read_buf).map_err(|e| {
+                    Error::tensor(t.file.path(), &t.name, format!("reading failed: {e}"))
+                })?;
+                write_piece(t.dtype, to, &read_buf.as_slice()[r], &mut cast_buf, out)?;
                 at += n;
             }
         }
@@ -238,7 +238,7 @@ impl TensorSink for QueueSink {
 
 /// Pieces in flight between producer and writer: bounds memory (each piece is at most one
 /// copy chunk or one band group) while letting reading/computing and writing overlap.
-const QUEUE_DEPTH: usize = 4;
+const QUEUE_DEPTH: usize = 2;
 
 /// Runs `produce` (reading and computing, on this thread and its workers) while a second
 /// thread writes what it produces into `sink`, in order. Output bytes do not depend on

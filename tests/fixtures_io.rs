@@ -65,6 +65,26 @@ fn check_against(path: &Path, want: &Value, label: &str, check_skipped: bool) {
     }
 }
 
+/// A file's bytes, or a folder's files (name, bytes) in name order.
+fn read_output(p: &Path) -> Vec<(String, Vec<u8>)> {
+    if p.is_dir() {
+        let mut files: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|f| {
+                let name = f.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read(f).unwrap())
+            })
+            .collect()
+    } else {
+        vec![(String::new(), std::fs::read(p).unwrap())]
+    }
+}
+
 #[test]
 fn readers_match_what_torch_wrote() {
     let expected = load_json(&io_dir().join("expected.json"));
@@ -94,6 +114,20 @@ fn writers_round_trip_every_fixture() {
             let opts = ConvertOptions::default();
             convert(&io_dir().join(input), &out, &opts)
                 .unwrap_or_else(|e| panic!("{input} -> {ext}: {e}"));
+            // Through the page cache: the same bytes.
+            let buffered = dir.path().join(format!("buffered{i}.{ext}"));
+            let mut opts = ConvertOptions {
+                buffered_reads: true,
+                ..Default::default()
+            };
+            opts.sink.direct_io = false;
+            convert(&io_dir().join(input), &buffered, &opts)
+                .unwrap_or_else(|e| panic!("{input} -> {ext} (buffered): {e}"));
+            assert_eq!(
+                read_output(&out),
+                read_output(&buffered),
+                "{input} -> {ext}: direct and buffered outputs differ"
+            );
             let reread = if ext.ends_with('/') {
                 out.join("model.safetensors.index.json")
             } else {

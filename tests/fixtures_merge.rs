@@ -224,14 +224,17 @@ fn write_bf16(path: &Path, tensors: &[(&str, Vec<usize>)], seed: u32) {
 
 #[test]
 fn output_bytes_do_not_depend_on_thread_count() {
-    // Tensors larger than one band (1M elements), with row-norm DoRA (Linear) and
-    // column-norm DoRA (Embedding), so several bands and both DoRA passes run in parallel.
+    // Tensors larger than one band (2M elements) and one group, with row-norm DoRA
+    // (Linear), plain LoRA and column-norm DoRA (Embedding), so several bands and both
+    // DoRA passes run in parallel, groups and whole factors are read ahead, and rows and
+    // columns do not line up with 4 KiB blocks (direct reads of unaligned ranges).
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.safetensors");
     write_bf16(
         &base,
         &[
             ("w.weight", vec![1500, 1024]),
+            ("v.weight", vec![2100, 1100]),
             ("e.weight", vec![3000, 512]),
         ],
         1,
@@ -249,34 +252,48 @@ fn output_bytes_do_not_depend_on_thread_count() {
             ("base_model.model.w.lora_A.weight", vec![8, 1024]),
             ("base_model.model.w.lora_B.weight", vec![1500, 8]),
             ("base_model.model.w.lora_magnitude_vector", vec![1500]),
+            ("base_model.model.v.lora_A.weight", vec![8, 1100]),
+            ("base_model.model.v.lora_B.weight", vec![2100, 8]),
             ("base_model.model.e.lora_embedding_A", vec![8, 3000]),
             ("base_model.model.e.lora_embedding_B", vec![512, 8]),
             ("base_model.model.e.lora_magnitude_vector", vec![512]),
         ],
         2,
     );
+    // Every thread count, with direct and with buffered I/O, in both file formats.
     let mut outs = Vec::new();
-    for threads in [1, 2, 3] {
-        let out = dir.path().join(format!("t{threads}.pth"));
-        let o = MergeOptions {
-            bases: vec![(None, base.clone())],
-            loras: vec![(None, ad.clone())],
-            threads: Some(threads),
-            ..Default::default()
-        };
-        let r = merge(&out, &o).unwrap();
-        assert_eq!(r.merged, 2);
-        outs.push(std::fs::read(&out).unwrap());
+    for ext in ["pth", "safetensors"] {
+        let mut same_format = Vec::new();
+        for (threads, buffered) in [(1, false), (2, false), (3, false), (2, true)] {
+            let out = dir.path().join(format!("t{threads}-{buffered}.{ext}"));
+            let o = MergeOptions {
+                bases: vec![(None, base.clone())],
+                loras: vec![(None, ad.clone())],
+                threads: Some(threads),
+                buffered_reads: buffered,
+                sink: lorastream::sink::SinkOptions {
+                    direct_io: !buffered,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let r = merge(&out, &o).unwrap();
+            assert_eq!(r.merged, 3);
+            same_format.push(std::fs::read(&out).unwrap());
+        }
+        outs.push(same_format);
     }
     let base_bytes = source::open(&base).unwrap().tensors[0].bytes().into_owned();
-    let merged = source::open(&dir.path().join("t1.pth")).unwrap();
+    let merged = source::open(&dir.path().join("t1-false.pth")).unwrap();
     assert_ne!(
         merged.tensors[0].bytes().as_ref(),
         base_bytes.as_slice(),
         "the merge changed nothing"
     );
-    assert!(
-        outs.windows(2).all(|w| w[0] == w[1]),
-        "outputs differ between thread counts"
-    );
+    for same_format in &outs {
+        assert!(
+            same_format.windows(2).all(|w| w[0] == w[1]),
+            "outputs differ between thread counts or I/O modes"
+        );
+    }
 }

@@ -8,6 +8,10 @@
 //! tensor before the writing pass.
 
 use super::DeltaBackend;
+use super::read_ahead::{
+    GroupBuffers, GroupRanges, Prefetched, ReadAhead, Rows, decode_all, left_factor, read_group,
+    right_factor, row_factors, rows_cols,
+};
 use crate::direct_io::AlignedBuf;
 use crate::dtype::{Dtype, decode_f32, encode_f32, round_through};
 use crate::error::{Error, Result};
@@ -16,7 +20,6 @@ use crate::sink::TensorSink;
 use crate::source::TensorEntry;
 use rayon::prelude::*;
 use std::borrow::Cow;
-use std::ops::Range;
 use std::sync::Mutex;
 
 /// f32 elements per band (per thread): 8 MB of values, and the same again for the delta.
@@ -27,12 +30,20 @@ const BAND_ELEMS: usize = 2 << 20;
 /// 14336 columns: 61 GFLOP/s at 73 rows, 85 at 292, 92 at 1024 on one core).
 const MIN_BAND_ROWS: usize = 256;
 
+/// Rows per band for a weight with `cols` columns.
+fn band_rows(cols: usize) -> usize {
+    (BAND_ELEMS / cols.max(1)).max(MIN_BAND_ROWS)
+}
+
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
     /// Read buffers kept between tensors: two groups of input rows (one being computed,
-    /// the next being read) and one for whole factors.
+    /// the next being read), one for whole factors, and one for the next tensor's first
+    /// group (lent to the read-ahead).
     buffers: Mutex<ReadBuffers>,
+    /// The next merge's inputs, being read while the current one computes.
+    ahead: Mutex<Option<ReadAhead>>,
     /// One scratch space per worker, kept between bands and tensors: fresh ones would be
     /// zeroed (and page-faulted) for every band.
     scratch: Vec<Mutex<Scratch>>,
@@ -42,6 +53,7 @@ pub struct CpuBackend {
 struct ReadBuffers {
     groups: [GroupBuffers; 2],
     factor: AlignedBuf,
+    spare: Option<GroupBuffers>,
 }
 
 impl CpuBackend {
@@ -58,6 +70,7 @@ impl CpuBackend {
             pool,
             threads,
             buffers: Mutex::default(),
+            ahead: Mutex::default(),
             scratch: (0..threads).map(|_| Mutex::default()).collect(),
         })
     }
@@ -71,11 +84,57 @@ impl DeltaBackend for CpuBackend {
         out_dtype: Dtype,
         sink: &mut dyn TensorSink,
     ) -> Result<()> {
+        self.merge_before(base, steps, None, out_dtype, sink)
+    }
+
+    fn merge_before(
+        &self,
+        base: &TensorEntry,
+        steps: &[Step],
+        next: Option<(&TensorEntry, &[Step])>,
+        out_dtype: Dtype,
+        sink: &mut dyn TensorSink,
+    ) -> Result<()> {
         let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        let ReadBuffers { groups, factor } = &mut *buffers;
-        let job = PreparedMerge::new(base, steps, factor, &self.scratch)?;
+        let ReadBuffers {
+            groups,
+            factor,
+            spare,
+        } = &mut *buffers;
+        let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+        let pre = match ahead.take() {
+            Some(a) if a.is_for(base) => Some(a.join()?),
+            // Read for another tensor (the caller changed its mind): wait, then drop it.
+            Some(a) => {
+                let _ = a.join();
+                None
+            }
+            None => None,
+        };
+        // A group read ahead will replace groups[0]; its old buffers serve the next one.
+        if pre.is_some() {
+            *spare = Some(std::mem::take(&mut groups[0]));
+        }
+        let first = pre;
+        // The next merge's factors and first rows are read while this one computes.
+        if let Some((next_base, next_steps)) = next {
+            let (_, cols) = rows_cols(next_base);
+            *ahead = Some(ReadAhead::start(
+                next_base,
+                next_steps,
+                band_rows(cols) * self.threads,
+                spare.take().unwrap_or_default(),
+            ));
+        }
+        drop(ahead);
+        let job = PreparedMerge::new(base, steps, factor, &self.scratch, first.as_ref())?;
+        // The group read ahead becomes this merge's first group.
+        let first_ranges = first.map(|p| {
+            groups[0] = p.first;
+            p.first_ranges
+        });
         self.pool
-            .install(|| job.run(out_dtype, self.threads, groups, sink))
+            .install(|| job.run(out_dtype, self.threads, groups, first_ranges, sink))
     }
 
     fn describe(&self) -> String {
@@ -108,75 +167,6 @@ impl<'a> Bytes<'a> {
             &self.data[from * es..(from + out.len()) * es],
             out,
         );
-    }
-    fn all(&self) -> Vec<f32> {
-        let mut v = vec![0f32; self.data.len() / self.dtype.size()];
-        self.decode(0, &mut v);
-        v
-    }
-}
-
-/// All of `t` as f32, read in pieces with positioned reads (not through the map) when
-/// contiguous.
-fn decode_all(t: &TensorEntry, buf: &mut AlignedBuf) -> Result<Vec<f32>> {
-    const PIECE: usize = 4 << 20;
-    if t.contiguous_range().is_none() {
-        return Ok(Bytes::of(t).all());
-    }
-    let es = t.dtype.size();
-    let piece = PIECE / es * es;
-    let mut v = vec![0f32; t.numel()];
-    for (i, out) in v.chunks_mut(piece / es).enumerate() {
-        if let Some(r) = t.read_into(i * piece, out.len() * es, buf) {
-            decode_f32(t.dtype, &buf.as_slice()[r?], out);
-        }
-    }
-    Ok(v)
-}
-
-/// Buffers for one group of rows: the weight's and each step's left factor's.
-#[derive(Default)]
-struct GroupBuffers {
-    w: AlignedBuf,
-    left: Vec<AlignedBuf>,
-}
-
-/// Where a group's rows landed in its `GroupBuffers`; None for a tensor read from its
-/// map instead (strided views, and every tensor in `column_sumsq`).
-#[derive(Default)]
-struct GroupRanges {
-    w: Option<Range<usize>>,
-    left: Vec<Option<Range<usize>>>,
-}
-
-/// Rows `[first, …)` of the weight and of the Normal-layout left factors, as bytes.
-struct Rows<'b> {
-    first: usize,
-    w: Option<&'b [u8]>,
-    left: Vec<Option<&'b [u8]>>,
-}
-
-impl<'b> Rows<'b> {
-    /// Nothing read ahead: every tensor is decoded from its map.
-    fn from_maps() -> Rows<'b> {
-        Rows {
-            first: 0,
-            w: None,
-            left: Vec::new(),
-        }
-    }
-
-    fn of(first: usize, bufs: &'b GroupBuffers, ranges: &GroupRanges) -> Rows<'b> {
-        Rows {
-            first,
-            w: ranges.w.clone().map(|r| &bufs.w.as_slice()[r]),
-            left: ranges
-                .left
-                .iter()
-                .zip(&bufs.left)
-                .map(|(r, b)| r.clone().map(|r| &b.as_slice()[r]))
-                .collect(),
-        }
     }
 }
 
@@ -225,7 +215,15 @@ impl<'a> PreparedMerge<'a> {
         steps: &'a [Step],
         factor_buf: &mut AlignedBuf,
         scratch: &'a [Mutex<Scratch>],
+        prefetched: Option<&Prefetched>,
     ) -> Result<PreparedMerge<'a>> {
+        // Decoded from the bytes read ahead when they are there; else read now.
+        let mut decoded = |j: usize, magnitude: bool, t: &TensorEntry| match prefetched
+            .and_then(|p| p.decode(j, magnitude, t))
+        {
+            Some(v) => Ok(v),
+            None => decode_all(t, factor_buf),
+        };
         if !base.dtype.is_float() {
             return Err(Error::tensor(
                 base.file.path(),
@@ -237,10 +235,9 @@ impl<'a> PreparedMerge<'a> {
             ));
         }
         let numel = base.numel();
-        let rows = base.shape.first().copied().unwrap_or(1).max(1);
-        let cols = numel / rows;
+        let (rows, cols) = rows_cols(base);
         let mut prepared = Vec::with_capacity(steps.len());
-        for s in steps {
+        for (j, s) in steps.iter().enumerate() {
             prepared.push(match s {
                 Step::Replace(t) => {
                     if t.numel() != numel || !t.dtype.is_float() {
@@ -258,10 +255,7 @@ impl<'a> PreparedMerge<'a> {
                     }
                 }
                 Step::Lora(l) => {
-                    let (left_t, right_t) = match l.layout {
-                        DeltaLayout::Normal => (&l.b, &l.a),
-                        DeltaLayout::Transposed => (&l.a, &l.b),
-                    };
+                    let (left_t, right_t) = (left_factor(l), right_factor(l));
                     if left_t.numel() != rows * l.r || right_t.numel() != cols * l.r {
                         return Err(internal(base, "LoRA factors do not fit the weight"));
                     }
@@ -275,13 +269,13 @@ impl<'a> PreparedMerge<'a> {
                             if m.numel() != want {
                                 return Err(internal(base, "DoRA magnitude of another size"));
                             }
-                            Some(decode_all(m, factor_buf)?)
+                            Some(decoded(j, true, m)?)
                         }
                         None => None,
                     };
                     Prepared::Lora {
                         left: Bytes::of(left_t),
-                        right: decode_all(right_t, factor_buf)?,
+                        right: decoded(j, false, right_t)?,
                         r: l.r,
                         scale: l.scale,
                         layout: l.layout,
@@ -291,17 +285,10 @@ impl<'a> PreparedMerge<'a> {
                 }
             });
         }
-        let row_factors = steps
-            .iter()
-            .map(|s| match s {
-                Step::Lora(l) if l.layout == DeltaLayout::Normal => Some(&l.b),
-                _ => None,
-            })
-            .collect();
         Ok(PreparedMerge {
             base,
             source_steps: steps,
-            row_factors,
+            row_factors: row_factors(steps),
             scratch,
             w: Bytes::of(base),
             rows,
@@ -320,29 +307,11 @@ impl<'a> PreparedMerge<'a> {
     }
 
     fn band_rows(&self) -> usize {
-        (BAND_ELEMS / self.cols.max(1)).max(MIN_BAND_ROWS)
+        band_rows(self.cols)
     }
 
-    /// Reads rows `[g0, g1)` of the weight and of every row-read factor into `bufs`.
     fn read_group(&self, g0: usize, g1: usize, bufs: &mut GroupBuffers) -> Result<GroupRanges> {
-        let row_bytes = self.cols * self.base.dtype.size();
-        let w = self
-            .base
-            .read_into(g0 * row_bytes, (g1 - g0) * row_bytes, &mut bufs.w)
-            .transpose()?;
-        bufs.left
-            .resize_with(self.row_factors.len(), AlignedBuf::default);
-        let mut left = Vec::with_capacity(self.row_factors.len());
-        for (f, buf) in self.row_factors.iter().zip(&mut bufs.left) {
-            left.push(match f {
-                Some(t) => {
-                    let rb = t.numel() / self.rows.max(1) * t.dtype.size();
-                    t.read_into(g0 * rb, (g1 - g0) * rb, buf).transpose()?
-                }
-                None => None,
-            });
-        }
-        Ok(GroupRanges { w, left })
+        read_group(self.base, &self.row_factors, g0, g1, bufs)
     }
 
     fn run(
@@ -350,6 +319,7 @@ impl<'a> PreparedMerge<'a> {
         out_dtype: Dtype,
         threads: usize,
         bufs: &mut [GroupBuffers; 2],
+        first_group: Option<GroupRanges>,
         sink: &mut dyn TensorSink,
     ) -> Result<()> {
         if self.rows * self.cols == 0 {
@@ -380,7 +350,10 @@ impl<'a> PreparedMerge<'a> {
         let last_round = out_dtype != self.base.dtype;
         let [first, second] = bufs;
         let (mut cur, mut next) = (first, second);
-        let mut ranges = self.read_group(0, group.min(self.rows), cur)?;
+        let mut ranges = match first_group {
+            Some(r) if r.rows() == (0..group.min(self.rows)) => r,
+            _ => self.read_group(0, group.min(self.rows), cur)?,
+        };
         let mut g0 = 0;
         while g0 < self.rows {
             let g1 = (g0 + group).min(self.rows);
@@ -392,7 +365,7 @@ impl<'a> PreparedMerge<'a> {
                     let next = &mut *next;
                     s.spawn(move || self.read_group(g1, n1, next))
                 });
-                let rows = Rows::of(g0, cur, &ranges);
+                let rows = Rows::of(cur, &ranges);
                 let mut out = sink.buffer();
                 out.resize((g1 - g0) * self.cols * oes, 0u8);
                 out.par_chunks_mut(band * self.cols * oes)

@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod cuda;
+mod read_ahead;
 
 use crate::dtype::Dtype;
 use crate::error::Result;
@@ -22,6 +23,18 @@ pub trait DeltaBackend: Send + Sync {
         out_dtype: Dtype,
         sink: &mut dyn TensorSink,
     ) -> Result<()>;
+    /// Like `merge`, told which merge comes next (`next`: its base and steps), so that a
+    /// backend can read its inputs while this one computes.
+    fn merge_before(
+        &self,
+        base: &TensorEntry,
+        steps: &[Step],
+        _next: Option<(&TensorEntry, &[Step])>,
+        out_dtype: Dtype,
+        sink: &mut dyn TensorSink,
+    ) -> Result<()> {
+        self.merge(base, steps, out_dtype, sink)
+    }
     /// For messages and reports ("cpu (8 threads)").
     fn describe(&self) -> String;
 }

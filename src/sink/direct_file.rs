@@ -12,18 +12,14 @@
 //! when asked to, the same buffer is written with ordinary positioned writes, and copies
 //! of unchanged input ranges use `copy_file_range` as `cp` does.
 
-use crate::direct_io::{self, ALIGN, AlignedBuf};
+use crate::direct_io::{self, ALIGN, AlignedBuf, ReadAt};
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-/// Reads `len` bytes at an offset of a source into a buffer; says where they landed.
-pub type ReadRange<'a> =
-    dyn FnMut(u64, usize, &mut AlignedBuf) -> io::Result<std::ops::Range<usize>> + 'a;
-
 /// Staging buffer size: big enough that the device sees large requests.
-const STAGING: usize = 16 << 20;
+const STAGING: usize = 8 << 20;
 
 pub struct DirectFileWriter {
     /// Ordinary descriptor: patches below the staged range, the final length, fallback.
@@ -31,6 +27,8 @@ pub struct DirectFileWriter {
     /// `O_DIRECT` descriptor, while direct writes work.
     direct: Option<File>,
     staging: AlignedBuf,
+    /// Where copied ranges are read to (two: one being read while the other is written).
+    bounce: [AlignedBuf; 2],
     /// Bytes of `staging` in use.
     staged: usize,
     /// File offset of `staging[0]` (a multiple of ALIGN while writing directly).
@@ -54,6 +52,7 @@ impl DirectFileWriter {
             file,
             direct,
             staging: AlignedBuf::with_capacity(STAGING),
+            bounce: Default::default(),
             staged: 0,
             base: 0,
             pos: 0,
@@ -106,16 +105,15 @@ impl DirectFileWriter {
     }
 
     /// Appends `len` bytes of `src` from `offset`: by `copy_file_range` when writing
-    /// through the cache (the kernel copies file to file), else read into the staging
-    /// buffer with `read` (a positioned, ideally direct, read into an aligned buffer).
-    /// Returns false, having written nothing, when the caller should copy the bytes itself.
+    /// through the cache (the kernel copies file to file), else with `read` (a positioned,
+    /// ideally direct, read into an aligned buffer), reading ahead while writing. Returns
+    /// false, having written nothing, when the caller should copy the bytes itself.
     pub fn append_copy(
         &mut self,
         src: &File,
         offset: u64,
         len: usize,
-        read: &mut ReadRange<'_>,
-        bounce: &mut AlignedBuf,
+        read: &ReadAt<'_>,
     ) -> io::Result<bool> {
         if self.direct.is_none() {
             if self.pos != self.base + self.staged as u64 {
@@ -130,19 +128,26 @@ impl DirectFileWriter {
             self.pos = self.base;
             self.len = self.len.max(self.pos);
             if copied < len {
-                let r = read(offset + copied as u64, len - copied, bounce)?;
-                self.write_all(&bounce.as_slice()[r])?;
+                let mut bufs = std::mem::take(&mut self.bounce);
+                let r = direct_io::stream_range(
+                    read,
+                    offset + copied as u64,
+                    len - copied,
+                    STAGING / 2,
+                    &mut bufs,
+                    |b| self.write_all(b),
+                );
+                self.bounce = bufs;
+                r?;
             }
             return Ok(true);
         }
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(STAGING / 2);
-            let r = read(offset + done as u64, n, bounce)?;
-            self.write_all(&bounce.as_slice()[r])?;
-            done += n;
-        }
-        Ok(true)
+        let mut bufs = std::mem::take(&mut self.bounce);
+        let r = direct_io::stream_range(read, offset, len, STAGING / 2, &mut bufs, |b| {
+            self.write_all(b)
+        });
+        self.bounce = bufs;
+        r.map(|()| true)
     }
 
     /// Writes everything out and sets the file's length; returns the ordinary descriptor.
@@ -249,7 +254,8 @@ mod tests {
 
     fn read_with(
         f: &File,
-    ) -> impl FnMut(u64, usize, &mut AlignedBuf) -> io::Result<std::ops::Range<usize>> + '_ {
+    ) -> impl Fn(u64, usize, &mut AlignedBuf) -> io::Result<std::ops::Range<usize>> + Sync + '_
+    {
         move |off, len, buf| direct_io::read_range(None, f, off, len, buf)
     }
 
@@ -266,7 +272,6 @@ mod tests {
             let path = dir.path().join(format!("out-{direct}"));
             let mut w = DirectFileWriter::create(&path, direct).unwrap();
             let mut want: Vec<u8> = Vec::new();
-            let mut bounce = AlignedBuf::default();
             let put = |w: &mut DirectFileWriter, want: &mut Vec<u8>, bytes: &[u8]| {
                 let at = w.stream_position().unwrap() as usize;
                 w.write_all(bytes).unwrap();
@@ -285,14 +290,8 @@ mod tests {
             put(&mut w, &mut want, b"tail-patch");
             w.seek(SeekFrom::End(0)).unwrap();
             assert!(
-                w.append_copy(
-                    &src,
-                    123,
-                    2 * STAGING / 3,
-                    &mut read_with(&src),
-                    &mut bounce
-                )
-                .unwrap()
+                w.append_copy(&src, 123, 2 * STAGING / 3, &read_with(&src))
+                    .unwrap()
             );
             want.extend_from_slice(&src_data[123..123 + 2 * STAGING / 3]);
             put(&mut w, &mut want, &sample(5, 3));

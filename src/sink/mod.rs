@@ -78,10 +78,19 @@ pub trait TensorSink: Send {
     fn write_owned(&mut self, bytes: Vec<u8>) -> Result<()> {
         self.write(&bytes)
     }
-    /// Appends `src.bytes()[start..start + len]`; a pipelined sink passes the reference to
-    /// its writer thread instead of copying.
+    /// Appends `src.bytes()[start..start + len]` (any size: read a piece at a time); a
+    /// pipelined sink passes the reference to its writer thread instead of copying.
     fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
-        self.write(&src.bytes()[start..start + len])?;
+        let mut buf = AlignedBuf::default();
+        let mut at = 0;
+        while at < len {
+            let n = (8 << 20).min(len - at);
+            let r = src
+                .read_at(start + at, n, &mut buf)
+                .map_err(|e| Error::Plan(format!("copying a tensor failed: {e}")))?;
+            self.write(&buf.as_slice()[r])?;
+            at += n;
+        }
         src.done(start, len);
         Ok(())
     }

@@ -5,7 +5,6 @@
 use super::atomic::TempOutput;
 use super::direct_file::DirectFileWriter;
 use super::{OutTensor, PlanCursor, SharedBytes, TensorSink};
-use crate::direct_io::AlignedBuf;
 use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
@@ -13,8 +12,6 @@ use std::sync::Arc;
 
 pub struct SafetensorsWriter {
     out: DirectFileWriter,
-    /// Where copied input ranges are read to (aligned, for direct reads).
-    bounce: AlignedBuf,
     /// None when the file is part of a sharded output, whose folder is the atomic unit.
     temp: Option<TempOutput>,
     path: std::path::PathBuf,
@@ -83,7 +80,6 @@ impl SafetensorsWriter {
         out.write_all(&head).map_err(|e| Error::io(path, e))?;
         Ok(SafetensorsWriter {
             out,
-            bounce: AlignedBuf::default(),
             temp: None,
             path: path.to_path_buf(),
             cursor: PlanCursor::new(plan),
@@ -113,13 +109,9 @@ impl TensorSink for SafetensorsWriter {
         let copied = match src.file() {
             Some(f) => self
                 .out
-                .append_copy(
-                    f,
-                    start as u64,
-                    len,
-                    &mut |at, n, buf| src.read_at(at as usize, n, buf),
-                    &mut self.bounce,
-                )
+                .append_copy(f, start as u64, len, &|at, n, buf| {
+                    src.read_at(at as usize, n, buf)
+                })
                 .map_err(|e| Error::io(&self.path, e))?,
             None => false,
         };

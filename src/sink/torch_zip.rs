@@ -10,7 +10,7 @@ use super::atomic::TempOutput;
 use super::direct_file::DirectFileWriter;
 use super::pickle_writer::{PickledTensor, state_dict_pickle};
 use super::{OutTensor, PlanCursor, SharedBytes, TensorSink};
-use crate::direct_io::AlignedBuf;
+use crate::direct_io::{self, AlignedBuf};
 use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
@@ -22,8 +22,8 @@ const FOLDER: &str = "archive";
 
 pub struct TorchZipWriter {
     zip: ZipWriter<DirectFileWriter>,
-    /// Where shared input ranges are read to (aligned, for direct reads).
-    bounce: AlignedBuf,
+    /// Where shared input ranges are read to (two: one read while the other is written).
+    bounce: [AlignedBuf; 2],
     temp: TempOutput,
     cursor: PlanCursor,
 }
@@ -42,7 +42,7 @@ impl TorchZipWriter {
         let f = DirectFileWriter::create(temp.path(), direct).map_err(|e| Error::io(dest, e))?;
         Ok(TorchZipWriter {
             zip: ZipWriter::new(f),
-            bounce: AlignedBuf::default(),
+            bounce: Default::default(),
             temp,
             cursor: PlanCursor::new(plan),
         })
@@ -83,19 +83,13 @@ impl TensorSink for TorchZipWriter {
     /// Read with a positioned read rather than through the source's map: no page faults,
     /// nothing left resident (the zip crate must see the bytes anyway, for the CRC).
     fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
-        const PIECE: usize = 8 << 20;
-        let mut at = 0;
-        while at < len {
-            let n = PIECE.min(len - at);
-            let r = src
-                .read_at(start + at, n, &mut self.bounce)
-                .map_err(|e| Error::io(self.temp.dest(), e))?;
-            self.cursor.write(n)?;
-            self.zip
-                .write_all(&self.bounce.as_slice()[r])
-                .map_err(|e| Error::io(self.temp.dest(), e))?;
-            at += n;
-        }
+        self.cursor.write(len)?;
+        let read = |at: u64, n: usize, buf: &mut AlignedBuf| src.read_at(at as usize, n, buf);
+        let zip = &mut self.zip;
+        direct_io::stream_range(&read, start as u64, len, 8 << 20, &mut self.bounce, |b| {
+            zip.write_all(b)
+        })
+        .map_err(|e| Error::io(self.temp.dest(), e))?;
         src.done(start, len);
         Ok(())
     }
