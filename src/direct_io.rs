@@ -23,6 +23,51 @@ use std::ptr::NonNull;
 /// device (512 B or 4 KiB logical blocks) and is the page size.
 pub const ALIGN: usize = 4096;
 
+/// How big reads of an input go (`MappedFile::read_at`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Around the page cache, unless most of the file is in the cache already (just
+    /// downloaded or read): then from the cache, which is faster than the disk.
+    #[default]
+    Auto,
+    /// Around the page cache whenever the filesystem allows.
+    Direct,
+    /// Through the page cache.
+    Buffered,
+}
+
+impl ReadMode {
+    fn to_u8(self) -> u8 {
+        match self {
+            ReadMode::Auto => 0,
+            ReadMode::Direct => 1,
+            ReadMode::Buffered => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> ReadMode {
+        match v {
+            1 => ReadMode::Direct,
+            2 => ReadMode::Buffered,
+            _ => ReadMode::Auto,
+        }
+    }
+}
+
+/// A [`ReadMode`] that threads can share and change.
+#[derive(Debug, Default)]
+pub struct AtomicReadMode(std::sync::atomic::AtomicU8);
+
+impl AtomicReadMode {
+    pub fn get(&self) -> ReadMode {
+        ReadMode::from_u8(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+    pub fn set(&self, m: ReadMode) {
+        self.0
+            .store(m.to_u8(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Rounds `n` up to a multiple of [`ALIGN`].
 pub fn align_up(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN

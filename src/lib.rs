@@ -4,13 +4,15 @@
 //! Data flows one way:
 //!
 //! ```text
-//! source (mmap readers) ─▶ plan (names, deltas, checks) ─▶ compute (cpu | cuda) ─▶ sink (writers)
+//! source (readers) ─▶ plan (names, deltas, checks) ─▶ compute (cpu | cuda) ─▶ sink (writers)
 //! ```
 //!
-//! - [`source`] reads safetensors and PyTorch zip checkpoints zero-copy from memory maps.
+//! - [`source`] reads safetensors and PyTorch zip checkpoints: headers from memory maps,
+//!   tensor data with positioned (direct) reads.
 //! - [`plan`] decides output names, dtypes and which tensors get which delta.
 //! - [`sink`] writes `.pth` and safetensors incrementally and atomically.
 //! - [`pipeline`] runs jobs (`convert`) and holds what jobs share.
+//! - [`direct_io`] is the plumbing for reading and writing around the page cache.
 
 pub mod adapter;
 pub mod compute;

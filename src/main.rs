@@ -2,6 +2,7 @@
 //! the one error. Exit codes: 0 success, 1 runtime error, 2 usage error.
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use lorastream::direct_io::ReadMode;
 use lorastream::merge::{Device, MergeOptions, split_named};
 use lorastream::pipeline::{self, ConvertOptions};
 use lorastream::plan::merge::MergeSettings;
@@ -116,15 +117,23 @@ struct OutputArgs {
     /// Largest shard of a sharded output (e.g. 5GB, 500MB, 2GiB, or bytes).
     #[arg(long, default_value = "5GB", value_parser = parse_size)]
     shard_size: u64,
-    /// Read inputs and write the output through the page cache. By default big reads and
-    /// the output bypass it (O_DIRECT) where the filesystem allows: that saves the CPU a
-    /// kernel copy per byte and leaves the cache alone. Buffered can be faster when the
-    /// inputs are already cached and the disk is slow.
+    /// Read inputs and write the output through the page cache. By default the output
+    /// and big reads of inputs that are not already cached bypass it (O_DIRECT) where the
+    /// filesystem allows: that saves the CPU a kernel copy per byte and leaves the cache
+    /// alone.
     #[arg(long)]
     buffered_io: bool,
     /// Print one JSON report on stdout at the end (and no progress bar).
     #[arg(long)]
     json: bool,
+}
+
+fn read_mode(buffered: bool) -> ReadMode {
+    if buffered {
+        ReadMode::Buffered
+    } else {
+        ReadMode::Auto
+    }
 }
 
 fn parse_device(s: &str) -> Result<Device, String> {
@@ -197,7 +206,7 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<(), Error> {
                     shard_size: out.shard_size,
                     direct_io: !out.buffered_io,
                 },
-                buffered_reads: out.buffered_io,
+                reads: read_mode(out.buffered_io),
                 progress: !out.json,
             };
             let report = pipeline::convert(&input, &output, &opts)?;
@@ -243,7 +252,7 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<(), Error> {
                     shard_size: output.shard_size,
                     direct_io: !output.buffered_io,
                 },
-                buffered_reads: output.buffered_io,
+                reads: read_mode(output.buffered_io),
                 dry_run,
                 progress: !json,
                 notify: Some(|note| eprintln!("note: {note}")),

@@ -5,6 +5,7 @@ use crate::adapter::Adapter;
 use crate::compute::DeltaBackend;
 use crate::compute::cpu::CpuBackend;
 use crate::compute::cuda::CudaBackend;
+use crate::direct_io::ReadMode;
 use crate::error::{Error, Result};
 use crate::pipeline::{copy_tensor, peak_rss_bytes, progress_bar, write_pipelined};
 use crate::plan::merge::{Component, MergeSettings, plan};
@@ -58,8 +59,8 @@ pub struct MergeOptions {
     pub threads: Option<usize>,
     pub device: Device,
     pub sink: SinkOptions,
-    /// Read inputs through the page cache instead of around it (see `MappedFile::read_at`).
-    pub buffered_reads: bool,
+    /// How big reads of the inputs go (see `MappedFile::read_at`).
+    pub reads: ReadMode,
     pub dry_run: bool,
     pub progress: bool,
     /// Told things worth one line to a person as they happen (the CLI prints them on
@@ -155,10 +156,8 @@ fn open_components(opts: &MergeOptions) -> Result<Vec<Component>> {
             .filter(|(n, _)| *n == name)
             .map(|(_, p)| Adapter::open(p))
             .collect::<Result<Vec<_>>>()?;
-        if opts.buffered_reads {
-            base.iter().for_each(|b| b.set_direct_reads(false));
-            adapters.iter().for_each(|a| a.set_direct_reads(false));
-        }
+        base.iter().for_each(|b| b.set_read_mode(opts.reads));
+        adapters.iter().for_each(|a| a.set_read_mode(opts.reads));
         comps.push(Component {
             name,
             base,

@@ -2,7 +2,7 @@
 //! shares: streaming one stored tensor into a sink (with an optional cast), timing and
 //! peak-memory reports, and the progress bar.
 
-use crate::direct_io::AlignedBuf;
+use crate::direct_io::{AlignedBuf, ReadMode};
 use crate::dtype::{Dtype, cast_float};
 use crate::error::{Error, Result};
 use crate::plan::{DtypeChoice, RenameRule, rename};
@@ -25,8 +25,8 @@ pub struct ConvertOptions {
     /// `--exclude`: final keys to leave out.
     pub exclude: Vec<regex::Regex>,
     pub sink: SinkOptions,
-    /// Read the input through the page cache instead of around it (`MappedFile::read_at`).
-    pub buffered_reads: bool,
+    /// How big reads of the input go (`MappedFile::read_at`).
+    pub reads: ReadMode,
     pub progress: bool,
 }
 
@@ -48,7 +48,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
     let start = Instant::now();
     let format = sink::OutputFormat::from_path(output)?;
     let ckpt = source::open(input)?;
-    ckpt.set_direct_reads(!opts.buffered_reads);
+    ckpt.set_read_mode(opts.reads);
     let (plan, sources): (Vec<OutTensor>, Vec<&TensorEntry>) = ckpt
         .tensors
         .iter()

@@ -111,13 +111,17 @@ fn writers_round_trip_every_fixture() {
                 continue;
             }
             let out = dir.path().join(format!("out{i}.{ext}"));
-            let opts = ConvertOptions::default();
+            // Direct reads (the fixtures are cached, so the default would read buffered).
+            let opts = ConvertOptions {
+                reads: lorastream::direct_io::ReadMode::Direct,
+                ..Default::default()
+            };
             convert(&io_dir().join(input), &out, &opts)
                 .unwrap_or_else(|e| panic!("{input} -> {ext}: {e}"));
             // Through the page cache: the same bytes.
             let buffered = dir.path().join(format!("buffered{i}.{ext}"));
             let mut opts = ConvertOptions {
-                buffered_reads: true,
+                reads: lorastream::direct_io::ReadMode::Buffered,
                 ..Default::default()
             };
             opts.sink.direct_io = false;

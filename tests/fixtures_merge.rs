@@ -260,19 +260,27 @@ fn output_bytes_do_not_depend_on_thread_count() {
         ],
         2,
     );
-    // Every thread count, with direct and with buffered I/O, in both file formats.
+    // Every thread count, with direct, automatic (here: cached, so buffered reads) and
+    // buffered I/O, in both file formats.
+    use lorastream::direct_io::ReadMode;
     let mut outs = Vec::new();
     for ext in ["pth", "safetensors"] {
         let mut same_format = Vec::new();
-        for (threads, buffered) in [(1, false), (2, false), (3, false), (2, true)] {
-            let out = dir.path().join(format!("t{threads}-{buffered}.{ext}"));
+        for (threads, reads) in [
+            (1, ReadMode::Direct),
+            (2, ReadMode::Direct),
+            (3, ReadMode::Direct),
+            (2, ReadMode::Auto),
+            (2, ReadMode::Buffered),
+        ] {
+            let out = dir.path().join(format!("t{threads}-{reads:?}.{ext}"));
             let o = MergeOptions {
                 bases: vec![(None, base.clone())],
                 loras: vec![(None, ad.clone())],
                 threads: Some(threads),
-                buffered_reads: buffered,
+                reads,
                 sink: lorastream::sink::SinkOptions {
-                    direct_io: !buffered,
+                    direct_io: reads != ReadMode::Buffered,
                     ..Default::default()
                 },
                 ..Default::default()
@@ -284,7 +292,7 @@ fn output_bytes_do_not_depend_on_thread_count() {
         outs.push(same_format);
     }
     let base_bytes = source::open(&base).unwrap().tensors[0].bytes().into_owned();
-    let merged = source::open(&dir.path().join("t1-false.pth")).unwrap();
+    let merged = source::open(&dir.path().join("t1-Direct.pth")).unwrap();
     assert_ne!(
         merged.tensors[0].bytes().as_ref(),
         base_bytes.as_slice(),

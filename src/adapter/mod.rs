@@ -60,8 +60,8 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    /// Whether big reads of the adapter's tensors may bypass the page cache (default yes).
-    pub fn set_direct_reads(&self, on: bool) {
+    /// How big reads of the adapter's tensors go (see `MappedFile::read_at`).
+    pub fn set_read_mode(&self, mode: crate::direct_io::ReadMode) {
         for m in &self.modules {
             for t in [
                 Some(&m.a),
@@ -72,11 +72,11 @@ impl Adapter {
             .into_iter()
             .flatten()
             {
-                t.file.set_direct_reads(on);
+                t.file.set_read_mode(mode);
             }
         }
         for r in &self.replacements {
-            r.tensor.file.set_direct_reads(on);
+            r.tensor.file.set_read_mode(mode);
         }
     }
 

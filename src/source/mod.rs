@@ -1,10 +1,12 @@
-//! Sources: read-only, zero-copy views of tensors inside memory-mapped checkpoint files.
+//! Sources: read-only views of tensors inside checkpoint files.
 //!
 //! A [`Checkpoint`] lists [`TensorEntry`]s in file order; each entry knows its dtype,
-//! shape and where its bytes live in which [`MappedFile`]. Nothing is read until a caller
-//! asks for an entry's bytes, and [`TensorEntry::release`] hands the pages back to the
-//! kernel once they are consumed so resident memory stays flat however big the model is.
-//! Sources know nothing of plans or writers.
+//! shape and where its bytes live in which [`MappedFile`]. Headers and small tensors are
+//! read zero-copy from the file's memory map; big ranges are streamed with
+//! [`MappedFile::read_at`] (positioned reads around the page cache into reusable buffers),
+//! which costs no page faults and leaves nothing resident. Pages touched through the map
+//! are handed back with [`TensorEntry::release`], so resident memory stays flat however big
+//! the model is. Sources know nothing of plans or writers.
 
 mod layout;
 pub mod pickle;
@@ -13,13 +15,12 @@ mod torch_zip;
 
 pub use layout::{AdapterFiles, open, open_adapter};
 
-use crate::direct_io::{self, AlignedBuf};
+use crate::direct_io::{self, AlignedBuf, AtomicReadMode, ReadMode};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// A file mapped read-only into memory.
@@ -30,10 +31,11 @@ pub struct MappedFile {
     file: std::fs::File,
     map: Option<Mmap>,
     /// A second descriptor with `O_DIRECT`, opened on the first big read; None inside
-    /// when the filesystem refuses it.
+    /// when the filesystem refuses it, or (`ReadMode::Auto`) when the file is mostly in
+    /// the page cache already.
     direct: OnceLock<Option<std::fs::File>>,
-    /// Cleared by [`MappedFile::set_direct_reads`] or when a direct read fails.
-    direct_allowed: AtomicBool,
+    /// Set by [`MappedFile::set_read_mode`]; `Buffered` after a refused direct read.
+    mode: AtomicReadMode,
 }
 
 impl MappedFile {
@@ -54,7 +56,7 @@ impl MappedFile {
             file,
             map,
             direct: OnceLock::new(),
-            direct_allowed: AtomicBool::new(true),
+            mode: AtomicReadMode::default(),
         }))
     }
 
@@ -87,13 +89,32 @@ impl MappedFile {
         }
     }
 
-    /// Whether big reads ([`MappedFile::read_at`]) may bypass the page cache (the default).
-    pub fn set_direct_reads(&self, on: bool) {
-        self.direct_allowed.store(on, Ordering::Relaxed);
+    /// How big reads ([`MappedFile::read_at`]) go; `ReadMode::Auto` by default.
+    pub fn set_read_mode(&self, mode: ReadMode) {
+        self.mode.set(mode);
+    }
+
+    /// Whether more than half of the file is in the page cache (one `mincore` call). The
+    /// kernel may answer "no" for files the caller does not own; then reads go direct.
+    fn mostly_cached(&self) -> bool {
+        let Some(map) = &self.map else { return false };
+        let pages = map.len().div_ceil(page_size());
+        let mut resident = vec![0u8; pages];
+        // SAFETY: `map` is a live mapping of map.len() bytes starting on a page boundary,
+        // and `resident` has one byte per page of it, as mincore requires.
+        let rc = unsafe {
+            libc::mincore(
+                map.as_ptr() as *mut libc::c_void,
+                map.len(),
+                resident.as_mut_ptr(),
+            )
+        };
+        rc == 0 && resident.iter().filter(|&&b| b & 1 == 1).count() * 2 > pages
     }
 
     /// Reads bytes `[start, start + len)` into `buf` with a positioned read (bypassing
-    /// the page cache where the filesystem allows) and returns where in `buf` they are.
+    /// the page cache as the read mode says and the filesystem allows) and returns where
+    /// in `buf` they are.
     /// For streaming big ranges: unlike touching the map, this costs no page faults and
     /// leaves nothing resident. Falls back to reading through the cache when a direct
     /// read is refused.
@@ -112,18 +133,25 @@ impl MappedFile {
                 "read past the end of the file",
             ));
         }
-        let direct = if self.direct_allowed.load(Ordering::Relaxed) {
-            self.direct
-                .get_or_init(|| direct_io::open_direct_read(&self.path))
-                .as_ref()
-        } else {
+        let mode = self.mode.get();
+        let direct = if mode == ReadMode::Buffered {
             None
+        } else {
+            self.direct
+                .get_or_init(|| {
+                    if mode == ReadMode::Auto && self.mostly_cached() {
+                        None
+                    } else {
+                        direct_io::open_direct_read(&self.path)
+                    }
+                })
+                .as_ref()
         };
         if direct.is_some() {
             match direct_io::read_range(direct, &self.file, start as u64, len, buf) {
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     // The device wants another alignment: read through the cache from now on.
-                    self.set_direct_reads(false);
+                    self.set_read_mode(ReadMode::Buffered);
                 }
                 other => return other,
             }
@@ -135,7 +163,7 @@ impl MappedFile {
     /// with buffered reads: direct reads skip the cache, so reading ahead into it would
     /// read every byte twice.
     pub fn prefetch(&self, start: usize, len: usize) {
-        if self.direct_allowed.load(Ordering::Relaxed) {
+        if self.mode.get() != ReadMode::Buffered {
             return;
         }
         let Some(map) = &self.map else { return };
@@ -306,11 +334,10 @@ impl Checkpoint {
         self.tensors.iter().map(|t| t.nbytes() as u64).sum()
     }
 
-    /// Whether big reads may bypass the page cache (default: yes, where the filesystem
-    /// allows); see [`MappedFile::read_at`].
-    pub fn set_direct_reads(&self, on: bool) {
+    /// How big reads of the checkpoint's files go; see [`MappedFile::read_at`].
+    pub fn set_read_mode(&self, mode: ReadMode) {
         for f in &self.files {
-            f.set_direct_reads(on);
+            f.set_read_mode(mode);
         }
     }
 
