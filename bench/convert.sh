@@ -29,10 +29,13 @@ with open(path, "wb") as f:
     for i in range(n_t): f.write(block)
 PYEOF
 bytes=$(stat -c %s "$src")
-timeit() { # prints wall seconds, peak RSS KB of a command
+timeit() { # OUT CMD... -> prints wall seconds (CMD, then `sync OUT`), peak RSS KB
+  local out=$1; shift
   sync
   if [ "$cache" = cold ]; then echo 3 > /proc/sys/vm/drop_caches; fi
-  /usr/bin/time -f "%e %M" -o "$work/time" "$@" >/dev/null 2>&1
+  # Timed until the output is on disk: a writer that leaves it dirty in the page cache
+  # (cp, dd) and one that writes around the cache (lorastream) then compare fairly.
+  /usr/bin/time -f "%e %M" -o "$work/time" sh -c '"$@" && sync "$0"' "$out" "$@" >/dev/null 2>&1
   cat "$work/time"
 }
 sync
@@ -40,17 +43,17 @@ results=()
 for round in 1 2 3; do
   # Each output is deleted right after its timing, so every command starts from the same
   # page-cache state (a command that runs after another's 2 GB output pays for reclaiming it).
-  read -r cp_s _ < <(timeit cp "$src" "$work/copy"); rm -f "$work/copy"
-  read -r dd_s _ < <(timeit dd if="$src" of="$work/copy" bs=16M status=none); rm -f "$work/copy"
-  read -r pth_s pth_kb < <(timeit "$bin" convert "$src" "$work/out.pth"); rm -f "$work/out.pth"
-  read -r st_s st_kb < <(timeit "$bin" convert "$src" "$work/out.safetensors"); rm -f "$work/out.safetensors"
+  read -r cp_s _ < <(timeit "$work/copy" cp "$src" "$work/copy"); rm -f "$work/copy"
+  read -r dd_s _ < <(timeit "$work/copy" dd if="$src" of="$work/copy" bs=16M status=none); rm -f "$work/copy"
+  read -r pth_s pth_kb < <(timeit "$work/out.pth" "$bin" convert "$src" "$work/out.pth"); rm -f "$work/out.pth"
+  read -r st_s st_kb < <(timeit "$work/out.safetensors" "$bin" convert "$src" "$work/out.safetensors"); rm -f "$work/out.safetensors"
   results+=("| $round | $cp_s | $dd_s | $pth_s | $(echo "scale=2; $cp_s / $pth_s" | bc) | $st_s | $(echo "scale=2; $cp_s / $st_s" | bc) | $((pth_kb / 1024)) / $((st_kb / 1024)) |")
 done
 {
   echo
   echo "## $(date -u +%Y-%m-%dT%H:%MZ) — convert, $(echo "scale=2; $bytes / 1000000000" | bc) GB bf16 safetensors"
   echo
-  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB RAM, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); page cache $cache$([ "$cache" = cold ] && echo ' (dropped before every timed command)' || echo ' (the input was just written)'); the output is not synced inside the timing for any tool."
+  echo "Machine: $(nproc) cores, $(free -g | awk '/Mem/{print $2}') GiB RAM, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); page cache $cache$([ "$cache" = cold ] && echo ' (dropped before every timed command)' || echo ' (the input was just written)'); every command is timed until its output is on disk (the command, then \`sync\` of the output)."
   echo
   echo "| round | cp s | dd bs=16M s | → .pth s | .pth throughput ÷ cp | → .safetensors s | .safetensors ÷ cp | peak RSS MB (.pth / .st) |"
   echo "|---|---|---|---|---|---|---|---|"
