@@ -81,16 +81,7 @@ pub trait TensorSink: Send {
     /// Appends `src.bytes()[start..start + len]` (any size: read a piece at a time); a
     /// pipelined sink passes the reference to its writer thread instead of copying.
     fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
-        let mut buf = AlignedBuf::default();
-        let mut at = 0;
-        while at < len {
-            let n = (8 << 20).min(len - at);
-            let r = src
-                .read_at(start + at, n, &mut buf)
-                .map_err(|e| Error::Plan(format!("copying a tensor failed: {e}")))?;
-            self.write(&buf.as_slice()[r])?;
-            at += n;
-        }
+        copy_in_pieces(src.as_ref(), start, len, |b| self.write(b))?;
         src.done(start, len);
         Ok(())
     }
@@ -104,6 +95,28 @@ pub trait TensorSink: Send {
     fn end(&mut self) -> Result<()>;
     /// Completes the file(s) and moves them into place.
     fn finish(self: Box<Self>) -> Result<()>;
+}
+
+/// Passes `src.bytes()[start..start + len]` to `write` 8 MiB at a time, read with
+/// `SharedBytes::read_at`: bounded memory however big the range, and no pages of a
+/// mapped source left resident.
+pub(crate) fn copy_in_pieces(
+    src: &dyn SharedBytes,
+    start: usize,
+    len: usize,
+    mut write: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut buf = AlignedBuf::default();
+    let mut at = 0;
+    while at < len {
+        let n = (8 << 20).min(len - at);
+        let r = src
+            .read_at(start + at, n, &mut buf)
+            .map_err(|e| Error::Plan(format!("copying a tensor failed: {e}")))?;
+        write(&buf.as_slice()[r])?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Output formats, chosen from the output path.

@@ -4,7 +4,7 @@
 
 use super::atomic::TempOutput;
 use super::direct_file::DirectFileWriter;
-use super::{OutTensor, PlanCursor, SharedBytes, TensorSink};
+use super::{OutTensor, PlanCursor, SharedBytes, TensorSink, copy_in_pieces};
 use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
@@ -116,9 +116,10 @@ impl TensorSink for SafetensorsWriter {
             None => false,
         };
         if !copied {
-            self.out
-                .write_all(&src.bytes()[start..start + len])
-                .map_err(|e| Error::io(&self.path, e))?;
+            let (out, path) = (&mut self.out, &self.path);
+            copy_in_pieces(src.as_ref(), start, len, |b| {
+                out.write_all(b).map_err(|e| Error::io(path, e))
+            })?;
         }
         src.done(start, len);
         Ok(())
