@@ -8,6 +8,12 @@
 //! CRC: a write below the staged range is a small positioned write through the ordinary
 //! descriptor (coherent: the blocks it touches were already written).
 //!
+//! Big copies of unchanged input ranges run on a helper thread
+//! ([`DirectFileWriter::append_copy_background`]): the block-aligned middle of the range is
+//! read and written there while the caller goes on appending what follows, so a 1 GB
+//! embedding copied at the start of a merge does not hold up the computed tensors behind
+//! it. The partial blocks at both ends go through the staging buffer as usual.
+//!
 //! Where the filesystem refuses `O_DIRECT` (at open, or EINVAL on the first write), or
 //! when asked to, the same buffer is written with ordinary positioned writes, and copies
 //! of unchanged input ranges use `copy_file_range` as `cp` does.
@@ -17,9 +23,17 @@ use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 /// Staging buffer size: big enough that the device sees large requests.
 const STAGING: usize = 8 << 20;
+
+/// Copies at least this big run on a helper thread (`append_copy_background`).
+const BACKGROUND_MIN: usize = 32 << 20;
+
+/// A reader a helper thread can own: `ReadAt` behind an `Arc`.
+pub type SharedReadAt =
+    Arc<dyn Fn(u64, usize, &mut AlignedBuf) -> io::Result<std::ops::Range<usize>> + Send + Sync>;
 
 pub struct DirectFileWriter {
     /// Ordinary descriptor: patches below the staged range, the final length, fallback.
@@ -37,6 +51,8 @@ pub struct DirectFileWriter {
     pos: u64,
     /// Length of the file as written so far.
     len: u64,
+    /// The copy running on a helper thread, if any.
+    background: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
 
 impl DirectFileWriter {
@@ -57,6 +73,7 @@ impl DirectFileWriter {
             base: 0,
             pos: 0,
             len: 0,
+            background: None,
         })
     }
 
@@ -128,31 +145,83 @@ impl DirectFileWriter {
             self.pos = self.base;
             self.len = self.len.max(self.pos);
             if copied < len {
-                let mut bufs = std::mem::take(&mut self.bounce);
-                let r = direct_io::stream_range(
-                    read,
-                    offset + copied as u64,
-                    len - copied,
-                    STAGING / 2,
-                    &mut bufs,
-                    |b| self.write_all(b),
-                );
-                self.bounce = bufs;
-                r?;
+                self.stream(read, offset + copied as u64, len - copied)?;
             }
             return Ok(true);
         }
+        self.stream(read, offset, len).map(|()| true)
+    }
+
+    /// Appends `len` bytes read by `read` from `offset`, the block-aligned middle of them
+    /// written on a helper thread while the caller goes on appending (at most one such copy
+    /// runs at a time; `finish` waits for it). Returns false, having written nothing, where
+    /// it does not apply: not writing directly, a range under 32 MiB, or not appending.
+    pub fn append_copy_background(
+        &mut self,
+        read: SharedReadAt,
+        offset: u64,
+        len: usize,
+    ) -> io::Result<bool> {
+        if self.direct.is_none()
+            || len < BACKGROUND_MIN
+            || self.pos != self.base + self.staged as u64
+        {
+            return Ok(false);
+        }
+        self.join_background()?;
+        let a = ALIGN as u64;
+        let (start, end) = (self.pos, self.pos + len as u64);
+        let (first, last) = (start.div_ceil(a) * a, end / a * a);
+        let head = (first - start) as usize;
+        let tail = (end - last) as usize;
+        self.stream(&*read, offset, head)?;
+        // Everything staged now ends on a block boundary: write it all.
+        self.flush_staged(false)?;
+        let Some(direct) = self.direct.as_ref().filter(|_| self.staged == 0) else {
+            // Direct writes were just refused: copy the rest here, through the cache.
+            self.stream(&*read, offset + head as u64, len - head)?;
+            return Ok(true);
+        };
+        let mut blocks = BlockWriter {
+            direct: Some(direct.try_clone()?),
+            buffered: self.file.try_clone()?,
+        };
+        let (from, n) = (offset + head as u64, (last - first) as usize);
+        let reader = Arc::clone(&read);
+        self.background = Some(std::thread::spawn(move || {
+            blocks.copy(&*reader, from, n, first)
+        }));
+        self.base = last;
+        self.pos = last;
+        self.len = self.len.max(last);
+        self.staged = 0;
+        self.stream(&*read, offset + (len - tail) as u64, tail)?;
+        Ok(true)
+    }
+
+    /// Appends `len` bytes read by `read` from `offset` through the staging buffer.
+    fn stream(&mut self, read: &ReadAt<'_>, offset: u64, len: usize) -> io::Result<()> {
         let mut bufs = std::mem::take(&mut self.bounce);
         let r = direct_io::stream_range(read, offset, len, STAGING / 2, &mut bufs, |b| {
             self.write_all(b)
         });
         self.bounce = bufs;
-        r.map(|()| true)
+        r
+    }
+
+    fn join_background(&mut self) -> io::Result<()> {
+        match self.background.take() {
+            Some(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("the copying thread panicked"))),
+            None => Ok(()),
+        }
     }
 
     /// Writes everything out and sets the file's length; returns the ordinary descriptor.
     /// No fsync: like cp and torch.save we leave that to the kernel.
     pub fn finish(mut self) -> io::Result<File> {
+        self.join_background()?;
         self.flush_staged(true)?;
         self.file.set_len(self.len)?;
         Ok(self.file)
@@ -212,6 +281,48 @@ impl Seek for DirectFileWriter {
             io::Error::new(io::ErrorKind::InvalidInput, "seek to a negative position")
         })?;
         Ok(self.pos)
+    }
+}
+
+/// Whole aligned blocks written at given offsets, directly while the device takes it.
+struct BlockWriter {
+    direct: Option<File>,
+    buffered: File,
+}
+
+impl BlockWriter {
+    fn write(&mut self, blocks: &[u8], at: u64) -> io::Result<()> {
+        if let Some(d) = &self.direct {
+            match d.write_all_at(blocks, at) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
+                other => return other,
+            }
+        }
+        self.buffered.write_all_at(blocks, at)
+    }
+
+    /// Copies `len` bytes (whole blocks) read by `read` from `from` to the file at `at`
+    /// (block-aligned), through an aligned buffer of its own.
+    fn copy(&mut self, read: &ReadAt<'_>, from: u64, len: usize, mut at: u64) -> io::Result<()> {
+        let mut staging = AlignedBuf::with_capacity(STAGING);
+        let mut bufs = [AlignedBuf::default(), AlignedBuf::default()];
+        let mut filled = 0;
+        direct_io::stream_range(read, from, len, STAGING / 2, &mut bufs, |mut b| {
+            while !b.is_empty() {
+                let n = b.len().min(STAGING - filled);
+                staging.as_mut_slice()[filled..filled + n].copy_from_slice(&b[..n]);
+                filled += n;
+                b = &b[n..];
+                if filled == STAGING {
+                    self.write(&staging.as_slice()[..filled], at)?;
+                    at += filled as u64;
+                    filled = 0;
+                }
+            }
+            Ok(())
+        })?;
+        // `len` is whole blocks, so what is left is too.
+        self.write(&staging.as_slice()[..filled], at)
     }
 }
 
@@ -305,6 +416,50 @@ mod tests {
             assert_eq!(got.len(), want.len(), "direct={direct}");
             assert!(got == want, "direct={direct}: contents differ");
         }
+    }
+
+    /// A big copy on the helper thread lands exactly where a plain append would put it,
+    /// with unaligned ends on both sides and writes after it; buffered, it is declined.
+    #[test]
+    fn background_copies_land_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        let src_data = sample(BACKGROUND_MIN + 3 * STAGING + 1234, 7);
+        std::fs::write(&src_path, &src_data).unwrap();
+        let src = File::open(&src_path).unwrap();
+        let reader: SharedReadAt = {
+            let f = src.try_clone().unwrap();
+            Arc::new(move |off, len, buf| direct_io::read_range(None, &f, off, len, buf))
+        };
+        for (lead, from, n) in [
+            (100, 5, BACKGROUND_MIN + STAGING + 777),
+            (ALIGN, ALIGN as u64, BACKGROUND_MIN),
+            (7, 0, src_data.len()),
+        ] {
+            let path = dir.path().join(format!("bg-{lead}-{from}"));
+            let mut w = DirectFileWriter::create(&path, true).unwrap();
+            let direct = w.is_direct();
+            let mut want = sample(lead, 1);
+            w.write_all(&want).unwrap();
+            let took = w
+                .append_copy_background(Arc::clone(&reader), from, n)
+                .unwrap();
+            assert_eq!(took, direct, "taken exactly when writing directly");
+            if !took {
+                w.append_copy(&src, from, n, &read_with(&src)).unwrap();
+            }
+            want.extend_from_slice(&src_data[from as usize..from as usize + n]);
+            let after = sample(STAGING + 99, 3);
+            w.write_all(&after).unwrap();
+            want.extend_from_slice(&after);
+            w.finish().unwrap();
+            assert!(
+                std::fs::read(&path).unwrap() == want,
+                "lead {lead}: contents differ"
+            );
+        }
+        let mut w = DirectFileWriter::create(&dir.path().join("buffered"), false).unwrap();
+        assert!(!w.append_copy_background(reader, 0, BACKGROUND_MIN).unwrap());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! streams in plan order.
 
 use super::atomic::TempOutput;
-use super::direct_file::DirectFileWriter;
+use super::direct_file::{DirectFileWriter, SharedReadAt};
 use super::{OutTensor, PlanCursor, SharedBytes, TensorSink, copy_in_pieces};
 use crate::error::{Error, Result};
 use std::io::Write;
@@ -104,17 +104,24 @@ impl TensorSink for SafetensorsWriter {
     }
     fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
         self.cursor.write(len)?;
-        // Same bytes, same place: the kernel copies them file to file (or, when writing
-        // directly, reads them straight into the aligned staging path).
-        let copied = match src.file() {
-            Some(f) => self
+        // Same bytes, same place. Writing directly: a big range is copied on a helper thread
+        // while the tensors after it are written; a small one through the staging buffer.
+        // Through the cache: the kernel copies file to file.
+        let reader = Arc::clone(src);
+        let background: SharedReadAt =
+            Arc::new(move |at, n, buf| reader.read_at(at as usize, n, buf));
+        let mut copied = self
+            .out
+            .append_copy_background(background, start as u64, len)
+            .map_err(|e| Error::io(&self.path, e))?;
+        if !copied && let Some(f) = src.file() {
+            copied = self
                 .out
                 .append_copy(f, start as u64, len, &|at, n, buf| {
                     src.read_at(at as usize, n, buf)
                 })
-                .map_err(|e| Error::io(&self.path, e))?,
-            None => false,
-        };
+                .map_err(|e| Error::io(&self.path, e))?;
+        }
         if !copied {
             let (out, path) = (&mut self.out, &self.path);
             copy_in_pieces(src.as_ref(), start, len, |b| {
