@@ -112,10 +112,15 @@ impl AlignedBuf {
         if cap <= self.cap {
             return;
         }
-        let cap = align_up(cap);
-        let Ok(layout) = Layout::from_size_align(cap, ALIGN) else {
+        // Sizes come from file lengths; one that cannot be rounded up could never be
+        // allocated either.
+        let Some(layout) = cap
+            .checked_next_multiple_of(ALIGN)
+            .and_then(|c| Layout::from_size_align(c, ALIGN).ok())
+        else {
             std::alloc::handle_alloc_error(Layout::new::<u8>());
         };
+        let cap = layout.size();
         // SAFETY: the layout has a non-zero size (cap > self.cap >= 0 and rounded up).
         let p = unsafe { alloc_zeroed(layout) };
         let Some(p) = NonNull::new(p) else {

@@ -103,7 +103,7 @@ impl DeltaBackend for CpuBackend {
         } = &mut *buffers;
         let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
         let pre = match ahead.take() {
-            Some(a) if a.is_for(base) => Some(a.join()?),
+            Some(a) if a.is_for(base, steps) => Some(a.join()?),
             // Read for another tensor (the caller changed its mind): wait, then drop it.
             Some(a) => {
                 let _ = a.join();
@@ -584,5 +584,93 @@ impl<'a> PreparedMerge<'a> {
                 round_through(wd, &mut scratch.value);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::merge_types::LoraStep;
+    use crate::sink::OutTensor;
+    use crate::source::{MappedFile, TensorData};
+
+    struct Collect(Vec<u8>);
+    impl TensorSink for Collect {
+        fn begin(&mut self, _: &OutTensor) -> Result<()> {
+            Ok(())
+        }
+        fn write(&mut self, b: &[u8]) -> Result<()> {
+            self.0.extend_from_slice(b);
+            Ok(())
+        }
+        fn end(&mut self) -> Result<()> {
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A read-ahead announced for one merge is not used for another merge of the same
+    /// weight with other factors of the same shape (found in review).
+    #[test]
+    fn read_ahead_serves_only_the_announced_merge() {
+        let (rows, cols, r) = (4usize, 8usize, 2usize);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut data: Vec<f32> = Vec::new();
+        data.extend((0..rows * cols).map(|i| i as f32)); // W
+        data.extend((0..r * cols).map(|i| 1.0 + i as f32)); // A1
+        data.extend((0..rows * r).map(|i| 0.5 + i as f32)); // B1
+        data.extend((0..r * cols).map(|i| -3.0 * i as f32)); // A2
+        data.extend((0..rows * r).map(|i| 7.0 - i as f32)); // B2
+        std::fs::write(&path, bytemuck::cast_slice::<f32, u8>(&data)).unwrap();
+        let file = MappedFile::open(&path).unwrap();
+        let mut at = 0;
+        let mut entry = |name: &str, shape: Vec<usize>| {
+            let len = shape.iter().product::<usize>() * 4;
+            let t = TensorEntry {
+                name: name.into(),
+                dtype: Dtype::F32,
+                shape,
+                file: file.clone(),
+                data: TensorData::Contiguous { start: at, len },
+            };
+            at += len;
+            t
+        };
+        let w = entry("w", vec![rows, cols]);
+        let (a1, b1) = (entry("a1", vec![r, cols]), entry("b1", vec![rows, r]));
+        let (a2, b2) = (entry("a2", vec![r, cols]), entry("b2", vec![rows, r]));
+        let step = |a: &TensorEntry, b: &TensorEntry| {
+            vec![Step::Lora(Box::new(LoraStep {
+                a: a.clone(),
+                b: b.clone(),
+                r,
+                scale: 1.0,
+                layout: DeltaLayout::Normal,
+                round_delta_first: false,
+                magnitude: None,
+            }))]
+        };
+        let (s1, s2) = (step(&a1, &b1), step(&a2, &b2));
+        let fresh = {
+            let be = CpuBackend::new(Some(1)).unwrap();
+            let mut out = Collect(Vec::new());
+            be.merge(&w, &s2, Dtype::F32, &mut out).unwrap();
+            out.0
+        };
+        let be = CpuBackend::new(Some(1)).unwrap();
+        let mut out = Collect(Vec::new());
+        be.merge_before(&w, &s1, Some((&w, &s1)), Dtype::F32, &mut out)
+            .unwrap();
+        let announced = out.0;
+        let mut out = Collect(Vec::new());
+        be.merge(&w, &s2, Dtype::F32, &mut out).unwrap();
+        assert!(
+            out.0 == fresh,
+            "merge(w, s2) used the factors read ahead for s1"
+        );
+        assert!(announced != fresh, "the two merges should differ");
     }
 }

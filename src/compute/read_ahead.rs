@@ -181,7 +181,34 @@ impl Prefetched {
 /// The next merge's inputs, being read on a helper thread.
 pub(super) struct ReadAhead {
     base: TensorEntry,
-    handle: std::thread::JoinHandle<Result<Prefetched>>,
+    /// Every tensor the steps read, in order: the read-ahead serves only the same merge.
+    step_tensors: Vec<TensorEntry>,
+    /// Taken by `join`; joined on drop otherwise, so no reader outlives its backend.
+    handle: Option<std::thread::JoinHandle<Result<Prefetched>>>,
+}
+
+/// The tensors a merge's steps read, in order.
+fn step_tensors(steps: &[Step]) -> Vec<TensorEntry> {
+    let mut out = Vec::new();
+    for s in steps {
+        match s {
+            Step::Lora(l) => {
+                out.extend([l.a.clone(), l.b.clone()]);
+                out.extend(l.magnitude.clone());
+            }
+            Step::Replace(t) | Step::AddBias { bias: t, .. } => out.push(t.clone()),
+        }
+    }
+    out
+}
+
+/// Whether two entries are the same bytes of the same open file.
+fn same_tensor(a: &TensorEntry, b: &TensorEntry) -> bool {
+    Arc::ptr_eq(&a.file, &b.file)
+        && a.name == b.name
+        && a.dtype == b.dtype
+        && a.shape == b.shape
+        && a.contiguous_range() == b.contiguous_range()
 }
 
 impl ReadAhead {
@@ -196,27 +223,42 @@ impl ReadAhead {
         let handle = std::thread::spawn(move || prefetch(&b, &s, group_rows, bufs));
         ReadAhead {
             base: base.clone(),
-            handle,
+            step_tensors: step_tensors(steps),
+            handle: Some(handle),
         }
     }
 
-    /// Whether this is `base`'s read-ahead.
-    pub(super) fn is_for(&self, base: &TensorEntry) -> bool {
-        Arc::ptr_eq(&self.base.file, &base.file)
-            && self.base.name == base.name
-            && self.base.contiguous_range() == base.contiguous_range()
+    /// Whether this is the read-ahead of `base` with `steps` (the same tensors of the same
+    /// files: another adapter of the same shape must not get these factors).
+    pub(super) fn is_for(&self, base: &TensorEntry, steps: &[Step]) -> bool {
+        let theirs = step_tensors(steps);
+        same_tensor(&self.base, base)
+            && theirs.len() == self.step_tensors.len()
+            && theirs
+                .iter()
+                .zip(&self.step_tensors)
+                .all(|(a, b)| same_tensor(a, b))
     }
 
     /// Waits for the reads; their errors name the tensor.
-    pub(super) fn join(self) -> Result<Prefetched> {
-        let base = self.base;
-        self.handle.join().unwrap_or_else(|_| {
-            Err(Error::tensor(
-                base.file.path(),
-                &base.name,
+    pub(super) fn join(mut self) -> Result<Prefetched> {
+        let joined = self.handle.take().map(|h| h.join());
+        match joined {
+            Some(Ok(r)) => r,
+            _ => Err(Error::tensor(
+                self.base.file.path(),
+                &self.base.name,
                 "internal: the read-ahead thread panicked",
-            ))
-        })
+            )),
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Staging buffer size: big enough that the device sees large requests.
 const STAGING: usize = 8 << 20;
@@ -52,7 +53,16 @@ pub struct DirectFileWriter {
     /// Length of the file as written so far.
     len: u64,
     /// The copy running on a helper thread, if any.
-    background: Option<std::thread::JoinHandle<io::Result<()>>>,
+    background: Option<Background>,
+}
+
+/// A copy on a helper thread: cancelled and joined if the writer is dropped unfinished,
+/// so it never goes on writing into an abandoned file.
+struct Background {
+    handle: std::thread::JoinHandle<io::Result<()>>,
+    cancel: Arc<AtomicBool>,
+    /// What is being copied, for its errors (they surface at the next join).
+    label: String,
 }
 
 impl DirectFileWriter {
@@ -156,11 +166,13 @@ impl DirectFileWriter {
     /// written on a helper thread while the caller goes on appending (at most one such copy
     /// runs at a time; `finish` waits for it). Returns false, having written nothing, where
     /// it does not apply: not writing directly, a range under 32 MiB, or not appending.
+    /// `label` names what is copied in the errors of the helper thread.
     pub fn append_copy_background(
         &mut self,
         read: SharedReadAt,
         offset: u64,
         len: usize,
+        label: &str,
     ) -> io::Result<bool> {
         if self.direct.is_none()
             || len < BACKGROUND_MIN
@@ -182,15 +194,19 @@ impl DirectFileWriter {
             self.stream(&*read, offset + head as u64, len - head)?;
             return Ok(true);
         };
+        let cancel = Arc::new(AtomicBool::new(false));
         let mut blocks = BlockWriter {
             direct: Some(direct.try_clone()?),
             buffered: self.file.try_clone()?,
+            cancel: Arc::clone(&cancel),
         };
         let (from, n) = (offset + head as u64, (last - first) as usize);
         let reader = Arc::clone(&read);
-        self.background = Some(std::thread::spawn(move || {
-            blocks.copy(&*reader, from, n, first)
-        }));
+        self.background = Some(Background {
+            handle: std::thread::spawn(move || blocks.copy(&*reader, from, n, first)),
+            cancel,
+            label: label.to_string(),
+        });
         self.base = last;
         self.pos = last;
         self.len = self.len.max(last);
@@ -210,29 +226,41 @@ impl DirectFileWriter {
     }
 
     fn join_background(&mut self) -> io::Result<()> {
-        match self.background.take() {
-            Some(h) => h
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("the copying thread panicked"))),
-            None => Ok(()),
-        }
+        let Some(b) = self.background.take() else {
+            return Ok(());
+        };
+        b.handle
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the copying thread panicked")))
+            .map_err(|e| io::Error::new(e.kind(), format!("copying {}: {e}", b.label)))
     }
 
-    /// Writes everything out and sets the file's length; returns the ordinary descriptor.
-    /// No fsync: like cp and torch.save we leave that to the kernel.
-    pub fn finish(mut self) -> io::Result<File> {
+    /// Writes everything out and sets the file's length. No fsync: like cp and torch.save
+    /// we leave that to the kernel.
+    pub fn finish(mut self) -> io::Result<()> {
         self.join_background()?;
         self.flush_staged(true)?;
-        self.file.set_len(self.len)?;
-        Ok(self.file)
+        self.file.set_len(self.len)
+    }
+}
+
+impl Drop for DirectFileWriter {
+    /// Dropped unfinished (an error elsewhere): stop the helper thread before going.
+    fn drop(&mut self) {
+        if let Some(b) = self.background.take() {
+            b.cancel.store(true, Ordering::Relaxed);
+            let _ = b.handle.join();
+        }
     }
 }
 
 impl Write for DirectFileWriter {
     fn write(&mut self, mut bytes: &[u8]) -> io::Result<usize> {
         let total = bytes.len();
-        // Below the staged range (a seek back): patch in place through the cache.
+        // Below the staged range (a seek back): patch in place through the cache, once a
+        // copy that may still be writing down there is done.
         if self.pos < self.base {
+            self.join_background()?;
             let n = ((self.base - self.pos) as usize).min(bytes.len());
             self.file.write_all_at(&bytes[..n], self.pos)?;
             self.pos += n as u64;
@@ -288,6 +316,8 @@ impl Seek for DirectFileWriter {
 struct BlockWriter {
     direct: Option<File>,
     buffered: File,
+    /// Set when the writer that started the copy is dropped unfinished.
+    cancel: Arc<AtomicBool>,
 }
 
 impl BlockWriter {
@@ -308,6 +338,9 @@ impl BlockWriter {
         let mut bufs = [AlignedBuf::default(), AlignedBuf::default()];
         let mut filled = 0;
         direct_io::stream_range(read, from, len, STAGING / 2, &mut bufs, |mut b| {
+            if self.cancel.load(Ordering::Relaxed) {
+                return Err(io::Error::new(io::ErrorKind::Interrupted, "cancelled"));
+            }
             while !b.is_empty() {
                 let n = b.len().min(STAGING - filled);
                 staging.as_mut_slice()[filled..filled + n].copy_from_slice(&b[..n]);
@@ -442,7 +475,7 @@ mod tests {
             let mut want = sample(lead, 1);
             w.write_all(&want).unwrap();
             let took = w
-                .append_copy_background(Arc::clone(&reader), from, n)
+                .append_copy_background(Arc::clone(&reader), from, n, "t")
                 .unwrap();
             assert_eq!(took, direct, "taken exactly when writing directly");
             if !took {
@@ -459,7 +492,31 @@ mod tests {
             );
         }
         let mut w = DirectFileWriter::create(&dir.path().join("buffered"), false).unwrap();
-        assert!(!w.append_copy_background(reader, 0, BACKGROUND_MIN).unwrap());
+        assert!(
+            !w.append_copy_background(Arc::clone(&reader), 0, BACKGROUND_MIN, "t")
+                .unwrap()
+        );
+        // A seek back into a range still being copied waits for the copy: the patch wins.
+        let path = dir.path().join("patch");
+        let mut w = DirectFileWriter::create(&path, true).unwrap();
+        if w.is_direct() {
+            w.write_all(&[1; 100]).unwrap();
+            assert!(
+                w.append_copy_background(Arc::clone(&reader), 0, BACKGROUND_MIN, "t")
+                    .unwrap()
+            );
+            let end = w.seek(SeekFrom::End(0)).unwrap();
+            w.seek(SeekFrom::Start(end - 1000)).unwrap();
+            w.write_all(b"PATCH").unwrap();
+            w.finish().unwrap();
+            let got = std::fs::read(&path).unwrap();
+            let at = (end - 1000) as usize;
+            assert_eq!(&got[at..at + 5], b"PATCH");
+        }
+        // Dropped mid-copy: the helper stops; nothing hangs.
+        let mut w = DirectFileWriter::create(&dir.path().join("dropped"), true).unwrap();
+        let _ = w.append_copy_background(reader, 0, src_data.len(), "t");
+        drop(w);
     }
 
     #[test]

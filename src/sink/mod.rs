@@ -81,7 +81,7 @@ pub trait TensorSink: Send {
     /// Appends `src.bytes()[start..start + len]` (any size: read a piece at a time); a
     /// pipelined sink passes the reference to its writer thread instead of copying.
     fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
-        copy_in_pieces(src.as_ref(), start, len, |b| self.write(b))?;
+        copy_in_pieces(src.as_ref(), start, len, "a tensor", |b| self.write(b))?;
         src.done(start, len);
         Ok(())
     }
@@ -100,10 +100,12 @@ pub trait TensorSink: Send {
 /// Passes `src.bytes()[start..start + len]` to `write` 8 MiB at a time, read with
 /// `SharedBytes::read_at`: bounded memory however big the range, and no pages of a
 /// mapped source left resident.
+/// `what` names the tensor in errors.
 pub(crate) fn copy_in_pieces(
     src: &dyn SharedBytes,
     start: usize,
     len: usize,
+    what: &str,
     mut write: impl FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
     let mut buf = AlignedBuf::default();
@@ -112,7 +114,7 @@ pub(crate) fn copy_in_pieces(
         let n = (8 << 20).min(len - at);
         let r = src
             .read_at(start + at, n, &mut buf)
-            .map_err(|e| Error::Plan(format!("copying a tensor failed: {e}")))?;
+            .map_err(|e| Error::Plan(format!("copying {what} failed: {e}")))?;
         write(&buf.as_slice()[r])?;
         at += n;
     }
@@ -219,6 +221,14 @@ impl PlanCursor {
 
     pub(crate) fn plan(&self) -> &[OutTensor] {
         &self.plan
+    }
+
+    /// The name of the tensor being written (the last one begun), for messages.
+    pub(crate) fn current_name(&self) -> &str {
+        self.next
+            .checked_sub(1)
+            .and_then(|i| self.plan.get(i))
+            .map_or("", |t| t.name.as_str())
     }
 
     /// Index of the tensor being started.

@@ -89,7 +89,10 @@ impl TensorSink for TorchZipWriter {
         direct_io::stream_range(&read, start as u64, len, 8 << 20, &mut self.bounce, |b| {
             zip.write_all(b)
         })
-        .map_err(|e| Error::io(self.temp.dest(), e))?;
+        .map_err(|e| {
+            let name = self.cursor.current_name();
+            Error::tensor(self.temp.dest(), name, format!("copying: {e}"))
+        })?;
         src.done(start, len);
         Ok(())
     }

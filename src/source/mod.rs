@@ -353,3 +353,35 @@ pub(crate) fn checked_nbytes(shape: &[usize], dtype: Dtype) -> Option<usize> {
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))?
         .checked_mul(dtype.size())
 }
+
+#[cfg(test)]
+mod read_tests {
+    use super::*;
+
+    /// A file truncated after it was opened gives an error naming the problem, not a
+    /// SIGBUS (which touching the map would), in every read mode.
+    #[test]
+    fn reads_of_a_file_truncated_under_us_fail_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..3 * 4096 + 100).map(|i| i as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        for mode in [ReadMode::Auto, ReadMode::Direct, ReadMode::Buffered] {
+            std::fs::write(&path, &data).unwrap();
+            let f = MappedFile::open(&path).unwrap();
+            f.set_read_mode(mode);
+            let mut buf = AlignedBuf::default();
+            let r = f.read_at(10, 5000, &mut buf).unwrap();
+            assert_eq!(&buf.as_slice()[r], &data[10..5010]);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(4096)
+                .unwrap();
+            let e = f.read_at(4000, 5000, &mut buf).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{mode:?}");
+            assert!(f.read_at(0, data.len() + 1, &mut buf).is_err());
+        }
+    }
+}
