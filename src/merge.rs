@@ -17,7 +17,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// How much of the next job's source to start reading while the current one runs.
+/// With `--buffered-io`, how much of a copied tensor coming next the page cache is asked to
+/// start reading while the current job runs (merges read ahead in the backend).
 const PREFETCH_BYTES: usize = 16 << 20;
 
 /// Where deltas are computed.

@@ -13,8 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Bytes handed to a sink per call when copying; also how much of a mapped file is
-/// resident at once before it is released.
+/// Bytes read and handed to a sink per call when a copy is cast to another dtype; also how
+/// far ahead the page cache is asked to read with `--buffered-io`.
 const COPY_CHUNK: usize = 16 << 20;
 
 /// Options of `convert`.

@@ -1,7 +1,8 @@
 //! The CPU backend: row bands of the weight, split across a thread pool, each band
 //! decoded to f32, updated with `matrixmultiply::sgemm` (a maintained, vectorised GEMM),
 //! rounded into the base dtype after every step (PEFT merges in place) and encoded to the
-//! output dtype. Memory is a few bands, never the whole tensor in f32.
+//! output dtype. Memory is a few bands, never the whole tensor in f32. The rows come
+//! from `read_ahead.rs`, read a group ahead (and a tensor ahead) on helper threads.
 //!
 //! DoRA needs the norm of every row (Linear, Conv: inside one band) or of every column
 //! (Conv1D, Embedding: across all bands); column norms take one extra pass over the
