@@ -16,14 +16,14 @@
 //!   `LORASTREAM_REQUIRE_GPU=1` (tests/gpu/run.sh sets it).
 //! - `kernel_bench` (ignored; tests/gpu/run.sh runs it): the fused kernel alone.
 
+use lorastream::Dtype;
 use lorastream::compute::DeltaBackend;
 use lorastream::compute::cpu::CpuBackend;
 use lorastream::compute::cuda::{self, CudaBackend, CudaOptions, KERNEL_NAMES};
 use lorastream::dtype::{decode_f32, encode_f32};
 use lorastream::plan::merge_types::{DeltaLayout, LoraStep, Step};
-use lorastream::sink::{OutTensor, TensorSink};
+use lorastream::sink::MemorySink;
 use lorastream::source::{MappedFile, TensorData, TensorEntry};
-use lorastream::{Dtype, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -338,24 +338,6 @@ impl Rng {
     }
 }
 
-#[derive(Default)]
-struct VecSink(Vec<u8>);
-impl TensorSink for VecSink {
-    fn begin(&mut self, _: &OutTensor) -> Result<()> {
-        Ok(())
-    }
-    fn write(&mut self, b: &[u8]) -> Result<()> {
-        self.0.extend_from_slice(b);
-        Ok(())
-    }
-    fn end(&mut self) -> Result<()> {
-        Ok(())
-    }
-    fn finish(self: Box<Self>) -> Result<()> {
-        Ok(())
-    }
-}
-
 /// Largest distance in units of the last place of `dt` (f32 units for f64, whose values
 /// here are all f32 values).
 fn max_ulps(dt: Dtype, a: &[u8], b: &[u8]) -> u64 {
@@ -612,7 +594,7 @@ fn gpu_matches_cpu_on_random_tensors() {
         assert!(gpu.describe().starts_with("cuda:0"));
         let (st, steps) = build(c, i as u64 + 1);
         let w = &st.entries[0];
-        let (mut a, mut b) = (VecSink::default(), VecSink::default());
+        let (mut a, mut b) = (MemorySink::default(), MemorySink::default());
         cpu.merge(w, &steps, c.out, &mut a).unwrap();
         gpu.merge(w, &steps, c.out, &mut b)
             .unwrap_or_else(|e| panic!("{}: {e}", c.name));
@@ -645,7 +627,7 @@ fn jobs_without_a_lora_step_run_on_the_cpu_backend() {
         bias: st.entries[1].clone(),
         scale: 0.5,
     }];
-    let (mut a, mut b) = (VecSink::default(), VecSink::default());
+    let (mut a, mut b) = (MemorySink::default(), MemorySink::default());
     CpuBackend::new(Some(1))
         .unwrap()
         .merge(&st.entries[0], &steps, Dtype::F16, &mut a)

@@ -36,6 +36,12 @@ fn band_rows(cols: usize) -> usize {
     (BAND_ELEMS / cols.max(1)).max(MIN_BAND_ROWS)
 }
 
+/// Rows per group (one band per worker): the unit read ahead and handed to the writer.
+/// The read-ahead of a tensor's first group and the merge that uses it both size it here.
+fn group_rows(cols: usize, threads: usize) -> usize {
+    band_rows(cols) * threads.max(1)
+}
+
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
@@ -103,7 +109,7 @@ impl DeltaBackend for CpuBackend {
             spare,
         } = &mut *buffers;
         let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
-        let pre = match ahead.take() {
+        let first = match ahead.take() {
             Some(a) if a.is_for(base, steps) => Some(a.join()?),
             // Read for another tensor (the caller changed its mind): wait, then drop it.
             Some(a) => {
@@ -113,17 +119,16 @@ impl DeltaBackend for CpuBackend {
             None => None,
         };
         // A group read ahead will replace groups[0]; its old buffers serve the next one.
-        if pre.is_some() {
+        if first.is_some() {
             *spare = Some(std::mem::take(&mut groups[0]));
         }
-        let first = pre;
         // The next merge's factors and first rows are read while this one computes.
         if let Some((next_base, next_steps)) = next {
             let (_, cols) = rows_cols(next_base);
             *ahead = Some(ReadAhead::start(
                 next_base,
                 next_steps,
-                band_rows(cols) * self.threads,
+                group_rows(cols, self.threads),
                 spare.take().unwrap_or_default(),
             ));
         }
@@ -345,7 +350,7 @@ impl<'a> PreparedMerge<'a> {
             }
         }
         let band = self.band_rows();
-        let group = band * threads.max(1);
+        let group = group_rows(self.cols, threads);
         let oes = out_dtype.size();
         // Encoding into the base dtype rounds the last step itself.
         let last_round = out_dtype != self.base.dtype;
@@ -592,25 +597,8 @@ impl<'a> PreparedMerge<'a> {
 mod tests {
     use super::*;
     use crate::plan::merge_types::LoraStep;
-    use crate::sink::OutTensor;
+    use crate::sink::MemorySink;
     use crate::source::{MappedFile, TensorData};
-
-    struct Collect(Vec<u8>);
-    impl TensorSink for Collect {
-        fn begin(&mut self, _: &OutTensor) -> Result<()> {
-            Ok(())
-        }
-        fn write(&mut self, b: &[u8]) -> Result<()> {
-            self.0.extend_from_slice(b);
-            Ok(())
-        }
-        fn end(&mut self) -> Result<()> {
-            Ok(())
-        }
-        fn finish(self: Box<Self>) -> Result<()> {
-            Ok(())
-        }
-    }
 
     /// A read-ahead announced for one merge is not used for another merge of the same
     /// weight with other factors of the same shape (found in review).
@@ -657,16 +645,16 @@ mod tests {
         let (s1, s2) = (step(&a1, &b1), step(&a2, &b2));
         let fresh = {
             let be = CpuBackend::new(Some(1)).unwrap();
-            let mut out = Collect(Vec::new());
+            let mut out = MemorySink::default();
             be.merge(&w, &s2, Dtype::F32, &mut out).unwrap();
             out.0
         };
         let be = CpuBackend::new(Some(1)).unwrap();
-        let mut out = Collect(Vec::new());
+        let mut out = MemorySink::default();
         be.merge_before(&w, &s1, Some((&w, &s1)), Dtype::F32, &mut out)
             .unwrap();
         let announced = out.0;
-        let mut out = Collect(Vec::new());
+        let mut out = MemorySink::default();
         be.merge(&w, &s2, Dtype::F32, &mut out).unwrap();
         assert!(
             out.0 == fresh,

@@ -9,7 +9,7 @@
 //! descriptor (coherent: the blocks it touches were already written).
 //!
 //! Big copies of unchanged input ranges run on a helper thread
-//! ([`DirectFileWriter::append_copy_background`]): the block-aligned middle of the range is
+//! ([`DirectFileWriter::append_copy`]): the block-aligned middle of the range is
 //! read and written there while the caller goes on appending what follows, so a 1 GB
 //! embedding copied at the start of a merge does not hold up the computed tensors behind
 //! it. The partial blocks at both ends go through the staging buffer as usual.
@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Staging buffer size: big enough that the device sees large requests.
 const STAGING: usize = 8 << 20;
 
-/// Copies at least this big run on a helper thread (`append_copy_background`).
+/// Copies at least this big run on a helper thread (`append_copy`).
 const BACKGROUND_MIN: usize = 32 << 20;
 
 /// A reader a helper thread can own: `ReadAt` behind an `Arc`.
@@ -131,55 +131,47 @@ impl DirectFileWriter {
         Ok(())
     }
 
-    /// Appends `len` bytes of `src` from `offset`: by `copy_file_range` when writing
-    /// through the cache (the kernel copies file to file), else with `read` (a positioned,
-    /// ideally direct, read into an aligned buffer), reading ahead while writing. Returns
-    /// false, having written nothing, when the caller should copy the bytes itself.
+    /// Appends `len` bytes of an input from `offset`, read by `read` (a positioned,
+    /// ideally direct, read into an aligned buffer), choosing how:
+    /// - writing directly, 32 MiB or more: the block-aligned middle is written on a helper
+    ///   thread while the caller goes on appending (one such copy at a time; `finish` and
+    ///   seek-back writes wait for it); `label` names what is copied in its errors;
+    /// - writing through the cache, with the input's open file `src`: `copy_file_range`,
+    ///   the kernel copying file to file as `cp` does;
+    /// - otherwise through the staging buffer, the next piece read while one is written.
     pub fn append_copy(
         &mut self,
-        src: &File,
-        offset: u64,
-        len: usize,
-        read: &ReadAt<'_>,
-    ) -> io::Result<bool> {
-        if self.direct.is_none() {
-            if self.pos != self.base + self.staged as u64 {
-                return Ok(false);
-            }
+        src: Option<&File>,
+        read: SharedReadAt,
+        mut offset: u64,
+        mut len: usize,
+        label: &str,
+    ) -> io::Result<()> {
+        let appending = self.pos == self.base + self.staged as u64;
+        if self.direct.is_some() && appending && len >= BACKGROUND_MIN {
+            return self.copy_in_background(read, offset, len, label);
+        }
+        if let (None, true, Some(src)) = (&self.direct, appending, src) {
+            // Through the cache every staged byte is written, so the file ends at `base`.
             self.flush_staged(false)?;
-            if self.staged != 0 {
-                return Ok(false);
-            }
             let copied = copy_range(src, offset, &self.file, self.base, len);
             self.base += copied as u64;
             self.pos = self.base;
             self.len = self.len.max(self.pos);
-            if copied < len {
-                self.stream(read, offset + copied as u64, len - copied)?;
-            }
-            return Ok(true);
+            offset += copied as u64;
+            len -= copied;
         }
-        self.stream(read, offset, len).map(|()| true)
+        self.stream(&*read, offset, len)
     }
 
-    /// Appends `len` bytes read by `read` from `offset`, the block-aligned middle of them
-    /// written on a helper thread while the caller goes on appending (at most one such copy
-    /// runs at a time; `finish` waits for it). Returns false, having written nothing, where
-    /// it does not apply: not writing directly, a range under 32 MiB, or not appending.
-    /// `label` names what is copied in the errors of the helper thread.
-    pub fn append_copy_background(
+    /// The helper-thread path of `append_copy` (direct, appending, at least 32 MiB).
+    fn copy_in_background(
         &mut self,
         read: SharedReadAt,
         offset: u64,
         len: usize,
         label: &str,
-    ) -> io::Result<bool> {
-        if self.direct.is_none()
-            || len < BACKGROUND_MIN
-            || self.pos != self.base + self.staged as u64
-        {
-            return Ok(false);
-        }
+    ) -> io::Result<()> {
         self.join_background()?;
         let a = ALIGN as u64;
         let (start, end) = (self.pos, self.pos + len as u64);
@@ -191,8 +183,7 @@ impl DirectFileWriter {
         self.flush_staged(false)?;
         let Some(direct) = self.direct.as_ref().filter(|_| self.staged == 0) else {
             // Direct writes were just refused: copy the rest here, through the cache.
-            self.stream(&*read, offset + head as u64, len - head)?;
-            return Ok(true);
+            return self.stream(&*read, offset + head as u64, len - head);
         };
         let cancel = Arc::new(AtomicBool::new(false));
         let mut blocks = BlockWriter {
@@ -211,8 +202,7 @@ impl DirectFileWriter {
         self.pos = last;
         self.len = self.len.max(last);
         self.staged = 0;
-        self.stream(&*read, offset + (len - tail) as u64, tail)?;
-        Ok(true)
+        self.stream(&*read, offset + (len - tail) as u64, tail)
     }
 
     /// Appends `len` bytes read by `read` from `offset` through the staging buffer.
@@ -396,11 +386,9 @@ mod tests {
         (0..n).map(|i| (i * 31 + seed + i / 977) as u8).collect()
     }
 
-    fn read_with(
-        f: &File,
-    ) -> impl Fn(u64, usize, &mut AlignedBuf) -> io::Result<std::ops::Range<usize>> + Sync + '_
-    {
-        move |off, len, buf| direct_io::read_range(None, f, off, len, buf)
+    fn read_with(f: &File) -> SharedReadAt {
+        let f = f.try_clone().unwrap();
+        Arc::new(move |off, len, buf| direct_io::read_range(None, &f, off, len, buf))
     }
 
     /// Appends, copies, seeks back to patch (as the zip crate does) and seeks past the
@@ -433,10 +421,8 @@ mod tests {
             w.seek(SeekFrom::Start(end - 3)).unwrap();
             put(&mut w, &mut want, b"tail-patch");
             w.seek(SeekFrom::End(0)).unwrap();
-            assert!(
-                w.append_copy(&src, 123, 2 * STAGING / 3, &read_with(&src))
-                    .unwrap()
-            );
+            w.append_copy(Some(&src), read_with(&src), 123, 2 * STAGING / 3, "t")
+                .unwrap();
             want.extend_from_slice(&src_data[123..123 + 2 * STAGING / 3]);
             put(&mut w, &mut want, &sample(5, 3));
             // A hole: seek past the end, then write.
@@ -460,10 +446,7 @@ mod tests {
         let src_data = sample(BACKGROUND_MIN + 3 * STAGING + 1234, 7);
         std::fs::write(&src_path, &src_data).unwrap();
         let src = File::open(&src_path).unwrap();
-        let reader: SharedReadAt = {
-            let f = src.try_clone().unwrap();
-            Arc::new(move |off, len, buf| direct_io::read_range(None, &f, off, len, buf))
-        };
+        let reader = read_with(&src);
         for (lead, from, n) in [
             (100, 5, BACKGROUND_MIN + STAGING + 777),
             (ALIGN, ALIGN as u64, BACKGROUND_MIN),
@@ -474,13 +457,13 @@ mod tests {
             let direct = w.is_direct();
             let mut want = sample(lead, 1);
             w.write_all(&want).unwrap();
-            let took = w
-                .append_copy_background(Arc::clone(&reader), from, n, "t")
+            w.append_copy(Some(&src), Arc::clone(&reader), from, n, "t")
                 .unwrap();
-            assert_eq!(took, direct, "taken exactly when writing directly");
-            if !took {
-                w.append_copy(&src, from, n, &read_with(&src)).unwrap();
-            }
+            assert_eq!(
+                w.background.is_some(),
+                direct,
+                "on a helper thread exactly when writing directly"
+            );
             want.extend_from_slice(&src_data[from as usize..from as usize + n]);
             let after = sample(STAGING + 99, 3);
             w.write_all(&after).unwrap();
@@ -492,19 +475,17 @@ mod tests {
             );
         }
         let mut w = DirectFileWriter::create(&dir.path().join("buffered"), false).unwrap();
-        assert!(
-            !w.append_copy_background(Arc::clone(&reader), 0, BACKGROUND_MIN, "t")
-                .unwrap()
-        );
+        w.append_copy(Some(&src), Arc::clone(&reader), 0, BACKGROUND_MIN, "t")
+            .unwrap();
+        assert!(w.background.is_none(), "buffered: no helper thread");
         // A seek back into a range still being copied waits for the copy: the patch wins.
         let path = dir.path().join("patch");
         let mut w = DirectFileWriter::create(&path, true).unwrap();
         if w.is_direct() {
             w.write_all(&[1; 100]).unwrap();
-            assert!(
-                w.append_copy_background(Arc::clone(&reader), 0, BACKGROUND_MIN, "t")
-                    .unwrap()
-            );
+            w.append_copy(Some(&src), Arc::clone(&reader), 0, BACKGROUND_MIN, "t")
+                .unwrap();
+            assert!(w.background.is_some());
             let end = w.seek(SeekFrom::End(0)).unwrap();
             w.seek(SeekFrom::Start(end - 1000)).unwrap();
             w.write_all(b"PATCH").unwrap();
@@ -515,7 +496,7 @@ mod tests {
         }
         // Dropped mid-copy: the helper stops; nothing hangs.
         let mut w = DirectFileWriter::create(&dir.path().join("dropped"), true).unwrap();
-        let _ = w.append_copy_background(reader, 0, src_data.len(), "t");
+        let _ = w.append_copy(Some(&src), reader, 0, src_data.len(), "t");
         drop(w);
     }
 

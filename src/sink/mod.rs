@@ -80,8 +80,19 @@ pub trait TensorSink: Send {
     }
     /// Appends `src.bytes()[start..start + len]` (any size: read a piece at a time); a
     /// pipelined sink passes the reference to its writer thread instead of copying.
+    /// This default reads 8 MiB at a time with `SharedBytes::read_at`: bounded memory
+    /// however big the range, and no pages of a mapped source left resident.
     fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
-        copy_in_pieces(src.as_ref(), start, len, "a tensor", |b| self.write(b))?;
+        let mut buf = AlignedBuf::default();
+        let mut at = 0;
+        while at < len {
+            let n = (8 << 20).min(len - at);
+            let r = src
+                .read_at(start + at, n, &mut buf)
+                .map_err(|e| Error::Plan(format!("copying a tensor failed: {e}")))?;
+            self.write(&buf.as_slice()[r])?;
+            at += n;
+        }
         src.done(start, len);
         Ok(())
     }
@@ -97,28 +108,25 @@ pub trait TensorSink: Send {
     fn finish(self: Box<Self>) -> Result<()>;
 }
 
-/// Passes `src.bytes()[start..start + len]` to `write` 8 MiB at a time, read with
-/// `SharedBytes::read_at`: bounded memory however big the range, and no pages of a
-/// mapped source left resident.
-/// `what` names the tensor in errors.
-pub(crate) fn copy_in_pieces(
-    src: &dyn SharedBytes,
-    start: usize,
-    len: usize,
-    what: &str,
-    mut write: impl FnMut(&[u8]) -> Result<()>,
-) -> Result<()> {
-    let mut buf = AlignedBuf::default();
-    let mut at = 0;
-    while at < len {
-        let n = (8 << 20).min(len - at);
-        let r = src
-            .read_at(start + at, n, &mut buf)
-            .map_err(|e| Error::Plan(format!("copying {what} failed: {e}")))?;
-        write(&buf.as_slice()[r])?;
-        at += n;
+/// A sink that keeps every byte written, in order, in memory (`.0`): for tests that
+/// compare the bytes of backends, and for callers that want a small result in memory.
+#[derive(Debug, Default)]
+pub struct MemorySink(pub Vec<u8>);
+
+impl TensorSink for MemorySink {
+    fn begin(&mut self, _: &OutTensor) -> Result<()> {
+        Ok(())
     }
-    Ok(())
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+    fn end(&mut self) -> Result<()> {
+        Ok(())
+    }
+    fn finish(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Output formats, chosen from the output path.

@@ -4,7 +4,7 @@
 
 use super::atomic::TempOutput;
 use super::direct_file::{DirectFileWriter, SharedReadAt};
-use super::{OutTensor, PlanCursor, SharedBytes, TensorSink, copy_in_pieces};
+use super::{OutTensor, PlanCursor, SharedBytes, TensorSink};
 use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
@@ -104,33 +104,20 @@ impl TensorSink for SafetensorsWriter {
     }
     fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
         self.cursor.write(len)?;
+        // Same bytes, same place: `append_copy` picks the cheapest way (a helper thread, the
+        // kernel's file-to-file copy, or the staging buffer).
         let name = self.cursor.current_name().to_string();
-        let failed = |e: std::io::Error| Error::tensor(&self.path, &name, format!("copying: {e}"));
-        // Same bytes, same place. Writing directly: a big range is copied on a helper thread
-        // while the tensors after it are written; a small one through the staging buffer.
-        // Through the cache: the kernel copies file to file.
         let reader = Arc::clone(src);
-        let background: SharedReadAt =
-            Arc::new(move |at, n, buf| reader.read_at(at as usize, n, buf));
-        let label = format!("tensor '{name}'");
-        let mut copied = self
-            .out
-            .append_copy_background(background, start as u64, len, &label)
-            .map_err(failed)?;
-        if !copied && let Some(f) = src.file() {
-            copied = self
-                .out
-                .append_copy(f, start as u64, len, &|at, n, buf| {
-                    src.read_at(at as usize, n, buf)
-                })
-                .map_err(failed)?;
-        }
-        if !copied {
-            let (out, path) = (&mut self.out, &self.path);
-            copy_in_pieces(src.as_ref(), start, len, &label, |b| {
-                out.write_all(b).map_err(|e| Error::io(path, e))
-            })?;
-        }
+        let read: SharedReadAt = Arc::new(move |at, n, buf| reader.read_at(at as usize, n, buf));
+        self.out
+            .append_copy(
+                src.file(),
+                read,
+                start as u64,
+                len,
+                &format!("tensor '{name}'"),
+            )
+            .map_err(|e| Error::tensor(&self.path, &name, format!("copying: {e}")))?;
         src.done(start, len);
         Ok(())
     }
