@@ -8,9 +8,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 req="$here/requirements-compat.txt"
 key=$(sha256sum "$req" | cut -c1-12)
 venv="${LORASTREAM_VENV:-$HOME/.cache/lorastream/venv-$key}"
+mkdir -p "$(dirname "$venv")"
+# One creator at a time: a second caller waits for the first instead of deleting its
+# half-built venv.
+exec 9>"$venv.lock"
+flock 9
 if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
   rm -rf "$venv"
-  mkdir -p "$(dirname "$venv")"
   python3 -m venv "$venv" >&2
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   "$venv/bin/python" -m pip install -q -r "$req" >&2

@@ -5,6 +5,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lorastream::direct_io::ReadMode;
 use lorastream::merge::{Device, MergeOptions, split_named};
 use lorastream::pipeline::{self, ConvertOptions};
+use lorastream::plan::layout::LayoutFlags;
 use lorastream::plan::merge::MergeSettings;
 use lorastream::plan::{DtypeChoice, RenameRule};
 use lorastream::sink::SinkOptions;
@@ -94,6 +95,15 @@ enum Command {
         /// Plan and check everything, print the plan, write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Modules (regex over names relative to the base model, e.g. 'attn\.c_proj$')
+        /// whose 2-D weights are stored [in, out] like transformers' Conv1D. Needed only for
+        /// square weights that the base's config.json does not settle; repeatable.
+        #[arg(long = "fan-in-fan-out", value_name = "REGEX", value_parser = parse_regex)]
+        fan_in_fan_out: Vec<Regex>,
+        /// Modules (regex) whose 2-D weights are stored [out, in] like nn.Linear; e.g. '.'
+        /// for a model without Conv1D. Repeatable.
+        #[arg(long = "no-fan-in-fan-out", value_name = "REGEX", value_parser = parse_regex)]
+        no_fan_in_fan_out: Vec<Regex>,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -146,6 +156,10 @@ fn parse_dtype(s: &str) -> Result<DtypeChoice, String> {
 
 fn parse_exclude(s: &str) -> Result<Regex, String> {
     lorastream::plan::rename::parse_exclude(s).map_err(|e| e.to_string())
+}
+
+fn parse_regex(s: &str) -> Result<Regex, String> {
+    Regex::new(s).map_err(|e| format!("not a regular expression: {e}"))
 }
 
 fn parse_rename(s: &str) -> Result<RenameRule, String> {
@@ -232,6 +246,8 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<(), Error> {
             threads,
             device,
             dry_run,
+            fan_in_fan_out,
+            no_fan_in_fan_out,
             output,
         } => {
             let json = output.json;
@@ -244,6 +260,10 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<(), Error> {
                     dtype: output.dtype,
                     renames: output.renames,
                     exclude: output.exclude,
+                    layout: LayoutFlags {
+                        fan_in_fan_out,
+                        not_fan_in_fan_out: no_fan_in_fan_out,
+                    },
                 },
                 expect_keys_from,
                 threads,

@@ -159,10 +159,15 @@ fn open_components(opts: &MergeOptions) -> Result<Vec<Component>> {
             .collect::<Result<Vec<_>>>()?;
         base.iter().for_each(|b| b.set_read_mode(opts.reads));
         adapters.iter().for_each(|a| a.set_read_mode(opts.reads));
+        let model_config = match &base {
+            Some(b) => source::model_config(&b.path)?,
+            None => None,
+        };
         comps.push(Component {
             name,
             base,
             adapters,
+            model_config,
         });
     }
     Ok(comps)
@@ -207,8 +212,16 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
         let sink = sink::create(out, &plan_out, &opts.sink)?;
         let bar = progress_bar(opts.progress, plan_out.iter().map(|t| t.nbytes()).sum());
         write_pipelined(sink, |sink| {
+            // Tied jobs the sink stores as views of an earlier one are not computed.
+            let shares = sink.shares_storage();
+            let computed = |j: &&Job| !(shares && j.tied_to.is_some());
             for (i, j) in jobs.iter().enumerate() {
-                let next = jobs.get(i + 1).map(|n| &n.source);
+                if let (Some(to), true) = (j.tied_to, shares) {
+                    sink.tie(&j.out, to)?;
+                    bar.inc(j.out.nbytes());
+                    continue;
+                }
+                let next = jobs[i + 1..].iter().find(computed).map(|n| &n.source);
                 if let Some(JobSource::Copy(t)) = next {
                     t.prefetch(PREFETCH_BYTES);
                 }

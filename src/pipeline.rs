@@ -185,6 +185,7 @@ impl SharedBytes for MappedFile {
 /// Messages from the producing thread (reading, computing) to the writing thread.
 enum Piece {
     Begin(OutTensor),
+    Tie(OutTensor, usize),
     Data(Vec<u8>),
     Shared(Arc<dyn SharedBytes>, usize, usize),
     End,
@@ -196,6 +197,8 @@ enum Piece {
 struct QueueSink {
     tx: std::sync::mpsc::SyncSender<Piece>,
     free: std::sync::mpsc::Receiver<Vec<u8>>,
+    /// The writer's own answer, asked before it moved to its thread.
+    shares_storage: bool,
 }
 
 impl QueueSink {
@@ -231,6 +234,12 @@ impl TensorSink for QueueSink {
     fn end(&mut self) -> Result<()> {
         self.send(Piece::End)
     }
+    fn shares_storage(&self) -> bool {
+        self.shares_storage
+    }
+    fn tie(&mut self, t: &OutTensor, to: usize) -> Result<()> {
+        self.send(Piece::Tie(t.clone(), to))
+    }
     fn finish(mut self: Box<Self>) -> Result<()> {
         self.send(Piece::Finish)
     }
@@ -249,12 +258,14 @@ pub fn write_pipelined(
 ) -> Result<()> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(QUEUE_DEPTH);
     let (free_tx, free) = std::sync::mpsc::channel::<Vec<u8>>();
+    let shares_storage = sink.shares_storage();
     std::thread::scope(|scope| {
         let writer = scope.spawn(move || -> Result<bool> {
             let mut sink = sink;
             for piece in rx {
                 match piece {
                     Piece::Begin(t) => sink.begin(&t)?,
+                    Piece::Tie(t, to) => sink.tie(&t, to)?,
                     Piece::Data(d) => {
                         sink.write(&d)?;
                         // The producer may have finished; then the buffer is simply dropped.
@@ -270,7 +281,11 @@ pub fn write_pipelined(
             }
             Ok(false)
         });
-        let mut queue = QueueSink { tx, free };
+        let mut queue = QueueSink {
+            tx,
+            free,
+            shares_storage,
+        };
         let produced = produce(&mut queue).and_then(|()| queue.send(Piece::Finish));
         drop(queue);
         let written = writer

@@ -18,7 +18,59 @@ pub struct LoraConfig {
     pub rank_pattern: Vec<(String, Regex, usize)>,
     pub alpha_pattern: Vec<(String, Regex, f64)>,
     pub modules_to_save: Vec<String>,
+    /// `target_parameters`: `nn.Parameter`s adapted in place (PEFT's ParamWrapper), as
+    /// `module.param` suffixes.
+    pub target_parameters: Vec<String>,
+    /// The LoRA variant, from the fields that select one.
+    pub variant: Variant,
 }
+
+/// LoRA variants that merge like plain LoRA but differ in what they save or how they round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Variant {
+    #[default]
+    Plain,
+    /// `init_lora_weights: "mica"`: plain ΔW, but PEFT's merge rounds ΔW to the weight's
+    /// dtype before adding it.
+    Mica,
+    /// `velora_config`: also saves `lora_velora_embed`, used in training only.
+    Velora,
+    /// `monteclora_config`: also saves `lora_monteclora_sampler.*`, used in training only.
+    Monteclora,
+}
+
+impl Variant {
+    /// Whether PEFT's merge rounds ΔW into the weight's dtype before adding it (two
+    /// roundings) for Linear-like modules.
+    pub fn rounds_delta_first(self) -> bool {
+        match self {
+            Variant::Mica => true,
+            Variant::Plain | Variant::Velora | Variant::Monteclora => false,
+        }
+    }
+}
+
+/// Variant fields (non-null) whose merge lorastream does not reproduce, and why.
+const REFUSED_VARIANTS: [(&str, &str); 4] = [
+    (
+        "kasa_config",
+        "KaSA: PEFT truncates the base weight with an SVD when it loads the adapter (dropping its r smallest \
+         singular directions), so the merged weight depends on LAPACK's SVD and cannot be reproduced exactly",
+    ),
+    (
+        "use_bdlora",
+        "BD-LoRA: its block-diagonal factors are saved in compact form ([r, in/nblocks] or [out, r/nblocks]), \
+         which lorastream does not expand yet",
+    ),
+    (
+        "arrow_config",
+        "Arrow: a router over several LoRA experts; PEFT itself cannot merge it",
+    ),
+    (
+        "alora_invocation_tokens",
+        "aLoRA (activated LoRA): applies only after its invocation tokens; PEFT itself cannot merge it",
+    ),
+];
 
 /// `init_lora_weights` values that change the base weights when PEFT loads the adapter;
 /// an adapter saved that way only merges right after PEFT's conversion to plain LoRA.
@@ -50,6 +102,31 @@ impl LoraConfig {
                 )));
             }
         }
+        for (field, why) in REFUSED_VARIANTS {
+            if v.get(field)
+                .is_some_and(|x| !x.is_null() && x != &Value::Bool(false))
+            {
+                return Err(fail(format!(
+                    "\"{field}\" is set: {why}. Nothing was written."
+                )));
+            }
+        }
+        let is_set = |field: &str| v.get(field).is_some_and(|x| !x.is_null());
+        let mica = v
+            .get("init_lora_weights")
+            .and_then(|i| i.as_str())
+            .is_some_and(|i| i.eq_ignore_ascii_case("mica"));
+        let variant = match (mica, is_set("velora_config"), is_set("monteclora_config")) {
+            (false, false, false) => Variant::Plain,
+            (true, false, false) => Variant::Mica,
+            (false, true, false) => Variant::Velora,
+            (false, false, true) => Variant::Monteclora,
+            _ => {
+                return Err(fail(
+                    "more than one LoRA variant is set (MiCA, VeLoRA, MonteCLoRA); PEFT accepts only one".into(),
+                ));
+            }
+        };
         if v.get("loftq_config")
             .and_then(|l| l.as_object())
             .is_some_and(|o| !o.is_empty())
@@ -78,6 +155,13 @@ impl LoraConfig {
             Some(Value::String(s)) => vec![s.clone()],
             _ => Vec::new(),
         };
+        let target_parameters = match v.get("target_parameters") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|m| m.as_str().map(String::from))
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(LoraConfig {
             path: path.to_path_buf(),
             r,
@@ -88,7 +172,17 @@ impl LoraConfig {
             rank_pattern,
             alpha_pattern,
             modules_to_save,
+            target_parameters,
+            variant,
         })
+    }
+
+    /// Whether `key` (`module.param`, relative to the base model) is one of
+    /// `target_parameters` (PEFT's rule: equal, or ending in "." + entry).
+    pub fn targets_parameter(&self, key: &str) -> bool {
+        self.target_parameters
+            .iter()
+            .any(|t| key == t || key.ends_with(&format!(".{t}")))
     }
 
     /// Rank and scale of a module (name relative to the base model), with PEFT's
@@ -209,6 +303,33 @@ mod tests {
         }
         assert!(cfg(json!({"r": 8, "init_lora_weights": "gaussian"})).is_ok());
         assert!(cfg(json!({"r": 8, "init_lora_weights": true})).is_ok());
+    }
+
+    #[test]
+    fn variants_are_named() {
+        for (field, value, word) in [
+            ("kasa_config", json!({"beta": 0.1}), "KaSA"),
+            ("use_bdlora", json!({"nblocks": 2}), "BD-LoRA"),
+            ("arrow_config", json!({"top_k": 2}), "Arrow"),
+            ("alora_invocation_tokens", json!([1, 2]), "aLoRA"),
+        ] {
+            let e = cfg(json!({"r": 8, field: value})).unwrap_err().to_string();
+            assert!(e.contains(word) && e.contains(field), "{e}");
+            // null means unused.
+            assert!(cfg(json!({"r": 8, field: null})).is_ok());
+        }
+        let c = cfg(json!({"r": 8, "init_lora_weights": "mica"})).unwrap();
+        assert_eq!(c.variant, Variant::Mica);
+        assert!(c.variant.rounds_delta_first());
+        let c = cfg(json!({"r": 8, "velora_config": {"num_groups": 4}})).unwrap();
+        assert_eq!(c.variant, Variant::Velora);
+        assert!(!c.variant.rounds_delta_first());
+        let c = cfg(json!({"r": 8, "monteclora_config": {"num_samples": 2}})).unwrap();
+        assert_eq!(c.variant, Variant::Monteclora);
+        assert!(cfg(json!({"r": 8, "monteclora_config": {}, "velora_config": {}})).is_err());
+        let c = cfg(json!({"r": 8, "target_parameters": ["experts.gate_up_proj"]})).unwrap();
+        assert!(c.targets_parameter("model.layers.0.mlp.experts.gate_up_proj"));
+        assert!(!c.targets_parameter("model.layers.0.mlp.xexperts.gate_up_proj"));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 mod config;
 
-pub use config::LoraConfig;
+pub use config::{LoraConfig, Variant};
 
 use crate::error::{Error, Result};
 use crate::source::{self, TensorEntry};
@@ -57,6 +57,9 @@ pub struct Adapter {
     pub config: LoraConfig,
     pub modules: Vec<LoraModule>,
     pub replacements: Vec<Replacement>,
+    /// Training-only state of the variant (VeLoRA's `lora_velora_embed`, MonteCLoRA's
+    /// sampler): saved, but no part of the merged weight (PEFT's merge ignores it too).
+    pub training_only: Vec<TensorEntry>,
 }
 
 impl Adapter {
@@ -87,6 +90,7 @@ impl Adapter {
         let weights_path = files.weights.path.clone();
         let mut parts: Vec<(String, Parts)> = Vec::new();
         let mut replacements = Vec::new();
+        let mut training_only = Vec::new();
         for t in files.weights.tensors {
             let rel = t.name.strip_prefix(SAVED_PREFIX).ok_or_else(|| {
                 Error::tensor(
@@ -96,6 +100,31 @@ impl Adapter {
                 )
             })?;
             let rel = rel.to_string();
+            if let Some(variant) = variant_key(&rel) {
+                let wanted = match variant {
+                    "VeLoRA" => config.variant == Variant::Velora,
+                    "MonteCLoRA" => config.variant == Variant::Monteclora,
+                    _ => false,
+                };
+                if !wanted {
+                    return Err(Error::tensor(
+                        &weights_path,
+                        &t.name,
+                        format!(
+                            "is a {variant} tensor, which {}",
+                            match variant {
+                                "KaSA" =>
+                                    "lorastream does not merge: PEFT truncates the base weight with \
+                                           an SVD when it loads a KaSA adapter, which cannot be reproduced exactly",
+                                _ =>
+                                    "adapter_config.json does not declare (its variant's config field is missing)",
+                            }
+                        ),
+                    ));
+                }
+                training_only.push(t);
+                continue;
+            }
             match classify(&rel) {
                 Some((module, part)) => {
                     let idx = match parts.iter().position(|(m, _)| *m == module) {
@@ -168,6 +197,7 @@ impl Adapter {
             config,
             modules,
             replacements,
+            training_only,
         })
     }
 
@@ -202,6 +232,19 @@ enum Part {
     EmbA,
     EmbB,
     Magnitude,
+}
+
+/// The variant whose own (non-factor) tensor a saved key is, if any.
+fn variant_key(rel: &str) -> Option<&'static str> {
+    if rel.ends_with(".lora_diag") {
+        Some("KaSA")
+    } else if rel.ends_with(".lora_velora_embed") {
+        Some("VeLoRA")
+    } else if rel.contains(".lora_monteclora_sampler.") {
+        Some("MonteCLoRA")
+    } else {
+        None
+    }
 }
 
 /// Splits a saved key (prefix removed) into (module, LoRA part), or None for a full tensor.
@@ -241,5 +284,12 @@ mod tests {
         assert_eq!(classify("q.lora_B.bias"), Some(("q", Part::BBias)));
         assert_eq!(classify("lm_head.base_layer.weight"), None);
         assert_eq!(classify("lm_head.weight"), None);
+        assert_eq!(variant_key("q.lora_diag"), Some("KaSA"));
+        assert_eq!(variant_key("q.lora_velora_embed"), Some("VeLoRA"));
+        assert_eq!(
+            variant_key("q.lora_monteclora_sampler.std_prior"),
+            Some("MonteCLoRA")
+        );
+        assert_eq!(variant_key("q.lora_A.weight"), None);
     }
 }

@@ -4,20 +4,24 @@
 //! tensor (with a hint about the likely prefix), shape mismatches, lora_bias without a base
 //! bias, grouped convolutions, key collisions, `--expect-keys-from`.
 
+use super::layout::{LayoutEvidence, LayoutFlags};
 use super::merge_types::{DeltaLayout, Job, JobSource, LoraStep, Step};
 use super::{DtypeChoice, RenameRule, rename};
 use crate::adapter::{Adapter, LoraModule, SAVED_PREFIX};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::sink::OutTensor;
-use crate::source::{Checkpoint, TensorEntry};
+use crate::source::{Checkpoint, ModelConfig, TensorData, TensorEntry};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 /// One component: its name (the output key prefix), base weights and adapters (in order).
 pub struct Component {
     pub name: Option<String>,
     pub base: Option<Checkpoint>,
     pub adapters: Vec<Adapter>,
+    /// The base's `config.json` (architecture, tying), when it has one.
+    pub model_config: Option<ModelConfig>,
 }
 
 impl Component {
@@ -41,6 +45,8 @@ pub struct MergeSettings {
     pub renames: Vec<RenameRule>,
     /// `--exclude`: final keys to leave out.
     pub exclude: Vec<regex::Regex>,
+    /// `--fan-in-fan-out` / `--no-fan-in-fan-out`: layouts of square 2-D weights.
+    pub layout: LayoutFlags,
 }
 
 /// Plans the whole output.
@@ -64,7 +70,191 @@ pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<Vec<Jo
             .zip(&sources)
             .map(|(j, s)| (j.out.name.as_str(), s.as_str())),
     )?;
+    mark_ties(&mut jobs);
     Ok(jobs)
+}
+
+/// Where a tensor's bytes lie in its file: (file identity, first byte, end byte).
+fn footprint(t: &TensorEntry) -> Option<(usize, usize, usize)> {
+    let file = Arc::as_ptr(&t.file) as usize;
+    if t.numel() == 0 {
+        return None;
+    }
+    match &t.data {
+        TensorData::Contiguous { start, len } => Some((file, *start, start + len)),
+        TensorData::Strided {
+            base,
+            offset,
+            strides,
+        } => {
+            let es = t.dtype.size();
+            let last: usize = offset
+                + t.shape
+                    .iter()
+                    .zip(strides)
+                    .map(|(d, s)| (d - 1) * s)
+                    .sum::<usize>();
+            Some((file, base + offset * es, base + (last + 1) * es))
+        }
+    }
+}
+
+/// What makes two stored tensors the same tensor: same bytes, viewed the same way.
+fn view_key(t: &TensorEntry) -> String {
+    let data = match &t.data {
+        TensorData::Contiguous { start, len } => format!("c{start}+{len}"),
+        TensorData::Strided {
+            base,
+            offset,
+            strides,
+        } => format!("s{base}:{offset}:{strides:?}"),
+    };
+    format!(
+        "{:x}/{data}/{}/{:?}",
+        Arc::as_ptr(&t.file) as usize,
+        t.dtype,
+        t.shape
+    )
+}
+
+/// Groups of base tensors that are one stored tensor under several names (tied weights:
+/// `torch.save` writes `wte` and `lm_head` of GPT-2 as one storage), and pairs that overlap
+/// in their file without being the same view. Indices into `tensors`.
+fn shared_storage(tensors: &[TensorEntry]) -> (Vec<Vec<usize>>, Vec<(usize, usize)>) {
+    let mut spans: Vec<(usize, usize, usize, usize)> = tensors
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| footprint(t).map(|(f, a, b)| (f, a, b, i)))
+        .collect();
+    spans.sort_unstable();
+    let (mut groups, mut partial) = (Vec::new(), Vec::new());
+    let mut at = 0;
+    while at < spans.len() {
+        // A cluster: spans of one file that overlap one another, transitively.
+        let (file, _, mut end, _) = spans[at];
+        let mut stop = at + 1;
+        while stop < spans.len() && spans[stop].0 == file && spans[stop].1 < end {
+            end = end.max(spans[stop].2);
+            stop += 1;
+        }
+        if stop - at > 1 {
+            let mut views: Vec<(String, Vec<usize>)> = Vec::new();
+            for &(_, _, _, i) in &spans[at..stop] {
+                let k = view_key(&tensors[i]);
+                match views.iter_mut().find(|(v, _)| *v == k) {
+                    Some((_, g)) => g.push(i),
+                    None => views.push((k, vec![i])),
+                }
+            }
+            for w in views.windows(2) {
+                partial.push((w[0].1[0], w[1].1[0]));
+            }
+            groups.extend(views.into_iter().map(|(_, g)| g).filter(|g| g.len() > 1));
+        }
+        at = stop;
+    }
+    for g in &mut groups {
+        g.sort_unstable();
+    }
+    (groups, partial)
+}
+
+/// Gives every tied base tensor the steps of its merged twin (PEFT merges into the one
+/// shared weight, so every name of it carries the merged value), and refuses what cannot
+/// be written right: steps on two names of one tensor, or on a tensor that overlaps
+/// another view of the same bytes.
+fn spread_over_ties(base: &Checkpoint, steps: &mut HashMap<String, Vec<Step>>) -> Result<()> {
+    let (groups, partial) = shared_storage(&base.tensors);
+    let name = |i: usize| base.tensors[i].name.as_str();
+    for (a, b) in partial {
+        if let Some(m) = [a, b].into_iter().find(|&i| steps.contains_key(name(i))) {
+            let other = if m == a { b } else { a };
+            return Err(Error::tensor(
+                base.tensors[m].file.path(),
+                name(m),
+                format!(
+                    "shares bytes of its storage with '{}' but is another view of them ({:?} vs {:?});                      merging into it would change that tensor in a way lorastream cannot write. Re-save                      the base with separate storages (e.g. safetensors) first",
+                    name(other),
+                    base.tensors[m].shape,
+                    base.tensors[other].shape
+                ),
+            ));
+        }
+    }
+    for g in groups {
+        let merged: Vec<usize> = g
+            .iter()
+            .copied()
+            .filter(|&i| steps.contains_key(name(i)))
+            .collect();
+        match merged.as_slice() {
+            [] => {}
+            [one] => {
+                let Some(st) = steps.get(name(*one)).cloned() else {
+                    continue;
+                };
+                for &i in &g {
+                    steps
+                        .entry(name(i).to_string())
+                        .or_insert_with(|| st.clone());
+                }
+            }
+            [a, b, ..] => {
+                return Err(Error::tensor(
+                    base.tensors[*a].file.path(),
+                    name(*a),
+                    format!(
+                        "is one tied tensor with '{}' (one storage in the file), and adapters change both                          names; PEFT would apply both to the one shared weight in module order, which the                          file does not tell. Merge the adapter of one of them only",
+                        name(*b)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Marks jobs that produce the same bytes as an earlier job from the same stored tensor
+/// (tied weights), so sinks that can share storage write them once.
+fn mark_ties(jobs: &mut [Job]) {
+    let mut first: HashMap<String, usize> = HashMap::new();
+    for (i, j) in jobs.iter_mut().enumerate() {
+        let steps = match &j.source {
+            JobSource::Copy(_) => String::new(),
+            JobSource::Merge { steps, .. } => steps
+                .iter()
+                .map(|s| match s {
+                    Step::Replace(t) => format!("R{}", view_key(t)),
+                    Step::Lora(l) => format!(
+                        "L{}{}{:?}{}{:?}{}",
+                        view_key(&l.a),
+                        view_key(&l.b),
+                        l.layout,
+                        l.scale,
+                        l.magnitude.as_ref().map(view_key),
+                        l.round_delta_first
+                    ),
+                    Step::AddBias { bias, scale } => format!("B{}{scale}", view_key(bias)),
+                })
+                .collect::<Vec<_>>()
+                .join(";"),
+        };
+        let key = format!(
+            "{}|{}|{:?}|{steps}",
+            view_key(j.source_tensor()),
+            j.out.dtype,
+            j.out.shape
+        );
+        if footprint(j.source_tensor()).is_none() {
+            continue;
+        }
+        match first.get(&key) {
+            Some(&to) => j.tied_to = Some(to),
+            None => {
+                first.insert(key, i);
+            }
+        }
+    }
 }
 
 fn describe_source(j: &Job) -> String {
@@ -73,12 +263,27 @@ fn describe_source(j: &Job) -> String {
 }
 
 /// Per base key, the steps every adapter adds, after checking each adapter fits the base.
-fn steps_for_base(c: &Component, base: &Checkpoint) -> Result<HashMap<String, Vec<Step>>> {
+/// `merging`: the layouts of the deltas matter (not for `--keep-lora`, which only checks).
+fn steps_for_base(
+    c: &Component,
+    base: &Checkpoint,
+    s: &MergeSettings,
+    merging: bool,
+) -> Result<HashMap<String, Vec<Step>>> {
     let by_name: HashMap<&str, &TensorEntry> =
         base.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let evidence = LayoutEvidence::new(c.model_config.as_ref(), &s.layout);
+    // Base tensors by the module that owns them, for `target_parameters`.
+    let mut by_module: HashMap<&str, Vec<&TensorEntry>> = HashMap::new();
+    for t in &base.tensors {
+        if let Some((module, _)) = t.name.rsplit_once('.') {
+            by_module.entry(module).or_default().push(t);
+        }
+    }
     let mut steps: HashMap<String, Vec<Step>> = HashMap::new();
     for ad in &c.adapters {
         let mut unmatched: Vec<String> = Vec::new();
+        let mut unsettled: Vec<(String, String)> = Vec::new();
         for rep in &ad.replacements {
             match by_name.get(rep.base_key.as_str()) {
                 None => unmatched.push(rep.saved_key.clone()),
@@ -108,12 +313,22 @@ fn steps_for_base(c: &Component, base: &Checkpoint) -> Result<HashMap<String, Ve
             }
         }
         for m in &ad.modules {
-            let wkey = format!("{}.weight", m.name);
+            let (wkey, parameter) = match wrapped_parameter(ad, m, &by_module)? {
+                Some(p) => (p.name.clone(), true),
+                None => (format!("{}.weight", m.name), false),
+            };
             let Some(w) = by_name.get(wkey.as_str()) else {
                 unmatched.push(m.name.clone());
                 continue;
             };
-            let step = lora_step(ad, m, w, base)?;
+            let fit = Fit {
+                evidence: &evidence,
+                merging,
+                parameter,
+            };
+            let Some(step) = lora_step(ad, m, w, base, &fit, &mut unsettled)? else {
+                continue;
+            };
             steps
                 .entry(wkey)
                 .or_default()
@@ -149,8 +364,45 @@ fn steps_for_base(c: &Component, base: &Checkpoint) -> Result<HashMap<String, Ve
         if !unmatched.is_empty() {
             return Err(mismatch_error(c, ad, base, &unmatched));
         }
+        if !unsettled.is_empty() {
+            return Err(unsettled_error(c, ad, base, &unsettled));
+        }
     }
     Ok(steps)
+}
+
+/// Explains square weights whose layout nothing settles, with the flags that settle it.
+fn unsettled_error(
+    c: &Component,
+    ad: &Adapter,
+    base: &Checkpoint,
+    unsettled: &[(String, String)],
+) -> Error {
+    let shown: Vec<String> = unsettled
+        .iter()
+        .take(10)
+        .map(|(m, why)| format!("  '{m}': {why}"))
+        .collect();
+    let more = unsettled.len().saturating_sub(shown.len());
+    Error::Plan(format!(
+        "adapter {} (component {}): cannot tell how ΔW lines up with {} weight(s) of base {}:\n{}{}\n\
+         adapter_config.json's fan_in_fan_out ({}) cannot settle it: PEFT rewrites it per module type while \
+         wrapping, so it holds the last wrapped module's value. Say which modules are transformers Conv1D \
+         (stored [in, out]) with --fan-in-fan-out REGEX and which are nn.Linear (stored [out, in]) with \
+         --no-fan-in-fan-out REGEX (regexes over module names, e.g. --no-fan-in-fan-out '.' for a model \
+         without Conv1D). Nothing was written.",
+        ad.dir.display(),
+        c.label(),
+        unsettled.len(),
+        base.path.display(),
+        shown.join("\n"),
+        if more > 0 {
+            format!("\n  … and {more} more")
+        } else {
+            String::new()
+        },
+        ad.config.fan_in_fan_out,
+    ))
 }
 
 /// Explains adapter modules that match no base tensor, with the likely prefix fix.
@@ -201,8 +453,75 @@ fn mismatch_error(c: &Component, ad: &Adapter, base: &Checkpoint, unmatched: &[S
     ))
 }
 
-/// Works out how a module's A and B line up with the base weight `w`.
-fn lora_step(ad: &Adapter, m: &LoraModule, w: &TensorEntry, base: &Checkpoint) -> Result<LoraStep> {
+/// The `nn.Parameter` a module's LoRA adapts in place (`target_parameters`: PEFT's
+/// ParamWrapper), if any. PEFT names the saved factors after the module that owns the
+/// parameter, so the parameter is found among that module's base tensors.
+fn wrapped_parameter<'a>(
+    ad: &Adapter,
+    m: &LoraModule,
+    by_module: &HashMap<&str, Vec<&'a TensorEntry>>,
+) -> Result<Option<&'a TensorEntry>> {
+    if ad.config.target_parameters.is_empty() {
+        return Ok(None);
+    }
+    let refuse = |msg: String| Err(Error::tensor(ad.weights_path(), &m.a.name, msg));
+    if m.name.split('.').any(|p| p == "base_layer") {
+        return refuse(format!(
+            "module '{}' has several nn.Parameters adapted one inside another (target_parameters {:?}); \
+             which factors belong to which parameter depends on the order the model registers them, which \
+             the checkpoint does not record, so lorastream does not merge nested parameter adapters",
+            m.name, ad.config.target_parameters
+        ));
+    }
+    let hits: Vec<&TensorEntry> = by_module
+        .get(m.name.as_str())
+        .into_iter()
+        .flatten()
+        .copied()
+        .filter(|t| ad.config.targets_parameter(&t.name))
+        .collect();
+    match hits.as_slice() {
+        [] => Ok(None),
+        [p] if p.shape.len() == 2 => Ok(Some(p)),
+        [p] => refuse(format!(
+            "adapts the {}-D nn.Parameter '{}' {:?} (target_parameters, e.g. MoE experts); PEFT merges it \
+             expert by expert, which lorastream does not do yet",
+            p.shape.len(),
+            p.name,
+            p.shape
+        )),
+        many => refuse(format!(
+            "module '{}' has several parameters matching target_parameters ({}); PEFT nests one adapter per \
+             parameter, saved under '…base_layer.…' names",
+            m.name,
+            many.iter()
+                .map(|t| format!("'{}'", t.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// What decides how a module's factors fit its weight.
+struct Fit<'a> {
+    evidence: &'a LayoutEvidence,
+    /// The layouts matter (not for `--keep-lora`, which only checks).
+    merging: bool,
+    /// The weight is an `nn.Parameter` adapted in place (`target_parameters`): PEFT's
+    /// ParamWrapper, always [out, in], ΔW rounded to the weight's dtype before the add.
+    parameter: bool,
+}
+
+/// Works out how a module's A and B line up with the base weight `w`. A square weight whose
+/// layout the evidence does not settle lands in `unsettled` (None) when merging.
+fn lora_step(
+    ad: &Adapter,
+    m: &LoraModule,
+    w: &TensorEntry,
+    base: &Checkpoint,
+    fit: &Fit<'_>,
+    unsettled: &mut Vec<(String, String)>,
+) -> Result<Option<LoraStep>> {
     let bad = |msg: String| {
         Error::tensor(
             ad.weights_path(),
@@ -235,15 +554,26 @@ fn lora_step(ad: &Adapter, m: &LoraModule, w: &TensorEntry, base: &Checkpoint) -
         }
         let normal = w.shape == [b[0], a[1]];
         let transposed = w.shape == [a[1], b[0]];
-        match (normal, transposed) {
-            // Square: only the config can tell (PEFT forces fan_in_fan_out for Conv1D).
-            (true, true) if ad.config.fan_in_fan_out => DeltaLayout::Transposed,
-            (true, _) => DeltaLayout::Normal,
-            (false, true) => DeltaLayout::Transposed,
-            (false, false) => {
-                return Err(bad(format!(
-                    "LoRA A {a:?} / B {b:?} does not fit (shape mismatch)"
-                )));
+        if !normal && (!transposed || fit.parameter) {
+            return Err(bad(format!(
+                "LoRA A {a:?} / B {b:?} does not fit (shape mismatch)"
+            )));
+        }
+        let decided = if fit.parameter {
+            Ok(DeltaLayout::Normal)
+        } else {
+            fit.evidence.decide(&m.name, normal, transposed)
+        };
+        match decided {
+            Ok(layout) => layout,
+            // --keep-lora writes the factors as they are: the layout does not matter.
+            Err(_) if !fit.merging => DeltaLayout::Normal,
+            Err(why) => {
+                unsettled.push((
+                    m.name.clone(),
+                    format!("weight '{}' {:?}: {why}", w.name, w.shape),
+                ));
+                return Ok(None);
             }
         }
     } else {
@@ -280,15 +610,18 @@ fn lora_step(ad: &Adapter, m: &LoraModule, w: &TensorEntry, base: &Checkpoint) -
             )));
         }
     }
-    Ok(LoraStep {
+    Ok(Some(LoraStep {
         a: m.a.clone(),
         b: m.b.clone(),
         r,
         scale: m.scale,
         layout,
-        round_delta_first: m.embedding && m.magnitude.is_none(),
+        // PEFT's Embedding merge, the ParamWrapper and MiCA add ΔW rounded to W's dtype.
+        round_delta_first: m.embedding && m.magnitude.is_none()
+            || fit.parameter
+            || ad.config.variant.rounds_delta_first(),
         magnitude: m.magnitude.clone(),
-    })
+    }))
 }
 
 fn plan_merged(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Job>) -> Result<()> {
@@ -299,7 +632,8 @@ fn plan_merged(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Job>)
             c.label()
         )));
     };
-    let mut steps = steps_for_base(c, base)?;
+    let mut steps = steps_for_base(c, base, s, true)?;
+    spread_over_ties(base, &mut steps)?;
     for t in &base.tensors {
         let source = match steps.remove(&t.name) {
             Some(st) => JobSource::Merge {
@@ -316,6 +650,7 @@ fn plan_merged(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Job>)
             },
             source,
             component: ci,
+            tied_to: None,
         });
     }
     Ok(())
@@ -332,6 +667,19 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
                 plan_merged(ci, c, s, jobs)?;
             }
             return Ok(());
+        }
+        [one] if !one.training_only.is_empty() || !one.config.target_parameters.is_empty() => {
+            return Err(Error::Plan(format!(
+                "adapter {} (component {}): --keep-lora does not write {} yet (their PeftModel.state_dict() \
+                 names are not checked against PEFT); merge it instead",
+                one.dir.display(),
+                c.label(),
+                if one.training_only.is_empty() {
+                    "adapters of nn.Parameters (target_parameters)"
+                } else {
+                    "the training-only state of VeLoRA / MonteCLoRA adapters"
+                }
+            )));
         }
         [one] => one,
         _ => {
@@ -365,6 +713,7 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
             },
             source: JobSource::Copy(t.clone()),
             component: ci,
+            tied_to: None,
         })
     };
     let push_lora = |jobs: &mut Vec<Job>, m: &LoraModule| {
@@ -389,7 +738,7 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
     match &c.base {
         Some(base) => {
             // Validate the adapter against the base exactly as a merge would.
-            steps_for_base(c, base)?;
+            steps_for_base(c, base, s, false)?;
             let mut emitted: HashSet<&str> = HashSet::new();
             for t in &base.tensors {
                 let (module, param) = t.name.rsplit_once('.').unwrap_or(("", t.name.as_str()));
@@ -466,5 +815,6 @@ fn cast_job(ci: usize, name: String, value: &TensorEntry, base: &TensorEntry, dt
         },
         source,
         component: ci,
+        tied_to: None,
     }
 }

@@ -61,6 +61,10 @@ pub struct Job {
     pub source: JobSource,
     /// Index of the component it belongs to.
     pub component: usize,
+    /// An earlier job (index into the job list) that produces the very same bytes from the
+    /// same stored tensor: tied weights, one storage in the input. A sink that can share
+    /// storage (PyTorch zip) stores this one as a view of it; others write the bytes again.
+    pub tied_to: Option<usize>,
 }
 
 impl Job {

@@ -104,6 +104,20 @@ pub trait TensorSink: Send {
     }
     /// Ends the current tensor; all of its bytes must have arrived.
     fn end(&mut self) -> Result<()>;
+    /// Whether the format can store a planned tensor as a view of an earlier one's storage
+    /// (PyTorch zip: tied weights, as `torch.save` writes them). Known when the sink is made.
+    fn shares_storage(&self) -> bool {
+        false
+    }
+    /// Records the next planned tensor `t` as sharing the storage of planned tensor `to`
+    /// (an earlier one with the same bytes, dtype and shape) instead of `begin`/`write`/
+    /// `end`. Only called when [`TensorSink::shares_storage`] says so.
+    fn tie(&mut self, t: &OutTensor, _to: usize) -> Result<()> {
+        Err(Error::Plan(format!(
+            "internal: this output cannot store '{}' as a tied tensor",
+            t.name
+        )))
+    }
     /// Completes the file(s) and moves them into place.
     fn finish(self: Box<Self>) -> Result<()>;
 }
@@ -253,6 +267,27 @@ impl PlanCursor {
                 t.name
             ))),
         }
+    }
+
+    /// Moves past planned tensor `t` (stored as a tie to `to`, an earlier tensor of the same
+    /// dtype and shape), and returns its index.
+    pub(crate) fn skip_tied(&mut self, t: &OutTensor, to: usize) -> Result<usize> {
+        let i = self.next;
+        let ok = self.remaining.is_none()
+            && self.plan.get(i) == Some(t)
+            && to < i
+            && self
+                .plan
+                .get(to)
+                .is_some_and(|p| p.dtype == t.dtype && p.shape == t.shape);
+        if !ok {
+            return Err(Error::Plan(format!(
+                "internal: tensor '{}' tied out of plan order or to another shape",
+                t.name
+            )));
+        }
+        self.next += 1;
+        Ok(i)
     }
 
     pub(crate) fn write(&mut self, n: usize) -> Result<()> {

@@ -26,6 +26,8 @@ pub struct TorchZipWriter {
     bounce: [AlignedBuf; 2],
     temp: TempOutput,
     cursor: PlanCursor,
+    /// Planned tensor index → the earlier tensor whose storage it shares (tied weights).
+    ties: std::collections::HashMap<usize, usize>,
 }
 
 fn record_options(nbytes: u64) -> SimpleFileOptions {
@@ -45,6 +47,7 @@ impl TorchZipWriter {
             bounce: Default::default(),
             temp,
             cursor: PlanCursor::new(plan),
+            ties: Default::default(),
         })
     }
 
@@ -101,6 +104,20 @@ impl TensorSink for TorchZipWriter {
         self.cursor.end()
     }
 
+    fn shares_storage(&self) -> bool {
+        true
+    }
+
+    /// A tied tensor gets no record of its own: its pickle entry names the storage of the
+    /// tensor it is tied to, so `torch.load` gives both one storage, as `torch.save` would.
+    fn tie(&mut self, t: &OutTensor, to: usize) -> Result<()> {
+        let i = self.cursor.skip_tied(t, to)?;
+        // Follow chains so every key names a storage that has a record.
+        let root = self.ties.get(&to).copied().unwrap_or(to);
+        self.ties.insert(i, root);
+        Ok(())
+    }
+
     fn finish(mut self: Box<Self>) -> Result<()> {
         self.cursor.check_complete()?;
         let tensors: Vec<PickledTensor<'_>> = self
@@ -112,7 +129,7 @@ impl TensorSink for TorchZipWriter {
                 name: &t.name,
                 dtype: t.dtype,
                 shape: &t.shape,
-                key: i.to_string(),
+                key: self.ties.get(&i).copied().unwrap_or(i).to_string(),
             })
             .collect();
         let pkl = state_dict_pickle(&tensors);

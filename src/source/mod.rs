@@ -9,11 +9,13 @@
 //! the model is. Sources know nothing of plans or writers.
 
 mod layout;
+mod model_config;
 pub mod pickle;
 mod safetensors;
 mod torch_zip;
 
 pub use layout::{AdapterFiles, open, open_adapter};
+pub use model_config::{ModelConfig, model_config};
 
 use crate::direct_io::{self, AlignedBuf, AtomicReadMode, ReadMode};
 use crate::dtype::Dtype;
