@@ -167,7 +167,12 @@ impl Adapter {
             let a = p.a.ok_or_else(|| missing("lora_A"))?;
             let b = p.b.ok_or_else(|| missing("lora_B"))?;
             let (r, scale) = config.rank_and_scale(&name);
-            if a.shape.first() != Some(&r) || b.shape.get(1) != Some(&r) {
+            // An adapter of a 3-D nn.Parameter (target_parameters, MoE experts) stacks
+            // one rank-r factor per expert: [r·E, in] / [out, r·E]; the plan judges it.
+            let per_expert = !config.target_parameters.is_empty()
+                && a.shape.first().is_some_and(|&n| n % r == 0)
+                && b.shape.get(1) == a.shape.first();
+            if !per_expert && (a.shape.first() != Some(&r) || b.shape.get(1) != Some(&r)) {
                 return Err(Error::tensor(
                     &weights_path,
                     &a.name,

@@ -482,7 +482,11 @@ fn wrapped_parameter<'a>(
         .collect();
     match hits.as_slice() {
         [] => Ok(None),
-        [p] if p.shape.len() == 2 => Ok(Some(p)),
+        [p] if p.shape.len() == 2 && m.a.shape.first() == Some(&m.r) => Ok(Some(p)),
+        [p] if p.shape.len() == 2 => refuse(format!(
+            "lora_A {:?} does not have rank {}, which adapter_config.json gives for the nn.Parameter '{}'",
+            m.a.shape, m.r, p.name
+        )),
         [p] => refuse(format!(
             "adapts the {}-D nn.Parameter '{}' {:?} (target_parameters, e.g. MoE experts); PEFT merges it \
              expert by expert, which lorastream does not do yet",
