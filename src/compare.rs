@@ -344,6 +344,73 @@ impl TensorDiff {
     }
 }
 
+/// A table of tensor differences: name, dtype and shape (with their changes), differing
+/// elements of those compared, max ulp, max |a-b|, first differing flat index.
+/// Names, dtypes and shapes are left-aligned, numbers right-aligned.
+pub fn table(rows: &[TensorDiff]) -> String {
+    let cells: Vec<[String; 7]> = rows
+        .iter()
+        .map(|d| {
+            let dtype = if d.dtype_changed() {
+                format!("{}->{}", d.dtype_a, d.dtype_b)
+            } else {
+                d.dtype_a.clone()
+            };
+            let shape = if d.shape_changed() {
+                format!("{:?}->{:?}", d.shape_a, d.shape_b)
+            } else {
+                format!("{:?}", d.shape_a)
+            };
+            let s = &d.stats;
+            let (differing, ulp, abs) = if d.shape_changed() {
+                ("-".into(), "-".into(), "-".into())
+            } else {
+                (
+                    format!("{}/{}", s.differing, s.compared),
+                    s.max_ulp.map_or("-".into(), |u| u.to_string()),
+                    fmt_abs(s.max_abs),
+                )
+            };
+            let first = s.first_differing.map_or("-".into(), |i| i.to_string());
+            [d.name.clone(), dtype, shape, differing, ulp, abs, first]
+        })
+        .collect();
+    let head = [
+        "TENSOR",
+        "DTYPE",
+        "SHAPE",
+        "DIFFERING",
+        "MAX ULP",
+        "MAX |a-b|",
+        "FIRST AT",
+    ];
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for c in &cells {
+        for (i, x) in c.iter().enumerate() {
+            w[i] = w[i].max(x.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, c: &[String]| {
+        for (i, x) in c.iter().enumerate() {
+            let pad = w[i].saturating_sub(x.chars().count());
+            if i < 3 {
+                out.push_str(x);
+                out.push_str(&" ".repeat(pad));
+            } else {
+                out.push_str(&" ".repeat(pad));
+                out.push_str(x);
+            }
+            out.push_str(if i + 1 < c.len() { "  " } else { "\n" });
+        }
+    };
+    line(&mut out, &head.map(String::from));
+    for c in &cells {
+        line(&mut out, c);
+    }
+    out
+}
+
 /// `1.5e-3`, `0`, `inf`.
 pub fn fmt_abs(x: f64) -> String {
     if x == 0.0 {
