@@ -259,6 +259,7 @@ mod tests {
         assert_eq!((r[1].stats.compared, r[1].stats.differing), (6, 1));
         assert_eq!(r[1].stats.first_differing, Some(10));
         assert_eq!(r[1].rows_compared, Some(vec![0, 3]));
+        drop(r);
         // Too few bytes, or a tensor out of order, is an error, not a silent pass.
         let mut sink = Box::new(CompareSink::new(
             vec![exp(None)],
