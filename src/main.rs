@@ -203,13 +203,13 @@ struct VerifyMergeArgs {
     /// The output was written with --keep-lora.
     #[arg(long)]
     keep_lora: bool,
-    /// As for merge.
+    /// The --dtype the output was merged with (keep = each tensor's stored dtype).
     #[arg(long, default_value = "keep", value_parser = parse_dtype, value_name = "keep|bf16|f16|f32")]
     dtype: DtypeChoice,
-    /// As for merge.
+    /// The --rename rules the output was merged with, in order.
     #[arg(long = "rename", value_name = "REGEX=REPLACEMENT", value_parser = parse_rename)]
     renames: Vec<RenameRule>,
-    /// As for merge.
+    /// The --exclude patterns the output was merged with (final keys left out).
     #[arg(long = "exclude", value_name = "REGEX", value_parser = parse_exclude)]
     exclude: Vec<Regex>,
     /// Worker threads for the CPU merge (default: all cores).
@@ -218,7 +218,8 @@ struct VerifyMergeArgs {
     /// Where to compute deltas: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     device: Device,
-    /// Read through the page cache.
+    /// Read the inputs and OUT through the page cache (default: big reads bypass it
+    /// where the filesystem allows).
     #[arg(long)]
     buffered_io: bool,
 }

@@ -327,3 +327,28 @@ fn diff_reports_keys_dtypes_and_values() {
     assert!(text.contains("F32->F16"), "{text}");
     assert!(text.contains("only in A: 1\n  lm_head.weight"), "{text}");
 }
+
+/// A 128 MiB tensor is compared in pieces: verify's peak RSS stays far below its size.
+#[test]
+fn verify_memory_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 32 << 20; // f32 elements: 128 MiB
+    let data: Vec<u8> = (0..n as u32)
+        .flat_map(|i| (i as f32).to_le_bytes())
+        .collect();
+    let shape = vec![8192usize, n / 8192];
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &data).unwrap();
+    let base = dir.path().join("big.safetensors");
+    safetensors::serialize_to_file([("w", view)], None, &base).unwrap();
+    drop(data);
+    let args = vec!["--base".to_string(), base.display().to_string()];
+    let o = verify(&base, &args, &["--json", "--exact"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let r = json(&o);
+    assert_eq!(r["elements_compared"], n as u64);
+    let rss = r["peak_rss_bytes"].as_u64().unwrap();
+    assert!(
+        rss > 0 && rss < 80 << 20,
+        "peak RSS {rss} for a 128 MiB tensor"
+    );
+}
