@@ -536,6 +536,39 @@ mod tests {
     }
 
     #[test]
+    fn verify_takes_the_merge_options_and_their_order() {
+        let m = Cli::command()
+            .try_get_matches_from([
+                "lorastream",
+                "verify",
+                "out/",
+                "--lora",
+                "vis=b",
+                "--base",
+                "llm=d",
+                "--sample",
+                "8",
+                "--max-ulp",
+                "4",
+            ])
+            .unwrap();
+        let names = ["vis", "llm"].map(|n| Some(n.to_string()));
+        assert_eq!(component_order(&m), names.to_vec());
+        // --exact and --max-ulp say different things.
+        let both = Cli::command().try_get_matches_from([
+            "lorastream",
+            "verify",
+            "o",
+            "--base",
+            "b",
+            "--exact",
+            "--max-ulp",
+            "1",
+        ]);
+        assert!(both.is_err());
+    }
+
+    #[test]
     fn cli_definition_is_valid() {
         Cli::command().debug_assert();
     }
