@@ -15,7 +15,9 @@
 //! - [`direct_io`] is the plumbing for reading and writing around the page cache.
 
 pub mod adapter;
+pub mod compare;
 pub mod compute;
+pub mod diff;
 pub mod direct_io;
 pub mod dtype;
 pub mod error;
@@ -25,6 +27,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod sink;
 pub mod source;
+pub mod verify;
 
 pub use dtype::Dtype;
 pub use error::{Error, Result};

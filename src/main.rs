@@ -1,7 +1,9 @@
 //! The `lorastream` command: parses arguments, calls the library, prints the result or
-//! the one error. Exit codes: 0 success, 1 runtime error, 2 usage error.
+//! the one error. Exit codes: 0 success, 1 runtime error, 2 usage error; `verify` and
+//! `diff` answer 0 same, 1 different, 2 cannot compare (as diff(1) does).
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use lorastream::compare::Tolerance;
 use lorastream::direct_io::ReadMode;
 use lorastream::merge::{Device, MergeOptions, split_named};
 use lorastream::pipeline::{self, ConvertOptions};
@@ -9,7 +11,8 @@ use lorastream::plan::layout::LayoutFlags;
 use lorastream::plan::merge::MergeSettings;
 use lorastream::plan::{DtypeChoice, RenameRule};
 use lorastream::sink::SinkOptions;
-use lorastream::{Error, inspect};
+use lorastream::verify::{self, VerifyOptions};
+use lorastream::{Error, diff, inspect};
 use regex::Regex;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +23,8 @@ use std::process::ExitCode;
     version,
     about = "Merge LoRA adapters into model weights and convert checkpoints by streaming \
              tensors through memory maps, without building the model.",
-    after_help = "Exit codes: 0 success, 1 runtime error (bad input, I/O), 2 usage error."
+    after_help = "Exit codes: 0 success, 1 runtime error (bad input, I/O), 2 usage error. \
+                  verify and diff: 0 same, 1 different, 2 cannot compare."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -95,17 +99,69 @@ enum Command {
         /// Plan and check everything, print the plan, write nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Modules (regex over names relative to the base model, e.g. 'attn\.c_proj$')
-        /// whose 2-D weights are stored [in, out] like transformers' Conv1D. Needed only for
-        /// square weights that the base's config.json does not settle; repeatable.
-        #[arg(long = "fan-in-fan-out", value_name = "REGEX", value_parser = parse_regex)]
-        fan_in_fan_out: Vec<Regex>,
-        /// Modules (regex) whose 2-D weights are stored [out, in] like nn.Linear; e.g. '.'
-        /// for a model without Conv1D. Repeatable.
-        #[arg(long = "no-fan-in-fan-out", value_name = "REGEX", value_parser = parse_regex)]
-        no_fan_in_fan_out: Vec<Regex>,
+        #[command(flatten)]
+        layout: LayoutArgs,
         #[command(flatten)]
         output: OutputArgs,
+    },
+    /// Check an existing merge output: recompute the merge, compare value by value, write nothing.
+    ///
+    /// OUT may be any readable checkpoint (ours, a PEFT save_pretrained folder, .safetensors,
+    /// .pth/.bin, a sharded index). Takes the merge's options (not --out). Compares every
+    /// tensor the merge plans with OUT's tensor of the same name, streaming, in bounded
+    /// memory. Default tolerance (the merge's fidelity contract): per element, both NaN, or
+    /// at most 1 ulp apart, or, for f32/f64, |a-b| <= 1e-5*max(|a|,|b|); integer, bool,
+    /// float8 tensors bit for bit. A tensor of another dtype or shape in OUT differs.
+    /// Keys the merge produces that OUT lacks are missing, keys of OUT it does not produce
+    /// are extra (both differ), except a dropped tied output embedding (lm_head.weight)
+    /// whose recomputed values equal OUT's input embedding: reported as tied, not a failure.
+    #[command(
+        after_help = "Exit codes: 0 OUT matches, 1 OUT differs (each differing tensor \
+        listed: dtype, differing elements, max ulp, max |a-b|; missing and extra keys), 2 cannot \
+        check (OUT or inputs unreadable, bad arguments).\n\nExamples:\n  \
+        lorastream verify merged/ --base Llama-3-8B/ --lora my-adapter/\n  \
+        lorastream verify merged.safetensors --base m.safetensors --lora a/ --exact\n  \
+        lorastream verify merged/ --base big/ --lora a/ --sample 64 --json"
+    )]
+    Verify {
+        /// The output to check.
+        out: PathBuf,
+        #[command(flatten)]
+        merge: VerifyMergeArgs,
+        /// Compare bit for bit instead of within the tolerance.
+        #[arg(long, conflicts_with = "max_ulp")]
+        exact: bool,
+        /// Accept at most N ulp in every float element (instead of the default rule).
+        #[arg(long, value_name = "N")]
+        max_ulp: Option<u64>,
+        /// Check only ROWS rows of every tensor (evenly spread, the first and the last
+        /// always among them), computing only those rows: for very large models.
+        #[arg(long, value_name = "ROWS")]
+        sample: Option<usize>,
+        /// Print one JSON object instead of the text report.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare two checkpoints tensor by tensor (any readable formats), like diff(1).
+    ///
+    /// Reports keys only in A or only in B, dtype and shape changes, and for tensors of
+    /// the same shape the number of differing elements, max |a-b| and (same float dtype)
+    /// max ulp. Elements compare by value (+0 equals -0, NaN equals NaN; across dtypes,
+    /// both widened exactly); --exact compares bits. Streams in bounded memory.
+    #[command(
+        after_help = "Exit codes: 0 identical, 1 different, 2 trouble (unreadable \
+        input, bad arguments).\n\nExamples:\n  lorastream diff merged.safetensors peft-merged/\n  \
+        lorastream diff a.pth b.safetensors --json"
+    )]
+    Diff {
+        a: PathBuf,
+        b: PathBuf,
+        /// Compare bits instead of values.
+        #[arg(long)]
+        exact: bool,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -136,6 +192,65 @@ struct OutputArgs {
     /// Print one JSON report on stdout at the end (and no progress bar).
     #[arg(long)]
     json: bool,
+}
+
+/// How square 2-D weights are laid out, where the base's own description does not say:
+/// shared by `merge` and `verify`.
+#[derive(clap::Args)]
+struct LayoutArgs {
+    /// Modules (regex over names relative to the base model, e.g. 'attn\.c_proj$')
+    /// whose 2-D weights are stored [in, out] like transformers' Conv1D. Needed only for
+    /// square weights that the base's config.json does not settle; repeatable.
+    #[arg(long = "fan-in-fan-out", value_name = "REGEX", value_parser = parse_regex)]
+    fan_in_fan_out: Vec<Regex>,
+    /// Modules (regex) whose 2-D weights are stored [out, in] like nn.Linear; e.g. '.'
+    /// for a model without Conv1D. Repeatable.
+    #[arg(long = "no-fan-in-fan-out", value_name = "REGEX", value_parser = parse_regex)]
+    no_fan_in_fan_out: Vec<Regex>,
+}
+
+impl LayoutArgs {
+    fn flags(self) -> LayoutFlags {
+        LayoutFlags {
+            fan_in_fan_out: self.fan_in_fan_out,
+            not_fan_in_fan_out: self.no_fan_in_fan_out,
+        }
+    }
+}
+
+/// The merge's options as `verify` takes them (those of `merge` that shape the output).
+#[derive(clap::Args)]
+struct VerifyMergeArgs {
+    /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder).
+    #[arg(long = "base", value_name = "[NAME=]PATH")]
+    bases: Vec<String>,
+    /// A PEFT adapter folder for a component: [NAME=]DIR. Repeat to merge several in order.
+    #[arg(long = "lora", value_name = "[NAME=]DIR")]
+    loras: Vec<String>,
+    /// The output was written with --keep-lora.
+    #[arg(long)]
+    keep_lora: bool,
+    /// The --dtype the output was merged with (keep = each tensor's stored dtype).
+    #[arg(long, default_value = "keep", value_parser = parse_dtype, value_name = "keep|bf16|f16|f32")]
+    dtype: DtypeChoice,
+    /// The --rename rules the output was merged with, in order.
+    #[arg(long = "rename", value_name = "REGEX=REPLACEMENT", value_parser = parse_rename)]
+    renames: Vec<RenameRule>,
+    /// The --exclude patterns the output was merged with (final keys left out).
+    #[arg(long = "exclude", value_name = "REGEX", value_parser = parse_exclude)]
+    exclude: Vec<Regex>,
+    /// Worker threads for the CPU merge (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Where to compute deltas: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    device: Device,
+    /// Read the inputs and OUT through the page cache (default: big reads bypass it
+    /// where the filesystem allows).
+    #[arg(long)]
+    buffered_io: bool,
+    #[command(flatten)]
+    layout: LayoutArgs,
 }
 
 fn read_mode(buffered: bool) -> ReadMode {
@@ -198,7 +313,8 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
-fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<(), Error> {
+/// Runs the command; the exit code when it did not fail (verify and diff: 0 or 1).
+fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
     match cli.command {
         Command::Inspect { path, json } => {
             let report = inspect::inspect(&path)?;
@@ -246,8 +362,7 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<(), Error> {
             threads,
             device,
             dry_run,
-            fan_in_fan_out,
-            no_fan_in_fan_out,
+            layout,
             output,
         } => {
             let json = output.json;
@@ -260,10 +375,7 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<(), Error> {
                     dtype: output.dtype,
                     renames: output.renames,
                     exclude: output.exclude,
-                    layout: LayoutFlags {
-                        fan_in_fan_out,
-                        not_fan_in_fan_out: no_fan_in_fan_out,
-                    },
+                    layout: layout.flags(),
                 },
                 expect_keys_from,
                 threads,
@@ -309,15 +421,85 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<(), Error> {
                 }
             }
         }
+        Command::Verify {
+            out,
+            merge,
+            exact,
+            max_ulp,
+            sample,
+            json,
+        } => {
+            let tolerance = match (exact, max_ulp) {
+                (true, _) => Tolerance::Exact,
+                (false, Some(n)) => Tolerance::MaxUlp(n),
+                (false, None) => Tolerance::Contract,
+            };
+            let opts = VerifyOptions {
+                merge: MergeOptions {
+                    bases: merge.bases.iter().map(|s| split_named(s)).collect(),
+                    loras: merge.loras.iter().map(|s| split_named(s)).collect(),
+                    component_order,
+                    settings: MergeSettings {
+                        keep_lora: merge.keep_lora,
+                        dtype: merge.dtype,
+                        renames: merge.renames,
+                        exclude: merge.exclude,
+                        layout: merge.layout.flags(),
+                    },
+                    threads: merge.threads,
+                    device: merge.device,
+                    reads: read_mode(merge.buffered_io),
+                    progress: !json,
+                    notify: Some(|note| eprintln!("note: {note}")),
+                    ..Default::default()
+                },
+                tolerance,
+                sample,
+            };
+            // Anything that stops the check is "cannot check" (2), not "differs" (1).
+            let r = match verify::verify(&out, &opts) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                for n in r.notes.iter().filter(|n| n.contains(" is not in OUT")) {
+                    eprintln!("note: {n}");
+                }
+                print!("{}", r.to_text());
+            }
+            return Ok(u8::from(!r.matches));
+        }
+        Command::Diff { a, b, exact, json } => {
+            let r = match diff::diff(&a, &b, exact) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(2);
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string(&r).unwrap_or_default());
+            } else {
+                print!("{}", r.to_text());
+            }
+            return Ok(u8::from(!r.identical));
+        }
     }
-    Ok(())
+    Ok(0)
 }
 
 /// Component names in the order the user first named them across --base and --lora
 /// (clap keeps the two lists apart; their positions on the command line tell the order).
 fn component_order(matches: &clap::ArgMatches) -> Vec<Option<String>> {
-    let Some(("merge", m)) = matches.subcommand() else {
-        return Vec::new();
+    let m = match matches.subcommand() {
+        Some(("merge", m)) => m,
+        Some(("verify", v)) => v,
+        _ => return Vec::new(),
     };
     let mut seen: Vec<(usize, Option<String>)> = Vec::new();
     for id in ["bases", "loras"] {
@@ -345,7 +527,7 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     match run(cli, component_order(&matches)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(if e.is_usage() { 2 } else { 1 })
@@ -387,6 +569,39 @@ mod tests {
             .unwrap();
         let names = ["llm", "vis", "proj"].map(|n| Some(n.to_string()));
         assert_eq!(component_order(&m), names.to_vec());
+    }
+
+    #[test]
+    fn verify_takes_the_merge_options_and_their_order() {
+        let m = Cli::command()
+            .try_get_matches_from([
+                "lorastream",
+                "verify",
+                "out/",
+                "--lora",
+                "vis=b",
+                "--base",
+                "llm=d",
+                "--sample",
+                "8",
+                "--max-ulp",
+                "4",
+            ])
+            .unwrap();
+        let names = ["vis", "llm"].map(|n| Some(n.to_string()));
+        assert_eq!(component_order(&m), names.to_vec());
+        // --exact and --max-ulp say different things.
+        let both = Cli::command().try_get_matches_from([
+            "lorastream",
+            "verify",
+            "o",
+            "--base",
+            "b",
+            "--exact",
+            "--max-ulp",
+            "1",
+        ]);
+        assert!(both.is_err());
     }
 
     #[test]

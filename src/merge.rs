@@ -5,12 +5,13 @@ use crate::adapter::Adapter;
 use crate::compute::DeltaBackend;
 use crate::compute::cpu::CpuBackend;
 use crate::compute::cuda::CudaBackend;
+use crate::compute::rows::copy_rows;
 use crate::direct_io::ReadMode;
 use crate::error::{Error, Result};
 use crate::pipeline::{copy_tensor, peak_rss_bytes, progress_bar, write_pipelined};
 use crate::plan::merge::{Component, MergeSettings, plan};
 use crate::plan::merge_types::{Job, JobSource};
-use crate::sink::{self, OutTensor, SinkOptions};
+use crate::sink::{self, OutTensor, SinkOptions, TensorSink};
 use crate::source;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -196,8 +197,47 @@ fn backend(opts: &MergeOptions) -> Result<(Box<dyn DeltaBackend>, Option<String>
 
 /// Plans, checks and (unless dry-run) writes the merged checkpoint.
 pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
-    let start = Instant::now();
     let format = sink::OutputFormat::from_path(out)?;
+    let mut report = merge_into(opts, |plan_out| {
+        if opts.dry_run {
+            return Ok(None);
+        }
+        Ok(Some(Target {
+            sink: sink::create(out, plan_out, &opts.sink)?,
+            produce: vec![Produce::All; plan_out.len()],
+        }))
+    })?;
+    report.output = out.display().to_string();
+    report.format = format.name();
+    Ok(report)
+}
+
+/// What a run produces of one planned tensor.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Produce {
+    /// Every byte, as `merge` writes it.
+    All,
+    /// Only these rows (indices of the first dimension, increasing), one after another.
+    Rows(Vec<usize>),
+    /// Nothing: the sink is not told of the tensor at all.
+    Skip,
+}
+
+/// Where a run's tensors go: a sink, and what to produce of each planned tensor (in
+/// plan order, one entry per tensor).
+pub struct Target {
+    pub sink: Box<dyn TensorSink>,
+    pub produce: Vec<Produce>,
+}
+
+/// The merge, pointed at any sink: opens, plans and checks as `merge` does, then asks
+/// `target` (given the planned output tensors) where to stream them; `None` streams
+/// nothing (a dry run). The report's `output` and `format` are left for the caller.
+pub fn merge_into(
+    opts: &MergeOptions,
+    target: impl FnOnce(&[OutTensor]) -> Result<Option<Target>>,
+) -> Result<MergeReport> {
+    let start = Instant::now();
     let comps = open_components(opts)?;
     let jobs = plan(&comps, &opts.settings)?;
     if let Some(reference) = &opts.expect_keys_from {
@@ -208,27 +248,44 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
         notify(n);
     }
     let plan_out: Vec<OutTensor> = jobs.iter().map(|j| j.out.clone()).collect();
-    if !opts.dry_run {
-        let sink = sink::create(out, &plan_out, &opts.sink)?;
+    if let Some(Target { sink, produce }) = target(&plan_out)? {
+        if produce.len() != jobs.len() {
+            return Err(Error::Plan(
+                "internal: one Produce per planned tensor".into(),
+            ));
+        }
         let bar = progress_bar(opts.progress, plan_out.iter().map(|t| t.nbytes()).sum());
         write_pipelined(sink, |sink| {
             // Tied jobs the sink stores as views of an earlier one are not computed.
             let shares = sink.shares_storage();
             let computed = |j: &&Job| !(shares && j.tied_to.is_some());
             for (i, j) in jobs.iter().enumerate() {
-                if let (Some(to), true) = (j.tied_to, shares) {
+                let rows = match &produce[i] {
+                    Produce::Skip => continue,
+                    Produce::All => None,
+                    Produce::Rows(r) => Some(r),
+                };
+                if let (Some(to), true, None) = (j.tied_to, shares, rows) {
                     sink.tie(&j.out, to)?;
                     bar.inc(j.out.nbytes());
                     continue;
                 }
-                let next = jobs[i + 1..].iter().find(computed).map(|n| &n.source);
+                // Read ahead only for what comes next in full.
+                let next = (i + 1..jobs.len())
+                    .find(|&k| produce[k] != Produce::Skip && computed(&&jobs[k]))
+                    .filter(|&k| produce[k] == Produce::All)
+                    .map(|k| &jobs[k].source);
                 if let Some(JobSource::Copy(t)) = next {
                     t.prefetch(PREFETCH_BYTES);
                 }
                 sink.begin(&j.out)?;
-                match &j.source {
-                    JobSource::Copy(t) => copy_tensor(t, j.out.dtype, sink)?,
-                    JobSource::Merge { base, steps } => {
+                match (&j.source, rows) {
+                    (JobSource::Copy(t), None) => copy_tensor(t, j.out.dtype, sink)?,
+                    (JobSource::Copy(t), Some(r)) => copy_rows(t, r, j.out.dtype, sink)?,
+                    (JobSource::Merge { base, steps }, Some(r)) => {
+                        backend.merge_rows(base, steps, r, j.out.dtype, sink)?
+                    }
+                    (JobSource::Merge { base, steps }, None) => {
                         let next = match next {
                             Some(JobSource::Merge { base, steps }) => Some((base, &steps[..])),
                             _ => None,
@@ -263,8 +320,8 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
         })
         .collect();
     Ok(MergeReport {
-        output: out.display().to_string(),
-        format: format.name(),
+        output: String::new(),
+        format: "",
         dry_run: opts.dry_run,
         device: backend.describe(),
         tensors: jobs.len(),

@@ -5,6 +5,7 @@
 pub mod cpu;
 pub mod cuda;
 mod read_ahead;
+pub mod rows;
 
 use crate::dtype::Dtype;
 use crate::error::Result;
@@ -34,6 +35,19 @@ pub trait DeltaBackend: Send + Sync {
         sink: &mut dyn TensorSink,
     ) -> Result<()> {
         self.merge(base, steps, out_dtype, sink)
+    }
+    /// Writes only rows `rows` (indices of the first dimension, increasing) of the merge,
+    /// one after another, each as `merge` would compute it: for `verify --sample`, which
+    /// must not compute the whole tensor to check a few rows.
+    fn merge_rows(
+        &self,
+        base: &TensorEntry,
+        steps: &[Step],
+        rows: &[usize],
+        out_dtype: Dtype,
+        sink: &mut dyn TensorSink,
+    ) -> Result<()> {
+        rows::merge_rows(self, base, steps, rows, out_dtype, sink)
     }
     /// For messages and reports ("cpu (8 threads)").
     fn describe(&self) -> String;

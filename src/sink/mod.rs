@@ -6,6 +6,7 @@
 //! Sinks know nothing of sources: they see names, dtypes, shapes and bytes.
 
 mod atomic;
+mod compare;
 mod direct_file;
 mod pickle_writer;
 mod safetensors;
@@ -13,6 +14,7 @@ mod sharded;
 mod torch_zip;
 
 pub use atomic::{TempOutput, install_interrupt_cleanup};
+pub use compare::{CompareSink, Expected};
 pub use direct_file::DirectFileWriter;
 pub use pickle_writer::{PickledTensor, state_dict_pickle};
 pub use safetensors::SafetensorsWriter;
