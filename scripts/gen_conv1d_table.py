@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Writes src/plan/transformers_models.rs: which transformers model types build `Conv1D`
-(stored [in, out]) and under which attribute names, and every model type transformers knows.
+(stored [in, out]) and under which attribute names, every model type transformers knows, and
+which weights each model class ties (`_tied_weights_keys`, used with `tie_word_embeddings`).
 
 lorastream needs this to tell how a *square* 2-D weight lines up with its LoRA factors: the
 shapes cannot, and adapter_config.json's `fan_in_fan_out` is whatever PEFT left there after
@@ -9,6 +10,7 @@ code (every `self.NAME = Conv1D(` / `nn.Linear(` assignment), so it cannot drift
 
     PY=$(scripts/python-env.sh); $PY scripts/gen_conv1d_table.py > src/plan/transformers_models.rs
 """
+import ast
 import os
 import re
 import sys
@@ -25,6 +27,64 @@ def model_dirs():
     from transformers.models.auto.configuration_auto import model_type_to_module_name
     for mt in sorted(CONFIG_MAPPING_NAMES):
         yield mt, os.path.join(root, model_type_to_module_name(mt))
+
+
+def tied_weights():
+    """Model class name -> {tied key: source key}, from `_tied_weights_keys = {...}` literals
+    (inherited from a base class defined in the same file)."""
+    found = {}
+    for d in sorted(os.listdir(root)):
+        full = os.path.join(root, d)
+        if not os.path.isdir(full):
+            continue
+        for f in sorted(os.listdir(full)):
+            if not (f.startswith("modeling_") and f.endswith(".py")):
+                continue
+            tree = ast.parse(open(os.path.join(full, f), encoding="utf-8").read())
+            own, bases = {}, {}
+            for node in tree.body:
+                if not isinstance(node, ast.ClassDef):
+                    continue
+                bases[node.name] = [b.id for b in node.bases if isinstance(b, ast.Name)]
+                for stmt in node.body:
+                    if (
+                        isinstance(stmt, ast.Assign)
+                        and any(isinstance(t, ast.Name) and t.id == "_tied_weights_keys" for t in stmt.targets)
+                        and isinstance(stmt.value, ast.Dict)
+                    ):
+                        pairs = []
+                        for k, v in zip(stmt.value.keys, stmt.value.values):
+                            plain = re.compile(r"^[\w.]+$")
+                            if (
+                                isinstance(k, ast.Constant)
+                                and isinstance(v, ast.Constant)
+                                and isinstance(k.value, str)
+                                and isinstance(v.value, str)
+                            ):
+                                # Some keys are regexes over several weights: not a plain tie.
+                                if plain.match(k.value) and plain.match(v.value):
+                                    pairs.append((k.value, v.value))
+                            else:
+                                pairs = None
+                                break
+                        if pairs is not None:
+                            own[node.name] = pairs
+
+            def lookup(c, seen=()):
+                if c in own:
+                    return own[c]
+                for b in bases.get(c, []):
+                    if b not in seen:
+                        r = lookup(b, seen + (c,))
+                        if r is not None:
+                            return r
+                return None
+
+            for c in bases:
+                r = lookup(c)
+                if r and c not in found:
+                    found[c] = r
+    return found
 
 
 conv1d_types = []
@@ -64,4 +124,14 @@ for mt, conv, amb in conv1d_types:
 out.write("];\n\n/// Every `model_type` of transformers' `CONFIG_MAPPING_NAMES`.\npub const KNOWN_MODEL_TYPES: &[&str] = &[\n")
 for mt in sorted(CONFIG_MAPPING_NAMES):
     out.write(f'    "{mt}",\n')
+out.write("];\n")
+out.write("""
+/// (model class, [(tied key, the key it is tied to)]): transformers' `_tied_weights_keys`.
+/// With `tie_word_embeddings` (true unless config.json says false) the tied key is one
+/// weight with its source, and `save_pretrained` stores the source only.
+pub const TIED_WEIGHTS: &[(&str, &[(&str, &str)])] = &[
+""")
+for c, pairs in sorted(tied_weights().items()):
+    ps = ", ".join(f'("{k}", "{v}")' for k, v in pairs)
+    out.write(f'    ("{c}", &[{ps}]),\n')
 out.write("];\n")

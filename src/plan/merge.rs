@@ -6,6 +6,7 @@
 
 use super::layout::{LayoutEvidence, LayoutFlags};
 use super::merge_types::{DeltaLayout, Job, JobSource, LoraStep, Step};
+use super::transformers_models::TIED_WEIGHTS;
 use super::{DtypeChoice, RenameRule, rename};
 use crate::adapter::{Adapter, LoraModule, SAVED_PREFIX};
 use crate::dtype::Dtype;
@@ -313,10 +314,33 @@ fn steps_for_base(
             }
         }
         for m in &ad.modules {
-            let (wkey, parameter) = match wrapped_parameter(ad, m, &by_module)? {
+            let (mut wkey, parameter) = match wrapped_parameter(ad, m, &by_module)? {
                 Some(p) => (p.name.clone(), true),
                 None => (format!("{}.weight", m.name), false),
             };
+            if !by_name.contains_key(wkey.as_str()) {
+                // A tied output embedding is stored once, under its source's name.
+                if let Some(source) =
+                    tied_source(c.model_config.as_ref(), &wkey).filter(|s| by_name.contains_key(s))
+                {
+                    let own = ad
+                        .modules
+                        .iter()
+                        .any(|o| format!("{}.weight", o.name) == source);
+                    if own {
+                        return Err(Error::tensor(
+                            ad.weights_path(),
+                            &m.a.name,
+                            format!(
+                                "'{wkey}' is tied to '{source}' (config.json: tie_word_embeddings), and this \
+                                 adapter changes both; PEFT applies both to the one shared weight in module \
+                                 order, which lorastream does not reproduce. Merge them as two adapters"
+                            ),
+                        ));
+                    }
+                    wkey = source.to_string();
+                }
+            }
             let Some(w) = by_name.get(wkey.as_str()) else {
                 unmatched.push(m.name.clone());
                 continue;
@@ -504,6 +528,20 @@ fn wrapped_parameter<'a>(
                 .join(", ")
         )),
     }
+}
+
+/// The weight `key` is tied to (and stored as) when the base's config.json says the model
+/// ties its word embeddings: transformers' `_tied_weights_keys` of its architecture.
+fn tied_source(config: Option<&ModelConfig>, key: &str) -> Option<&'static str> {
+    let c = config.filter(|c| c.ties_word_embeddings())?;
+    let archs = c.json.get("architectures")?.as_array()?;
+    archs.iter().filter_map(|a| a.as_str()).find_map(|arch| {
+        TIED_WEIGHTS
+            .iter()
+            .find(|(class, _)| *class == arch)
+            .and_then(|(_, pairs)| pairs.iter().find(|(k, _)| *k == key))
+            .map(|(_, source)| *source)
+    })
 }
 
 /// What decides how a module's factors fit its weight.

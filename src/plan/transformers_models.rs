@@ -830,3 +830,2206 @@ pub const KNOWN_MODEL_TYPES: &[&str] = &[
     "zaya",
     "zoedepth",
 ];
+
+/// (model class, [(tied key, the key it is tied to)]): transformers' `_tied_weights_keys`.
+/// With `tie_word_embeddings` (true unless config.json says false) the tied key is one
+/// weight with its source, and `save_pretrained` stores the source only.
+pub const TIED_WEIGHTS: &[(&str, &[(&str, &str)])] = &[
+    (
+        "AXK1ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "AXK2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "AfmoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "AlbertForMaskedLM",
+        &[
+            (
+                "predictions.decoder.weight",
+                "albert.embeddings.word_embeddings.weight",
+            ),
+            ("predictions.decoder.bias", "predictions.bias"),
+        ],
+    ),
+    (
+        "AlbertForPreTraining",
+        &[
+            (
+                "predictions.decoder.weight",
+                "albert.embeddings.word_embeddings.weight",
+            ),
+            ("predictions.decoder.bias", "predictions.bias"),
+        ],
+    ),
+    (
+        "ApertusForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "ArceeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "AriaForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "AriaTextForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "AyaVisionForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "BambaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "BartForCausalLM",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "BartForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "BartModel",
+        &[
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            ("encoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "BeamForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "BertForMaskedLM",
+        &[
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ],
+    ),
+    (
+        "BertForPreTraining",
+        &[
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ],
+    ),
+    (
+        "BertGenerationDecoder",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "BertLMHeadModel",
+        &[
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ],
+    ),
+    (
+        "BigBirdForCausalLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "BigBirdForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "BigBirdForPreTraining",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "BigBirdPegasusForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "BigBirdPegasusModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "BioGptForCausalLM",
+        &[("output_projection.weight", "biogpt.embed_tokens.weight")],
+    ),
+    (
+        "BitNetForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "BlenderbotForCausalLM",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "BlenderbotForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "BlenderbotModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "BlenderbotSmallForCausalLM",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "BlenderbotSmallForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "BlenderbotSmallModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "BlipForConditionalGeneration",
+        &[
+            (
+                "text_decoder.cls.predictions.decoder.bias",
+                "text_decoder.cls.predictions.bias",
+            ),
+            (
+                "text_decoder.cls.predictions.decoder.weight",
+                "text_decoder.bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "BlipForQuestionAnswering",
+        &[
+            (
+                "text_decoder.cls.predictions.decoder.bias",
+                "text_decoder.cls.predictions.bias",
+            ),
+            (
+                "text_decoder.cls.predictions.decoder.weight",
+                "text_decoder.bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "BlipTextLMHeadModel",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "BloomForCausalLM",
+        &[("lm_head.weight", "transformer.word_embeddings.weight")],
+    ),
+    (
+        "BltForCausalLM",
+        &[("model.local_encoder.embed_tokens.weight", "lm_head.weight")],
+    ),
+    (
+        "BridgeTowerForMaskedLM",
+        &[(
+            "mlm_score.decoder.weight",
+            "bridgetower.text_model.embeddings.word_embeddings.weight",
+        )],
+    ),
+    (
+        "CTRLLMHeadModel",
+        &[("lm_head.weight", "transformer.w.weight")],
+    ),
+    (
+        "CamembertForCausalLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "CamembertForMaskedLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "CanaryForConditionalGeneration",
+        &[("proj_out.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "ChameleonForConditionalGeneration",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "CodeGenForCausalLM",
+        &[("lm_head.weight", "transformer.wte.weight")],
+    ),
+    (
+        "Cohere2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Cohere2MoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Cohere2VisionForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "CohereAsrForConditionalGeneration",
+        &[("proj_out.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "CohereCompassForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "CohereCompassForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "CohereForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "ConvBertForMaskedLM",
+        &[(
+            "generator_lm_head.weight",
+            "convbert.embeddings.word_embeddings.weight",
+        )],
+    ),
+    (
+        "Cosmos3OmniForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "CsmForConditionalGeneration",
+        &[(
+            "backbone_model.embed_tokens.embed_audio_tokens.weight",
+            "depth_decoder.model.embed_tokens.weight",
+        )],
+    ),
+    (
+        "CwmForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "DFineForObjectDetection",
+        &[
+            ("class_embed", "model.decoder.class_embed"),
+            ("bbox_embed", "model.decoder.bbox_embed"),
+        ],
+    ),
+    (
+        "DabDetrForObjectDetection",
+        &[("model.decoder.bbox_embed", "bbox_predictor")],
+    ),
+    (
+        "Data2VecTextForCausalLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "data2vec_text.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "Data2VecTextForMaskedLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "data2vec_text.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "DbrxForCausalLM",
+        &[("lm_head.weight", "transformer.wte.weight")],
+    ),
+    (
+        "DebertaForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "deberta.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "DebertaV2ForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "deberta.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "DeepseekOcr2ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "DeepseekV2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "DeepseekV32ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "DeepseekV3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "DeepseekV4ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "DeepseekVLForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "DeepseekVLHybridForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Deimv2ForObjectDetection",
+        &[
+            ("class_embed", "model.decoder.class_embed"),
+            ("bbox_embed", "model.decoder.bbox_embed"),
+        ],
+    ),
+    (
+        "DiffLlamaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "DiffusionGemmaForBlockDiffusion",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "DiffusionGemmaModel",
+        &[
+            ("encoder.language_model.norm.weight", "decoder.norm.weight"),
+            (
+                "encoder.language_model.embed_tokens.weight",
+                "decoder.embed_tokens.weight",
+            ),
+        ],
+    ),
+    (
+        "DistilBertForMaskedLM",
+        &[(
+            "vocab_projector.weight",
+            "distilbert.embeddings.word_embeddings.weight",
+        )],
+    ),
+    (
+        "DogeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Dots1ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Dots3NoteForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Dots3NoteForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "ElectraForCausalLM",
+        &[(
+            "generator_lm_head.weight",
+            "electra.embeddings.word_embeddings.weight",
+        )],
+    ),
+    (
+        "ElectraForMaskedLM",
+        &[(
+            "generator_lm_head.weight",
+            "electra.embeddings.word_embeddings.weight",
+        )],
+    ),
+    (
+        "Emu3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Emu3ForConditionalGeneration",
+        &[("lm_head.weight", "model.text_model.embed_tokens.weight")],
+    ),
+    (
+        "Ernie4_5ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Ernie4_5_MoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Ernie4_5_VLMoeForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Ernie4_5_VL_MoeForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "ErnieForCausalLM",
+        &[
+            (
+                "cls.predictions.decoder.weight",
+                "ernie.embeddings.word_embeddings.weight",
+            ),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ],
+    ),
+    (
+        "ErnieForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "ernie.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "ErnieForPreTraining",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "ernie.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "EsmForMaskedLM",
+        &[(
+            "lm_head.decoder.weight",
+            "esm.embeddings.word_embeddings.weight",
+        )],
+    ),
+    (
+        "EuroBertForMaskedLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Exaone4ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Exaone4_5_ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "ExaoneMoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "FNetForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "fnet.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "FNetForPreTraining",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "fnet.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "FSMTModel",
+        &[
+            ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"),
+            (
+                "decoder.output_projection.weight",
+                "decoder.embed_tokens.weight",
+            ),
+        ],
+    ),
+    (
+        "FalconForCausalLM",
+        &[("lm_head.weight", "transformer.word_embeddings.weight")],
+    ),
+    (
+        "FalconH1ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "FalconMambaForCausalLM",
+        &[("lm_head.weight", "backbone.embeddings.weight")],
+    ),
+    (
+        "FastVlmForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "FlaubertWithLMHeadModel",
+        &[("pred_layer.proj.weight", "transformer.embeddings.weight")],
+    ),
+    (
+        "FlavaForPreTraining",
+        &[
+            ("mmm_text_head.bias", "mmm_text_head.decoder.bias"),
+            ("mim_head.bias", "mim_head.decoder.bias"),
+            ("mlm_head.bias", "mlm_head.decoder.bias"),
+            ("mmm_image_head.bias", "mmm_image_head.decoder.bias"),
+        ],
+    ),
+    (
+        "FlexOlmoForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "FlintForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Florence2ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.shared.weight")],
+    ),
+    (
+        "FunAsrNanoForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "FunnelForMaskedLM",
+        &[("lm_head.weight", "funnel.embeddings.word_embeddings.weight")],
+    ),
+    (
+        "FuyuForCausalLM",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "GPT2DoubleHeadsModel",
+        &[("lm_head.weight", "transformer.wte.weight")],
+    ),
+    (
+        "GPT2LMHeadModel",
+        &[("lm_head.weight", "transformer.wte.weight")],
+    ),
+    (
+        "GPTBigCodeForCausalLM",
+        &[("lm_head.weight", "transformer.wte.weight")],
+    ),
+    (
+        "GPTJForCausalLM",
+        &[("lm_head.weight", "transformer.wte.weight")],
+    ),
+    (
+        "GPTNeoForCausalLM",
+        &[("lm_head.weight", "transformer.wte.weight")],
+    ),
+    (
+        "GPTNeoXForCausalLM",
+        &[("lm_head.weight", "gpt_neox.embed_in.weight")],
+    ),
+    (
+        "GPTNeoXJapaneseForCausalLM",
+        &[("embed_out.weight", "gpt_neox_japanese.embed_in.weight")],
+    ),
+    (
+        "Gemma2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Gemma3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Gemma3ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Gemma3nForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Gemma3nForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Gemma4AssistantForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Gemma4ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Gemma4ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Gemma4UnifiedAssistantForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Gemma4UnifiedForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Gemma4UnifiedForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "GemmaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "GitForCausalLM",
+        &[("output.weight", "git.embeddings.word_embeddings.weight")],
+    ),
+    (
+        "Glm46VForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Glm4ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Glm4MoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Glm4MoeLiteForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Glm4vForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Glm4vMoeForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Glm5NextForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "GlmAsrForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "GlmForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "GlmMoeDsaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "GlmOcrForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "GotOcr2ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "GptOssForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Granite4VisionForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "GraniteDoclingForConditionalGeneration",
+        &[("lm_head.weight", "model.text_model.embed_tokens.weight")],
+    ),
+    (
+        "GraniteForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "GraniteMoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "GraniteMoeHybridForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "GraniteMoeSWAForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "GraniteMoeSharedForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "GraniteSWAForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "GraniteSpeech5ForCTC",
+        &[
+            ("ctc_head.weight", "encoder.out.weight"),
+            ("ctc_head.bias", "encoder.out.bias"),
+        ],
+    ),
+    (
+        "GraniteSpeechForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "GraniteSpeechPlusForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "GroundingDinoForObjectDetection",
+        &[("model.decoder.bbox_embed", "bbox_embed")],
+    ),
+    (
+        "GteForMaskedLM",
+        &[(
+            "lm_head.decoder.weight",
+            "gte.embeddings.word_embeddings.weight",
+        )],
+    ),
+    (
+        "HYV3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "HYV4ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "HeliumForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "HrmTextForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "HunYuanDenseV1ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "HunYuanMoEV1ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "HunYuanVLForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "HyperCLOVAXForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "HyperCLOVAXVisionV2ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "IBertForMaskedLM",
+        &[("lm_head.decoder.bias", "lm_head.bias")],
+    ),
+    (
+        "Idefics2ForConditionalGeneration",
+        &[("lm_head.weight", "model.text_model.embed_tokens.weight")],
+    ),
+    (
+        "Idefics3ForConditionalGeneration",
+        &[("lm_head.weight", "model.text_model.embed_tokens.weight")],
+    ),
+    (
+        "IdeficsForVisionText2Text",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "ImageGPTForCausalImageModeling",
+        &[("lm_head.weight", "transformer.wte.weight")],
+    ),
+    (
+        "InternVLForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Jais2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "JambaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "JanusForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "JetMoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "JinaEmbeddingsV3ForMaskedLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "Kimi_K25ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Kolibri1ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Kosmos2ForConditionalGeneration",
+        &[(
+            "text_model.lm_head.weight",
+            "text_model.model.embed_tokens.weight",
+        )],
+    ),
+    (
+        "Kosmos2TextForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Kosmos2_5TextForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "KyutaiSpeechToTextForConditionalGeneration",
+        &[("lm_head.weight", "model.embed_tokens.embed_tokens.weight")],
+    ),
+    (
+        "LEDForConditionalGeneration",
+        &[("lm_head.weight", "led.shared.weight")],
+    ),
+    (
+        "LEDModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "LagunaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "LayoutLMForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "layoutlm.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "Lfm2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Lfm2MoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Lfm2VlForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Lfm3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Lfm3VlForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "LightOnOcrForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Llama4ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "LlamaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "LlavaForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "LlavaNextForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "LlavaNextVideoForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "LlavaOnevisionForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "LongT5EncoderModel",
+        &[("encoder.embed_tokens.weight", "shared.weight")],
+    ),
+    (
+        "LongT5ForConditionalGeneration",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            ("lm_head.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "LongT5Model",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "LongcatFlashForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "LongformerForMaskedLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "longformer.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "LukeForMaskedLM",
+        &[
+            (
+                "entity_predictions.decoder.weight",
+                "luke.entity_embeddings.entity_embeddings.weight",
+            ),
+            ("lm_head.bias", "lm_head.decoder.bias"),
+        ],
+    ),
+    (
+        "LxmertForPreTraining",
+        &[(
+            "cls.predictions.decoder.weight",
+            "lxmert.embeddings.word_embeddings.weight",
+        )],
+    ),
+    (
+        "M2M100ForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "M2M100Model",
+        &[
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            ("encoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "MBartForCausalLM",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "MBartForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "MBartModel",
+        &[
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            ("encoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "MMGroundingDinoForObjectDetection",
+        &[
+            ("model.decoder.bbox_embed", "bbox_embed"),
+            ("model.decoder.class_embed", "class_embed"),
+        ],
+    ),
+    (
+        "MPNetForMaskedLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "mpnet.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "MT5EncoderModel",
+        &[("encoder.embed_tokens.weight", "shared.weight")],
+    ),
+    (
+        "MT5ForConditionalGeneration",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            ("lm_head.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "MT5ForQuestionAnswering",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "MT5Model",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "Mamba2ForCausalLM",
+        &[("lm_head.weight", "backbone.embeddings.weight")],
+    ),
+    (
+        "MambaForCausalLM",
+        &[("lm_head.weight", "backbone.embeddings.weight")],
+    ),
+    (
+        "MarianForCausalLM",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "MarianMTModel",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "MegatronBertForCausalLM",
+        &[
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ],
+    ),
+    (
+        "MegatronBertForMaskedLM",
+        &[
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ],
+    ),
+    (
+        "MegatronBertForPreTraining",
+        &[
+            (
+                "cls.predictions.decoder.weight",
+                "bert.embeddings.word_embeddings.weight",
+            ),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ],
+    ),
+    (
+        "MellumForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "MiMoV2FlashForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "MiniCPM3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "MiniCPMOcrForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "MiniCPMV4_6ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "MiniCPMV4_7ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "MiniMaxForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "MiniMaxM2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "MiniMaxM3SparseForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "MiniMaxM3VLForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Ministral3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "MinistralForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Mistral3ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Mistral4ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "MistralForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "MistralLarge4ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "MixtralForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "MobileBertForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "mobilebert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "MobileBertForPreTraining",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "mobilebert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "ModernBertDecoderForCausalLM",
+        &[("decoder.weight", "model.embeddings.tok_embeddings.weight")],
+    ),
+    (
+        "ModernBertForMaskedLM",
+        &[("decoder.weight", "model.embeddings.tok_embeddings.weight")],
+    ),
+    (
+        "ModernVBertForMaskedLM",
+        &[(
+            "lm_head.weight",
+            "model.text_model.embeddings.tok_embeddings.weight",
+        )],
+    ),
+    (
+        "MoonshineForConditionalGeneration",
+        &[("proj_out.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "MoonshineStreamingForConditionalGeneration",
+        &[("proj_out.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "MossTranscribeDiarizeForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "MptForCausalLM",
+        &[("lm_head.weight", "transformer.wte.weight")],
+    ),
+    (
+        "MraForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "mra.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "MuseGlimmerForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "MvpForCausalLM",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "MvpForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "MvpModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "NanoChatForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "NemotronForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "NeoMMEForMaskedLM",
+        &[
+            (
+                "lm_head.weight",
+                "model.embed_tokens.word_embeddings.weight",
+            ),
+            (
+                "unembedding_projection.weight",
+                "model.embed_tokens.embedding_projection.weight",
+            ),
+        ],
+    ),
+    (
+        "NllbMoeForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "NllbMoeModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "NomicBertForMaskedLM",
+        &[
+            (
+                "cls.predictions.decoder.weight",
+                "nomic_bert.embeddings.word_embeddings.weight",
+            ),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ],
+    ),
+    (
+        "NystromformerForMaskedLM",
+        &[
+            (
+                "cls.predictions.decoder.weight",
+                "nystromformer.embeddings.word_embeddings.weight",
+            ),
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+        ],
+    ),
+    (
+        "OPTForCausalLM",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "Olmo2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Olmo3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "OlmoForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "OlmoHybridForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "OlmoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "OpenAIGPTDoubleHeadsModel",
+        &[("transformer.tokens_embed.weight", "lm_head.weight")],
+    ),
+    (
+        "OpenAIGPTLMHeadModel",
+        &[("lm_head.weight", "transformer.tokens_embed.weight")],
+    ),
+    (
+        "Ovis2ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "PLBartForCausalLM",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "PLBartForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "PLBartModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "PPDocLayoutV3Model",
+        &[
+            ("decoder.class_embed", "enc_score_head"),
+            ("decoder.bbox_embed", "enc_bbox_head"),
+        ],
+    ),
+    (
+        "PaddleOCRVLForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "PaliGemmaForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "PegasusForCausalLM",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "PegasusForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "PegasusModel",
+        &[
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            ("encoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "PegasusXForConditionalGeneration",
+        &[("lm_head.weight", "model.shared.weight")],
+    ),
+    (
+        "PegasusXModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "PerceptionLMForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "PersimmonForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Phi3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Phi4MultimodalForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "PhiForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "PhimoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Pix2StructTextModel",
+        &[("lm_head.weight", "embed_tokens.weight")],
+    ),
+    (
+        "Pop2PianoForConditionalGeneration",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "ProphetNetDecoderWrapper",
+        &[("decoder.word_embeddings.weight", "word_embeddings.weight")],
+    ),
+    (
+        "ProphetNetForCausalLM",
+        &[
+            ("lm_head.weight", "prophetnet.word_embeddings.weight"),
+            (
+                "prophetnet.decoder.word_embeddings.weight",
+                "prophetnet.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "ProphetNetForConditionalGeneration",
+        &[("lm_head.weight", "prophetnet.word_embeddings.weight")],
+    ),
+    (
+        "ProphetNetModel",
+        &[
+            ("encoder.word_embeddings.weight", "word_embeddings.weight"),
+            ("decoder.word_embeddings.weight", "word_embeddings.weight"),
+        ],
+    ),
+    (
+        "QianfanOCRForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen2MoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen2VLForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen2_5OmniThinkerForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen2_5_VLForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3ASRForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3MoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3NextForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3OmniMoeTalkerCodePredictorModelForConditionalGeneration",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3OmniMoeTalkerForConditionalGeneration",
+        &[("codec_head", "model.codec_embedding.weight")],
+    ),
+    (
+        "Qwen3OmniMoeThinkerForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3VLForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3VLMoeForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3_5ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3_5ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3_5MoeForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen3_5MoeForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen4ExpForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Qwen4ExpForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "RTDetrV2ForObjectDetection",
+        &[
+            ("class_embed", "model.decoder.class_embed"),
+            ("bbox_embed", "model.decoder.bbox_embed"),
+        ],
+    ),
+    (
+        "RecurrentGemmaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "RoCBertForCausalLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "roc_bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "RoCBertForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "roc_bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "RoCBertForPreTraining",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "roc_bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "RoFormerForCausalLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "roformer.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "RoFormerForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "roformer.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "RobertaForCausalLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "RobertaForMaskedLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "RobertaPreLayerNormForCausalLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta_prelayernorm.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "RobertaPreLayerNormForMaskedLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta_prelayernorm.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "RwkvForCausalLM",
+        &[("head.weight", "rwkv.embeddings.weight")],
+    ),
+    (
+        "SamHQModel",
+        &[(
+            "prompt_encoder.shared_embedding.positional_embedding",
+            "shared_image_embedding.positional_embedding",
+        )],
+    ),
+    (
+        "SamModel",
+        &[(
+            "prompt_encoder.shared_embedding.positional_embedding",
+            "shared_image_embedding.positional_embedding",
+        )],
+    ),
+    (
+        "SeamlessM4TForSpeechToSpeech",
+        &[
+            ("lm_head.weight", "shared.weight"),
+            ("text_decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SeamlessM4TForSpeechToText",
+        &[
+            ("lm_head.weight", "shared.weight"),
+            ("text_decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SeamlessM4TForTextToSpeech",
+        &[
+            ("lm_head.weight", "shared.weight"),
+            ("text_encoder.embed_tokens.weight", "shared.weight"),
+            ("text_decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SeamlessM4TForTextToText",
+        &[
+            ("lm_head.weight", "shared.weight"),
+            ("text_encoder.embed_tokens.weight", "shared.weight"),
+            ("text_decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SeamlessM4TModel",
+        &[
+            ("lm_head.weight", "shared.weight"),
+            ("text_encoder.embed_tokens.weight", "shared.weight"),
+            ("text_decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SeamlessM4TTextToUnitForConditionalGeneration",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "SeamlessM4Tv2ForSpeechToSpeech",
+        &[
+            ("lm_head.weight", "shared.weight"),
+            ("text_decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SeamlessM4Tv2ForSpeechToText",
+        &[
+            ("lm_head.weight", "shared.weight"),
+            ("text_decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SeamlessM4Tv2ForTextToSpeech",
+        &[
+            ("lm_head.weight", "shared.weight"),
+            ("text_encoder.embed_tokens.weight", "shared.weight"),
+            ("text_decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SeamlessM4Tv2ForTextToText",
+        &[
+            ("lm_head.weight", "shared.weight"),
+            ("text_encoder.embed_tokens.weight", "shared.weight"),
+            ("text_decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SeamlessM4Tv2Model",
+        &[
+            ("lm_head.weight", "shared.weight"),
+            ("text_encoder.embed_tokens.weight", "shared.weight"),
+            ("text_decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SeamlessM4Tv2TextToUnitForConditionalGeneration",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "SeedOssForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "SmolLM3ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "SmolVLMForConditionalGeneration",
+        &[("lm_head.weight", "model.text_model.embed_tokens.weight")],
+    ),
+    (
+        "SolarOpenForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Speech2TextForConditionalGeneration",
+        &[("lm_head.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "SpeechT5ForSpeechToText",
+        &[(
+            "text_decoder_postnet.lm_head.weight",
+            "speecht5.decoder.prenet.embed_tokens.weight",
+        )],
+    ),
+    (
+        "SqueezeBertForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "transformer.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "StableLmForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Starcoder2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Step3p7ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "SwitchTransformersEncoderModel",
+        &[("encoder.embed_tokens.weight", "shared.weight")],
+    ),
+    (
+        "SwitchTransformersForConditionalGeneration",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            ("lm_head.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "SwitchTransformersModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "T5EncoderModel",
+        &[("encoder.embed_tokens.weight", "shared.weight")],
+    ),
+    (
+        "T5ForConditionalGeneration",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            ("lm_head.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "T5ForQuestionAnswering",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "T5Gemma2ForConditionalGeneration",
+        &[(
+            "lm_head.out_proj.weight",
+            "model.encoder.text_model.embed_tokens.weight",
+        )],
+    ),
+    (
+        "T5Gemma2Model",
+        &[
+            (
+                "decoder.embed_tokens.weight",
+                "encoder.text_model.embed_tokens.weight",
+            ),
+            (
+                "decoder.embed_tokens.eoi_embedding",
+                "encoder.text_model.embed_tokens.eoi_embedding",
+            ),
+        ],
+    ),
+    (
+        "T5GemmaForConditionalGeneration",
+        &[(
+            "lm_head.out_proj.weight",
+            "model.decoder.embed_tokens.weight",
+        )],
+    ),
+    (
+        "T5Model",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "TapasForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "tapas.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "TrOCRForCausalLM",
+        &[(
+            "output_projection.weight",
+            "model.decoder.embed_tokens.weight",
+        )],
+    ),
+    (
+        "UMT5EncoderModel",
+        &[("encoder.embed_tokens.weight", "shared.weight")],
+    ),
+    (
+        "UMT5ForConditionalGeneration",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            ("lm_head.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "UMT5ForQuestionAnswering",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "UMT5Model",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "UdopEncoderModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            (
+                "encoder.embed_patches.proj.weight",
+                "patch_embed.proj.weight",
+            ),
+            ("encoder.embed_patches.proj.bias", "patch_embed.proj.bias"),
+            (
+                "encoder.relative_bias.biases.0.relative_attention_bias.weight",
+                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            ),
+        ],
+    ),
+    (
+        "UdopForConditionalGeneration",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            (
+                "encoder.embed_patches.proj.weight",
+                "patch_embed.proj.weight",
+            ),
+            ("encoder.embed_patches.proj.bias", "patch_embed.proj.bias"),
+            (
+                "encoder.relative_bias.biases.0.relative_attention_bias.weight",
+                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            ),
+            (
+                "decoder.relative_bias.biases.0.relative_attention_bias.weight",
+                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            ),
+            ("lm_head.weight", "shared.weight"),
+        ],
+    ),
+    (
+        "UdopModel",
+        &[
+            ("encoder.embed_tokens.weight", "shared.weight"),
+            ("decoder.embed_tokens.weight", "shared.weight"),
+            (
+                "encoder.embed_patches.proj.weight",
+                "patch_embed.proj.weight",
+            ),
+            ("encoder.embed_patches.proj.bias", "patch_embed.proj.bias"),
+        ],
+    ),
+    (
+        "UltraVBertForMaskedLM",
+        &[("lm_head.weight", "model.text_model.embed_tokens.weight")],
+    ),
+    (
+        "UltrabertForMaskedLM",
+        &[("head.decoder.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "UnlimitedOcrForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "VaultGemmaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "VibeVoiceForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "VideoLlama3ForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "VideoLlavaForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "ViltForMaskedLM",
+        &[(
+            "mlm_score.decoder.weight",
+            "vilt.embeddings.text_embeddings.word_embeddings.weight",
+        )],
+    ),
+    (
+        "VipLlavaForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "VisualBertForPreTraining",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "visual_bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "VisualBertForRegionToPhraseAlignment",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "visual_bert.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "VoxtralRealtimeForConditionalGeneration",
+        &[("lm_head.weight", "model.language_model.embed_tokens.weight")],
+    ),
+    (
+        "WhisperForCausalLM",
+        &[("proj_out.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "WhisperForConditionalGeneration",
+        &[("proj_out.weight", "model.decoder.embed_tokens.weight")],
+    ),
+    (
+        "XGLMForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "XLMRobertaForCausalLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "XLMRobertaForMaskedLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "XLMRobertaXLForCausalLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "XLMRobertaXLForMaskedLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "XLMWithLMHeadModel",
+        &[("pred_layer.proj.weight", "transformer.embeddings.weight")],
+    ),
+    (
+        "XLNetLMHeadModel",
+        &[("lm_loss.weight", "transformer.word_embedding.weight")],
+    ),
+    (
+        "XmodForCausalLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "XmodForMaskedLM",
+        &[
+            (
+                "lm_head.decoder.weight",
+                "roberta.embeddings.word_embeddings.weight",
+            ),
+            ("lm_head.decoder.bias", "lm_head.bias"),
+        ],
+    ),
+    (
+        "YosoForMaskedLM",
+        &[
+            ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+            (
+                "cls.predictions.decoder.weight",
+                "yoso.embeddings.word_embeddings.weight",
+            ),
+        ],
+    ),
+    (
+        "YoutuForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "Zamba2ForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "ZambaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+    (
+        "ZayaForCausalLM",
+        &[("lm_head.weight", "model.embed_tokens.weight")],
+    ),
+];
