@@ -69,13 +69,24 @@ def base_tensors(case) -> dict:
     return torch.load(str(d / "pytorch_model.bin"), weights_only=True, map_location="cpu")
 
 
-def check_stderr(err: str, must, one_of):
+def check_stderr(err: str, case, must, one_of, names=()):
+    """`names` must appear in stderr; `must` (all) and `one_of` (at least one) in stderr with the
+    case's paths removed, so that a folder name such as 'conv2d_groups_lora' cannot stand in for
+    the reason or the module."""
     assert "error:" in err, err
     low = err.lower()
+    for s in names:
+        assert s.lower() in low, f"stderr does not name {s!r}:\n{err}"
+    stripped = err
+    for p in sorted([fx(x) for x in case["loras"]] + [fx(case["base"])], key=lambda p: -len(str(p))):
+        stripped = stripped.replace(str(p), "<path>")
+    for p in case["loras"]:
+        stripped = stripped.replace(Path(p).name, "<adapter>")
+    low = stripped.lower()
     for s in must:
-        assert s.lower() in low, f"stderr does not mention {s!r}:\n{err}"
+        assert s.lower() in low, f"stderr (paths removed) does not mention {s!r}:\n{stripped}"
     if one_of:
-        assert any(s.lower() in low for s in one_of), f"stderr mentions none of {one_of}:\n{err}"
+        assert any(s.lower() in low for s in one_of), f"stderr (paths removed) mentions none of {one_of}:\n{stripped}"
 
 
 def describe_output(out: Path, case) -> str:
@@ -155,7 +166,7 @@ def test_matrix_refuses_without_settling_flags(mrun, tmp_path, case):
     if p.returncode != 1:
         what = describe_output(out, case) if out.exists() else "no output"
         pytest.fail(f"expected exit code 1 (refusal), got {p.returncode}; {what}\nstderr:\n{p.stderr[-2000:]}")
-    check_stderr(p.stderr, case["stderr_contains_without_args"], case.get("stderr_one_of_without_args"))
+    check_stderr(p.stderr, case, case["stderr_contains_without_args"], case.get("stderr_one_of_without_args"))
     assert listing(out_dir) == [], f"output left behind: {listing(out_dir)}"
 
 
@@ -173,5 +184,5 @@ def test_matrix_refuse(mrun, tmp_path, case):
     if p.returncode != 1:
         pytest.fail(f"expected exit code 1 (refusal: {case['note']}), got {p.returncode}; "
                     f"{'it wrote an output' if out.exists() else 'no output'}\nstderr:\n{p.stderr[-2000:]}")
-    check_stderr(p.stderr, case["stderr_contains"], case.get("stderr_one_of"))
+    check_stderr(p.stderr, case, case["stderr_contains"], case.get("stderr_one_of"), case["stderr_names"])
     assert listing(out_dir) == [], f"output left behind: {listing(out_dir)}"
