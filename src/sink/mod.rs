@@ -8,6 +8,7 @@
 mod atomic;
 mod direct_file;
 mod pickle_writer;
+mod preflight;
 mod safetensors;
 mod sharded;
 mod torch_zip;
@@ -15,6 +16,7 @@ mod torch_zip;
 pub use atomic::{TempOutput, install_interrupt_cleanup};
 pub use direct_file::DirectFileWriter;
 pub use pickle_writer::{PickledTensor, state_dict_pickle};
+pub use preflight::preflight;
 pub use safetensors::SafetensorsWriter;
 pub use sharded::ShardedSafetensorsWriter;
 pub use torch_zip::TorchZipWriter;
