@@ -35,6 +35,15 @@ pub fn overflow_threshold(dtype: Dtype) -> f32 {
     }
 }
 
+/// Whether `v` encodes as inf/NaN given the dtype's `overflow_threshold`. The negated
+/// compare is the point: it holds for NaN (which compares false with everything) as well
+/// as for inf and finite values that round to inf, in one branch-free comparison.
+#[inline]
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
+fn overflows(v: f32, thr: f32) -> bool {
+    !(v.abs() < thr)
+}
+
 /// Non-finite output values found so far in one tensor (in plan order of bands).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct NonFinite {
@@ -104,13 +113,13 @@ pub fn encode_checked(dtype: Dtype, src: &[f32], dst: &mut [u8], check: bool) ->
         .zip(dst.chunks_mut(CHUNK * es))
         .enumerate()
     {
-        let bad = s.iter().filter(|v| !(v.abs() < thr)).count();
+        let bad = s.iter().filter(|&&v| overflows(v, thr)).count();
         if bad > 0 {
             let at = ci * CHUNK;
             hits.extend(
                 s.iter()
                     .enumerate()
-                    .filter(|(_, v)| !(v.abs() < thr))
+                    .filter(|&(_, &v)| overflows(v, thr))
                     .map(|(i, _)| at + i),
             );
         }
