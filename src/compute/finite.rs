@@ -10,8 +10,9 @@
 //! PEFT leaves it and is not reported: the merge did not make it so, and refusing would
 //! make such a model unmergeable.
 //!
-//! Backends check where a band's values are final: the CPU backend on the f32 values as
-//! it encodes them ([`encode_checked`], one pass), the CUDA backend on the encoded bytes it
+//! Backends check where a band's values are final, on the encoded output (so a finite f32
+//! that rounds to inf in f16 counts): the CPU backend chunk by chunk as it encodes them
+//! ([`encode_checked`], no extra pass over memory), the CUDA backend on the bytes it
 //! copies back ([`encoded_non_finite`]). Only bands with a hit look at the source again.
 
 use crate::dtype::{Dtype, encode_f32};
@@ -21,28 +22,6 @@ use std::path::Path;
 /// Elements encoded per chunk: small enough that a chunk scanned for non-finite values is
 /// still in L1 when it is encoded, so the check adds no pass over memory.
 const CHUNK: usize = 4096;
-
-/// The smallest magnitude of a finite f32 that encodes as ±inf in `dtype` (round to
-/// nearest even: halfway between the largest finite value and the next power of two
-/// rounds to the even neighbour, which is inf). `!(|v| < this)` also holds for inf and NaN.
-pub fn overflow_threshold(dtype: Dtype) -> f32 {
-    match dtype {
-        // Largest f16 65504; 65520 is halfway to 65536.
-        Dtype::F16 => 65520.0,
-        // Largest bf16 0x7F7F; 0x7F7F8000 is halfway to 0x7F80 (inf).
-        Dtype::BF16 => f32::from_bits(0x7F7F_8000),
-        _ => f32::INFINITY,
-    }
-}
-
-/// Whether `v` encodes as inf/NaN given the dtype's `overflow_threshold`. The negated
-/// compare is the point: it holds for NaN (which compares false with everything) as well
-/// as for inf and finite values that round to inf, in one branch-free comparison.
-#[inline]
-#[allow(clippy::neg_cmp_op_on_partial_ord)]
-fn overflows(v: f32, thr: f32) -> bool {
-    !(v.abs() < thr)
-}
 
 /// Non-finite output values found so far in one tensor (in plan order of bands).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -97,35 +76,60 @@ impl NonFinite {
 }
 
 /// Encodes `src` into `dst` as `dtype` (like `encode_f32`) and, when `check`, returns the
-/// indices (relative to `src`) of values that come out non-finite, chunk by chunk while
-/// each chunk is in cache. The scan is a branch-free compare per element; only chunks with
-/// a hit are walked again to list their indices.
+/// indices (relative to `src`) of values that come out non-finite. Chunk by chunk: each
+/// encoded chunk is scanned while it is still in L1 (exponent bits all set, integer
+/// lanes, which vectorise with plain SSE2), so the check adds no pass over memory; only a
+/// chunk with a hit is walked again to list its indices.
 pub fn encode_checked(dtype: Dtype, src: &[f32], dst: &mut [u8], check: bool) -> Vec<usize> {
     let mut hits = Vec::new();
     if !check {
         encode_f32(dtype, src, dst);
         return hits;
     }
-    let thr = overflow_threshold(dtype);
     let es = dtype.size();
     for (ci, (s, d)) in src
         .chunks(CHUNK)
         .zip(dst.chunks_mut(CHUNK * es))
         .enumerate()
     {
-        let bad = s.iter().filter(|&&v| overflows(v, thr)).count();
-        if bad > 0 {
-            let at = ci * CHUNK;
+        encode_f32(dtype, s, d);
+        if any_non_finite(dtype, d) {
             hits.extend(
-                s.iter()
-                    .enumerate()
-                    .filter(|&(_, &v)| overflows(v, thr))
-                    .map(|(i, _)| at + i),
+                encoded_non_finite(dtype, d)
+                    .into_iter()
+                    .map(|i| ci * CHUNK + i),
             );
         }
-        encode_f32(dtype, s, d);
     }
     hits
+}
+
+/// Whether any element of `bytes` (little-endian `dtype`) has all exponent bits set.
+fn any_non_finite(dtype: Dtype, bytes: &[u8]) -> bool {
+    fn scan<T>(bytes: &[u8], mask: T) -> Option<bool>
+    where
+        T: bytemuck::Pod + std::ops::BitAnd<Output = T> + PartialEq,
+    {
+        // Aligned in practice (chunks of a Vec at multiples of 16 KiB); else the slow path.
+        let lanes = bytemuck::try_cast_slice::<u8, T>(bytes).ok()?;
+        Some(
+            lanes
+                .iter()
+                .fold(false, |any, &x| any | ((x & mask) == mask)),
+        )
+    }
+    // The lanes are read in native order: the element bytes are little-endian.
+    let fast = if cfg!(target_endian = "little") {
+        match dtype {
+            Dtype::F16 => scan(bytes, 0x7C00u16),
+            Dtype::BF16 => scan(bytes, 0x7F80u16),
+            Dtype::F32 => scan(bytes, 0x7F80_0000u32),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    fast.unwrap_or_else(|| !encoded_non_finite(dtype, bytes).is_empty())
 }
 
 /// Indices of the elements of `bytes` (encoded as `dtype`) that are ±inf or NaN: all
@@ -154,6 +158,19 @@ pub fn encoded_non_finite(dtype: Dtype, bytes: &[u8]) -> Vec<usize> {
 mod tests {
     use super::*;
     use crate::dtype::decode_f32;
+
+    /// The smallest magnitude of a finite f32 that encodes as ±inf in `dtype` (round to
+    /// nearest even: halfway between the largest finite value and the next power of two
+    /// rounds to the even neighbour, which is inf). `!(|v| < this)` also holds for inf and NaN.
+    fn overflow_threshold(dtype: Dtype) -> f32 {
+        match dtype {
+            // Largest f16 65504; 65520 is halfway to 65536.
+            Dtype::F16 => 65520.0,
+            // Largest bf16 0x7F7F; 0x7F7F8000 is halfway to 0x7F80 (inf).
+            Dtype::BF16 => f32::from_bits(0x7F7F_8000),
+            _ => f32::INFINITY,
+        }
+    }
 
     /// The thresholds agree with the real encoders: the largest value below encodes finite,
     /// the threshold itself encodes as inf.
@@ -194,6 +211,12 @@ mod tests {
             vec![5, 2 * CHUNK + 3]
         );
         assert!(encode_checked(Dtype::F16, &vals, &mut half, false).is_empty());
+        // Unaligned output (the slow path of the scan) finds the same.
+        let mut odd = vec![0u8; vals.len() * 2 + 1];
+        assert_eq!(
+            encode_checked(Dtype::F16, &vals, &mut odd[1..], true),
+            vec![5, 2 * CHUNK + 3]
+        );
         assert_eq!(
             encoded_non_finite(Dtype::F32, &checked),
             vec![5],
