@@ -449,6 +449,29 @@ mod tests {
     }
 
     #[test]
+    fn input_paths_refuse_adapter_as_base_and_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let ad = dir.path().join("ad");
+        std::fs::create_dir(&ad).unwrap();
+        std::fs::write(ad.join("adapter_config.json"), "{}").unwrap();
+        let opts = |bases: Vec<PathBuf>, loras: Vec<(Option<&str>, PathBuf)>| MergeOptions {
+            bases: bases.into_iter().map(|p| (None, p)).collect(),
+            loras: loras
+                .into_iter()
+                .map(|(n, p)| (n.map(String::from), p))
+                .collect(),
+            ..Default::default()
+        };
+        let e = check_input_paths(&opts(vec![ad.clone()], vec![])).unwrap_err();
+        assert!(e.is_usage() && e.to_string().contains("--lora"), "{e}");
+        let twice = vec![(None, ad.clone()), (None, dir.path().join("./ad/"))];
+        let e = check_input_paths(&opts(vec![], twice)).unwrap_err();
+        assert!(e.is_usage() && e.to_string().contains("given twice"), "{e}");
+        let apart = vec![(Some("a"), ad.clone()), (Some("b"), ad.clone())];
+        check_input_paths(&opts(vec![dir.path().into()], apart)).unwrap();
+    }
+
+    #[test]
     fn devices() {
         assert_eq!(Device::parse("cuda:1"), Some(Device::Cuda(1)));
         assert_eq!(Device::parse("gpu"), None);

@@ -229,3 +229,85 @@ fn excluded_by(exclude: &[regex::Regex], keys: &[String]) -> Option<(String, Str
             .map(|re| (k.clone(), re.as_str().to_string()))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::merge::plan;
+    use crate::source;
+    use std::path::Path;
+
+    fn fixture(p: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/peft")
+            .join(p)
+    }
+
+    fn component(adapter: &str) -> Component {
+        Component {
+            name: None,
+            base: Some(source::open(&fixture("bases/llama_f32")).unwrap()),
+            adapters: vec![Adapter::open(&fixture(adapter)).unwrap()],
+        }
+    }
+
+    #[test]
+    fn counts_every_part_once() {
+        let comps = [component("cases/dora_linear/adapter")];
+        let jobs = plan(&comps, &MergeSettings::default()).unwrap();
+        let n = adapter_tensors(&comps[0].adapters[0]).len();
+        assert!(n > 0);
+        assert_eq!(
+            count(&comps, &jobs),
+            vec![vec![AdapterCoverage {
+                tensors: n,
+                used: n
+            }]]
+        );
+    }
+
+    #[test]
+    fn a_dropped_job_leaves_its_adapter_tensors_unused() {
+        // What a planning bug (or a filter applied after the steps were made) would do:
+        // the check sees it whichever rule dropped the job.
+        let comps = [component("cases/modules_to_save/adapter")];
+        let mut jobs = plan(&comps, &MergeSettings::default()).unwrap();
+        jobs.retain(|j| j.out.name != "lm_head.weight");
+        let c = count(&comps, &jobs);
+        assert_eq!(c[0][0].used + 1, c[0][0].tensors);
+        let e = check(&comps, &MergeSettings::default(), &jobs)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("'base_model.model.lm_head.weight'")
+                && e.contains("meant for 'lm_head.weight'"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tied_uses_are_allowed_and_others_are_not() {
+        let comps = [component("cases/llama_f32/adapter")];
+        let mut jobs = plan(&comps, &MergeSettings::default()).unwrap();
+        let q = jobs
+            .iter()
+            .position(|j| j.out.name == "model.layers.0.self_attn.q_proj.weight")
+            .unwrap();
+        // The same merge written under a second name: one storage, so allowed.
+        let mut tied = jobs[q].clone();
+        tied.out.name = "tied.weight".into();
+        jobs.push(tied);
+        check(&comps, &MergeSettings::default(), &jobs).unwrap();
+        // The same steps on another base tensor: applied twice.
+        let mut other = jobs[q].clone();
+        if let JobSource::Merge { base, .. } = &mut other.source {
+            *base = comps[0].base.as_ref().unwrap().tensors[0].clone();
+        }
+        other.out.name = "other.weight".into();
+        jobs.push(other);
+        let e = check(&comps, &MergeSettings::default(), &jobs)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("applied to two output tensors"), "{e}");
+    }
+}
