@@ -92,7 +92,7 @@ enum Command {
         allow_missing_keys: bool,
         /// Write merged tensors even where the merge creates inf/NaN (by default a merge
         /// that turns a finite weight non-finite, e.g. an f16 overflow, fails naming the
-        /// tensor; values already non-finite in the base are never counted).
+        /// tensor; values already non-finite where the merge starts, in the base or its replacement, are never counted).
         #[arg(long)]
         allow_non_finite: bool,
         /// Worker threads for the CPU merge (default: all cores).
