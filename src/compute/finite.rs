@@ -64,8 +64,8 @@ impl NonFinite {
             tensor,
             format!(
                 "the merge created {} non-finite value(s) (inf/NaN) in {out_dtype}{max}, the first at \
-                 element {first} (row {}, column {}, value {value} before rounding); the base value \
-                 there was finite. Nothing was written. Check the adapter's factors, merge into a \
+                 element {first} (row {}, column {}, value {value}); the value the merge started \
+                 from there was finite. Nothing was written. Check the adapter's factors, merge into a \
                  wider --dtype, or pass --allow-non-finite to write them anyway",
                 self.count,
                 first / cols,
