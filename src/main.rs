@@ -86,17 +86,29 @@ enum Command {
         /// Write the adapters unmerged, keyed as PeftModel.state_dict() (one adapter per component).
         #[arg(long)]
         keep_lora: bool,
-        /// Before writing, fail unless every output key exists in REF (a checkpoint: same
-        /// shape too; a .txt file: one key per line).
+        /// Before writing, fail unless the output keys are exactly REF's: every output key
+        /// is in REF (a checkpoint: same shape too; a .txt file: one key per line) and every
+        /// key of REF is in the output (a forgotten or misspelt component).
         #[arg(long, value_name = "REF")]
         expect_keys_from: Option<PathBuf>,
+        /// With --expect-keys-from: allow an output that lacks some of REF's keys (they are
+        /// listed in a note); output keys REF lacks still fail.
+        #[arg(long, requires = "expect_keys_from")]
+        allow_missing_keys: bool,
+        /// Write merged tensors even where the merge creates inf/NaN (by default a merge
+        /// that turns a finite weight non-finite, e.g. an f16 overflow, fails naming the
+        /// tensor; values already non-finite where the merge starts, in the base or its replacement, are never counted).
+        #[arg(long)]
+        allow_non_finite: bool,
         /// Worker threads for the CPU merge (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
         /// Where to compute deltas: auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto", value_parser = parse_device)]
         device: Device,
-        /// Plan and check everything, print the plan, write nothing.
+        /// Run every check a real run runs before writing (plan, adapter coverage, dtypes,
+        /// --expect-keys-from, output folder writable, free space), write nothing. With
+        /// --json the report lists every planned tensor and what is applied to it.
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
@@ -359,6 +371,8 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
             loras,
             keep_lora,
             expect_keys_from,
+            allow_missing_keys,
+            allow_non_finite,
             threads,
             device,
             dry_run,
@@ -378,6 +392,8 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
                     layout: layout.flags(),
                 },
                 expect_keys_from,
+                allow_missing_keys,
+                allow_non_finite,
                 threads,
                 device,
                 sink: SinkOptions {
@@ -394,13 +410,27 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
                 println!("{}", serde_json::to_string(&r).unwrap_or_default());
             } else {
                 for c in &r.components {
+                    let (used, present) = c.adapters.iter().fold((0, 0), |(u, p), a| {
+                        (u + a.coverage.used, p + a.coverage.tensors)
+                    });
+                    let cover = if c.adapters.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", adapter tensors used {used}/{present}")
+                    };
                     eprintln!(
-                        "{:<16} {:>6} tensors, {:>6} merged, {:>14} bytes",
+                        "{:<16} {:>6} tensors, {:>6} merged, {:>14} bytes{cover}",
                         c.name.as_deref().unwrap_or("(unnamed)"),
                         c.tensors,
                         c.merged,
                         c.bytes
                     );
+                    for a in c.adapters.iter().filter(|_| c.adapters.len() > 1) {
+                        eprintln!(
+                            "  {}: {}/{} tensors used",
+                            a.path, a.coverage.used, a.coverage.tensors
+                        );
+                    }
                 }
                 if r.dry_run {
                     eprintln!(

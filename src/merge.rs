@@ -9,8 +9,10 @@ use crate::compute::rows::copy_rows;
 use crate::direct_io::ReadMode;
 use crate::error::{Error, Result};
 use crate::pipeline::{copy_tensor, peak_rss_bytes, progress_bar, write_pipelined};
+use crate::plan::coverage::{self, AdapterCoverage};
 use crate::plan::merge::{Component, MergeSettings, plan};
 use crate::plan::merge_types::{Job, JobSource};
+use crate::plan::report::{PlannedTensor, describe};
 use crate::sink::{self, OutTensor, SinkOptions, TensorSink};
 use crate::source;
 use serde::Serialize;
@@ -58,6 +60,11 @@ pub struct MergeOptions {
     pub component_order: Vec<Option<String>>,
     pub settings: MergeSettings,
     pub expect_keys_from: Option<PathBuf>,
+    /// `--allow-missing-keys`: keys of `expect_keys_from` the output lacks are listed in a
+    /// note instead of failing (output keys the reference lacks still fail).
+    pub allow_missing_keys: bool,
+    /// `--allow-non-finite`: write merges that create inf/NaN instead of failing.
+    pub allow_non_finite: bool,
     pub threads: Option<usize>,
     pub device: Device,
     pub sink: SinkOptions,
@@ -70,11 +77,20 @@ pub struct MergeOptions {
     pub notify: Option<fn(&str)>,
 }
 
+/// One adapter of a component: its folder and how many of its tensors the output uses
+/// (always all of them in a report: an unused one fails the plan).
+#[derive(Clone, Debug, Serialize)]
+pub struct AdapterReport {
+    pub path: String,
+    #[serde(flatten)]
+    pub coverage: AdapterCoverage,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ComponentReport {
     pub name: Option<String>,
     pub base: Option<String>,
-    pub adapters: Vec<String>,
+    pub adapters: Vec<AdapterReport>,
     pub tensors: usize,
     pub merged: usize,
     pub bytes: u64,
@@ -94,6 +110,9 @@ pub struct MergeReport {
     pub peak_rss_bytes: u64,
     pub components: Vec<ComponentReport>,
     pub notes: Vec<String>,
+    /// Dry runs: every output tensor, where it comes from and what is applied to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan: Option<Vec<PlannedTensor>>,
 }
 
 /// Splits `NAME=PATH` (NAME: letters, digits, `_`, `-`, `.`, not starting with a digit);
@@ -136,6 +155,7 @@ fn open_components(opts: &MergeOptions) -> Result<Vec<Component>> {
             "merge needs at least one --base or --lora".into(),
         ));
     }
+    check_input_paths(opts)?;
     let mut comps = Vec::new();
     for name in order {
         let bases: Vec<&PathBuf> = opts
@@ -199,6 +219,8 @@ fn backend(opts: &MergeOptions) -> Result<(Box<dyn DeltaBackend>, Option<String>
 pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
     let format = sink::OutputFormat::from_path(out)?;
     let mut report = merge_into(opts, |plan_out| {
+        // The same checks for dry and real runs: a dry run that passes will not fail here.
+        sink::preflight(out, plan_out)?;
         if opts.dry_run {
             return Ok(None);
         }
@@ -240,14 +262,22 @@ pub fn merge_into(
     let start = Instant::now();
     let comps = open_components(opts)?;
     let jobs = plan(&comps, &opts.settings)?;
+    let mut notes = Vec::new();
     if let Some(reference) = &opts.expect_keys_from {
-        check_expected_keys(&jobs, reference)?;
-    }
-    let (backend, note) = backend(opts)?;
-    if let (Some(n), Some(notify)) = (&note, opts.notify) {
-        notify(n);
+        notes.extend(check_expected_keys(
+            &jobs,
+            reference,
+            opts.allow_missing_keys,
+        )?);
     }
     let plan_out: Vec<OutTensor> = jobs.iter().map(|j| j.out.clone()).collect();
+    let (mut backend, note) = backend(opts)?;
+    backend.set_check_non_finite(!opts.allow_non_finite);
+    notes.extend(note);
+    if let Some(notify) = opts.notify {
+        notes.iter().for_each(|n| notify(n));
+    }
+    let cover = coverage::count(&comps, &jobs);
     if let Some(Target { sink, produce }) = target(&plan_out)? {
         if produce.len() != jobs.len() {
             return Err(Error::Plan(
@@ -311,7 +341,11 @@ pub fn merge_into(
                 adapters: c
                     .adapters
                     .iter()
-                    .map(|a| a.dir.display().to_string())
+                    .zip(&cover[ci])
+                    .map(|(a, cov)| AdapterReport {
+                        path: a.dir.display().to_string(),
+                        coverage: *cov,
+                    })
                     .collect(),
                 tensors: mine.len(),
                 merged: mine.iter().filter(|j| j.is_merged()).count(),
@@ -330,13 +364,64 @@ pub fn merge_into(
         seconds: start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
         components,
-        notes: note.into_iter().collect(),
+        notes,
+        plan: opts.dry_run.then(|| describe(&jobs)),
     })
 }
 
-/// `--expect-keys-from`: every output key must exist in the reference (with the same
-/// shape when the reference is a checkpoint). A `.txt` reference lists one key per line.
-fn check_expected_keys(jobs: &[Job], reference: &Path) -> Result<()> {
+/// Usage errors in the input paths, before anything is opened: a PEFT adapter folder
+/// given as `--base` (its tensors would be copied as if they were model weights), and the
+/// same adapter folder given twice for one component (it would be merged twice).
+fn check_input_paths(opts: &MergeOptions) -> Result<()> {
+    for (name, path) in &opts.bases {
+        let folder = if path.is_dir() {
+            Some(path.as_path())
+        } else {
+            path.file_name()
+                .and_then(|f| f.to_str())
+                .filter(|f| f.starts_with("adapter_model."))
+                .and(path.parent())
+        };
+        if folder.is_some_and(|d| d.join("adapter_config.json").is_file()) {
+            let spec = match name {
+                Some(n) => format!("{n}={}", path.display()),
+                None => path.display().to_string(),
+            };
+            return Err(Error::Usage(format!(
+                "--base {spec} is a PEFT adapter (it has adapter_config.json): pass it with --lora {spec}, \
+                 and give the model it was trained on as --base"
+            )));
+        }
+    }
+    let mut seen: Vec<(&Option<String>, PathBuf, &Path)> = Vec::new();
+    for (name, path) in &opts.loras {
+        // Canonical paths: `dir`, `./dir`, `dir/` and a symlink to it are one folder.
+        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        if let Some((_, _, first)) = seen.iter().find(|(n, c, _)| *n == name && *c == canon) {
+            return Err(Error::Usage(format!(
+                "component {}: the adapter {} is given twice (--lora {} and --lora {}); it would be \
+                 merged twice. Give each adapter once",
+                name.as_deref().unwrap_or("(unnamed)"),
+                canon.display(),
+                first.display(),
+                path.display()
+            )));
+        }
+        seen.push((name, canon, path));
+    }
+    Ok(())
+}
+
+/// `--expect-keys-from`: the output keys must be the reference's keys, both ways: every
+/// output key exists in the reference (with the same shape when the reference is a
+/// checkpoint), and every reference key is in the output — a forgotten or misspelt
+/// component, which a `strict=False` load hides. A `.txt` reference lists one key per
+/// line. With `allow_missing`, reference keys the output lacks are returned as a note.
+fn check_expected_keys(
+    jobs: &[Job],
+    reference: &Path,
+    allow_missing: bool,
+) -> Result<Option<String>> {
     let is_text = reference.extension().and_then(|e| e.to_str()) == Some("txt");
     let expected: HashMap<String, Option<Vec<usize>>> = if is_text {
         let text = std::fs::read_to_string(reference).map_err(|e| Error::io(reference, e))?;
@@ -353,6 +438,14 @@ fn check_expected_keys(jobs: &[Job], reference: &Path) -> Result<()> {
             .collect()
     };
     let mut problems = Vec::new();
+    let produced: std::collections::HashSet<&str> =
+        jobs.iter().map(|j| j.out.name.as_str()).collect();
+    let mut missing: Vec<&str> = expected
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !produced.contains(k))
+        .collect();
+    missing.sort_unstable();
     for j in jobs {
         match expected.get(&j.out.name) {
             None => problems.push(format!("  {} (not in the reference)", j.out.name)),
@@ -363,21 +456,48 @@ fn check_expected_keys(jobs: &[Job], reference: &Path) -> Result<()> {
             _ => {}
         }
     }
-    if problems.is_empty() {
-        return Ok(());
-    }
-    let n = problems.len();
-    problems.truncate(50);
-    Err(Error::Plan(format!(
-        "{n} output key(s) do not match {} (a loader with strict=False would silently drop them); nothing was written:\n{}{}",
-        reference.display(),
-        problems.join("\n"),
+    let listed = |keys: &[String]| {
+        let n = keys.len();
+        let mut s = keys[..n.min(50)].join("\n");
         if n > 50 {
-            format!("\n  … and {} more", n - 50)
-        } else {
-            String::new()
+            s.push_str(&format!("\n  … and {} more", n - 50));
         }
-    )))
+        s
+    };
+    let missing_lines: Vec<String> = missing
+        .iter()
+        .map(|k| format!("  {k} (in the reference, not in the output)"))
+        .collect();
+    let reference = reference.display();
+    if problems.is_empty() && (missing.is_empty() || allow_missing) {
+        return Ok((!missing.is_empty()).then(|| {
+            format!(
+                "--allow-missing-keys: {} key(s) of {reference} are not in the output:\n{}",
+                missing.len(),
+                listed(&missing_lines)
+            )
+        }));
+    }
+    let mut msg = String::new();
+    if !problems.is_empty() {
+        msg.push_str(&format!(
+            "{} output key(s) do not match {reference} (a loader with strict=False would silently \
+             drop them):\n{}\n",
+            problems.len(),
+            listed(&problems)
+        ));
+    }
+    if !missing.is_empty() && !allow_missing {
+        msg.push_str(&format!(
+            "{} key(s) of {reference} are not in the output (a forgotten or misspelt component or \
+             --exclude? a loader with strict=False would leave them as initialised):\n{}\n\
+             Pass --allow-missing-keys if a partial output is meant.\n",
+            missing.len(),
+            listed(&missing_lines)
+        ));
+    }
+    msg.push_str("Nothing was written.");
+    Err(Error::Plan(msg))
 }
 
 #[cfg(test)]
@@ -396,6 +516,29 @@ mod tests {
             (Some("visual_encoder".into()), PathBuf::from("x"))
         );
         assert_eq!(split_named("plain"), (None, PathBuf::from("plain")));
+    }
+
+    #[test]
+    fn input_paths_refuse_adapter_as_base_and_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let ad = dir.path().join("ad");
+        std::fs::create_dir(&ad).unwrap();
+        std::fs::write(ad.join("adapter_config.json"), "{}").unwrap();
+        let opts = |bases: Vec<PathBuf>, loras: Vec<(Option<&str>, PathBuf)>| MergeOptions {
+            bases: bases.into_iter().map(|p| (None, p)).collect(),
+            loras: loras
+                .into_iter()
+                .map(|(n, p)| (n.map(String::from), p))
+                .collect(),
+            ..Default::default()
+        };
+        let e = check_input_paths(&opts(vec![ad.clone()], vec![])).unwrap_err();
+        assert!(e.is_usage() && e.to_string().contains("--lora"), "{e}");
+        let twice = vec![(None, ad.clone()), (None, dir.path().join("./ad/"))];
+        let e = check_input_paths(&opts(vec![], twice)).unwrap_err();
+        assert!(e.is_usage() && e.to_string().contains("given twice"), "{e}");
+        let apart = vec![(Some("a"), ad.clone()), (Some("b"), ad.clone())];
+        check_input_paths(&opts(vec![dir.path().into()], apart)).unwrap();
     }
 
     #[test]

@@ -639,6 +639,58 @@ fn jobs_without_a_lora_step_run_on_the_cpu_backend() {
     assert_eq!(a.0, b.0);
 }
 
+/// The non-finite check (on by default) refuses the same f16 overflow on both backends,
+/// with the same count and first element, also when the hits are in several bands and an
+/// element that was inf in the base is not counted; with the check off both write the
+/// same bytes.
+#[test]
+fn both_backends_refuse_the_same_created_non_finite_values() {
+    if !gpu_usable() {
+        return;
+    }
+    let (rows, cols) = (300usize, 64usize);
+    let mut w = vec![1.0f32; rows * cols];
+    w[130 * cols + 5] = f32::INFINITY;
+    let b: Vec<f32> = (0..rows)
+        .map(|i| if i == 130 || i == 290 { 300.0 } else { 0.001 })
+        .collect();
+    let st = store(&[
+        ("w", Dtype::F16, vec![rows, cols], w),
+        ("a", Dtype::F32, vec![1, cols], vec![300.0; cols]),
+        ("b", Dtype::F32, vec![rows, 1], b),
+    ]);
+    let steps = vec![Step::Lora(Box::new(LoraStep {
+        a: st.entries[1].clone(),
+        b: st.entries[2].clone(),
+        r: 1,
+        scale: 1.0,
+        layout: DeltaLayout::Normal,
+        round_delta_first: false,
+        magnitude: None,
+    }))];
+    let mut cpu = CpuBackend::new(Some(2)).unwrap();
+    let opts = CudaOptions {
+        threads: Some(1),
+        band_elems: Some(64 * cols),
+    };
+    let mut gpu = CudaBackend::with_options(0, opts).unwrap();
+    let run = |be: &dyn DeltaBackend| {
+        let mut out = MemorySink::default();
+        be.merge(&st.entries[0], &steps, Dtype::F16, &mut out)
+            .map(|()| out.0)
+    };
+    let (ec, eg) = (run(&cpu).unwrap_err(), run(&gpu).unwrap_err());
+    let msg = ec.to_string();
+    assert!(
+        msg.contains("created 127 non-finite") && msg.contains("(row 130, column 0"),
+        "{msg}"
+    );
+    assert_eq!(msg, eg.to_string().replace("value inf", "value 90001"));
+    cpu.set_check_non_finite(false);
+    gpu.set_check_non_finite(false);
+    assert_eq!(run(&cpu).unwrap(), run(&gpu).unwrap());
+}
+
 // ---------------------------------------------------------------------------------------
 // Kernel timing (tests/gpu/run.sh)
 

@@ -9,12 +9,13 @@
 //! tensor before the writing pass.
 
 use super::DeltaBackend;
+use super::finite::{NonFinite, encode_checked};
 use super::read_ahead::{
     GroupBuffers, GroupRanges, Prefetched, ReadAhead, Rows, decode_all, left_factor, read_group,
     right_factor, row_factors, rows_cols,
 };
 use crate::direct_io::AlignedBuf;
-use crate::dtype::{Dtype, decode_f32, encode_f32, round_through};
+use crate::dtype::{Dtype, decode_f32, round_through};
 use crate::error::{Error, Result};
 use crate::plan::merge_types::{DeltaLayout, Step};
 use crate::sink::TensorSink;
@@ -54,6 +55,8 @@ pub struct CpuBackend {
     /// One scratch space per worker, kept between bands and tensors: fresh ones would be
     /// zeroed (and page-faulted) for every band.
     scratch: Vec<Mutex<Scratch>>,
+    /// Refuse merges that create inf/NaN (`finite.rs`); off with `--allow-non-finite`.
+    check_non_finite: bool,
 }
 
 #[derive(Default)]
@@ -79,6 +82,7 @@ impl CpuBackend {
             buffers: Mutex::default(),
             ahead: Mutex::default(),
             scratch: (0..threads).map(|_| Mutex::default()).collect(),
+            check_non_finite: true,
         })
     }
 }
@@ -139,12 +143,17 @@ impl DeltaBackend for CpuBackend {
             groups[0] = p.first;
             p.first_ranges
         });
+        let check = self.check_non_finite;
         self.pool
-            .install(|| job.run(out_dtype, self.threads, groups, first_ranges, sink))
+            .install(|| job.run(out_dtype, self.threads, groups, first_ranges, check, sink))
     }
 
     fn describe(&self) -> String {
         format!("cpu ({} threads)", self.threads)
+    }
+
+    fn set_check_non_finite(&mut self, on: bool) {
+        self.check_non_finite = on;
     }
 }
 
@@ -230,15 +239,9 @@ impl<'a> PreparedMerge<'a> {
             Some(v) => Ok(v),
             None => decode_all(t, factor_buf),
         };
+        // The plan refuses these (`plan::merge::check_mergeable`); reaching here is a bug.
         if !base.dtype.is_float() {
-            return Err(Error::tensor(
-                base.file.path(),
-                &base.name,
-                format!(
-                    "cannot merge into a {} tensor (only floating weights take LoRA deltas)",
-                    base.dtype
-                ),
-            ));
+            return Err(internal(base, "merge into a non-floating tensor"));
         }
         let numel = base.numel();
         let (rows, cols) = rows_cols(base);
@@ -326,6 +329,7 @@ impl<'a> PreparedMerge<'a> {
         threads: usize,
         bufs: &mut [GroupBuffers; 2],
         first_group: Option<GroupRanges>,
+        check: bool,
         sink: &mut dyn TensorSink,
     ) -> Result<()> {
         if self.rows * self.cols == 0 {
@@ -360,6 +364,9 @@ impl<'a> PreparedMerge<'a> {
             Some(r) if r.rows() == (0..group.min(self.rows)) => r,
             _ => self.read_group(0, group.min(self.rows), cur)?,
         };
+        // Non-finite values the merge created so far; once there is one, bands are still
+        // computed (to count them all for the message) but no longer written.
+        let mut created = NonFinite::default();
         let mut g0 = 0;
         while g0 < self.rows {
             let g1 = (g0 + group).min(self.rows);
@@ -374,6 +381,7 @@ impl<'a> PreparedMerge<'a> {
                 let rows = Rows::of(cur, &ranges);
                 let mut out = sink.buffer();
                 out.resize((g1 - g0) * self.cols * oes, 0u8);
+                let found = Mutex::new(NonFinite::default());
                 out.par_chunks_mut(band * self.cols * oes)
                     .enumerate()
                     .for_each(|(ci, chunk)| {
@@ -389,9 +397,19 @@ impl<'a> PreparedMerge<'a> {
                             last_round,
                             &mut scratch,
                         );
-                        encode_f32(out_dtype, &scratch.value, chunk);
+                        // The band's values are final here: checked as they are encoded.
+                        let hits = encode_checked(out_dtype, &scratch.value, chunk, check);
+                        if !hits.is_empty() {
+                            let nf = self.created_non_finite(i0, i1, &rows, &hits, &mut scratch);
+                            found.lock().unwrap_or_else(|p| p.into_inner()).merge(nf);
+                        }
                     });
-                let computed = sink.write_owned(out);
+                created.merge(found.into_inner().unwrap_or_else(|p| p.into_inner()));
+                let computed = if created.count == 0 {
+                    sink.write_owned(out)
+                } else {
+                    Ok(())
+                };
                 let read = reader.map(|h| {
                     h.join()
                         .unwrap_or_else(|_| Err(internal(self.base, "the reading thread panicked")))
@@ -420,7 +438,62 @@ impl<'a> PreparedMerge<'a> {
                 Step::Replace(t) | Step::AddBias { bias: t, .. } => t.release(),
             }
         }
-        Ok(())
+        // Named in the dtype that overflowed: the narrower of the weight's and the output's.
+        let narrow = if out_dtype.size() < self.base.dtype.size() {
+            out_dtype
+        } else {
+            self.base.dtype
+        };
+        match created.error(self.base.file.path(), &self.base.name, self.cols, narrow) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Of the band's non-finite outputs (`hits`, relative to row i0), those whose source
+    /// value — the weight, or its last replacement — was finite: the ones the merge
+    /// created (see `finite.rs`). Runs only for bands with a hit.
+    fn created_non_finite(
+        &self,
+        i0: usize,
+        i1: usize,
+        rows: &Rows<'_>,
+        hits: &[usize],
+        scratch: &mut Scratch,
+    ) -> NonFinite {
+        let len = (i1 - i0) * self.cols;
+        let mut source = std::mem::take(&mut scratch.delta);
+        source.resize(len, 0.0);
+        let last_replace = self.steps.iter().rev().find_map(|s| match s {
+            Prepared::Replace(t) => Some(t),
+            _ => None,
+        });
+        match last_replace {
+            Some(t) => t.decode(i0 * self.cols, &mut source),
+            None => self.decode_w(i0, i1, rows, &mut source),
+        }
+        let mut nf = NonFinite::default();
+        for &h in hits {
+            if source[h].is_finite() {
+                nf.add(i0 * self.cols + h, scratch.value[h]);
+            }
+        }
+        scratch.delta = source;
+        nf
+    }
+
+    /// The weight's rows [i0, i1) in f32, from the group read ahead or the map.
+    fn decode_w(&self, i0: usize, i1: usize, rows: &Rows<'_>, out: &mut [f32]) {
+        let (n, wd) = (self.cols, self.base.dtype);
+        let len = (i1 - i0) * n;
+        match rows.w {
+            Some(w) => {
+                let es = wd.size();
+                let at = (i0 - rows.first) * n * es;
+                decode_f32(wd, &w[at..at + len * es], &mut out[..len]);
+            }
+            None => self.w.decode(i0 * n, &mut out[..len]),
+        }
     }
 
     /// Σ over rows of V², per column, where V = value after steps[..j] plus step j's delta.
@@ -533,14 +606,7 @@ impl<'a> PreparedMerge<'a> {
         let (n, wd) = (self.cols, self.base.dtype);
         let len = (i1 - i0) * n;
         scratch.value.resize(len, 0.0);
-        match rows.w {
-            Some(w) => {
-                let es = wd.size();
-                let at = (i0 - rows.first) * n * es;
-                decode_f32(wd, &w[at..at + len * es], &mut scratch.value);
-            }
-            None => self.w.decode(i0 * n, &mut scratch.value),
-        }
+        self.decode_w(i0, i1, rows, &mut scratch.value);
         for (j, step) in self.steps.iter().enumerate().take(upto) {
             match step {
                 Prepared::Replace(t) => t.decode(i0 * n, &mut scratch.value),

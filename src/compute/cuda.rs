@@ -20,12 +20,18 @@
 //! Jobs the GPU adds nothing to run on the CPU backend: tensors without a LoRA step after
 //! their last replacement, and `lora_B.bias` additions (1-D biases).
 //!
+//! The non-finite check (`finite.rs`) runs on the host, on each band's output bytes as
+//! they come back and before they go to the sink: an integer scan of the exponent bits,
+//! and only for a band with a hit a look at the source values in the memory map. The
+//! kernels stay as they are, and the GPU and CPU backends refuse exactly the same tensors.
+//!
 //! Nothing here panics on a machine without CUDA: the driver and NVRTC libraries are looked
 //! for before cudarc touches them, and any panic cudarc raises while the backend is set up
 //! becomes an `Err`.
 
 use super::DeltaBackend;
 use super::cpu::CpuBackend;
+use super::finite::{NonFinite, encoded_non_finite};
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
 use crate::plan::merge_types::{DeltaLayout, LoraStep, Step};
@@ -285,6 +291,8 @@ pub struct CudaBackend {
     cpu: CpuBackend,
     desc: String,
     band_elems: usize,
+    /// Refuse merges that create inf/NaN (`finite.rs`); off with `--allow-non-finite`.
+    check_non_finite: bool,
 }
 
 struct Kernels {
@@ -365,6 +373,7 @@ impl CudaBackend {
             cpu,
             desc,
             band_elems,
+            check_non_finite: true,
         })
     }
 
@@ -617,6 +626,14 @@ fn plan<'a>(base: &'a TensorEntry, steps: &'a [Step]) -> Option<GpuPlan<'a>> {
         wd,
         steps: lora,
     })
+}
+
+/// Where a drained band goes: the sink (None in column-norm passes), whether and as what
+/// dtype its bytes are checked for created non-finite values, and the running tally.
+struct Drained<'a, 's> {
+    sink: &'a mut Option<&'s mut (dyn TensorSink + 's)>,
+    check: Option<Dtype>,
+    created: &'a mut NonFinite,
 }
 
 /// What a pass over the bands ends with.
@@ -971,8 +988,10 @@ impl Gpu {
         band_rows: usize,
         fin: Final,
         sink: Option<&mut dyn TensorSink>,
-    ) -> Result<()> {
+        check: Option<Dtype>,
+    ) -> Result<NonFinite> {
         let (rows, cols) = (p.rows, p.cols);
+        let mut created = NonFinite::default();
         let in_es = p.src.dtype.size();
         let out_es = match fin {
             Final::Out { es, .. } => es,
@@ -1053,29 +1072,47 @@ impl Gpu {
                     .map_err(|e| dev_err("event", e))?;
                 pending.push_back((b, si, outb));
                 while pending.len() >= SLOTS {
-                    self.drain(p, &mut pending, band_rows, &mut sink)?;
+                    let out = Drained {
+                        sink: &mut sink,
+                        check,
+                        created: &mut created,
+                    };
+                    self.drain(p, src, &mut pending, band_rows, out)?;
                 }
             }
         }
         while !pending.is_empty() {
-            self.drain(p, &mut pending, band_rows, &mut sink)?;
+            let out = Drained {
+                sink: &mut sink,
+                check,
+                created: &mut created,
+            };
+            self.drain(p, src, &mut pending, band_rows, out)?;
         }
         if !writes {
             self.comp
                 .synchronize()
                 .map_err(|e| dev_err("synchronize", e))?;
         }
-        Ok(())
+        Ok(created)
     }
 
-    /// Writes the oldest band copied out to the sink and releases its input pages.
-    fn drain<'s>(
+    /// Checks the oldest band copied out, writes it to the sink (unless the tensor already
+    /// has created non-finite values: then it only counts them) and releases its input
+    /// pages. `src`: the bytes the merge started from (W or its last replacement).
+    fn drain(
         &self,
         p: &GpuPlan,
+        src: &[u8],
         pending: &mut VecDeque<(usize, usize, usize)>,
         band_rows: usize,
-        sink: &mut Option<&'s mut (dyn TensorSink + 's)>,
+        out: Drained<'_, '_>,
     ) -> Result<()> {
+        let Drained {
+            sink,
+            check,
+            created,
+        } = out;
         let Some((b, si, outb)) = pending.pop_front() else {
             return Ok(());
         };
@@ -1089,12 +1126,24 @@ impl Gpu {
         let host = pin_out
             .as_slice()
             .map_err(|e| dev_err("pinned buffer", e))?;
-        if let Some(sink) = sink.as_mut() {
+        let i0 = b * band_rows;
+        if let Some(out_dtype) = check {
+            let (ses, oes) = (p.src.dtype.size(), out_dtype.size());
+            for h in encoded_non_finite(out_dtype, &host[..outb]) {
+                let at = i0 * p.cols + h;
+                let (mut was, mut now) = ([0f32], [0f32]);
+                decode_f32(p.src.dtype, &src[at * ses..(at + 1) * ses], &mut was);
+                decode_f32(out_dtype, &host[h * oes..(h + 1) * oes], &mut now);
+                if was[0].is_finite() {
+                    created.add(at, now[0]);
+                }
+            }
+        }
+        if let Some(sink) = sink.as_mut().filter(|_| created.count == 0) {
             sink.write(&host[..outb])?;
         }
         if let Some((start, _)) = p.src.contiguous_range() {
             let es = p.src.dtype.size();
-            let i0 = b * band_rows;
             let m = band_rows.min(p.rows - i0);
             p.src
                 .file
@@ -1103,13 +1152,16 @@ impl Gpu {
         Ok(())
     }
 
+    /// Merges `p` into `sink`; returns the non-finite values the merge created (always
+    /// none unless `check`), for the caller to turn into the error.
     fn run(
         &mut self,
         p: &GpuPlan,
         out_dtype: Dtype,
         band_elems: usize,
+        check: bool,
         sink: &mut dyn TensorSink,
-    ) -> Result<()> {
+    ) -> Result<NonFinite> {
         self.bind()?;
         self.idle()?;
         let internal = |m: &str| Error::tensor(p.src.file.path(), &p.src.name, m.to_string());
@@ -1143,7 +1195,7 @@ impl Gpu {
                 step: j,
                 colsum: dptr(&colsum, &self.comp),
             };
-            self.pass(p, &steps, &src.bytes, band_rows, fin, None)?;
+            self.pass(p, &steps, &src.bytes, band_rows, fin, None, None)?;
             let sums = self
                 .comp
                 .clone_dtoh(&colsum)
@@ -1168,11 +1220,13 @@ impl Gpu {
             dt: out_dt,
             es: out_dtype.size(),
         };
-        let r = self.pass(p, &steps, &src.bytes, band_rows, fin, Some(sink));
+        let check = check.then_some(out_dtype);
+        let r = self.pass(p, &steps, &src.bytes, band_rows, fin, Some(sink), check);
         // Whatever happened, nothing may still run when the step buffers are freed.
         let idle = self.idle();
         drop(steps);
-        r.and(idle)
+        let created = r?;
+        idle.map(|()| created)
     }
 }
 
@@ -1191,15 +1245,32 @@ impl DeltaBackend for CudaBackend {
             return self.cpu.merge(base, steps, out_dtype, sink);
         }
         let mut gpu = self.lock()?;
-        gpu.run(&p, out_dtype, self.band_elems, sink)
+        let created = gpu
+            .run(&p, out_dtype, self.band_elems, self.check_non_finite, sink)
             .map_err(|e| match e {
                 Error::Device(msg) => Error::tensor(base.file.path(), &base.name, msg),
                 other => other,
-            })
+            })?;
+        // Kernels round each step into W's dtype and the last into the output's: the
+        // narrower of the two is the one that overflowed.
+        let narrow = if out_dtype.size() < base.dtype.size() {
+            out_dtype
+        } else {
+            base.dtype
+        };
+        match created.error(base.file.path(), &base.name, p.cols, narrow) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     fn describe(&self) -> String {
         self.desc.clone()
+    }
+
+    fn set_check_non_finite(&mut self, on: bool) {
+        self.check_non_finite = on;
+        self.cpu.set_check_non_finite(on);
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod finite;
 mod read_ahead;
 pub mod rows;
 
@@ -51,4 +52,7 @@ pub trait DeltaBackend: Send + Sync {
     }
     /// For messages and reports ("cpu (8 threads)").
     fn describe(&self) -> String;
+    /// Whether merges that create inf/NaN fail (default: on; see `finite.rs`). Every
+    /// backend must implement it: one that ignored it would write such tensors silently.
+    fn set_check_non_finite(&mut self, on: bool);
 }

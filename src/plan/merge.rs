@@ -72,6 +72,8 @@ pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<Vec<Jo
             .map(|(j, s)| (j.out.name.as_str(), s.as_str())),
     )?;
     mark_ties(&mut jobs);
+    super::coverage::check(components, settings, &jobs)?;
+    check_mergeable(&jobs)?;
     Ok(jobs)
 }
 
@@ -859,4 +861,50 @@ fn cast_job(ci: usize, name: String, value: &TensorEntry, base: &TensorEntry, dt
         component: ci,
         tied_to: None,
     }
+}
+
+/// Every merged job's tensors are in dtypes the backends compute in: a LoRA delta, bias
+/// or replacement on a float8 or integer weight is refused here, in planning, so no
+/// backend starts writing before finding out (the backends keep their own assertion as
+/// an internal error).
+pub fn check_mergeable(jobs: &[Job]) -> Result<()> {
+    for j in jobs {
+        let JobSource::Merge { base, steps } = &j.source else {
+            continue;
+        };
+        if !base.dtype.is_float() || !j.out.dtype.is_float() {
+            return Err(Error::tensor(
+                base.file.path(),
+                &base.name,
+                format!(
+                    "cannot merge into a {} tensor (output '{}'): LoRA deltas, lora_B.bias and \
+                     replacements apply to F16/BF16/F32/F64 weights only; a quantised (float8) or \
+                     integer weight must be dequantised first. Nothing was written",
+                    base.dtype, j.out.name
+                ),
+            ));
+        }
+        for s in steps {
+            let parts: Vec<&TensorEntry> = match s {
+                Step::Replace(t) => vec![t],
+                Step::AddBias { bias, .. } => vec![bias],
+                Step::Lora(l) => [Some(&l.a), Some(&l.b), l.magnitude.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            };
+            if let Some(t) = parts.iter().find(|t| !t.dtype.is_float()) {
+                return Err(Error::tensor(
+                    t.file.path(),
+                    &t.name,
+                    format!(
+                        "is {}, but merging into '{}' needs floating adapter tensors \
+                         (F16/BF16/F32/F64). Nothing was written",
+                        t.dtype, base.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }

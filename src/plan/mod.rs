@@ -3,10 +3,12 @@
 //! where its data comes from. Collisions and missing keys are found here, so a bad
 //! request fails before the first byte is written.
 
+pub mod coverage;
 pub mod layout;
 pub mod merge;
 pub mod merge_types;
 pub mod rename;
+pub mod report;
 mod transformers_models;
 
 pub use rename::RenameRule;

@@ -265,19 +265,26 @@ def test_keep_lora_loads_into_real_xtuner(run, tmp_path):
 
 def test_keep_lora_expect_keys_from_llava_model(run, tmp_path):
     """--expect-keys-from guards against XTuner's silent strict=False: the key list of the
-    LoRA-wrapped LLaVAModel accepts recipe 1; the same list without ".default" (what a
-    converter that forgot PEFT's adapter name would target) is refused before writing."""
+    LoRA-wrapped LLaVAModel accepts recipe 1 (a partial state dict by design: the model's
+    frozen weights come from elsewhere, so --allow-missing-keys says so, and without it the
+    run is refused); the same list without ".default" (what a converter that forgot PEFT's
+    adapter name would target) is refused before writing, with or without the flag."""
     keys = list(torch.nn.Module.state_dict(repro.build_lora_llava()))
     good = tmp_path / "llava_keys.txt"
     good.write_text("\n".join(keys) + "\n")
-    run_recipe(run, tmp_path / "ok.pth", KEEP_LORA_ARGS, ["--expect-keys-from", str(good)])
+    run_recipe(run, tmp_path / "ok.pth", KEEP_LORA_ARGS,
+               ["--expect-keys-from", str(good), "--allow-missing-keys"])
+    partial = tmp_path / "partial.pth"
+    p = run([*KEEP_LORA_ARGS, "--expect-keys-from", str(good), "--out", str(partial)], expect_rc=1)
+    assert "--allow-missing-keys" in p.stderr and not partial.exists()
     run_recipe(run, tmp_path / "ok2.pth", KEEP_LORA_ARGS,
                ["--expect-keys-from", str(FIX / "expected_keep_lora.safetensors")])
     bad = tmp_path / "bad_keys.txt"
     bad.write_text("\n".join(k.replace(".default", "") for k in keys) + "\n")
     out = tmp_path / "refused.pth"
-    run([*KEEP_LORA_ARGS, "--expect-keys-from", str(bad), "--out", str(out)], expect_rc=1)
-    assert not out.exists()
+    for extra in ([], ["--allow-missing-keys"]):
+        run([*KEEP_LORA_ARGS, "--expect-keys-from", str(bad), *extra, "--out", str(out)], expect_rc=1)
+        assert not out.exists()
 
 
 def test_keep_lora_with_bases_is_full_peft_state_dict(run, tmp_path):
