@@ -172,6 +172,24 @@ impl Adapter {
             let per_expert = !config.target_parameters.is_empty()
                 && a.shape.first().is_some_and(|&n| n % r == 0)
                 && b.shape.get(1) == a.shape.first();
+            // A grouped convolution's B holds r/groups columns (PEFT cannot merge it either).
+            let grouped = a.shape.len() > 2
+                && a.shape.first() == Some(&r)
+                && b.shape
+                    .get(1)
+                    .is_some_and(|&c| c > 0 && c < r && r % c == 0);
+            if grouped {
+                return Err(Error::tensor(
+                    &weights_path,
+                    &b.name,
+                    format!(
+                        "lora_B {:?} has r/groups = {} columns for rank {r}: module '{name}' is a grouped \
+                         convolution, which cannot be merged (PEFT refuses too: \"Merging is not supported for \
+                         _ConvNd layers with groups > 1\")",
+                        b.shape, b.shape[1]
+                    ),
+                ));
+            }
             if !per_expert && (a.shape.first() != Some(&r) || b.shape.get(1) != Some(&r)) {
                 return Err(Error::tensor(
                     &weights_path,

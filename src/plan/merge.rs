@@ -288,7 +288,26 @@ fn steps_for_base(
         let mut unmatched: Vec<String> = Vec::new();
         let mut unsettled: Vec<(String, String)> = Vec::new();
         for rep in &ad.replacements {
-            match by_name.get(rep.base_key.as_str()) {
+            let mut key = rep.base_key.as_str();
+            if !by_name.contains_key(key) {
+                // A copy of a tied output embedding replaces the weight it is stored as.
+                if let Some(source) =
+                    tied_source(c.model_config.as_ref(), key).filter(|s| by_name.contains_key(s))
+                {
+                    if ad.replacements.iter().any(|o| o.base_key == source) {
+                        return Err(Error::tensor(
+                            ad.weights_path(),
+                            &rep.tensor.name,
+                            format!(
+                                "'{key}' is tied to '{source}' (config.json: tie_word_embeddings) and the \
+                                 adapter holds a copy of both; which one PEFT keeps depends on load order"
+                            ),
+                        ));
+                    }
+                    key = source;
+                }
+            }
+            match by_name.get(key) {
                 None => unmatched.push(rep.saved_key.clone()),
                 Some(w) => {
                     if w.shape != rep.tensor.shape
@@ -309,7 +328,7 @@ fn steps_for_base(
                         ));
                     }
                     steps
-                        .entry(rep.base_key.clone())
+                        .entry(key.to_string())
                         .or_default()
                         .push(Step::Replace(rep.tensor.clone()));
                 }
@@ -320,6 +339,19 @@ fn steps_for_base(
                 Some(p) => (p.name.clone(), true),
                 None => (format!("{}.weight", m.name), false),
             };
+            let mha = by_name.contains_key(format!("{}.in_proj_weight", m.name).as_str())
+                || m.name.ends_with(".base_layer.out_proj");
+            if mha {
+                return Err(Error::tensor(
+                    ad.weights_path(),
+                    &m.a.name,
+                    format!(
+                        "module '{}' is an nn.MultiheadAttention (in_proj_weight with a nested out_proj), whose \
+                         LoRA lorastream does not merge (PEFT 0.21.2 adds out_proj's delta twice when merging it)",
+                        m.name
+                    ),
+                ));
+            }
             if !by_name.contains_key(wkey.as_str()) {
                 // A tied output embedding is stored once, under its source's name.
                 if let Some(source) =
