@@ -23,6 +23,50 @@ pub struct LoraConfig {
     pub target_parameters: Vec<String>,
     /// The LoRA variant, from the fields that select one.
     pub variant: Variant,
+    /// `use_bdlora`: which modules' factors are block-diagonal.
+    pub bdlora: Option<BdLora>,
+}
+
+/// BD-LoRA (`use_bdlora`): per module, A or B is block-diagonal with `nblocks` blocks,
+/// saved compact (A [r, in/nblocks], B [out, r/nblocks]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BdLora {
+    /// Substrings of a module's own (last) name whose A is block-diagonal.
+    pub a_patterns: Vec<String>,
+    /// Likewise for B.
+    pub b_patterns: Vec<String>,
+    pub nblocks: usize,
+    /// Every module must match one of the patterns (PEFT refuses others).
+    pub match_strict: bool,
+}
+
+/// Which factor of a module is block-diagonal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockDiagonal {
+    A,
+    B,
+}
+
+impl BdLora {
+    /// PEFT's rule (`pattern in target_name`, the module's last name): which factor of
+    /// `module` is block-diagonal; Err when PEFT would have refused the module.
+    pub fn factor_of(&self, module: &str) -> std::result::Result<Option<BlockDiagonal>, String> {
+        let leaf = module.rsplit('.').next().unwrap_or(module);
+        let a = self.a_patterns.iter().any(|p| leaf.contains(p.as_str()));
+        let b = self.b_patterns.iter().any(|p| leaf.contains(p.as_str()));
+        match (a, b) {
+            (true, true) => Err(format!(
+                "module '{module}' matches both target_modules_bd_a and target_modules_bd_b"
+            )),
+            (true, false) => Ok(Some(BlockDiagonal::A)),
+            (false, true) => Ok(Some(BlockDiagonal::B)),
+            (false, false) if self.match_strict => Err(format!(
+                "module '{module}' matches neither target_modules_bd_a nor target_modules_bd_b \
+                 (match_strict)"
+            )),
+            (false, false) => Ok(None),
+        }
+    }
 }
 
 /// LoRA variants that merge like plain LoRA but differ in what they save or how they round.
@@ -37,6 +81,9 @@ pub enum Variant {
     Velora,
     /// `monteclora_config`: also saves `lora_monteclora_sampler.*`, used in training only.
     Monteclora,
+    /// `use_bdlora`: block-diagonal factors saved compact; PEFT's merge rounds ΔW to the
+    /// weight's dtype before adding it.
+    BdLora,
 }
 
 impl Variant {
@@ -44,23 +91,18 @@ impl Variant {
     /// roundings) for Linear-like modules.
     pub fn rounds_delta_first(self) -> bool {
         match self {
-            Variant::Mica => true,
+            Variant::Mica | Variant::BdLora => true,
             Variant::Plain | Variant::Velora | Variant::Monteclora => false,
         }
     }
 }
 
 /// Variant fields (non-null) whose merge lorastream does not reproduce, and why.
-const REFUSED_VARIANTS: [(&str, &str); 4] = [
+const REFUSED_VARIANTS: [(&str, &str); 3] = [
     (
         "kasa_config",
         "KaSA: PEFT truncates the base weight with an SVD when it loads the adapter (dropping its r smallest \
          singular directions), so the merged weight depends on LAPACK's SVD and cannot be reproduced exactly",
-    ),
-    (
-        "use_bdlora",
-        "BD-LoRA: its block-diagonal factors are saved in compact form ([r, in/nblocks] or [out, r/nblocks]), \
-         which lorastream does not expand yet",
     ),
     (
         "arrow_config",
@@ -129,14 +171,25 @@ impl LoraConfig {
             .get("init_lora_weights")
             .and_then(|i| i.as_str())
             .is_some_and(|i| i.eq_ignore_ascii_case("mica"));
-        let variant = match (mica, is_set("velora_config"), is_set("monteclora_config")) {
-            (false, false, false) => Variant::Plain,
-            (true, false, false) => Variant::Mica,
-            (false, true, false) => Variant::Velora,
-            (false, false, true) => Variant::Monteclora,
+        let bdlora = match v.get("use_bdlora") {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => None,
+            Some(b) => Some(bdlora(b).map_err(|m| fail(format!("use_bdlora: {m}")))?),
+        };
+        let variant = match (
+            mica,
+            is_set("velora_config"),
+            is_set("monteclora_config"),
+            bdlora.is_some(),
+        ) {
+            (false, false, false, false) => Variant::Plain,
+            (true, false, false, false) => Variant::Mica,
+            (false, true, false, false) => Variant::Velora,
+            (false, false, true, false) => Variant::Monteclora,
+            (false, false, false, true) => Variant::BdLora,
             _ => {
                 return Err(fail(
-                    "more than one LoRA variant is set (MiCA, VeLoRA, MonteCLoRA); PEFT accepts only one".into(),
+                    "more than one LoRA variant is set (MiCA, VeLoRA, MonteCLoRA, BD-LoRA); PEFT accepts only one"
+                        .into(),
                 ));
             }
         };
@@ -187,6 +240,7 @@ impl LoraConfig {
             modules_to_save,
             target_parameters,
             variant,
+            bdlora,
         })
     }
 
@@ -227,6 +281,33 @@ impl LoraConfig {
             .iter()
             .any(|m| module == m || module.ends_with(&format!(".{m}")))
     }
+}
+
+fn bdlora(v: &Value) -> std::result::Result<BdLora, String> {
+    let list = |k: &str| -> Vec<String> {
+        match v.get(k) {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
+            Some(Value::String(s)) => vec![s.clone()],
+            _ => Vec::new(),
+        }
+    };
+    let nblocks = v
+        .get("nblocks")
+        .and_then(Value::as_u64)
+        .filter(|&n| n > 0)
+        .ok_or("\"nblocks\" is missing or not a positive integer")? as usize;
+    Ok(BdLora {
+        a_patterns: list("target_modules_bd_a"),
+        b_patterns: list("target_modules_bd_b"),
+        nblocks,
+        match_strict: v
+            .get("match_strict")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
+    })
 }
 
 fn patterns<T>(
@@ -322,7 +403,6 @@ mod tests {
     fn variants_are_named() {
         for (field, value, word) in [
             ("kasa_config", json!({"beta": 0.1}), "KaSA"),
-            ("use_bdlora", json!({"nblocks": 2}), "BD-LoRA"),
             ("arrow_config", json!({"top_k": 2}), "Arrow"),
             ("alora_invocation_tokens", json!([1, 2]), "aLoRA"),
         ] {
@@ -340,6 +420,19 @@ mod tests {
         let c = cfg(json!({"r": 8, "monteclora_config": {"num_samples": 2}})).unwrap();
         assert_eq!(c.variant, Variant::Monteclora);
         assert!(cfg(json!({"r": 8, "monteclora_config": {}, "velora_config": {}})).is_err());
+        let c = cfg(
+            json!({"r": 8, "use_bdlora": {"nblocks": 2, "target_modules_bd_a": ["o_proj"],
+            "target_modules_bd_b": ["q_proj"], "match_strict": true}}),
+        )
+        .unwrap();
+        assert_eq!(c.variant, Variant::BdLora);
+        let bd = c.bdlora.unwrap();
+        assert_eq!(
+            bd.factor_of("model.layers.0.self_attn.o_proj"),
+            Ok(Some(BlockDiagonal::A))
+        );
+        assert_eq!(bd.factor_of("x.q_proj"), Ok(Some(BlockDiagonal::B)));
+        assert!(bd.factor_of("x.k_proj").is_err());
         let c = cfg(json!({"r": 8, "target_parameters": ["experts.gate_up_proj"]})).unwrap();
         assert!(c.targets_parameter("model.layers.0.mlp.experts.gate_up_proj"));
         assert!(!c.targets_parameter("model.layers.0.mlp.xexperts.gate_up_proj"));

@@ -10,7 +10,7 @@
 
 mod config;
 
-pub use config::{LoraConfig, Variant};
+pub use config::{BdLora, BlockDiagonal, LoraConfig, Variant};
 
 use crate::error::{Error, Result};
 use crate::source::{self, TensorEntry};
@@ -164,8 +164,19 @@ impl Adapter {
                     format!("module '{name}' has no {what} (incomplete adapter)"),
                 )
             };
-            let a = p.a.ok_or_else(|| missing("lora_A"))?;
-            let b = p.b.ok_or_else(|| missing("lora_B"))?;
+            let mut a = p.a.ok_or_else(|| missing("lora_A"))?;
+            let mut b = p.b.ok_or_else(|| missing("lora_B"))?;
+            if let Some(bd) = &config.bdlora {
+                let refuse = |msg: String| Error::tensor(&weights_path, &a.name, msg);
+                match bd
+                    .factor_of(&name)
+                    .map_err(|m| refuse(format!("BD-LoRA: {m}")))?
+                {
+                    Some(BlockDiagonal::A) => a = block_diagonal(&a, bd.nblocks)?,
+                    Some(BlockDiagonal::B) => b = block_diagonal(&b, bd.nblocks)?,
+                    None => {}
+                }
+            }
             let (r, scale) = config.rank_and_scale(&name);
             // An adapter of a 3-D nn.Parameter (target_parameters, MoE experts) stacks
             // one rank-r factor per expert: [r·E, in] / [out, r·E]; the plan judges it.
@@ -257,6 +268,44 @@ enum Part {
     Magnitude,
 }
 
+/// BD-LoRA's compact factor [R, C] (`nblocks` blocks of R/nblocks rows) as the dense
+/// block-diagonal [R, C·nblocks] PEFT merges with (`torch.block_diag(*w.chunk(n, 0))`):
+/// block i's rows land in columns [i·C, (i+1)·C), zeros elsewhere. Factors are small, so
+/// the dense form is made in memory, in the stored dtype (a copy of values and zeros).
+fn block_diagonal(t: &TensorEntry, nblocks: usize) -> Result<TensorEntry> {
+    let bad = |msg: String| Error::tensor(t.file.path(), &t.name, format!("BD-LoRA: {msg}"));
+    let &[rows, cols] = t.shape.as_slice() else {
+        return Err(bad(format!(
+            "a block-diagonal factor is 2-D, not {:?}",
+            t.shape
+        )));
+    };
+    if nblocks == 0 || rows % nblocks != 0 {
+        return Err(bad(format!(
+            "{rows} rows do not split into nblocks = {nblocks} blocks"
+        )));
+    }
+    let es = t.dtype.size();
+    let wide = cols
+        .checked_mul(nblocks)
+        .filter(|w| {
+            rows.checked_mul(*w)
+                .and_then(|n| n.checked_mul(es))
+                .is_some()
+        })
+        .ok_or_else(|| bad("too large".into()))?;
+    let per = rows / nblocks;
+    let src = t.bytes();
+    let mut dense = vec![0u8; rows * wide * es];
+    for i in 0..rows {
+        let block = i / per;
+        let from = &src[i * cols * es..(i + 1) * cols * es];
+        let at = (i * wide + block * cols) * es;
+        dense[at..at + cols * es].copy_from_slice(from);
+    }
+    TensorEntry::in_memory(t.file.path(), &t.name, t.dtype, vec![rows, wide], &dense)
+}
+
 /// The variant whose own (non-factor) tensor a saved key is, if any.
 fn variant_key(rel: &str) -> Option<&'static str> {
     if rel.ends_with(".lora_diag") {
@@ -314,5 +363,27 @@ mod tests {
             Some("MonteCLoRA")
         );
         assert_eq!(variant_key("q.lora_A.weight"), None);
+    }
+
+    #[test]
+    fn block_diagonal_factors_expand_like_torch_block_diag() {
+        // [[1 2] [3 4] [5 6] [7 8]] in 2 blocks -> [[1 2 0 0] [3 4 0 0] [0 0 5 6] [0 0 7 8]]
+        let v: Vec<f32> = (1..=8).map(|x| x as f32).collect();
+        let t = TensorEntry::in_memory(
+            Path::new("a"),
+            "w",
+            crate::Dtype::F32,
+            vec![4, 2],
+            bytemuck::cast_slice(&v),
+        )
+        .unwrap();
+        let d = block_diagonal(&t, 2).unwrap();
+        assert_eq!(d.shape, [4, 4]);
+        let got: Vec<f32> = bytemuck::pod_collect_to_vec(&d.bytes());
+        let want = [
+            1., 2., 0., 0., 3., 4., 0., 0., 0., 0., 5., 6., 0., 0., 7., 8.,
+        ];
+        assert_eq!(got, want);
+        assert!(block_diagonal(&t, 3).is_err());
     }
 }

@@ -744,16 +744,22 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
             }
             return Ok(());
         }
-        [one] if !one.training_only.is_empty() || !one.config.target_parameters.is_empty() => {
+        [one]
+            if !one.training_only.is_empty()
+                || !one.config.target_parameters.is_empty()
+                || one.config.bdlora.is_some() =>
+        {
             return Err(Error::Plan(format!(
                 "adapter {} (component {}): --keep-lora does not write {} yet (their PeftModel.state_dict() \
                  names are not checked against PEFT); merge it instead",
                 one.dir.display(),
                 c.label(),
-                if one.training_only.is_empty() {
-                    "adapters of nn.Parameters (target_parameters)"
-                } else {
+                if !one.training_only.is_empty() {
                     "the training-only state of VeLoRA / MonteCLoRA adapters"
+                } else if one.config.bdlora.is_some() {
+                    "BD-LoRA's compact block-diagonal factors"
+                } else {
+                    "adapters of nn.Parameters (target_parameters)"
                 }
             )));
         }

@@ -62,6 +62,36 @@ impl MappedFile {
         }))
     }
 
+    /// Bytes made in memory (a factor expanded from a compact form, say) behind the same
+    /// interface as a file: an anonymous in-memory file (memfd), mapped read-only. `path`
+    /// names where the bytes came from, for messages; reads never open it.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Arc<MappedFile>> {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        // SAFETY: the name is a NUL-terminated literal; the returned descriptor is checked.
+        let fd = unsafe { libc::memfd_create(c"lorastream".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(Error::io(path, std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.write_all(bytes).map_err(|e| Error::io(path, e))?;
+        let map = if bytes.is_empty() {
+            None
+        } else {
+            // SAFETY: the memfd is private to this process and never written again.
+            Some(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?)
+        };
+        Ok(Arc::new(MappedFile {
+            path: path.to_path_buf(),
+            file,
+            map,
+            // Decided up front: no direct reads (they would open `path`, another file).
+            direct: OnceLock::from(None),
+            mode: AtomicReadMode::default(),
+        }))
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -208,6 +238,34 @@ pub struct TensorEntry {
 }
 
 impl TensorEntry {
+    /// A tensor whose bytes were made in memory (see [`MappedFile::from_bytes`]), named
+    /// `name` and reported as coming from `path`.
+    pub fn in_memory(
+        path: &Path,
+        name: &str,
+        dtype: Dtype,
+        shape: Vec<usize>,
+        bytes: &[u8],
+    ) -> Result<TensorEntry> {
+        if checked_nbytes(&shape, dtype) != Some(bytes.len()) {
+            return Err(Error::tensor(
+                path,
+                name,
+                "internal: bytes made in memory do not fit the shape",
+            ));
+        }
+        Ok(TensorEntry {
+            name: name.to_string(),
+            dtype,
+            shape,
+            file: MappedFile::from_bytes(path, bytes)?,
+            data: TensorData::Contiguous {
+                start: 0,
+                len: bytes.len(),
+            },
+        })
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -359,6 +417,28 @@ pub(crate) fn checked_nbytes(shape: &[usize], dtype: Dtype) -> Option<usize> {
 #[cfg(test)]
 mod read_tests {
     use super::*;
+
+    /// Bytes made in memory read back in every read mode, and never from `path`.
+    #[test]
+    fn in_memory_tensors_read_in_every_mode() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let t = TensorEntry::in_memory(
+            Path::new("/no/such/file"),
+            "t",
+            Dtype::U8,
+            vec![100, 100],
+            &data,
+        )
+        .unwrap();
+        assert_eq!(&t.bytes()[..], &data[..]);
+        for mode in [ReadMode::Auto, ReadMode::Direct, ReadMode::Buffered] {
+            t.file.set_read_mode(mode);
+            let mut buf = AlignedBuf::default();
+            let r = t.read_into(10, 5000, &mut buf).unwrap().unwrap();
+            assert_eq!(&buf.as_slice()[r], &data[10..5010], "{mode:?}");
+        }
+        assert!(TensorEntry::in_memory(Path::new("x"), "t", Dtype::F32, vec![3], &[0; 8]).is_err());
+    }
 
     /// A file truncated after it was opened gives an error naming the problem, not a
     /// SIGBUS (which touching the map would), in every read mode.
