@@ -379,7 +379,11 @@ mod tests {
         .unwrap();
         let d = block_diagonal(&t, 2).unwrap();
         assert_eq!(d.shape, [4, 4]);
-        let got: Vec<f32> = bytemuck::pod_collect_to_vec(&d.bytes());
+        let got: Vec<f32> = d
+            .bytes()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         let want = [
             1., 2., 0., 0., 3., 4., 0., 0., 0., 0., 5., 6., 0., 0., 7., 8.,
         ];
