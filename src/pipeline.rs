@@ -69,8 +69,17 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
     )?;
     let out = sink::create(output, &plan, &opts.sink)?;
     let bar = progress_bar(opts.progress, plan.iter().map(|t| t.nbytes()).sum());
+    let dtypes: Vec<Dtype> = plan.iter().map(|o| o.dtype).collect();
+    let ties = crate::plan::merge::tied_copies(&sources, &dtypes);
     write_pipelined(out, |out| {
+        // Tied weights (one storage in the input) stay one storage where the format can.
+        let shares = out.shares_storage();
         for (i, (t, o)) in sources.iter().zip(&plan).enumerate() {
+            if let (Some(to), true) = (ties[i], shares) {
+                out.tie(o, to)?;
+                bar.inc(o.nbytes());
+                continue;
+            }
             if let Some(next) = sources.get(i + 1) {
                 next.prefetch(COPY_CHUNK);
             }

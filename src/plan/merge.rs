@@ -217,6 +217,28 @@ fn spread_over_ties(base: &Checkpoint, steps: &mut HashMap<String, Vec<Step>>) -
     Ok(())
 }
 
+/// For a plain copy of `sources` into `dtypes`: per tensor, the earlier one it is the very
+/// same stored tensor as (tied weights), so a sink that shares storage writes it once.
+pub fn tied_copies(sources: &[&TensorEntry], dtypes: &[Dtype]) -> Vec<Option<usize>> {
+    let mut first: HashMap<String, usize> = HashMap::new();
+    sources
+        .iter()
+        .zip(dtypes)
+        .enumerate()
+        .map(|(i, (t, d))| {
+            footprint(t)?;
+            let key = format!("{}|{d}", view_key(t));
+            match first.get(&key) {
+                Some(&to) => Some(to),
+                None => {
+                    first.insert(key, i);
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
 /// Marks jobs that produce the same bytes as an earlier job from the same stored tensor
 /// (tied weights), so sinks that can share storage write them once.
 fn mark_ties(jobs: &mut [Job]) {
