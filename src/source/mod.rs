@@ -43,6 +43,15 @@ pub struct MappedFile {
 impl MappedFile {
     pub fn open(path: &Path) -> Result<Arc<MappedFile>> {
         let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        MappedFile::map(path, file, OnceLock::new())
+    }
+
+    /// Maps `file` (named `path` in messages) read-only.
+    fn map(
+        path: &Path,
+        file: std::fs::File,
+        direct: OnceLock<Option<std::fs::File>>,
+    ) -> Result<Arc<MappedFile>> {
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         // An empty file cannot be mapped; treat it as zero bytes.
         let map = if len == 0 {
@@ -57,7 +66,7 @@ impl MappedFile {
             path: path.to_path_buf(),
             file,
             map,
-            direct: OnceLock::new(),
+            direct,
             mode: AtomicReadMode::default(),
         }))
     }
@@ -76,20 +85,8 @@ impl MappedFile {
         // SAFETY: `fd` is a new descriptor that nothing else owns.
         let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
         file.write_all(bytes).map_err(|e| Error::io(path, e))?;
-        let map = if bytes.is_empty() {
-            None
-        } else {
-            // SAFETY: the memfd is private to this process and never written again.
-            Some(unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?)
-        };
-        Ok(Arc::new(MappedFile {
-            path: path.to_path_buf(),
-            file,
-            map,
-            // Decided up front: no direct reads (they would open `path`, another file).
-            direct: OnceLock::from(None),
-            mode: AtomicReadMode::default(),
-        }))
+        // Decided up front: no direct reads (they would open `path`, another file).
+        MappedFile::map(path, file, OnceLock::from(None))
     }
 
     pub fn path(&self) -> &Path {
