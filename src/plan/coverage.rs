@@ -5,7 +5,7 @@
 //! an error naming it, so nothing an adapter carries is dropped silently. The counts
 //! (present / used, per adapter) go into the merge report.
 
-use super::merge::{Component, MergeSettings};
+use super::component::{Component, MergeSettings};
 use super::merge_types::{Job, JobSource, Step};
 use super::rename;
 use crate::adapter::{Adapter, SAVED_PREFIX};

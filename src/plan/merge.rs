@@ -4,10 +4,11 @@
 //! tensor (with a hint about the likely prefix), shape mismatches, lora_bias without a base
 //! bias, grouped convolutions, key collisions, `--expect-keys-from`.
 
-use super::layout::{LayoutEvidence, LayoutFlags};
+pub use super::component::{Component, MergeSettings};
+use super::layout::LayoutEvidence;
 use super::merge_types::{DeltaLayout, Job, JobSource, LoraStep, Step};
+use super::rename;
 use super::transformers_models::TIED_WEIGHTS;
-use super::{DtypeChoice, RenameRule, rename};
 use crate::adapter::{Adapter, LoraModule, SAVED_PREFIX};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -15,40 +16,6 @@ use crate::sink::OutTensor;
 use crate::source::{Checkpoint, ModelConfig, TensorData, TensorEntry};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-
-/// One component: its name (the output key prefix), base weights and adapters (in order).
-pub struct Component {
-    pub name: Option<String>,
-    pub base: Option<Checkpoint>,
-    pub adapters: Vec<Adapter>,
-    /// The base's `config.json` (architecture, tying), when it has one.
-    pub model_config: Option<ModelConfig>,
-}
-
-impl Component {
-    pub fn label(&self) -> String {
-        self.name.clone().unwrap_or_else(|| "(unnamed)".into())
-    }
-    fn key(&self, k: &str) -> String {
-        match &self.name {
-            Some(n) => format!("{n}.{k}"),
-            None => k.to_string(),
-        }
-    }
-}
-
-/// How the output is laid out.
-#[derive(Clone, Debug, Default)]
-pub struct MergeSettings {
-    /// Keep the adapters unmerged, in `PeftModel.state_dict()` form.
-    pub keep_lora: bool,
-    pub dtype: DtypeChoice,
-    pub renames: Vec<RenameRule>,
-    /// `--exclude`: final keys to leave out.
-    pub exclude: Vec<regex::Regex>,
-    /// `--fan-in-fan-out` / `--no-fan-in-fan-out`: layouts of square 2-D weights.
-    pub layout: LayoutFlags,
-}
 
 /// Plans the whole output.
 pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<Vec<Job>> {
