@@ -51,7 +51,18 @@ pub struct MergeSettings {
 
 /// Plans the whole output.
 pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<Vec<Job>> {
+    plan_with_notes(components, settings, &mut Vec::new())
+}
+
+/// [`plan`], adding to `notes` what is worth telling (rename and exclude rules that
+/// matched nothing).
+pub fn plan_with_notes(
+    components: &[Component],
+    settings: &MergeSettings,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Job>> {
     let mut jobs = Vec::new();
+    let mut keys = Vec::new();
     for (ci, c) in components.iter().enumerate() {
         let before = jobs.len();
         if settings.keep_lora {
@@ -60,9 +71,11 @@ pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<Vec<Jo
             plan_merged(ci, c, settings, &mut jobs)?;
         }
         for j in &mut jobs[before..] {
+            keys.push(c.key(&j.out.name));
             j.out.name = rename::apply(&settings.renames, &c.key(&j.out.name));
         }
     }
+    notes.extend(rename::unused(&settings.renames, &settings.exclude, &keys));
     jobs.retain(|j| !rename::excluded(&settings.exclude, &j.out.name));
     let sources: Vec<String> = jobs.iter().map(describe_source).collect();
     rename::check_unique(
@@ -630,7 +643,7 @@ fn lora_step(
 
 fn plan_merged(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Job>) -> Result<()> {
     let Some(base) = &c.base else {
-        return Err(Error::Plan(format!(
+        return Err(Error::Usage(format!(
             "component {} has adapters but no --base: merging needs the base weights (or pass --keep-lora to \
              write the adapters unmerged)",
             c.label()
@@ -687,7 +700,7 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
         }
         [one] => one,
         _ => {
-            return Err(Error::Plan(format!(
+            return Err(Error::Usage(format!(
                 "component {}: --keep-lora takes one adapter per component (PEFT names it 'default'); \
                  merge the others first or give them separate components",
                 c.label()
