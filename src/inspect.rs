@@ -129,7 +129,10 @@ pub fn adapter_summary(config: &serde_json::Value, parameters: u64) -> serde_jso
         targets.extend(p.iter().cloned());
     }
     out.insert("type".into(), json!(kind));
-    out.insert("alpha".into(), json!(alpha));
+    out.insert(
+        "alpha".into(),
+        config.get("lora_alpha").cloned().unwrap_or(Value::Null),
+    );
     out.insert("scale".into(), json!(scale));
     out.insert("targets".into(), Value::Array(targets));
     out.insert("parameters".into(), json!(parameters));

@@ -548,7 +548,7 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<Done, Failed> {
             }
             if r.dry_run {
                 say(&format!(
-                    "dry run: would write {} ({} tensors, {} merged, {}) on {}",
+                    "dry run: would write {} ({} tensors, {} merged, {}), device {}",
                     r.output,
                     r.tensors,
                     r.merged,
@@ -556,14 +556,18 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<Done, Failed> {
                     r.device
                 ));
             } else {
+                // "none": nothing was computed (a copy-only run), so no device to name.
+                let on = match r.device.as_str() {
+                    "none" => String::new(),
+                    d => format!(" on {d}"),
+                };
                 say(&format!(
-                    "wrote {} ({} tensors, {} merged, {}) in {:.2}s on {}, peak RSS {} MB",
+                    "wrote {} ({} tensors, {} merged, {}) in {:.2}s{on}, peak RSS {} MB",
                     r.output,
                     r.tensors,
                     r.merged,
                     size(r.bytes),
                     r.seconds,
-                    r.device,
                     r.peak_rss_bytes / 1_000_000
                 ));
             }

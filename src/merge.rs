@@ -307,10 +307,9 @@ pub fn merge_into(
     let device = match (&backend, opts.device) {
         (Some(b), _) => b.describe(),
         (None, Device::Cpu) => "cpu".to_string(),
-        (None, _) if jobs.iter().any(Job::is_merged) => {
-            "auto (not probed: nothing computed)".into()
-        }
-        (None, _) => "none (no deltas to compute)".into(),
+        // A dry run probes no GPU; a copy-only run computes nothing.
+        (None, _) if jobs.iter().any(Job::is_merged) => "auto".into(),
+        (None, _) => "none".into(),
     };
     if let Some(Target { sink, produce }) = target {
         if produce.len() != jobs.len() {
