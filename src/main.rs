@@ -799,6 +799,38 @@ mod tests {
     }
 
     #[test]
+    fn every_positional_argument_is_described() {
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            for a in sub.get_positionals() {
+                assert!(
+                    a.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "{} <{}> has no description",
+                    sub.get_name(),
+                    a.get_id()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn json_objects_have_the_documented_shape() {
+        let e = Error::tensor("f.pth", "w", "bad");
+        let v: serde_json::Value =
+            serde_json::from_str(&fail_json(e.kind(), &e.to_string(), Some(&e), 1)).unwrap();
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"]["kind"], "input");
+        assert_eq!(v["error"]["file"], "f.pth");
+        assert_eq!(v["error"]["tensor"], "w");
+        assert_eq!(v["exit_code"], 1);
+        let ok: serde_json::Value =
+            serde_json::from_str(&ok_json(&serde_json::json!({"tensors": 3}), 0)).unwrap();
+        let keys: Vec<&String> = ok.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["ok", "tensors", "exit_code"]);
+    }
+
+    #[test]
     fn cli_definition_is_valid() {
         Cli::command().debug_assert();
     }

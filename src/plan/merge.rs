@@ -576,6 +576,9 @@ fn lora_step(
                 "LoRA A {a:?} / B {b:?} does not fit (shape mismatch)"
             )));
         }
+        if let Some(msg) = fit.evidence.flags_conflict(&m.name) {
+            return Err(Error::Usage(msg));
+        }
         let decided = if fit.parameter {
             Ok(DeltaLayout::Normal)
         } else {
