@@ -309,9 +309,9 @@ mod tests {
             [
                 "embed",
                 "layers.1.w",
-                "layers.02.x",
                 "layers.2.b",
                 "layers.2.w",
+                "layers.02.x",
                 "layers.10.w"
             ]
         );
