@@ -634,3 +634,24 @@ fn errors_and_notes_say_what_to_do() {
         std::fs::read(&by_folder).unwrap()
     );
 }
+
+#[test]
+fn the_readme_lists_every_error_kind_and_the_help_names_them() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let table: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("| kind |"))
+        .skip(2)
+        .take_while(|l| l.starts_with("| `"))
+        .filter_map(|l| l.split('`').nth(1))
+        .collect();
+    let kinds: Vec<&str> = lorastream::error::KINDS.iter().map(|(k, _)| *k).collect();
+    assert_eq!(table, kinds);
+    let o = Command::new(bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        help.contains(&format!("error kinds: {}.", kinds.join(", "))),
+        "{help}"
+    );
+}
