@@ -114,10 +114,12 @@ enum Command {
         /// Output: .pth/.pt/.bin, .safetensors, or a folder ending in '/' (sharded).
         #[arg(short = 'o', long)]
         out: PathBuf,
-        /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder).
+        /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder). An
+    /// argument that is an existing path as a whole is that path.
         #[arg(long = "base", value_name = "[NAME=]PATH")]
         bases: Vec<String>,
-        /// A PEFT adapter folder for a component: [NAME=]DIR. Repeat to merge several in order.
+        /// A PEFT adapter folder (or a file in it) for a component: [NAME=]DIR. Repeat to merge
+    /// several in order. An argument that is an existing path as a whole is that path.
         #[arg(long = "lora", value_name = "[NAME=]DIR")]
         loras: Vec<String>,
         /// Write the adapters unmerged, keyed as PeftModel.state_dict() (one adapter per component).
@@ -270,10 +272,12 @@ impl LayoutArgs {
 /// The merge's options as `verify` takes them (those of `merge` that shape the output).
 #[derive(clap::Args)]
 struct VerifyMergeArgs {
-    /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder).
+    /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder). An
+    /// argument that is an existing path as a whole is that path.
     #[arg(long = "base", value_name = "[NAME=]PATH")]
     bases: Vec<String>,
-    /// A PEFT adapter folder for a component: [NAME=]DIR. Repeat to merge several in order.
+    /// A PEFT adapter folder (or a file in it) for a component: [NAME=]DIR. Repeat to merge
+    /// several in order. An argument that is an existing path as a whole is that path.
     #[arg(long = "lora", value_name = "[NAME=]DIR")]
     loras: Vec<String>,
     /// The output was written with --keep-lora.
