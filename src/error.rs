@@ -156,6 +156,17 @@ impl Error {
         }
     }
 
+    /// The `--json` failure object for this error ending the command with `exit_code`.
+    pub fn to_json(&self, exit_code: u8) -> serde_json::Value {
+        failure_json(
+            self.kind(),
+            &self.to_string(),
+            self.file(),
+            self.tensor_name(),
+            exit_code,
+        )
+    }
+
     /// The tensor the error concerns, when it concerns one.
     pub fn tensor_name(&self) -> Option<&str> {
         match self {
@@ -163,6 +174,28 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// The `--json` failure object: `{"ok": false, "error": {"kind", "message", "file",
+/// "tensor"}, "exit_code"}` (`file` and `tensor` null when the failure concerns none). Also
+/// for failures that are no [`Error`] (clap's usage errors, a signal).
+pub fn failure_json(
+    kind: &str,
+    message: &str,
+    file: Option<&Path>,
+    tensor: Option<&str>,
+    exit_code: u8,
+) -> serde_json::Value {
+    serde_json::json!({
+        "ok": false,
+        "error": {
+            "kind": kind,
+            "message": message,
+            "file": file.map(|p| p.display().to_string()),
+            "tensor": tensor,
+        },
+        "exit_code": exit_code,
+    })
 }
 
 #[cfg(test)]

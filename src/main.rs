@@ -115,11 +115,11 @@ enum Command {
         #[arg(short = 'o', long)]
         out: PathBuf,
         /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder). An
-    /// argument that is an existing path as a whole is that path.
+        /// argument that is an existing path as a whole is that path.
         #[arg(long = "base", value_name = "[NAME=]PATH")]
         bases: Vec<String>,
         /// A PEFT adapter folder (or a file in it) for a component: [NAME=]DIR. Repeat to merge
-    /// several in order. An argument that is an existing path as a whole is that path.
+        /// several in order. An argument that is an existing path as a whole is that path.
         #[arg(long = "lora", value_name = "[NAME=]DIR")]
         loras: Vec<String>,
         /// Write the adapters unmerged, keyed as PeftModel.state_dict() (one adapter per component).
@@ -410,18 +410,6 @@ fn ok_json(report: &impl Serialize, code: u8) -> String {
     format!("{}\n", serde_json::Value::Object(out))
 }
 
-/// The failure object of `--json`.
-fn fail_json(kind: &str, message: &str, e: Option<&Error>, code: u8) -> String {
-    let file = e.and_then(Error::file).map(|p| p.display().to_string());
-    let tensor = e.and_then(Error::tensor_name);
-    let v = serde_json::json!({
-        "ok": false,
-        "error": {"kind": kind, "message": message, "file": file, "tensor": tensor},
-        "exit_code": code,
-    });
-    format!("{v}\n")
-}
-
 /// "12.3 GiB", as the progress bar counts.
 fn size(bytes: u64) -> String {
     indicatif::HumanBytes(bytes).to_string()
@@ -438,8 +426,35 @@ fn wants_json(c: &Command) -> bool {
     }
 }
 
+/// Whether the subcommand's argument `id` was given on the command line (not defaulted).
+fn given(matches: &clap::ArgMatches, id: &str) -> bool {
+    matches.subcommand().is_some_and(|(_, m)| {
+        m.try_get_raw(id).is_ok_and(|v| v.is_some())
+            && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    })
+}
+
+/// `--shard-size` only shapes a sharded (folder) output: given for a single file, the
+/// command line contradicts itself.
+fn check_shard_size(out: &std::path::Path, shard_size_given: bool) -> Result<(), Error> {
+    use lorastream::sink::OutputFormat;
+    match OutputFormat::from_path(out) {
+        Ok(OutputFormat::ShardedSafetensors) | Err(_) => Ok(()),
+        Ok(_) if shard_size_given => Err(Error::Usage(format!(
+            "--shard-size applies to sharded folder outputs only, and {} is one file; drop \
+             --shard-size, or name a folder ending in '/'",
+            out.display()
+        ))),
+        Ok(_) => Ok(()),
+    }
+}
+
 /// Runs the command.
-fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<Done, Failed> {
+fn run(
+    cli: Cli,
+    component_order: Vec<Option<String>>,
+    shard_size_given: bool,
+) -> Result<Done, Failed> {
     let done = |stdout: String| Ok(Done { stdout, code: 0 });
     match cli.command {
         Command::Inspect { path, json } => {
@@ -466,6 +481,7 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<Done, Failed> {
                     .into());
                 }
             };
+            check_shard_size(&output, shard_size_given)?;
             let opts = ConvertOptions {
                 dtype: out.dtype,
                 renames: out.renames,
@@ -508,6 +524,7 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<Done, Failed> {
             output,
         } => {
             let (json, quiet) = (output.json, output.quiet);
+            check_shard_size(&out, shard_size_given)?;
             let opts = MergeOptions {
                 bases: bases.iter().map(|s| split_named(s)).collect(),
                 loras: loras.iter().map(|s| split_named(s)).collect(),
@@ -704,7 +721,8 @@ fn clap_failure(e: clap::Error) -> ExitCode {
             .unwrap_or("")
             .trim_start_matches("error: ")
             .trim();
-        return ExitCode::from(print_stdout(&fail_json("usage", message, None, code), code));
+        let v = lorastream::error::failure_json("usage", message, None, None, code);
+        return ExitCode::from(print_stdout(&format!("{v}\n"), code));
     }
     ExitCode::from(code)
 }
@@ -720,12 +738,16 @@ fn main() -> ExitCode {
         Err(e) => return clap_failure(e),
     };
     let json = wants_json(&cli.command);
-    match run(cli, component_order(&matches)) {
+    match run(
+        cli,
+        component_order(&matches),
+        given(&matches, "shard_size"),
+    ) {
         Ok(Done { stdout, code }) => ExitCode::from(print_stdout(&stdout, code)),
         Err(Failed { error, code }) => {
             say(&format!("error: {error}"));
             if json {
-                let text = fail_json(error.kind(), &error.to_string(), Some(&error), code);
+                let text = format!("{}\n", error.to_json(code));
                 return ExitCode::from(print_stdout(&text, code));
             }
             ExitCode::from(code)
@@ -821,8 +843,7 @@ mod tests {
     #[test]
     fn json_objects_have_the_documented_shape() {
         let e = Error::tensor("f.pth", "w", "bad");
-        let v: serde_json::Value =
-            serde_json::from_str(&fail_json(e.kind(), &e.to_string(), Some(&e), 1)).unwrap();
+        let v = e.to_json(1);
         assert_eq!(v["ok"], false);
         assert_eq!(v["error"]["kind"], "input");
         assert_eq!(v["error"]["file"], "f.pth");

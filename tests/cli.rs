@@ -147,6 +147,21 @@ fn every_json_failure_is_one_object_with_a_kind_and_the_exit_code() {
     let e = failure(&o, "usage", 2);
     assert!(e["message"].as_str().unwrap().contains("both match"), "{e}");
     assert!(!out.exists());
+    // --shard-size shapes folder outputs only.
+    let o = run(&[
+        &"convert",
+        &base(),
+        &out,
+        &"--shard-size",
+        &"1GB",
+        &"--json",
+    ]);
+    let e = failure(&o, "usage", 2);
+    assert!(
+        e["message"].as_str().unwrap().contains("--shard-size"),
+        "{e}"
+    );
+    assert!(!out.exists());
     // verify and diff: anything that stops the check is 2.
     let o = run(&[&"verify", &gone, &"--base", &base(), &"--json"]);
     failure(&o, "not_found", 2);
