@@ -128,7 +128,13 @@ fn split_syntax(spec: &str) -> (Option<String>, PathBuf) {
 /// differently from how it was written (a path that looks like NAME=PATH, a file inside an
 /// adapter folder).
 fn open_components(opts: &MergeOptions, notes: &mut Vec<String>) -> Result<Vec<Component>> {
-    for (_, p) in opts.bases.iter().chain(&opts.loras) {
+    // Only unnamed specs: in `llm=a=b` the user named the component already.
+    for (_, p) in opts
+        .bases
+        .iter()
+        .chain(&opts.loras)
+        .filter(|(n, _)| n.is_none())
+    {
         let spec = p.to_string_lossy();
         if let (Some(name), rest) = split_syntax(&spec)
             && p.exists()
