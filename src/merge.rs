@@ -340,6 +340,11 @@ pub fn merge_into(
                 if let (Some(to), true, None) = (j.tied_to, shares, rows) {
                     sink.tie(&j.out, to)?;
                     bar.inc(j.out.nbytes());
+                    if let Some(trace) = opts.trace {
+                        let first = jobs.get(to).map_or("?", |t| t.out.name.as_str());
+                        let line = format!("tie {} to {first} (one storage)", j.out.name);
+                        bar.suspend(|| trace(&line));
+                    }
                     continue;
                 }
                 // Read ahead only for what comes next in full.
