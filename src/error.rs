@@ -176,6 +176,19 @@ impl Error {
     }
 }
 
+/// Whether the running command was asked for `--json` (set by the CLI once its arguments
+/// are parsed), so code that ends the process on its own (the signal handler) can still
+/// print the one failure object scripts expect.
+static JSON_OUTPUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_json_output(on: bool) {
+    JSON_OUTPUT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn json_output() -> bool {
+    JSON_OUTPUT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The `--json` failure object: `{"ok": false, "error": {"kind", "message", "file",
 /// "tensor"}, "exit_code"}` (`file` and `tensor` null when the failure concerns none). Also
 /// for failures that are no [`Error`] (clap's usage errors, a signal).

@@ -738,6 +738,7 @@ fn main() -> ExitCode {
         Err(e) => return clap_failure(e),
     };
     let json = wants_json(&cli.command);
+    lorastream::error::set_json_output(json);
     match run(
         cli,
         component_order(&matches),
