@@ -1,6 +1,11 @@
 //! The `lorastream` command: parses arguments, calls the library, prints the result or
-//! the one error. Exit codes: 0 success, 1 runtime error, 2 usage error; `verify` and
-//! `diff` answer 0 same, 1 different, 2 cannot compare (as diff(1) does).
+//! the one error. Exit codes: 0 success, 1 runtime error, 2 usage error (clap's and the
+//! library's `Error::Usage`), 128+N when a signal ends the run; `verify` and `diff` answer
+//! 0 same, 1 different, 2 cannot compare (as diff(1) does). With `--json` every outcome,
+//! failures and usage errors included, is exactly one JSON object on stdout (`"ok"`,
+//! the report or `"error"`, `"exit_code"`), so scripts read one shape. Every print goes
+//! through a locked handle with its error handled: a reader that closes stdout early
+//! (`| head`) ends the command quietly instead of a panic.
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lorastream::compare::Tolerance;
@@ -14,6 +19,8 @@ use lorastream::sink::SinkOptions;
 use lorastream::verify::{self, VerifyOptions};
 use lorastream::{Error, diff, inspect};
 use regex::Regex;
+use serde::Serialize;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -23,8 +30,13 @@ use std::process::ExitCode;
     version,
     about = "Merge LoRA adapters into model weights and convert checkpoints by streaming \
              tensors through memory maps, without building the model.",
-    after_help = "Exit codes: 0 success, 1 runtime error (bad input, I/O), 2 usage error. \
-                  verify and diff: 0 same, 1 different, 2 cannot compare."
+    after_help = "Exit codes: 0 success, 1 runtime error (bad input, I/O), 2 usage error \
+                  (contradictory or impossible arguments), 128+N ended by signal N (130: Ctrl-C). \
+                  verify and diff: 0 same, 1 different, 2 cannot compare.\n\n\
+                  With --json, every outcome is one JSON object on stdout: {\"ok\": true, …report, \
+                  \"exit_code\"} or {\"ok\": false, \"error\": {\"kind\", \"message\", \"file\", \
+                  \"tensor\"}, \"exit_code\"}; error kinds: usage, not_found, io, input, plan, device, \
+                  internal, interrupted."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,10 +47,12 @@ struct Cli {
 enum Command {
     /// List every tensor of a checkpoint: name, dtype, shape, bytes, file.
     ///
-    /// PATH may be a .safetensors file, a PyTorch .pth/.pt/.bin, a sharded *.index.json,
-    /// an HF model folder (safetensors preferred) or a PEFT adapter folder (its config is
-    /// shown too).
+    /// Tensors are listed in natural order (layers.2 before layers.10). For a PEFT adapter
+    /// folder the adapter is described too: type (LoRA/DoRA), r, alpha, scale, targets,
+    /// parameter count, and the config fields that matter for a merge.
     Inspect {
+        /// The checkpoint to list: a .safetensors file, a PyTorch .pth/.pt/.bin, a sharded
+        /// *.index.json, an HF model folder (safetensors preferred) or a PEFT adapter folder.
         path: PathBuf,
         /// Print one JSON object instead of a table.
         #[arg(long)]
@@ -50,11 +64,34 @@ enum Command {
     /// with mmap=True), .safetensors → one safetensors file, a folder (existing and empty,
     /// or a path ending in '/') → HF sharded safetensors with model.safetensors.index.json.
     /// Nested dicts in .pth inputs are flattened with '.'; non-tensor entries are skipped.
+    /// Every tensor is copied byte for byte unless --dtype casts it.
+    #[command(
+        mut_arg("dtype", |a| a.help(
+            "Cast floating tensors (F64/F32/F16/BF16) with round-to-nearest-even; keep = each \
+             tensor's stored dtype. Integers, bools and float8 pass through")),
+        mut_arg("renames", |a| a.help(
+            "Rename keys: every match of REGEX is replaced, groups as $1; rules apply in order. \
+             A rule that matches no key is reported in a note")),
+        mut_arg("exclude", |a| a.help(
+            "Leave out tensors whose key (after renames) matches REGEX, e.g. '^optimizer\\.'. \
+             Repeatable; a pattern that matches no key is reported in a note")),
+        mut_arg("verbose", |a| a.help(
+            "Also print one line per tensor as it is written: key, dtype, shape, size, time taken")),
+        after_help = "Examples:\n  lorastream convert model.pth model.safetensors\n  \
+        lorastream convert ckpt/ -o out/ --dtype bf16 --shard-size 2GB"
+    )]
     Convert {
+        /// The checkpoint to read: a .safetensors file, a PyTorch .pth/.pt/.bin, a sharded
+        /// *.index.json or an HF model folder.
         input: PathBuf,
-        output: PathBuf,
+        /// Where to write (the format follows the name, see above); or give it with -o/--out.
+        #[arg(required_unless_present = "out_path", conflicts_with = "out_path")]
+        output: Option<PathBuf>,
+        /// Where to write, as the positional OUTPUT (give one of the two).
+        #[arg(short = 'o', long = "out", value_name = "OUT")]
+        out_path: Option<PathBuf>,
         #[command(flatten)]
-        out: OutputArgs,
+        opts: OutputArgs,
     },
     /// Merge PEFT LoRA adapters into base weights (or keep them unmerged) and write one checkpoint.
     ///
@@ -75,12 +112,14 @@ enum Command {
     )]
     Merge {
         /// Output: .pth/.pt/.bin, .safetensors, or a folder ending in '/' (sharded).
-        #[arg(long)]
+        #[arg(short = 'o', long)]
         out: PathBuf,
-        /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder).
+        /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder). An
+        /// argument that is an existing path as a whole is that path.
         #[arg(long = "base", value_name = "[NAME=]PATH")]
         bases: Vec<String>,
-        /// A PEFT adapter folder for a component: [NAME=]DIR. Repeat to merge several in order.
+        /// A PEFT adapter folder (or a file in it) for a component: [NAME=]DIR. Repeat to merge
+        /// several in order. An argument that is an existing path as a whole is that path.
         #[arg(long = "lora", value_name = "[NAME=]DIR")]
         loras: Vec<String>,
         /// Write the adapters unmerged, keyed as PeftModel.state_dict() (one adapter per component).
@@ -107,8 +146,9 @@ enum Command {
         #[arg(long, default_value = "auto", value_parser = parse_device)]
         device: Device,
         /// Run every check a real run runs before writing (plan, adapter coverage, dtypes,
-        /// --expect-keys-from, output folder writable, free space), write nothing. With
-        /// --json the report lists every planned tensor and what is applied to it.
+        /// --expect-keys-from, output folder writable, free space), write nothing, probe no
+        /// GPU unless --device cuda asks for one. With -v every planned tensor is listed;
+        /// with --json the report lists them and what is applied to each.
         #[arg(long)]
         dry_run: bool,
         #[command(flatten)]
@@ -166,7 +206,9 @@ enum Command {
         lorastream diff a.pth b.safetensors --json"
     )]
     Diff {
+        /// The first checkpoint (any readable format).
         a: PathBuf,
+        /// The second checkpoint (any readable format).
         b: PathBuf,
         /// Compare bits instead of values.
         #[arg(long)]
@@ -185,11 +227,12 @@ struct OutputArgs {
     #[arg(long, default_value = "keep", value_parser = parse_dtype, value_name = "keep|bf16|f16|f32")]
     dtype: DtypeChoice,
     /// Rename final keys (after component prefixes): every match of REGEX is replaced,
-    /// groups as $1; rules apply in order.
+    /// groups as $1; rules apply in order. A rule that matches no key is reported in a note.
     #[arg(long = "rename", value_name = "REGEX=REPLACEMENT", value_parser = parse_rename)]
     renames: Vec<RenameRule>,
     /// Leave out tensors whose final key (after prefixes and renames) matches REGEX, e.g.
-    /// '^visual_encoder\.text_model\.' for a full CLIP checkpoint. Repeatable.
+    /// '^visual_encoder\.text_model\.' for a full CLIP checkpoint. Repeatable; a pattern
+    /// that matches no key is reported in a note.
     #[arg(long = "exclude", value_name = "REGEX", value_parser = parse_exclude)]
     exclude: Vec<Regex>,
     /// Largest shard of a sharded output (e.g. 5GB, 500MB, 2GiB, or bytes).
@@ -201,9 +244,17 @@ struct OutputArgs {
     /// alone.
     #[arg(long)]
     buffered_io: bool,
-    /// Print one JSON report on stdout at the end (and no progress bar).
+    /// Print one JSON object on stdout at the end, the report or the failure (and no
+    /// progress bar).
     #[arg(long)]
     json: bool,
+    /// No progress bar, notes or summary: only errors (and, with --json, the JSON object).
+    #[arg(short, long, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Also print one line per tensor as it is written: key, merged or copied, dtype,
+    /// shape, size, time taken (with --dry-run: every planned tensor).
+    #[arg(short, long)]
+    verbose: bool,
 }
 
 /// How square 2-D weights are laid out, where the base's own description does not say:
@@ -233,10 +284,12 @@ impl LayoutArgs {
 /// The merge's options as `verify` takes them (those of `merge` that shape the output).
 #[derive(clap::Args)]
 struct VerifyMergeArgs {
-    /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder).
+    /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder). An
+    /// argument that is an existing path as a whole is that path.
     #[arg(long = "base", value_name = "[NAME=]PATH")]
     bases: Vec<String>,
-    /// A PEFT adapter folder for a component: [NAME=]DIR. Repeat to merge several in order.
+    /// A PEFT adapter folder (or a file in it) for a component: [NAME=]DIR. Repeat to merge
+    /// several in order. An argument that is an existing path as a whole is that path.
     #[arg(long = "lora", value_name = "[NAME=]DIR")]
     loras: Vec<String>,
     /// The output was written with --keep-lora.
@@ -325,21 +378,122 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(v as u64)
 }
 
-/// Runs the command; the exit code when it did not fail (verify and diff: 0 or 1).
-fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
+/// What a finished command leaves: the text for stdout (a report, or one JSON object)
+/// and the exit code.
+struct Done {
+    stdout: String,
+    code: u8,
+}
+
+/// A failed command: the error and the exit code it ends with (verify and diff: 2).
+struct Failed {
+    error: Error,
+    code: u8,
+}
+
+impl From<Error> for Failed {
+    fn from(error: Error) -> Failed {
+        let code = error.exit_code();
+        Failed { error, code }
+    }
+}
+
+/// One line on stderr. A closed stderr is no reason to fail (or panic) the command.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+fn note_line(note: &str) {
+    say(&format!("note: {note}"));
+}
+
+fn trace_line(line: &str) {
+    say(line);
+}
+
+/// The success object of `--json`: `"ok": true`, the report's fields, `"exit_code"`.
+fn ok_json(report: &impl Serialize, code: u8) -> String {
+    let mut out = serde_json::Map::new();
+    out.insert("ok".into(), true.into());
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(report) {
+        out.extend(fields);
+    }
+    out.insert("exit_code".into(), code.into());
+    format!("{}\n", serde_json::Value::Object(out))
+}
+
+/// "12.3 GiB", as the progress bar counts.
+fn size(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
+}
+
+/// Whether the command asks for `--json` output.
+fn wants_json(c: &Command) -> bool {
+    match c {
+        Command::Inspect { json, .. }
+        | Command::Verify { json, .. }
+        | Command::Diff { json, .. } => *json,
+        Command::Convert { opts, .. } => opts.json,
+        Command::Merge { output, .. } => output.json,
+    }
+}
+
+/// Whether the subcommand's argument `id` was given on the command line (not defaulted).
+fn given(matches: &clap::ArgMatches, id: &str) -> bool {
+    matches.subcommand().is_some_and(|(_, m)| {
+        m.try_get_raw(id).is_ok_and(|v| v.is_some())
+            && m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    })
+}
+
+/// `--shard-size` only shapes a sharded (folder) output: given for a single file, the
+/// command line contradicts itself.
+fn check_shard_size(out: &std::path::Path, shard_size_given: bool) -> Result<(), Error> {
+    use lorastream::sink::OutputFormat;
+    match OutputFormat::from_path(out) {
+        Ok(OutputFormat::ShardedSafetensors) | Err(_) => Ok(()),
+        Ok(_) if shard_size_given => Err(Error::Usage(format!(
+            "--shard-size applies to sharded folder outputs only, and {} is one file; drop \
+             --shard-size, or name a folder ending in '/'",
+            out.display()
+        ))),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Runs the command.
+fn run(
+    cli: Cli,
+    component_order: Vec<Option<String>>,
+    shard_size_given: bool,
+) -> Result<Done, Failed> {
+    let done = |stdout: String| Ok(Done { stdout, code: 0 });
     match cli.command {
         Command::Inspect { path, json } => {
             let report = inspect::inspect(&path)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).unwrap_or_default()
-                );
+                done(ok_json(&report, 0))
             } else {
-                print!("{}", report.to_text());
+                done(report.to_text())
             }
         }
-        Command::Convert { input, output, out } => {
+        Command::Convert {
+            input,
+            output,
+            out_path,
+            opts: out,
+        } => {
+            let output = match (output, out_path) {
+                (Some(o), None) | (None, Some(o)) => o,
+                // clap refuses both and neither; kept as a usage error for library callers.
+                _ => {
+                    return Err(Error::Usage(
+                        "convert takes one output: the positional OUTPUT or -o/--out".into(),
+                    )
+                    .into());
+                }
+            };
+            check_shard_size(&output, shard_size_given)?;
             let opts = ConvertOptions {
                 dtype: out.dtype,
                 renames: out.renames,
@@ -349,21 +503,25 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
                     direct_io: !out.buffered_io,
                 },
                 reads: read_mode(out.buffered_io),
-                progress: !out.json,
+                progress: !out.json && !out.quiet,
+                notify: (!out.quiet).then_some(note_line as fn(&str)),
+                trace: (out.verbose && !out.quiet).then_some(trace_line as fn(&str)),
             };
             let report = pipeline::convert(&input, &output, &opts)?;
             if out.json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
-            } else {
-                eprintln!(
-                    "wrote {} ({} tensors, {} bytes) in {:.2}s, peak RSS {} MB",
+                return done(ok_json(&report, 0));
+            }
+            if !out.quiet {
+                say(&format!(
+                    "wrote {} ({} tensors, {}) in {:.2}s, peak RSS {} MB",
                     report.output,
                     report.tensors,
-                    report.bytes,
+                    size(report.bytes),
                     report.seconds,
                     report.peak_rss_bytes / 1_000_000
-                );
+                ));
             }
+            done(String::new())
         }
         Command::Merge {
             out,
@@ -379,7 +537,8 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
             layout,
             output,
         } => {
-            let json = output.json;
+            let (json, quiet) = (output.json, output.quiet);
+            check_shard_size(&out, shard_size_given)?;
             let opts = MergeOptions {
                 bases: bases.iter().map(|s| split_named(s)).collect(),
                 loras: loras.iter().map(|s| split_named(s)).collect(),
@@ -402,54 +561,72 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
                 },
                 reads: read_mode(output.buffered_io),
                 dry_run,
-                progress: !json,
-                notify: Some(|note| eprintln!("note: {note}")),
+                progress: !json && !quiet,
+                notify: (!quiet).then_some(note_line as fn(&str)),
+                trace: (output.verbose && !quiet).then_some(trace_line as fn(&str)),
             };
             let r = lorastream::merge::merge(&out, &opts)?;
             if json {
-                println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            } else {
-                for c in &r.components {
-                    let (used, present) = c.adapters.iter().fold((0, 0), |(u, p), a| {
-                        (u + a.coverage.used, p + a.coverage.tensors)
-                    });
-                    let cover = if c.adapters.is_empty() {
-                        String::new()
-                    } else {
-                        format!(", adapter tensors used {used}/{present}")
-                    };
-                    eprintln!(
-                        "{:<16} {:>6} tensors, {:>6} merged, {:>14} bytes{cover}",
-                        c.name.as_deref().unwrap_or("(unnamed)"),
-                        c.tensors,
-                        c.merged,
-                        c.bytes
-                    );
-                    for a in c.adapters.iter().filter(|_| c.adapters.len() > 1) {
-                        eprintln!(
-                            "  {}: {}/{} tensors used",
-                            a.path, a.coverage.used, a.coverage.tensors
-                        );
-                    }
-                }
-                if r.dry_run {
-                    eprintln!(
-                        "dry run: would write {} ({} tensors, {} bytes) on {}",
-                        r.output, r.tensors, r.bytes, r.device
-                    );
+                return done(ok_json(&r, 0));
+            }
+            if quiet {
+                return done(String::new());
+            }
+            // One unnamed component is the whole output: the total line says it all.
+            let rows = r.components.len() > 1 || r.components.iter().any(|c| c.name.is_some());
+            // Adapter tensors used / present (every one must be used: see plan/coverage.rs).
+            let cover = |adapters: &[lorastream::merge::AdapterReport]| {
+                let (used, present) = adapters.iter().fold((0, 0), |(u, p), a| {
+                    (u + a.coverage.used, p + a.coverage.tensors)
+                });
+                if adapters.is_empty() {
+                    String::new()
                 } else {
-                    eprintln!(
-                        "wrote {} ({} tensors, {} merged, {} bytes) in {:.2}s on {}, peak RSS {} MB",
-                        r.output,
-                        r.tensors,
-                        r.merged,
-                        r.bytes,
-                        r.seconds,
-                        r.device,
-                        r.peak_rss_bytes / 1_000_000
-                    );
+                    format!(", adapter tensors used {used}/{present}")
+                }
+            };
+            for c in r.components.iter().filter(|_| rows) {
+                say(&format!(
+                    "{:<16} {:>6} tensors, {:>6} merged, {:>10}{}",
+                    c.name.as_deref().unwrap_or("(unnamed)"),
+                    c.tensors,
+                    c.merged,
+                    size(c.bytes),
+                    cover(&c.adapters)
+                ));
+            }
+            if !rows && let Some(c) = r.components.first() {
+                let line = cover(&c.adapters);
+                if !line.is_empty() {
+                    say(line.trim_start_matches(", "));
                 }
             }
+            if r.dry_run {
+                say(&format!(
+                    "dry run: would write {} ({} tensors, {} merged, {}), device {}",
+                    r.output,
+                    r.tensors,
+                    r.merged,
+                    size(r.bytes),
+                    r.device
+                ));
+            } else {
+                // "none": nothing was computed (a copy-only run), so no device to name.
+                let on = match r.device.as_str() {
+                    "none" => String::new(),
+                    d => format!(" on {d}"),
+                };
+                say(&format!(
+                    "wrote {} ({} tensors, {} merged, {}) in {:.2}s{on}, peak RSS {} MB",
+                    r.output,
+                    r.tensors,
+                    r.merged,
+                    size(r.bytes),
+                    r.seconds,
+                    r.peak_rss_bytes / 1_000_000
+                ));
+            }
+            done(String::new())
         }
         Command::Verify {
             out,
@@ -480,47 +657,36 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
                     device: merge.device,
                     reads: read_mode(merge.buffered_io),
                     progress: !json,
-                    notify: Some(|note| eprintln!("note: {note}")),
+                    notify: Some(note_line),
                     ..Default::default()
                 },
                 tolerance,
                 sample,
             };
             // Anything that stops the check is "cannot check" (2), not "differs" (1).
-            let r = match verify::verify(&out, &opts) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return Ok(2);
-                }
-            };
+            let r = verify::verify(&out, &opts).map_err(|error| Failed { error, code: 2 })?;
+            let code = u8::from(!r.matches);
             if json {
-                println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            } else {
-                for n in r.notes.iter().filter(|n| n.contains(" is not in OUT")) {
-                    eprintln!("note: {n}");
-                }
-                print!("{}", r.to_text());
+                return Ok(Done {
+                    stdout: ok_json(&r, code),
+                    code,
+                });
             }
-            return Ok(u8::from(!r.matches));
+            for n in r.notes.iter().filter(|n| n.contains(" is not in OUT")) {
+                note_line(n);
+            }
+            Ok(Done {
+                stdout: r.to_text(),
+                code,
+            })
         }
         Command::Diff { a, b, exact, json } => {
-            let r = match diff::diff(&a, &b, exact) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return Ok(2);
-                }
-            };
-            if json {
-                println!("{}", serde_json::to_string(&r).unwrap_or_default());
-            } else {
-                print!("{}", r.to_text());
-            }
-            return Ok(u8::from(!r.identical));
+            let r = diff::diff(&a, &b, exact).map_err(|error| Failed { error, code: 2 })?;
+            let code = u8::from(!r.identical);
+            let stdout = if json { ok_json(&r, code) } else { r.to_text() };
+            Ok(Done { stdout, code })
         }
     }
-    Ok(0)
 }
 
 /// Component names in the order the user first named them across --base and --lora
@@ -549,18 +715,77 @@ fn component_order(matches: &clap::ArgMatches) -> Vec<Option<String>> {
     order
 }
 
+/// Whether `--json` is on the command line (before a `--`), for errors found before the
+/// arguments are parsed into a command.
+fn json_on_command_line() -> bool {
+    std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json")
+}
+
+/// Writes `text` to stdout. Returns the exit code to end with: `code`, also when the
+/// reader closed the pipe (`| head`: a quiet end, as other Unix tools do); 1 when stdout
+/// cannot be written for another reason.
+fn print_stdout(text: &str, code: u8) -> u8 {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => code,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => code,
+        Err(e) => {
+            say(&format!("error: writing to stdout: {e}"));
+            1
+        }
+    }
+}
+
+/// A clap error (bad arguments, or --help/--version, which clap reports the same way).
+fn clap_failure(e: clap::Error) -> ExitCode {
+    let _ = e.print();
+    if !e.use_stderr() {
+        // --help or --version: printed on stdout, success.
+        return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+    }
+    let code = 2;
+    if json_on_command_line() {
+        let text = e.render().to_string();
+        let message = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("error: ")
+            .trim();
+        let v = lorastream::error::failure_json("usage", message, None, None, code);
+        return ExitCode::from(print_stdout(&format!("{v}\n"), code));
+    }
+    ExitCode::from(code)
+}
+
 fn main() -> ExitCode {
     lorastream::sink::install_interrupt_cleanup();
-    let matches = Cli::command().get_matches();
+    let matches = match Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => return clap_failure(e),
+    };
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
-        Err(e) => e.exit(),
+        Err(e) => return clap_failure(e),
     };
-    match run(cli, component_order(&matches)) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(if e.is_usage() { 2 } else { 1 })
+    let json = wants_json(&cli.command);
+    lorastream::error::set_json_output(json);
+    match run(
+        cli,
+        component_order(&matches),
+        given(&matches, "shard_size"),
+    ) {
+        Ok(Done { stdout, code }) => ExitCode::from(print_stdout(&stdout, code)),
+        Err(Failed { error, code }) => {
+            say(&format!("error: {error}"));
+            if json {
+                let text = format!("{}\n", error.to_json(code));
+                return ExitCode::from(print_stdout(&text, code));
+            }
+            ExitCode::from(code)
         }
     }
 }
@@ -632,6 +857,37 @@ mod tests {
             "1",
         ]);
         assert!(both.is_err());
+    }
+
+    #[test]
+    fn every_positional_argument_is_described() {
+        let cli = Cli::command();
+        for sub in cli.get_subcommands() {
+            for a in sub.get_positionals() {
+                assert!(
+                    a.get_help()
+                        .is_some_and(|h| !h.to_string().trim().is_empty()),
+                    "{} <{}> has no description",
+                    sub.get_name(),
+                    a.get_id()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn json_objects_have_the_documented_shape() {
+        let e = Error::tensor("f.pth", "w", "bad");
+        let v = e.to_json(1);
+        assert_eq!(v["ok"], false);
+        assert_eq!(v["error"]["kind"], "input");
+        assert_eq!(v["error"]["file"], "f.pth");
+        assert_eq!(v["error"]["tensor"], "w");
+        assert_eq!(v["exit_code"], 1);
+        let ok: serde_json::Value =
+            serde_json::from_str(&ok_json(&serde_json::json!({"tensors": 3}), 0)).unwrap();
+        let keys: Vec<&String> = ok.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["ok", "tensors", "exit_code"]);
     }
 
     #[test]

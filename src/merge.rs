@@ -10,7 +10,7 @@ use crate::direct_io::ReadMode;
 use crate::error::{Error, Result};
 use crate::pipeline::{copy_tensor, peak_rss_bytes, progress_bar, write_pipelined};
 use crate::plan::coverage::{self, AdapterCoverage};
-use crate::plan::merge::{Component, MergeSettings, plan};
+use crate::plan::merge::{Component, MergeSettings, plan_with_notes};
 use crate::plan::merge_types::{Job, JobSource};
 use crate::plan::report::{PlannedTensor, describe};
 use crate::sink::{self, OutTensor, SinkOptions, TensorSink};
@@ -75,6 +75,8 @@ pub struct MergeOptions {
     /// Told things worth one line to a person as they happen (the CLI prints them on
     /// stderr); they also land in the report's `notes`.
     pub notify: Option<fn(&str)>,
+    /// Told one line per tensor as it is written, with how long it took (`--verbose`).
+    pub trace: Option<fn(&str)>,
 }
 
 /// One adapter of a component: its folder and how many of its tensors the output uses
@@ -116,8 +118,18 @@ pub struct MergeReport {
 }
 
 /// Splits `NAME=PATH` (NAME: letters, digits, `_`, `-`, `.`, not starting with a digit);
-/// anything else is a plain path.
+/// anything else is a plain path. A spec that is itself an existing path (a folder
+/// literally named `a=b`) is that path: a file that is there wins over a reading that
+/// names a component (`merge` says so in a note; write `NAME=a=b` to name it).
 pub fn split_named(spec: &str) -> (Option<String>, PathBuf) {
+    if Path::new(spec).exists() {
+        return (None, PathBuf::from(spec));
+    }
+    split_syntax(spec)
+}
+
+/// `NAME=PATH` by syntax alone.
+fn split_syntax(spec: &str) -> (Option<String>, PathBuf) {
     if let Some((name, path)) = spec.split_once('=') {
         let ok = !name.is_empty()
             && name
@@ -131,8 +143,28 @@ pub fn split_named(spec: &str) -> (Option<String>, PathBuf) {
     (None, PathBuf::from(spec))
 }
 
-/// Opens the components in the order they were first named.
-fn open_components(opts: &MergeOptions) -> Result<Vec<Component>> {
+/// Opens the components in the order they were first named; `notes` gets what was read
+/// differently from how it was written (a path that looks like NAME=PATH, a file inside an
+/// adapter folder).
+fn open_components(opts: &MergeOptions, notes: &mut Vec<String>) -> Result<Vec<Component>> {
+    // Only unnamed specs: in `llm=a=b` the user named the component already.
+    for (_, p) in opts
+        .bases
+        .iter()
+        .chain(&opts.loras)
+        .filter(|(n, _)| n.is_none())
+    {
+        let spec = p.to_string_lossy();
+        if let (Some(name), rest) = split_syntax(&spec)
+            && p.exists()
+        {
+            notes.push(format!(
+                "'{spec}' is an existing path, so it is read as that path, not as component '{name}' \
+                 with path '{}'; write {name}={spec} to give it a name",
+                rest.display()
+            ));
+        }
+    }
     let mut order: Vec<Option<String>> = Vec::new();
     let mut note = |n: &Option<String>| {
         if !order.contains(n) {
@@ -176,7 +208,11 @@ fn open_components(opts: &MergeOptions) -> Result<Vec<Component>> {
             .loras
             .iter()
             .filter(|(n, _)| *n == name)
-            .map(|(_, p)| Adapter::open(p))
+            .map(|(_, p)| {
+                let (dir, note) = source::adapter_dir(p);
+                notes.extend(note);
+                Adapter::open(&dir)
+            })
             .collect::<Result<Vec<_>>>()?;
         base.iter().for_each(|b| b.set_read_mode(opts.reads));
         adapters.iter().for_each(|a| a.set_read_mode(opts.reads));
@@ -260,9 +296,9 @@ pub fn merge_into(
     target: impl FnOnce(&[OutTensor]) -> Result<Option<Target>>,
 ) -> Result<MergeReport> {
     let start = Instant::now();
-    let comps = open_components(opts)?;
-    let jobs = plan(&comps, &opts.settings)?;
     let mut notes = Vec::new();
+    let comps = open_components(opts, &mut notes)?;
+    let jobs = plan_with_notes(&comps, &opts.settings, &mut notes)?;
     if let Some(reference) = &opts.expect_keys_from {
         notes.extend(check_expected_keys(
             &jobs,
@@ -270,20 +306,54 @@ pub fn merge_into(
             opts.allow_missing_keys,
         )?);
     }
-    let plan_out: Vec<OutTensor> = jobs.iter().map(|j| j.out.clone()).collect();
-    let (mut backend, note) = backend(opts)?;
-    backend.set_check_non_finite(!opts.allow_non_finite);
-    notes.extend(note);
     if let Some(notify) = opts.notify {
         notes.iter().for_each(|n| notify(n));
     }
-    let cover = coverage::count(&comps, &jobs);
-    if let Some(Target { sink, produce }) = target(&plan_out)? {
-        if produce.len() != jobs.len() {
-            return Err(Error::Plan(
-                "internal: one Produce per planned tensor".into(),
-            ));
+    let plan_out: Vec<OutTensor> = jobs.iter().map(|j| j.out.clone()).collect();
+    let target = target(&plan_out)?;
+    if target.is_none()
+        && let Some(trace) = opts.trace
+    {
+        for j in &jobs {
+            trace(&format!("would {}", describe_job(j)));
         }
+    }
+    // The backend is chosen only when a delta is to be computed: a run that only copies
+    // (--keep-lora, a base without adapters, --dry-run) neither probes the GPU nor tells
+    // that it would merge on the CPU.
+    let needs_deltas = target.as_ref().is_some_and(|t| {
+        jobs.iter()
+            .zip(&t.produce)
+            .any(|(j, p)| *p != Produce::Skip && matches!(j.source, JobSource::Merge { .. }))
+    });
+    let backend = if needs_deltas || matches!(opts.device, Device::Cuda(_)) {
+        let (mut backend, note) = backend(opts)?;
+        backend.set_check_non_finite(!opts.allow_non_finite);
+        if let (Some(n), Some(notify)) = (&note, opts.notify) {
+            notify(n);
+        }
+        notes.extend(note);
+        Some(backend)
+    } else {
+        None
+    };
+    let device = match (&backend, opts.device) {
+        (Some(b), _) => b.describe(),
+        (None, Device::Cpu) => "cpu".to_string(),
+        // A dry run probes no GPU; a copy-only run computes nothing.
+        (None, _) if jobs.iter().any(Job::is_merged) => "auto".into(),
+        (None, _) => "none".into(),
+    };
+    let cover = coverage::count(&comps, &jobs);
+    if let Some(Target { sink, produce }) = target {
+        if produce.len() != jobs.len() {
+            return Err(Error::Internal("one Produce per planned tensor".into()));
+        }
+        let backend = || {
+            backend
+                .as_deref()
+                .ok_or_else(|| Error::Internal("a delta to compute but no backend".into()))
+        };
         let bar = progress_bar(opts.progress, plan_out.iter().map(|t| t.nbytes()).sum());
         write_pipelined(sink, |sink| {
             // Tied jobs the sink stores as views of an earlier one are not computed.
@@ -298,6 +368,11 @@ pub fn merge_into(
                 if let (Some(to), true, None) = (j.tied_to, shares, rows) {
                     sink.tie(&j.out, to)?;
                     bar.inc(j.out.nbytes());
+                    if let Some(trace) = opts.trace {
+                        let first = jobs.get(to).map_or("?", |t| t.out.name.as_str());
+                        let line = format!("tie {} to {first} (one storage)", j.out.name);
+                        bar.suspend(|| trace(&line));
+                    }
                     continue;
                 }
                 // Read ahead only for what comes next in full.
@@ -308,23 +383,28 @@ pub fn merge_into(
                 if let Some(JobSource::Copy(t)) = next {
                     t.prefetch(PREFETCH_BYTES);
                 }
+                let t0 = Instant::now();
                 sink.begin(&j.out)?;
                 match (&j.source, rows) {
                     (JobSource::Copy(t), None) => copy_tensor(t, j.out.dtype, sink)?,
                     (JobSource::Copy(t), Some(r)) => copy_rows(t, r, j.out.dtype, sink)?,
                     (JobSource::Merge { base, steps }, Some(r)) => {
-                        backend.merge_rows(base, steps, r, j.out.dtype, sink)?
+                        backend()?.merge_rows(base, steps, r, j.out.dtype, sink)?
                     }
                     (JobSource::Merge { base, steps }, None) => {
                         let next = match next {
                             Some(JobSource::Merge { base, steps }) => Some((base, &steps[..])),
                             _ => None,
                         };
-                        backend.merge_before(base, steps, next, j.out.dtype, sink)?
+                        backend()?.merge_before(base, steps, next, j.out.dtype, sink)?
                     }
                 }
                 sink.end()?;
                 bar.inc(j.out.nbytes());
+                if let Some(trace) = opts.trace {
+                    let ms = t0.elapsed().as_secs_f64() * 1e3;
+                    bar.suspend(|| trace(&format!("{} in {ms:.1} ms", describe_job(j))));
+                }
             }
             Ok(())
         })?;
@@ -357,7 +437,7 @@ pub fn merge_into(
         output: String::new(),
         format: "",
         dry_run: opts.dry_run,
-        device: backend.describe(),
+        device,
         tensors: jobs.len(),
         merged: jobs.iter().filter(|j| j.is_merged()).count(),
         bytes: plan_out.iter().map(|t| t.nbytes()).sum(),
@@ -367,6 +447,21 @@ pub fn merge_into(
         notes,
         plan: opts.dry_run.then(|| describe(&jobs)),
     })
+}
+
+/// One line about a job for `--verbose`: what happens to which tensor.
+fn describe_job(j: &Job) -> String {
+    let what = match &j.source {
+        JobSource::Merge { .. } => "merge",
+        JobSource::Copy(_) => "copy",
+    };
+    format!(
+        "{what} {} ({}, {:?}, {})",
+        j.out.name,
+        j.out.dtype,
+        j.out.shape,
+        indicatif::HumanBytes(j.out.nbytes())
+    )
 }
 
 /// Usage errors in the input paths, before anything is opened: a PEFT adapter folder

@@ -28,6 +28,10 @@ pub struct ConvertOptions {
     /// How big reads of the input go (`MappedFile::read_at`).
     pub reads: ReadMode,
     pub progress: bool,
+    /// Told things worth a line to a person as they happen (also in the report's notes).
+    pub notify: Option<fn(&str)>,
+    /// Told one line per tensor as it is written, with how long it took (`--verbose`).
+    pub trace: Option<fn(&str)>,
 }
 
 /// What a finished job reports (`--json`).
@@ -41,6 +45,8 @@ pub struct Report {
     pub bytes: u64,
     pub seconds: f64,
     pub peak_rss_bytes: u64,
+    /// Things worth a line to a person (rename or exclude rules that matched nothing).
+    pub notes: Vec<String>,
 }
 
 /// Converts any readable checkpoint into the format `output`'s path names.
@@ -62,6 +68,11 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
         })
         .filter(|(o, _)| !rename::excluded(&opts.exclude, &o.name))
         .unzip();
+    let keys: Vec<String> = ckpt.tensors.iter().map(|t| t.name.clone()).collect();
+    let notes = rename::unused(&opts.renames, &opts.exclude, &keys);
+    if let Some(notify) = opts.notify {
+        notes.iter().for_each(|n| notify(n));
+    }
     rename::check_unique(
         plan.iter()
             .zip(&sources)
@@ -83,10 +94,22 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
             if let Some(next) = sources.get(i + 1) {
                 next.prefetch(COPY_CHUNK);
             }
+            let t0 = Instant::now();
             out.begin(o)?;
             copy_tensor(t, o.dtype, out)?;
             out.end()?;
             bar.inc(o.nbytes());
+            if let Some(trace) = opts.trace {
+                let ms = t0.elapsed().as_secs_f64() * 1e3;
+                let line = format!(
+                    "copy {} ({}, {:?}, {}) in {ms:.1} ms",
+                    o.name,
+                    o.dtype,
+                    o.shape,
+                    indicatif::HumanBytes(o.nbytes())
+                );
+                bar.suspend(|| trace(&line));
+            }
         }
         Ok(())
     })?;
@@ -99,6 +122,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
         bytes: plan.iter().map(|t| t.nbytes()).sum(),
         seconds: start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
+        notes,
     })
 }
 
@@ -299,12 +323,12 @@ pub fn write_pipelined(
         drop(queue);
         let written = writer
             .join()
-            .unwrap_or_else(|_| Err(Error::Plan("internal: the writer thread panicked".into())));
+            .unwrap_or_else(|_| Err(Error::Internal("the writer thread panicked".into())));
         match (produced, written) {
             (_, Err(e)) => Err(e),
             (Err(e), Ok(_)) => Err(e),
             (Ok(()), Ok(true)) => Ok(()),
-            (Ok(()), Ok(false)) => Err(Error::Plan("internal: output ended early".into())),
+            (Ok(()), Ok(false)) => Err(Error::Internal("output ended early".into())),
         }
     })
 }

@@ -677,7 +677,7 @@ fn dry_run_checks_the_output_folder() {
         "--dry-run",
     ]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("output folder does not exist"), "{err}");
+    assert!(err.contains("no/such: does not exist"), "{err}");
     let (code, _, err) = run(&[
         "merge",
         "--base",

@@ -213,7 +213,13 @@ fn device_cuda_without_a_gpu_is_one_clear_error() {
             lines[0]
         );
         assert!(!lines[0].contains("panicked"));
-        assert!(o.stdout.is_empty());
+        // --json: stdout is the one failure object.
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object");
+        assert_eq!(
+            (v["ok"].as_bool(), v["exit_code"].as_u64()),
+            (Some(false), Some(1))
+        );
+        assert_eq!(v["error"]["kind"], "device", "{v}");
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),
             0,

@@ -855,7 +855,7 @@ impl Gpu {
             self.part
                 .as_ref()
                 .map(|p| dptr(p, &self.comp))
-                .ok_or_else(|| Error::Device("internal: no partial-sum buffer".into()))?
+                .ok_or_else(|| Error::Internal("no partial-sum buffer".into()))?
         } else {
             0
         };
@@ -910,7 +910,7 @@ impl Gpu {
             .v
             .as_ref()
             .map(|v| dptr(v, &self.comp))
-            .ok_or_else(|| Error::Device("internal: no scratch buffer".into()))?;
+            .ok_or_else(|| Error::Internal("no scratch buffer".into()))?;
         let src_dt = dt_code(p.src.dtype).unwrap_or(DT_F32);
         let upto = match fin {
             Final::Out { .. } => steps.len(),
@@ -946,9 +946,10 @@ impl Gpu {
                     unsafe { b.launch(cfg) }.map_err(|e| dev_err("launch", e))?;
                 }
                 Dora::Cols { colf, .. } => {
-                    let cf = colf.as_ref().map(|c| dptr(c, &self.comp)).ok_or_else(|| {
-                        Error::Device("internal: DoRA column factors missing".into())
-                    })?;
+                    let cf = colf
+                        .as_ref()
+                        .map(|c| dptr(c, &self.comp))
+                        .ok_or_else(|| Error::Internal("DoRA column factors missing".into()))?;
                     self.launch_lora(s, i0, m, n, p.wd, cur, dest, cf, true)?;
                 }
                 Dora::None => self.launch_lora(s, i0, m, n, p.wd, cur, dest, 0, true)?,
@@ -1018,7 +1019,7 @@ impl Gpu {
                 slot.d_in.as_ref(),
                 slot.d_out.as_ref(),
             ) else {
-                return Err(Error::Device("internal: band buffers missing".into()));
+                return Err(Error::Internal("band buffers missing".into()));
             };
             let host = pin_in
                 .as_mut_slice()
@@ -1058,7 +1059,7 @@ impl Gpu {
                     .wait(&slot.ev_comp)
                     .map_err(|e| dev_err("stream wait", e))?;
                 let Some(pin_out) = slot.pin_out.as_mut() else {
-                    return Err(Error::Device("internal: band buffers missing".into()));
+                    return Err(Error::Internal("band buffers missing".into()));
                 };
                 let host = pin_out
                     .as_mut_slice()
@@ -1121,7 +1122,7 @@ impl Gpu {
             .synchronize()
             .map_err(|e| dev_err("wait for copy from device", e))?;
         let Some(pin_out) = slot.pin_out.as_ref() else {
-            return Err(Error::Device("internal: band buffers missing".into()));
+            return Err(Error::Internal("band buffers missing".into()));
         };
         let host = pin_out
             .as_slice()

@@ -258,7 +258,7 @@ impl<'s> RowFilter<'s> {
 
 impl TensorSink for RowFilter<'_> {
     fn begin(&mut self, _: &OutTensor) -> Result<()> {
-        Err(Error::Plan("internal: RowFilter::begin".into()))
+        Err(Error::Internal("RowFilter::begin".into()))
     }
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let (start, end) = (self.at, self.at + bytes.len() as u64);

@@ -68,6 +68,25 @@ impl LayoutEvidence {
         }
     }
 
+    /// When both `--fan-in-fan-out` and `--no-fan-in-fan-out` match `module`: the command
+    /// line contradicts itself (a usage error, whatever the weights say).
+    pub fn flags_conflict(&self, module: &str) -> Option<String> {
+        let fifo = self
+            .flags
+            .fan_in_fan_out
+            .iter()
+            .find(|r| r.is_match(module))?;
+        let linear = self
+            .flags
+            .not_fan_in_fan_out
+            .iter()
+            .find(|r| r.is_match(module))?;
+        Some(format!(
+            "--fan-in-fan-out '{fifo}' and --no-fan-in-fan-out '{linear}' both match module '{module}'; \
+             make the patterns exclusive"
+        ))
+    }
+
     /// The layout of module `module` whose weight fits ΔW as stored ([out, in]:
     /// `normal_fits`) and/or transposed ([in, out]: `transposed_fits`); at least one fits.
     /// Err: why it cannot be decided (or the evidence disagrees), for the message.
@@ -246,11 +265,11 @@ mod tests {
             "{e}"
         );
         // Both flags on one module.
-        assert!(
-            LayoutEvidence::new(None, &flags(&["x"], &["x"]))
-                .decide("x", true, true)
-                .is_err()
-        );
+        let both = LayoutEvidence::new(None, &flags(&["x"], &["^x$"]));
+        assert!(both.decide("x", true, true).is_err());
+        let e = both.flags_conflict("x").unwrap_or_default();
+        assert!(e.contains("'x'") && e.contains("'^x$'"), "{e}");
+        assert_eq!(f.flags_conflict("conv1d"), None);
     }
 
     #[test]

@@ -19,7 +19,18 @@ use std::sync::Arc;
 
 /// Plans the whole output.
 pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<Vec<Job>> {
+    plan_with_notes(components, settings, &mut Vec::new())
+}
+
+/// [`plan`], adding to `notes` what is worth telling (rename and exclude rules that
+/// matched nothing).
+pub fn plan_with_notes(
+    components: &[Component],
+    settings: &MergeSettings,
+    notes: &mut Vec<String>,
+) -> Result<Vec<Job>> {
     let mut jobs = Vec::new();
+    let mut keys = Vec::new();
     for (ci, c) in components.iter().enumerate() {
         let before = jobs.len();
         if settings.keep_lora {
@@ -28,9 +39,11 @@ pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<Vec<Jo
             plan_merged(ci, c, settings, &mut jobs)?;
         }
         for j in &mut jobs[before..] {
+            keys.push(c.key(&j.out.name));
             j.out.name = rename::apply(&settings.renames, &c.key(&j.out.name));
         }
     }
+    notes.extend(rename::unused(&settings.renames, &settings.exclude, &keys));
     jobs.retain(|j| !rename::excluded(&settings.exclude, &j.out.name));
     let sources: Vec<String> = jobs.iter().map(describe_source).collect();
     rename::check_unique(
@@ -624,6 +637,9 @@ fn lora_step(
                 "LoRA A {a:?} / B {b:?} does not fit (shape mismatch)"
             )));
         }
+        if let Some(msg) = fit.evidence.flags_conflict(&m.name) {
+            return Err(Error::Usage(msg));
+        }
         let decided = if fit.parameter {
             Ok(DeltaLayout::Normal)
         } else {
@@ -691,7 +707,7 @@ fn lora_step(
 
 fn plan_merged(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Job>) -> Result<()> {
     let Some(base) = &c.base else {
-        return Err(Error::Plan(format!(
+        return Err(Error::Usage(format!(
             "component {} has adapters but no --base: merging needs the base weights (or pass --keep-lora to \
              write the adapters unmerged)",
             c.label()
@@ -754,7 +770,7 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
         }
         [one] => one,
         _ => {
-            return Err(Error::Plan(format!(
+            return Err(Error::Usage(format!(
                 "component {}: --keep-lora takes one adapter per component (PEFT names it 'default'); \
                  merge the others first or give them separate components",
                 c.label()

@@ -50,6 +50,52 @@ pub fn apply(rules: &[RenameRule], name: &str) -> String {
     s
 }
 
+/// Notes for `--rename` rules and `--exclude` patterns that touch none of `keys` (the
+/// names before renaming): most often a typo, and the output would silently keep the old
+/// names or the unwanted tensors. A rule counts as used when it matches the name as the
+/// rules before it left it; a pattern when it matches a final name.
+pub fn unused(rules: &[RenameRule], exclude: &[Regex], keys: &[String]) -> Vec<String> {
+    let mut renamed = vec![false; rules.len()];
+    let mut excluded_any = vec![false; exclude.len()];
+    for k in keys {
+        let mut s = k.clone();
+        for (i, r) in rules.iter().enumerate() {
+            if r.pattern.is_match(&s) {
+                renamed[i] = true;
+                s = r
+                    .pattern
+                    .replace_all(&s, r.replacement.as_str())
+                    .into_owned();
+            }
+        }
+        for (i, p) in exclude.iter().enumerate() {
+            excluded_any[i] |= p.is_match(&s);
+        }
+    }
+    let rename_notes = rules
+        .iter()
+        .zip(&renamed)
+        .filter(|(_, u)| !**u)
+        .map(|(r, _)| {
+            format!(
+                "--rename '{}={}' matched no key, so it renamed nothing",
+                r.pattern.as_str(),
+                r.replacement
+            )
+        });
+    let exclude_notes = exclude
+        .iter()
+        .zip(&excluded_any)
+        .filter(|(_, u)| !**u)
+        .map(|(p, _)| {
+            format!(
+                "--exclude '{}' matched no key (after renames), so it left nothing out",
+                p.as_str()
+            )
+        });
+    rename_notes.chain(exclude_notes).collect()
+}
+
 /// Fails if two planned outputs have the same final name, naming both sources.
 pub fn check_unique<'a>(names: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<()> {
     let mut seen: HashMap<&str, &str> = HashMap::new();
@@ -83,6 +129,24 @@ mod tests {
     fn bad_specs_are_usage_errors() {
         assert!(RenameRule::parse("nothing").unwrap_err().is_usage());
         assert!(RenameRule::parse("(=x").unwrap_err().is_usage());
+    }
+
+    #[test]
+    fn rules_that_match_nothing_are_named() {
+        let rules = [
+            RenameRule::parse(r"^model\.=m.").unwrap(),
+            RenameRule::parse(r"^m\.layers=L").unwrap(),
+            RenameRule::parse(r"typo=x").unwrap(),
+        ];
+        let exclude = [
+            parse_exclude(r"^L\.0\.").unwrap(),
+            parse_exclude("nowhere").unwrap(),
+        ];
+        let keys = ["model.layers.0.w".to_string(), "lm_head.weight".to_string()];
+        let notes = unused(&rules, &exclude, &keys);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("'typo=x'"), "{notes:?}");
+        assert!(notes[1].contains("'nowhere'"), "{notes:?}");
     }
 
     #[test]

@@ -68,13 +68,13 @@ impl CompareSink {
     /// Compares whole elements of the incoming stream with the stored tensor.
     fn compare(&mut self, piece: &[u8]) -> Result<()> {
         let Some(cur) = &mut self.cur else {
-            return Err(Error::Plan("internal: bytes outside a tensor".into()));
+            return Err(Error::Internal("bytes outside a tensor".into()));
         };
         let es = cur.exp.planned.dtype.size();
         let n = piece.len() / es;
         if cur.done + n > cur.total {
-            return Err(Error::Plan(format!(
-                "internal: more bytes than tensor '{}' holds",
+            return Err(Error::Internal(format!(
+                "more bytes than tensor '{}' holds",
                 cur.exp.planned.name
             )));
         }
@@ -114,8 +114,8 @@ impl TensorSink for CompareSink {
         let exp = match self.expected.next() {
             Some(e) if e.planned == *t && self.cur.is_none() => e,
             _ => {
-                return Err(Error::Plan(format!(
-                    "internal: tensor '{}' compared out of plan order",
+                return Err(Error::Internal(format!(
+                    "tensor '{}' compared out of plan order",
                     t.name
                 )));
             }
@@ -148,7 +148,7 @@ impl TensorSink for CompareSink {
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         let es = match &self.cur {
             Some(c) => c.exp.planned.dtype.size(),
-            None => return Err(Error::Plan("internal: bytes outside a tensor".into())),
+            None => return Err(Error::Internal("bytes outside a tensor".into())),
         };
         let mut bytes = bytes;
         if !self.carry.is_empty() {
@@ -177,18 +177,18 @@ impl TensorSink for CompareSink {
                     .push(c.diff);
                 Ok(())
             }
-            Some(c) => Err(Error::Plan(format!(
-                "internal: tensor '{}' ended after {} of {} elements",
+            Some(c) => Err(Error::Internal(format!(
+                "tensor '{}' ended after {} of {} elements",
                 c.exp.planned.name, c.done, c.total
             ))),
-            None => Err(Error::Plan("internal: end outside a tensor".into())),
+            None => Err(Error::Internal("end outside a tensor".into())),
         }
     }
 
     fn finish(mut self: Box<Self>) -> Result<()> {
         if self.cur.is_some() || self.expected.next().is_some() {
-            return Err(Error::Plan(
-                "internal: comparison finished before every tensor arrived".into(),
+            return Err(Error::Internal(
+                "comparison finished before every tensor arrived".into(),
             ));
         }
         Ok(())

@@ -117,8 +117,8 @@ pub trait TensorSink: Send {
     /// (an earlier one with the same bytes, dtype and shape) instead of `begin`/`write`/
     /// `end`. Only called when [`TensorSink::shares_storage`] says so.
     fn tie(&mut self, t: &OutTensor, _to: usize) -> Result<()> {
-        Err(Error::Plan(format!(
-            "internal: this output cannot store '{}' as a tied tensor",
+        Err(Error::Internal(format!(
+            "this output cannot store '{}' as a tied tensor",
             t.name
         )))
     }
@@ -266,8 +266,8 @@ impl PlanCursor {
                 self.next += 1;
                 Ok(i)
             }
-            _ => Err(Error::Plan(format!(
-                "internal: tensor '{}' written out of plan order",
+            _ => Err(Error::Internal(format!(
+                "tensor '{}' written out of plan order",
                 t.name
             ))),
         }
@@ -285,8 +285,8 @@ impl PlanCursor {
                 .get(to)
                 .is_some_and(|p| p.dtype == t.dtype && p.shape == t.shape);
         if !ok {
-            return Err(Error::Plan(format!(
-                "internal: tensor '{}' tied out of plan order or to another shape",
+            return Err(Error::Internal(format!(
+                "tensor '{}' tied out of plan order or to another shape",
                 t.name
             )));
         }
@@ -300,8 +300,8 @@ impl PlanCursor {
                 *r -= n as u64;
                 Ok(())
             }
-            _ => Err(Error::Plan(
-                "internal: more bytes written than the tensor holds".into(),
+            _ => Err(Error::Internal(
+                "more bytes written than the tensor holds".into(),
             )),
         }
     }
@@ -309,8 +309,8 @@ impl PlanCursor {
     pub(crate) fn end(&mut self) -> Result<()> {
         match self.remaining.take() {
             Some(0) => Ok(()),
-            _ => Err(Error::Plan(
-                "internal: tensor ended before all of its bytes were written".into(),
+            _ => Err(Error::Internal(
+                "tensor ended before all of its bytes were written".into(),
             )),
         }
     }
@@ -319,8 +319,8 @@ impl PlanCursor {
         if self.next == self.plan.len() && self.remaining.is_none() {
             Ok(())
         } else {
-            Err(Error::Plan(
-                "internal: output finished before every planned tensor was written".into(),
+            Err(Error::Internal(
+                "output finished before every planned tensor was written".into(),
             ))
         }
     }

@@ -63,14 +63,14 @@ pub fn preflight(out: &Path, plan: &[OutTensor]) -> Result<()> {
         .write(true)
         .create_new(true)
         .open(&probe)
-        .map_err(|e| {
-            Error::io(
-                &parent,
-                std::io::Error::new(
-                    e.kind(),
-                    format!("cannot create a file in the output folder: {e}"),
-                ),
-            )
+        .map_err(|e| Error::Io {
+            // Not `Error::io`: a folder that exists but refuses new files (ENOENT from
+            // /proc, say) is no "does not exist".
+            path: parent.clone(),
+            source: std::io::Error::new(
+                e.kind(),
+                format!("cannot create a file in the output folder: {e}"),
+            ),
         })?;
     std::fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))?;
     let needed = plan.iter().map(OutTensor::nbytes).sum::<u64>() + overhead(plan.len());
@@ -110,10 +110,7 @@ mod tests {
             "probe left"
         );
         let e = preflight(&dir.path().join("missing/o.pth"), &plan(10)).unwrap_err();
-        assert!(
-            e.to_string().contains("output folder does not exist"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("missing: does not exist"), "{e}");
         let e = preflight(&dir.path().join("o.pth"), &plan(usize::MAX / 4)).unwrap_err();
         assert!(e.to_string().contains("not enough free space"), "{e}");
         let shards = dir.path().join("shards");

@@ -91,7 +91,7 @@ impl ShardedSafetensorsWriter {
     fn writer(&mut self) -> Result<&mut SafetensorsWriter> {
         match &mut self.current {
             Some((_, w)) => Ok(w),
-            None => Err(Error::Plan("internal: no shard open".into())),
+            None => Err(Error::Internal("no shard open".into())),
         }
     }
 }

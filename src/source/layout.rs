@@ -20,6 +20,11 @@ pub struct AdapterFiles {
 /// Opens any supported checkpoint path. For a PEFT adapter folder this returns the
 /// adapter's tensors; use [`open_adapter`] to get its config too.
 pub fn open(path: &Path) -> Result<Checkpoint> {
+    if !path.exists() {
+        return Err(Error::NotFound {
+            path: path.to_path_buf(),
+        });
+    }
     if path.is_dir() {
         if path.join("adapter_config.json").is_file() {
             return Ok(open_adapter(path)?.weights);
@@ -33,11 +38,25 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
 /// Opens a PEFT adapter folder.
 pub fn open_adapter(dir: &Path) -> Result<AdapterFiles> {
     let config_path = dir.join("adapter_config.json");
-    if !dir.is_dir() || !config_path.is_file() {
+    if !dir.exists() {
+        return Err(Error::NotFound {
+            path: dir.to_path_buf(),
+        });
+    }
+    if !dir.is_dir() {
         return Err(Error::format(
             dir,
-            "not a PEFT adapter folder (expected adapter_config.json and adapter_model.safetensors or .bin)",
+            "is a file, not a PEFT adapter folder: give the folder holding adapter_config.json",
         ));
+    }
+    if !config_path.is_file() {
+        return Err(match training_checkpoints(dir)?.as_slice() {
+            [] => Error::format(
+                dir,
+                "not a PEFT adapter folder (expected adapter_config.json and adapter_model.safetensors or .bin)",
+            ),
+            found => Error::format(dir, checkpoints_message(dir, "adapter", found)),
+        });
     }
     let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
     let config: serde_json::Value = serde_json::from_str(&text)
@@ -59,6 +78,70 @@ pub fn open_adapter(dir: &Path) -> Result<AdapterFiles> {
         config_path,
         weights,
     })
+}
+
+/// What `--lora PATH` names: the adapter folder itself, or (a file inside one, such as
+/// `adapter_model.safetensors`) the folder holding it, with a note saying so.
+pub fn adapter_dir(path: &Path) -> (PathBuf, Option<String>) {
+    let parent = path
+        .parent()
+        .filter(|p| p.join("adapter_config.json").is_file());
+    match parent {
+        Some(dir) if path.is_file() => {
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            let note = format!(
+                "{} is a file inside the adapter folder {}: reading the folder (its adapter_config.json \
+                 says how to merge)",
+                path.display(),
+                dir.display()
+            );
+            (dir.to_path_buf(), Some(note))
+        }
+        _ => (path.to_path_buf(), None),
+    }
+}
+
+/// The `checkpoint-N` subfolders of a training output folder, in step order (natural
+/// order, so checkpoint-900 comes before checkpoint-1000).
+fn training_checkpoints(dir: &Path) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for ent in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let ent = ent.map_err(|e| Error::io(dir, e))?;
+        let name = ent.file_name().to_string_lossy().into_owned();
+        if name.starts_with("checkpoint-") && ent.path().is_dir() {
+            found.push(name);
+        }
+    }
+    found.sort_by(|a, b| crate::inspect::natural_cmp(a, b));
+    Ok(found)
+}
+
+/// Refuses a training output folder, naming its checkpoints so the user can pick one.
+fn checkpoints_message(dir: &Path, what: &str, found: &[String]) -> String {
+    let latest = found.last().map(String::as_str).unwrap_or("");
+    let shown: Vec<&str> = found
+        .iter()
+        .rev()
+        .take(10)
+        .rev()
+        .map(String::as_str)
+        .collect();
+    format!(
+        "a training output folder with no {what} at its top level, but {} checkpoint folder(s): {}{}; \
+         name the one to use, e.g. the latest: {}",
+        found.len(),
+        if found.len() > shown.len() {
+            "…, "
+        } else {
+            ""
+        },
+        shown.join(", "),
+        dir.join(latest).display()
+    )
 }
 
 /// The weights file of an HF model folder, safetensors preferred.
@@ -93,6 +176,10 @@ fn model_file_in(dir: &Path) -> Result<PathBuf> {
     match (indexes.len(), found.len()) {
         (1, _) => Ok(indexes[0].clone()),
         (0, 1) => Ok(found.remove(0)),
+        (_, 0) if !training_checkpoints(dir)?.is_empty() => Err(Error::format(
+            dir,
+            checkpoints_message(dir, "checkpoint", &training_checkpoints(dir)?),
+        )),
         _ => Err(Error::format(
             dir,
             format!(

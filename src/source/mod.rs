@@ -14,7 +14,7 @@ pub mod pickle;
 mod safetensors;
 mod torch_zip;
 
-pub use layout::{AdapterFiles, open, open_adapter};
+pub use layout::{AdapterFiles, adapter_dir, open, open_adapter};
 pub use model_config::{ModelConfig, model_config};
 
 use crate::direct_io::{self, AlignedBuf, AtomicReadMode, ReadMode};
