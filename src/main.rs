@@ -192,6 +192,13 @@ struct OutputArgs {
     /// Print one JSON report on stdout at the end (and no progress bar).
     #[arg(long)]
     json: bool,
+    /// Write a folder output into a folder that already holds checkpoint files; those the
+    /// new output does not replace are removed once it is in place.
+    #[arg(long)]
+    overwrite: bool,
+    /// Do not copy the base's config, tokenizer and code files into a folder output.
+    #[arg(long)]
+    no_copy_files: bool,
 }
 
 /// How square 2-D weights are laid out, where the base's own description does not say:
@@ -335,14 +342,17 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
                 sink: SinkOptions {
                     shard_size: out.shard_size,
                     direct_io: !out.buffered_io,
+                    overwrite: out.overwrite,
                 },
                 reads: read_mode(out.buffered_io),
                 progress: !out.json,
+                no_copy_files: out.no_copy_files,
             };
             let report = pipeline::convert(&input, &output, &opts)?;
             if out.json {
                 println!("{}", serde_json::to_string(&report).unwrap_or_default());
             } else {
+                report.notes.iter().for_each(|n| eprintln!("note: {n}"));
                 eprintln!(
                     "wrote {} ({} tensors, {} bytes) in {:.2}s, peak RSS {} MB",
                     report.output,
@@ -383,10 +393,12 @@ fn run(cli: Cli, component_order: Vec<Option<String>>) -> Result<u8, Error> {
                 sink: SinkOptions {
                     shard_size: output.shard_size,
                     direct_io: !output.buffered_io,
+                    overwrite: output.overwrite,
                 },
                 reads: read_mode(output.buffered_io),
                 dry_run,
                 progress: !json,
+                no_copy_files: output.no_copy_files,
                 notify: Some(|note| eprintln!("note: {note}")),
             };
             let r = lorastream::merge::merge(&out, &opts)?;

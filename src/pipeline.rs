@@ -6,7 +6,7 @@ use crate::direct_io::{AlignedBuf, ReadMode};
 use crate::dtype::{Dtype, cast_float};
 use crate::error::{Error, Result};
 use crate::plan::{DtypeChoice, RenameRule, rename};
-use crate::sink::{self, OutTensor, SharedBytes, SinkOptions, TensorSink};
+use crate::sink::{self, OutTensor, SharedBytes, SideFile, SinkOptions, TensorSink};
 use crate::source::{self, MappedFile, TensorEntry};
 use serde::Serialize;
 use std::path::Path;
@@ -28,6 +28,9 @@ pub struct ConvertOptions {
     /// How big reads of the input go (`MappedFile::read_at`).
     pub reads: ReadMode,
     pub progress: bool,
+    /// `--no-copy-files`: a folder output from an HF model folder gets only the weights,
+    /// not the folder's config and tokenizer files.
+    pub no_copy_files: bool,
 }
 
 /// What a finished job reports (`--json`).
@@ -41,12 +44,90 @@ pub struct Report {
     pub bytes: u64,
     pub seconds: f64,
     pub peak_rss_bytes: u64,
+    /// What is worth a line to a person (which side files were copied).
+    pub notes: Vec<String>,
+}
+
+/// The torch name of a floating dtype, as `torch_dtype` in config.json spells it.
+fn torch_dtype_name(d: Dtype) -> Option<&'static str> {
+    match d {
+        Dtype::F64 => Some("float64"),
+        Dtype::F32 => Some("float32"),
+        Dtype::F16 => Some("float16"),
+        Dtype::BF16 => Some("bfloat16"),
+        _ => None,
+    }
+}
+
+/// The files of the HF model folder `base` was read from (see
+/// [`source::model_folder_files`]) that a folder output gets, so it loads with
+/// `from_pretrained` like the original. When `dtype` casts, config.json's `torch_dtype`
+/// (and `dtype`, which transformers 5 writes) say the new dtype; a config with neither gets
+/// `torch_dtype`, which both transformers 4 and 5 read. Also returns a note saying what was
+/// copied; nothing (and no note) when `base` is not in a model folder.
+pub fn model_side_files(
+    base: &Path,
+    dtype: DtypeChoice,
+) -> Result<(Vec<SideFile>, Option<String>)> {
+    let files = source::model_folder_files(base)?;
+    if files.is_empty() {
+        return Ok((Vec::new(), None));
+    }
+    let cast_to = match dtype {
+        DtypeChoice::To(d) => torch_dtype_name(d),
+        DtypeChoice::Keep => None,
+    };
+    let mut set = Vec::new();
+    if let (Some(name), Some(cfg)) = (cast_to, source::model_config(base)?) {
+        let keys: Vec<&str> = ["torch_dtype", "dtype"]
+            .into_iter()
+            .filter(|k| cfg.json.get(*k).is_some())
+            .collect();
+        let keys = if keys.is_empty() {
+            vec!["torch_dtype"]
+        } else {
+            keys
+        };
+        set = keys
+            .into_iter()
+            .map(|k| (k.to_string(), serde_json::Value::from(name)))
+            .collect();
+    }
+    let mut names = Vec::new();
+    let side: Vec<SideFile> = files
+        .into_iter()
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?.to_string();
+            names.push(name.clone());
+            let set = if name == "config.json" {
+                set.clone()
+            } else {
+                Vec::new()
+            };
+            Some(SideFile {
+                source: p,
+                name,
+                set,
+            })
+        })
+        .collect();
+    let mut note = format!(
+        "copied {} beside the weights (from {}",
+        names.join(", "),
+        base.display()
+    );
+    if let Some((k, v)) = set.first() {
+        note += &format!("; config.json {k} = {v}");
+    }
+    note += "; --no-copy-files leaves them out)";
+    Ok((side, Some(note)))
 }
 
 /// Converts any readable checkpoint into the format `output`'s path names.
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Report> {
     let start = Instant::now();
     let format = sink::OutputFormat::from_path(output)?;
+    sink::check_output(output, &opts.sink)?;
     let ckpt = source::open(input)?;
     ckpt.set_read_mode(opts.reads);
     let (plan, sources): (Vec<OutTensor>, Vec<&TensorEntry>) = ckpt
@@ -67,7 +148,12 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
             .zip(&sources)
             .map(|(o, t)| (o.name.as_str(), t.name.as_str())),
     )?;
-    let out = sink::create(output, &plan, &opts.sink)?;
+    let (side, note) = if format == sink::OutputFormat::ShardedSafetensors && !opts.no_copy_files {
+        model_side_files(input, opts.dtype)?
+    } else {
+        (Vec::new(), None)
+    };
+    let out = sink::create_with(output, &plan, &opts.sink, &side)?;
     let bar = progress_bar(opts.progress, plan.iter().map(|t| t.nbytes()).sum());
     write_pipelined(out, |out| {
         for (i, (t, o)) in sources.iter().zip(&plan).enumerate() {
@@ -90,6 +176,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
         bytes: plan.iter().map(|t| t.nbytes()).sum(),
         seconds: start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
+        notes: note.into_iter().collect(),
     })
 }
 

@@ -143,7 +143,7 @@ impl TensorSink for TorchZipWriter {
             .zip
             .finish()
             .map_err(|e| Error::format(&dest, format!("writing the zip failed: {e}")))?;
-        // No fsync, as in SafetensorsWriter::close.
+        // Flushed and fsynced, then renamed and the folder fsynced (commit).
         file.finish().map_err(|e| Error::io(&dest, e))?;
         this.temp.commit()
     }
