@@ -47,8 +47,9 @@ enum Command {
     /// Rewrite a checkpoint in another format, dtype or naming.
     ///
     /// The output format follows OUT: .pth/.pt/.bin → PyTorch zip (torch.load-able, also
-    /// with mmap=True), .safetensors → one safetensors file, a folder (existing and empty,
-    /// or a path ending in '/') → HF sharded safetensors with model.safetensors.index.json.
+    /// with mmap=True), .safetensors → one safetensors file, a folder (existing, or a path
+    /// ending in '/') → HF sharded safetensors with model.safetensors.index.json, plus the
+    /// input folder's config and tokenizer files when the input is an HF model folder.
     /// Nested dicts in .pth inputs are flattened with '.'; non-tensor entries are skipped.
     Convert {
         input: PathBuf,
