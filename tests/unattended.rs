@@ -165,7 +165,7 @@ fn stop_signals_remove_temp_files_and_exit_128_plus_signal() {
         let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
         assert_eq!(
             lines.last().copied(),
-            Some(format!("error: stopped by {name}; unfinished output removed").as_str()),
+            Some(format!("error: interrupted by {name}; unfinished output removed").as_str()),
             "{name}: {err}"
         );
         assert_eq!(temps_in(&work), Vec::<PathBuf>::new(), "{name}");

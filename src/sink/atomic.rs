@@ -71,7 +71,7 @@ fn stop(sig: i32) -> ! {
     };
     // Not eprintln!: after a dropped ssh session stderr may be gone, and a failed print
     // must not keep the process from exiting.
-    let _ = writeln!(std::io::stderr(), "error: stopped by {name}{what}");
+    let _ = writeln!(std::io::stderr(), "error: interrupted by {name}{what}");
     std::process::exit(128 + sig);
 }
 
