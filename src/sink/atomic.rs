@@ -56,7 +56,7 @@ pub fn install_interrupt_cleanup() {
 /// Removes every output in progress and exits. The lock is held until the process is
 /// gone, so no new temp output can be registered (and left behind) meanwhile.
 fn stop(sig: i32) -> ! {
-    let list = IN_PROGRESS.lock().unwrap_or_else(|p| p.into_inner());
+    let list = lock();
     for p in list.iter() {
         remove_any(p);
     }
@@ -73,6 +73,18 @@ fn stop(sig: i32) -> ! {
     // must not keep the process from exiting.
     let _ = writeln!(std::io::stderr(), "error: interrupted by {name}{what}");
     std::process::exit(128 + sig);
+}
+
+fn lock() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    IN_PROGRESS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `make`, which creates a file inside an output in progress (a shard in a temp
+/// folder), while the signal handler is held off, so it cannot remove the folder while
+/// the file appears in it.
+pub(crate) fn creating<T>(make: impl FnOnce() -> T) -> T {
+    let _held = lock();
+    make()
 }
 
 fn remove_any(p: &Path) {
@@ -196,8 +208,51 @@ pub struct TempOutput {
 
 impl TempOutput {
     /// Reserves a temp path beside `dest` (a file or a folder, the caller creates it), after
-    /// removing temp outputs of `dest` that dead runs left.
+    /// removing temp outputs of `dest` that dead runs left. Prefer [`TempOutput::create`],
+    /// which creates it where a signal cannot come in between.
     pub fn new(dest: &Path) -> Result<TempOutput> {
+        let temp = Self::reserve(dest)?;
+        lock().push(temp.clone());
+        Ok(TempOutput {
+            dest: dest.to_path_buf(),
+            temp,
+            done: false,
+        })
+    }
+
+    /// Reserves a temp path beside `dest` and creates the output there with `make`, while
+    /// the signal handler is held off: it then sees either no output or one it can remove
+    /// whole (never a file created just after it cleaned up).
+    pub fn create<T>(
+        dest: &Path,
+        make: impl FnOnce(&Path) -> Result<T>,
+    ) -> Result<(TempOutput, T)> {
+        let temp = Self::reserve(dest)?;
+        let mut list = lock();
+        let made = make(&temp);
+        if made.is_ok() {
+            list.push(temp.clone());
+        }
+        drop(list);
+        match made {
+            Ok(v) => Ok((
+                TempOutput {
+                    dest: dest.to_path_buf(),
+                    temp,
+                    done: false,
+                },
+                v,
+            )),
+            Err(e) => {
+                remove_any(&temp);
+                Err(e)
+            }
+        }
+    }
+
+    /// The temp path for `dest`, once its folder is known to exist and stale temps of
+    /// `dest` are gone.
+    fn reserve(dest: &Path) -> Result<PathBuf> {
         let name = dest
             .file_name()
             .ok_or_else(|| {
@@ -213,16 +268,7 @@ impl TempOutput {
             ));
         }
         remove_stale(&parent, Some(&name));
-        let temp = parent.join(temp_name(&name));
-        IN_PROGRESS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(temp.clone());
-        Ok(TempOutput {
-            dest: dest.to_path_buf(),
-            temp,
-            done: false,
-        })
+        Ok(parent.join(temp_name(&name)))
     }
 
     /// Where to write now.
@@ -247,7 +293,7 @@ impl TempOutput {
     /// Renames into place without syncing the folder: for several renames in one folder
     /// that the caller syncs once after the last.
     pub(crate) fn rename_into_place(mut self) -> Result<()> {
-        let mut list = IN_PROGRESS.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = lock();
         if self.temp.is_dir() && self.dest.is_dir() {
             std::fs::remove_dir(&self.dest).map_err(|e| Error::io(&self.dest, e))?;
         }
@@ -261,7 +307,7 @@ impl TempOutput {
 impl Drop for TempOutput {
     fn drop(&mut self) {
         if !self.done {
-            let mut list = IN_PROGRESS.lock().unwrap_or_else(|p| p.into_inner());
+            let mut list = lock();
             remove_any(&self.temp);
             list.retain(|p| p != &self.temp);
         }

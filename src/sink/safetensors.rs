@@ -62,24 +62,13 @@ impl SafetensorsWriter {
     /// A standalone file at `dest`, written atomically; `direct`: bypass the page cache
     /// where the filesystem allows (see `DirectFileWriter`).
     pub fn create(dest: &Path, plan: &[OutTensor], direct: bool) -> Result<SafetensorsWriter> {
-        let temp = TempOutput::new(dest)?;
-        let mut w = Self::create_at(temp.path(), plan, direct)?;
-        w.path = dest.to_path_buf();
+        let (temp, mut w) = TempOutput::create(dest, |p| Self::create_in(p, dest, plan, direct))?;
         w.temp = Some(temp);
         Ok(w)
     }
 
-    /// A plain file at `path` (the caller owns atomicity).
-    pub(crate) fn create_at(
-        path: &Path,
-        plan: &[OutTensor],
-        direct: bool,
-    ) -> Result<SafetensorsWriter> {
-        Self::create_in(path, path, plan, direct)
-    }
-
-    /// A plain file at `path`, named `shown` in messages (its final name, when `path` is
-    /// a temp name the caller renames).
+    /// A plain file at `path` (the caller owns atomicity), named `shown` in messages (its
+    /// final name, when `path` is a temp name the caller renames).
     pub(crate) fn create_in(
         path: &Path,
         shown: &Path,

@@ -13,7 +13,7 @@
 //!   output does not replace are removed only after the new ones are in place, so a run
 //!   that fails leaves the old checkpoint whole.
 
-use super::atomic::{TempOutput, remove_stale, sync_dir, sync_file};
+use super::atomic::{TempOutput, creating, remove_stale, sync_dir, sync_file};
 use super::safetensors::SafetensorsWriter;
 use super::{OutTensor, PlanCursor, SharedBytes, SideFile, TensorSink};
 use crate::checkpoint_files::is_weight_file;
@@ -157,8 +157,9 @@ impl ShardedSafetensorsWriter {
                 old_checkpoint: checkpoint_files_in(dest)?,
             }
         } else {
-            let temp = TempOutput::new(dest)?;
-            std::fs::create_dir(temp.path()).map_err(|e| Error::io(dest, e))?;
+            let (temp, ()) = TempOutput::create(dest, |p| {
+                std::fs::create_dir(p).map_err(|e| Error::io(dest, e))
+            })?;
             Place::New(temp)
         };
         let parts = split(plan, opts.shard_size);
@@ -188,21 +189,24 @@ impl ShardedSafetensorsWriter {
                     f.name
                 )));
             }
-            let path = w.file_path(&f.name)?;
-            write_side_file(f, &path, &dest.join(&f.name))?;
+            let shown = dest.join(&f.name);
+            w.create_file(&f.name, |p| write_side_file(f, p, &shown))?;
         }
         Ok(w)
     }
 
-    /// Where to write the file that will be called `name` in the output folder.
-    fn file_path(&mut self, name: &str) -> Result<PathBuf> {
+    /// Creates the file that will be called `name` in the output folder with `make`
+    /// (given where to create it), where the signal handler cannot interleave.
+    fn create_file<T>(&mut self, name: &str, make: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
         match &mut self.place {
-            Place::New(temp) => Ok(temp.path().join(name)),
+            Place::New(temp) => {
+                let path = temp.path().join(name);
+                creating(|| make(&path))
+            }
             Place::Existing { dir, pending, .. } => {
-                let t = TempOutput::new(&dir.join(name))?;
-                let p = t.path().to_path_buf();
+                let (t, v) = TempOutput::create(&dir.join(name), make)?;
                 pending.push(t);
-                Ok(p)
+                Ok(v)
             }
         }
     }
@@ -211,10 +215,12 @@ impl ShardedSafetensorsWriter {
         if let Some((_, w)) = self.current.take() {
             w.close()?;
         }
-        let name = self.shards[i].0.clone();
-        let path = self.file_path(&name)?;
+        let (name, plan) = self.shards[i].clone();
         let shown = self.dest.join(&name);
-        let w = SafetensorsWriter::create_in(&path, &shown, &self.shards[i].1, self.direct)?;
+        let direct = self.direct;
+        let w = self.create_file(&name, |p| {
+            SafetensorsWriter::create_in(p, &shown, &plan, direct)
+        })?;
         self.current = Some((i, w));
         Ok(())
     }
@@ -307,11 +313,12 @@ impl TensorSink for ShardedSafetensorsWriter {
         let index =
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let shown = self.dest.join(INDEX);
-        let index_path = self.file_path(INDEX)?;
         let text = serde_json::to_string_pretty(&index)
             .map_err(|e| Error::format(&shown, e.to_string()))?;
-        std::fs::write(&index_path, text + "\n").map_err(|e| Error::io(&shown, e))?;
-        sync_file(&index_path)?;
+        self.create_file(INDEX, |p| {
+            std::fs::write(p, text + "\n").map_err(|e| Error::io(&shown, e))?;
+            sync_file(p)
+        })?;
         self.put_in_place()
     }
 }
