@@ -197,7 +197,8 @@ struct OutputArgs {
     /// new output does not replace are removed once it is in place.
     #[arg(long)]
     overwrite: bool,
-    /// Do not copy the base's config, tokenizer and code files into a folder output.
+    /// Do not copy the input's (convert) or base's (merge) HF model folder files
+    /// (config, tokenizer, code) into a folder output: weights only.
     #[arg(long)]
     no_copy_files: bool,
 }

@@ -58,13 +58,39 @@ fn write_st(path: &Path, tensors: &[(&str, usize, usize)], data: bool) {
     }
 }
 
-/// A 1 GiB (sparse) F32 input: converting it to bf16 takes long enough to be stopped.
+/// A 1 GiB (sparse) F32 input of four `layers.I.proj` Linear weights [65536, 1024]:
+/// converting it to bf16, or merging an adapter into it, takes long enough to be stopped.
 fn big_input(dir: &Path) -> PathBuf {
     let p = dir.join("big.safetensors");
-    let t: Vec<(String, usize, usize)> = (0..4).map(|i| (format!("w{i}"), 65536, 1024)).collect();
+    let t: Vec<(String, usize, usize)> = (0..4)
+        .map(|i| (format!("layers.{i}.proj.weight"), 65536, 1024))
+        .collect();
     let t: Vec<(&str, usize, usize)> = t.iter().map(|(n, r, c)| (n.as_str(), *r, *c)).collect();
     write_st(&p, &t, false);
     p
+}
+
+/// A PEFT LoRA adapter (r=8) for every `proj` of [`big_input`].
+fn big_adapter(dir: &Path) -> PathBuf {
+    let a = dir.join("adapter");
+    std::fs::create_dir_all(&a).unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["proj"],
+        "fan_in_fan_out": false, "bias": "none", "use_dora": false, "use_rslora": false,
+    });
+    std::fs::write(a.join("adapter_config.json"), config.to_string()).unwrap();
+    let t: Vec<(String, usize, usize)> = (0..4)
+        .flat_map(|i| {
+            let m = format!("base_model.model.layers.{i}.proj");
+            [
+                (format!("{m}.lora_A.weight"), 8, 1024),
+                (format!("{m}.lora_B.weight"), 65536, 8),
+            ]
+        })
+        .collect();
+    let t: Vec<(&str, usize, usize)> = t.iter().map(|(n, r, c)| (n.as_str(), *r, *c)).collect();
+    write_st(&a.join("adapter_model.safetensors"), &t, true);
+    a
 }
 
 /// Names under `dir` (recursively) that are temp outputs.
@@ -128,7 +154,8 @@ fn signal(child: &Child, sig: i32) {
 fn stop_signals_remove_temp_files_and_exit_128_plus_signal() {
     let dir = tempfile::tempdir().unwrap();
     let input = big_input(dir.path());
-    let input = input.to_str().unwrap();
+    let adapter = big_adapter(dir.path());
+    let (input, adapter) = (input.to_str().unwrap(), adapter.to_str().unwrap());
     let cases = [
         (libc::SIGINT, "SIGINT", 130),
         (libc::SIGTERM, "SIGTERM", 143),
@@ -148,15 +175,24 @@ fn stop_signals_remove_temp_files_and_exit_128_plus_signal() {
                 format!("{}/repo/", work.display())
             }
         };
-        let args = [
-            "convert",
-            input,
-            &out,
-            "--dtype",
-            "bf16",
-            "--shard-size",
-            "100MB",
-        ];
+        // Odd cases merge the adapter (the merge's compute threads are running), even
+        // ones convert with a cast.
+        let args: Vec<&str> = if i % 2 == 1 {
+            let merge = [
+                "merge", "--base", input, "--lora", adapter, "--device", "cpu",
+            ];
+            [&merge[..], &["--out", &out, "--shard-size", "100MB"]].concat()
+        } else {
+            vec![
+                "convert",
+                input,
+                &out,
+                "--dtype",
+                "bf16",
+                "--shard-size",
+                "100MB",
+            ]
+        };
         let child = start_writing(&args, &work);
         signal(&child, sig);
         let o = child.wait_with_output().unwrap();
