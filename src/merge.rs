@@ -9,7 +9,7 @@ use crate::compute::rows::copy_rows;
 use crate::direct_io::ReadMode;
 use crate::error::{Error, Result};
 use crate::pipeline::{
-    copy_tensor, model_side_files, peak_rss_bytes, progress_bar, write_pipelined,
+    copy_tensor, merge_side_files, peak_rss_bytes, progress_bar, write_pipelined,
 };
 use crate::plan::merge::{Component, MergeSettings, plan};
 use crate::plan::merge_types::{Job, JobSource};
@@ -68,7 +68,7 @@ pub struct MergeOptions {
     pub dry_run: bool,
     pub progress: bool,
     /// `--no-copy-files`: a folder output gets only the weights, not the base folder's
-    /// config and tokenizer files (see [`side_files`]).
+    /// config and tokenizer files (see [`merge_side_files`]).
     pub no_copy_files: bool,
     /// Told things worth one line to a person as they happen (the CLI prints them on
     /// stderr); they also land in the report's `notes`.
@@ -205,7 +205,13 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
     let format = sink::OutputFormat::from_path(out)?;
     sink::check_output(out, &opts.sink)?;
     let (side, note) = if format == sink::OutputFormat::ShardedSafetensors && !opts.no_copy_files {
-        side_files(opts)?
+        let names: Vec<_> = opts
+            .bases
+            .iter()
+            .chain(&opts.loras)
+            .map(|(n, _)| n)
+            .collect();
+        merge_side_files(&opts.bases, &names, &opts.settings)?
     } else {
         (Vec::new(), None)
     };
@@ -227,48 +233,6 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
     report.output = out.display().to_string();
     report.format = format.name();
     Ok(report)
-}
-
-/// The base folder's config, tokenizer and code files for a folder output, and a note
-/// saying what is copied or why not. Copied only when the merge has one component, unnamed,
-/// whose base is in an HF model folder, and it is merged: then the output has the base's
-/// keys and its config.json describes them. Named components' keys are prefixed NAME.,
-/// several components mix models, and --keep-lora writes PeftModel's keys, none of which
-/// that config.json describes.
-fn side_files(opts: &MergeOptions) -> Result<(Vec<sink::SideFile>, Option<String>)> {
-    let in_model_folder = |p: &Path| source::model_folder_files(p).map(|f| !f.is_empty());
-    let mut folders = Vec::new();
-    for (_, p) in &opts.bases {
-        if in_model_folder(p)? {
-            folders.push(p);
-        }
-    }
-    let Some(first) = folders.first() else {
-        return Ok((Vec::new(), None));
-    };
-    let names: Vec<&Option<String>> = opts
-        .bases
-        .iter()
-        .chain(&opts.loras)
-        .map(|(n, _)| n)
-        .collect();
-    let why_not = if opts.settings.keep_lora {
-        Some("--keep-lora writes PeftModel's keys")
-    } else if names.iter().any(|n| n.is_some()) {
-        Some("the output's keys are prefixed NAME.")
-    } else if opts.bases.len() > 1 {
-        Some("the output holds several components")
-    } else {
-        None
-    };
-    if let Some(why) = why_not {
-        let note = format!(
-            "config and tokenizer files of {} not copied: {why}, which its config.json does not describe",
-            first.display()
-        );
-        return Ok((Vec::new(), Some(note)));
-    }
-    model_side_files(first, opts.settings.dtype)
 }
 
 /// What a run produces of one planned tensor.

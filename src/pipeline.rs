@@ -123,6 +123,48 @@ pub fn model_side_files(
     Ok((side, Some(note)))
 }
 
+/// For `merge`: the base folder's files for a folder output (see [`model_side_files`]),
+/// and a note saying what is copied or why not. `bases` are the `--base` specs, `names`
+/// the component name of every `--base` and `--lora`. Copied only when every component
+/// is unnamed (so there is one) and merged, with its base in an HF model folder: then the
+/// output has the base's keys and its config.json describes them. A NAME= prefix puts
+/// NAME. before every key and --keep-lora writes PeftModel's keys, which that
+/// config.json does not describe.
+pub fn merge_side_files(
+    bases: &[(Option<String>, std::path::PathBuf)],
+    names: &[&Option<String>],
+    settings: &crate::plan::merge::MergeSettings,
+) -> Result<(Vec<SideFile>, Option<String>)> {
+    let mut in_folder = None;
+    for (_, p) in bases {
+        if !source::model_folder_files(p)?.is_empty() {
+            in_folder = Some(p);
+            break;
+        }
+    }
+    let Some(base) = in_folder else {
+        return Ok((Vec::new(), None));
+    };
+    let why_not = if settings.keep_lora {
+        Some("--keep-lora writes PeftModel's keys")
+    } else if names.iter().any(|n| n.is_some()) {
+        Some("the output's keys are prefixed NAME.")
+    } else {
+        None
+    };
+    match why_not {
+        Some(why) => {
+            let note = format!(
+                "config and tokenizer files of {} not copied: {why}, which its config.json \
+                 does not describe",
+                base.display()
+            );
+            Ok((Vec::new(), Some(note)))
+        }
+        None => model_side_files(base, settings.dtype),
+    }
+}
+
 /// Converts any readable checkpoint into the format `output`'s path names.
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Report> {
     let start = Instant::now();

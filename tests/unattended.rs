@@ -658,6 +658,26 @@ fn folder_outputs_of_a_model_folder_get_its_config_and_tokenizer_files() {
         ]
     );
 
+    // --keep-lora: PeftModel's keys, which the config does not describe either.
+    let out = dir.path().join("keep");
+    let o = run(&[
+        "merge",
+        "--base",
+        model_s,
+        "--lora",
+        lora_s,
+        "--keep-lora",
+        "--out",
+        &format!("{}/", out.display()),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not copied: --keep-lora"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!out.join("config.json").exists());
+
     // A single-file output has nowhere to put them.
     let out = dir.path().join("one.safetensors");
     let o = run(&["convert", model_s, out.to_str().unwrap()]);
@@ -667,6 +687,7 @@ fn folder_outputs_of_a_model_folder_get_its_config_and_tokenizer_files() {
         [
             "bare",
             "conv",
+            "keep",
             "merged",
             "model",
             "named",
