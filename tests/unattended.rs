@@ -321,6 +321,50 @@ fn outputs_are_fsynced_before_their_final_name_and_the_folder_after() {
             .any(|l| l.contains("fsync(") && l.contains(&dir_name));
         assert!(dir_synced, "folder not fsynced after the rename:\n{text}");
     }
+
+    // An existing folder: every file fsynced under its temp name, renamed one by one (the
+    // index last), then the folder fsynced.
+    let repo = dir.path().join("repo");
+    std::fs::create_dir(&repo).unwrap();
+    let log = dir.path().join("repo.strace");
+    let out_path = format!("{}/", repo.display());
+    let Some(o) = strace(
+        &["convert", input, &out_path, "--shard-size", "20000"],
+        &log,
+    ) else {
+        return;
+    };
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let renames: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].contains("rename"))
+        .collect();
+    let names = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ];
+    assert_eq!(renames.len(), names.len(), "{text}");
+    for (f, &r) in names.iter().zip(&renames) {
+        assert!(
+            lines[r].ends_with(&format!("/repo/{f}\") = 0")),
+            "{}",
+            lines[r]
+        );
+        let synced = (0..r).any(|i| {
+            lines[i].contains("fsync(") && lines[i].contains(&format!("/repo/.{f}.lorastream-tmp-"))
+        });
+        assert!(synced, "{f} not fsynced before its rename:\n{text}");
+    }
+    let last = renames[renames.len() - 1];
+    let repo_name = format!("<{}>", repo.display());
+    assert!(
+        lines[last..]
+            .iter()
+            .any(|l| l.contains("fsync(") && l.contains(&repo_name)),
+        "folder not fsynced after the renames:\n{text}"
+    );
 }
 
 /// A merge of the llama_f32 fixture into `out` (extra arguments appended).
