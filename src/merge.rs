@@ -211,7 +211,13 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
             .chain(&opts.loras)
             .map(|(n, _)| n)
             .collect();
-        merge_side_files(&opts.bases, &names, &opts.settings)?
+        merge_side_files(
+            &opts.bases,
+            &names,
+            &opts.settings,
+            out,
+            opts.sink.overwrite,
+        )?
     } else {
         (Vec::new(), None)
     };

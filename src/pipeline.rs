@@ -63,11 +63,15 @@ fn torch_dtype_name(d: Dtype) -> Option<&'static str> {
 /// [`source::model_folder_files`]) that a folder output gets, so it loads with
 /// `from_pretrained` like the original. When `dtype` casts, config.json's `torch_dtype`
 /// (and `dtype`, which transformers 5 writes) say the new dtype; a config with neither gets
-/// `torch_dtype`, which both transformers 4 and 5 read. Also returns a note saying what was
-/// copied; nothing (and no note) when `base` is not in a model folder.
+/// `torch_dtype`, which both transformers 4 and 5 read. A file of the same name already in
+/// the output folder `out` (a README of the repo it is a clone of) is kept unless
+/// `overwrite`. Also returns a note saying what was copied and kept; nothing (and no note)
+/// when `base` is not in a model folder.
 pub fn model_side_files(
     base: &Path,
     dtype: DtypeChoice,
+    out: &Path,
+    overwrite: bool,
 ) -> Result<(Vec<SideFile>, Option<String>)> {
     let files = source::model_folder_files(base)?;
     if files.is_empty() {
@@ -94,10 +98,15 @@ pub fn model_side_files(
             .collect();
     }
     let mut names = Vec::new();
+    let mut kept = Vec::new();
     let side: Vec<SideFile> = files
         .into_iter()
         .filter_map(|p| {
             let name = p.file_name()?.to_str()?.to_string();
+            if !overwrite && out.join(&name).exists() {
+                kept.push(name);
+                return None;
+            }
             names.push(name.clone());
             let set = if name == "config.json" {
                 set.clone()
@@ -113,19 +122,30 @@ pub fn model_side_files(
         .collect();
     let mut note = format!(
         "copied {} beside the weights (from {}",
-        names.join(", "),
+        if names.is_empty() {
+            "nothing".to_string()
+        } else {
+            names.join(", ")
+        },
         base.display()
     );
-    if let Some((k, v)) = set.first() {
+    if let (Some((k, v)), true) = (set.first(), names.iter().any(|n| n == "config.json")) {
         note += &format!("; config.json {k} = {v}");
     }
     note += "; --no-copy-files leaves them out)";
+    if !kept.is_empty() {
+        note += &format!(
+            "; kept {} already in {} (--overwrite replaces them)",
+            kept.join(", "),
+            out.display()
+        );
+    }
     Ok((side, Some(note)))
 }
 
 /// For `merge`: the base folder's files for a folder output (see [`model_side_files`]),
 /// and a note saying what is copied or why not. `bases` are the `--base` specs, `names`
-/// the component name of every `--base` and `--lora`. Copied only when every component
+/// the component name of every `--base` and `--lora`; `out` and `overwrite` as there. Copied only when every component
 /// is unnamed (so there is one) and merged, with its base in an HF model folder: then the
 /// output has the base's keys and its config.json describes them. A NAME= prefix puts
 /// NAME. before every key and --keep-lora writes PeftModel's keys, which that
@@ -134,6 +154,8 @@ pub fn merge_side_files(
     bases: &[(Option<String>, std::path::PathBuf)],
     names: &[&Option<String>],
     settings: &crate::plan::merge::MergeSettings,
+    out: &Path,
+    overwrite: bool,
 ) -> Result<(Vec<SideFile>, Option<String>)> {
     let mut in_folder = None;
     for (_, p) in bases {
@@ -161,7 +183,7 @@ pub fn merge_side_files(
             );
             Ok((Vec::new(), Some(note)))
         }
-        None => model_side_files(base, settings.dtype),
+        None => model_side_files(base, settings.dtype, out, overwrite),
     }
 }
 
@@ -191,7 +213,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
             .map(|(o, t)| (o.name.as_str(), t.name.as_str())),
     )?;
     let (side, note) = if format == sink::OutputFormat::ShardedSafetensors && !opts.no_copy_files {
-        model_side_files(input, opts.dtype)?
+        model_side_files(input, opts.dtype, output, opts.sink.overwrite)?
     } else {
         (Vec::new(), None)
     };

@@ -585,6 +585,7 @@ fn folder_outputs_of_a_model_folder_get_its_config_and_tokenizer_files() {
         "tokenizer_config.json",
         "chat_template.jinja",
         "modeling_x.py",
+        "README.md",
     ] {
         std::fs::write(model.join(f), format!("contents of {f}")).unwrap();
     }
@@ -592,6 +593,7 @@ fn folder_outputs_of_a_model_folder_get_its_config_and_tokenizer_files() {
     std::fs::create_dir(model.join("original")).unwrap();
     std::fs::write(model.join("original/consolidated.00.pth"), "x").unwrap();
     let side = [
+        "README.md",
         "chat_template.jinja",
         "config.json",
         "modeling_x.py",
@@ -621,7 +623,7 @@ fn folder_outputs_of_a_model_folder_get_its_config_and_tokenizer_files() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("note: copied chat_template.jinja, config.json"),
+        stderr(&o).contains("note: copied README.md, chat_template.jinja, config.json"),
         "{}",
         stderr(&o)
     );
@@ -702,6 +704,37 @@ fn folder_outputs_of_a_model_folder_get_its_config_and_tokenizer_files() {
         ]
     );
 
+    // An existing clone with its own README and .gitattributes: those are kept (a note
+    // says so) unless --overwrite.
+    let clone = dir.path().join("clone");
+    std::fs::create_dir(&clone).unwrap();
+    std::fs::write(clone.join("README.md"), "my card").unwrap();
+    std::fs::write(clone.join(".gitattributes"), "lfs").unwrap();
+    let clone_out = format!("{}/", clone.display());
+    let o = run(&[
+        "merge", "--base", model_s, "--lora", lora_s, "--out", &clone_out,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("; kept README.md already in {clone_out}")),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(std::fs::read(clone.join("README.md")).unwrap(), b"my card");
+    let mut with_git = expected.clone();
+    with_git.insert(0, ".gitattributes");
+    assert_eq!(names_in(&clone), with_git);
+    let args = [
+        "merge", "--base", model_s, "--lora", lora_s, "--out", &clone_out,
+    ];
+    let o = run(&[&args[..], &["--overwrite"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(clone.join("README.md")).unwrap(),
+        b"contents of README.md"
+    );
+    assert_eq!(std::fs::read(clone.join(".gitattributes")).unwrap(), b"lfs");
+
     // --keep-lora: PeftModel's keys, which the config does not describe either.
     let out = dir.path().join("keep");
     let o = run(&[
@@ -730,6 +763,7 @@ fn folder_outputs_of_a_model_folder_get_its_config_and_tokenizer_files() {
         names_in(dir.path()),
         [
             "bare",
+            "clone",
             "conv",
             "keep",
             "merged",
