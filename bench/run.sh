@@ -26,7 +26,9 @@
 # command's own, over wall x cores), the CPU pressure (PSI "some") and the load average,
 # since this machine is shared.
 # Writers are timed up to their outputs being on disk (the command, then `sync FILES`; the
-# sync share is recorded). "cold" = `sync; echo 3 > /proc/sys/vm/drop_caches` before the
+# sync share is recorded; lorastream fsyncs its outputs itself since the durable-outputs
+# change, so its sync share is ~0 and that time is in the command: bench/RESULTS.md,
+# "Durable outputs"). "cold" = `sync; echo 3 > /proc/sys/vm/drop_caches` before the
 # run (needs root; noted if not permitted); "hot" = the base files read into the page
 # cache first (fincore says how much of them is resident when the run starts).
 set -uo pipefail

@@ -61,8 +61,9 @@ enum Command {
     /// Rewrite a checkpoint in another format, dtype or naming.
     ///
     /// The output format follows OUT: .pth/.pt/.bin → PyTorch zip (torch.load-able, also
-    /// with mmap=True), .safetensors → one safetensors file, a folder (existing and empty,
-    /// or a path ending in '/') → HF sharded safetensors with model.safetensors.index.json.
+    /// with mmap=True), .safetensors → one safetensors file, a folder (existing, or a path
+    /// ending in '/') → HF sharded safetensors with model.safetensors.index.json, plus the
+    /// input folder's config and tokenizer files when the input is an HF model folder.
     /// Nested dicts in .pth inputs are flattened with '.'; non-tensor entries are skipped.
     /// Every tensor is copied byte for byte unless --dtype casts it.
     #[command(
@@ -255,6 +256,14 @@ struct OutputArgs {
     /// shape, size, time taken (with --dry-run: every planned tensor).
     #[arg(short, long)]
     verbose: bool,
+    /// Write a folder output into a folder that already holds checkpoint files; those the
+    /// new output does not replace are removed once it is in place.
+    #[arg(long)]
+    overwrite: bool,
+    /// Do not copy the other files of the HF model folder the weights come from (config,
+    /// tokenizer, code) into a folder output: weights only.
+    #[arg(long)]
+    no_copy_files: bool,
 }
 
 /// How square 2-D weights are laid out, where the base's own description does not say:
@@ -501,11 +510,13 @@ fn run(
                 sink: SinkOptions {
                     shard_size: out.shard_size,
                     direct_io: !out.buffered_io,
+                    overwrite: out.overwrite,
                 },
                 reads: read_mode(out.buffered_io),
                 progress: !out.json && !out.quiet,
                 notify: (!out.quiet).then_some(note_line as fn(&str)),
                 trace: (out.verbose && !out.quiet).then_some(trace_line as fn(&str)),
+                no_copy_files: out.no_copy_files,
             };
             let report = pipeline::convert(&input, &output, &opts)?;
             if out.json {
@@ -558,12 +569,14 @@ fn run(
                 sink: SinkOptions {
                     shard_size: output.shard_size,
                     direct_io: !output.buffered_io,
+                    overwrite: output.overwrite,
                 },
                 reads: read_mode(output.buffered_io),
                 dry_run,
                 progress: !json && !quiet,
                 notify: (!quiet).then_some(note_line as fn(&str)),
                 trace: (output.verbose && !quiet).then_some(trace_line as fn(&str)),
+                no_copy_files: output.no_copy_files,
             };
             let r = lorastream::merge::merge(&out, &opts)?;
             if json {

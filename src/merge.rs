@@ -8,7 +8,9 @@ use crate::compute::cuda::CudaBackend;
 use crate::compute::rows::copy_rows;
 use crate::direct_io::ReadMode;
 use crate::error::{Error, Result};
-use crate::pipeline::{copy_tensor, peak_rss_bytes, progress_bar, write_pipelined};
+use crate::pipeline::{
+    copy_tensor, merge_side_files, peak_rss_bytes, progress_bar, write_pipelined,
+};
 use crate::plan::coverage::{self, AdapterCoverage};
 use crate::plan::merge::{Component, MergeSettings, plan_with_notes};
 use crate::plan::merge_types::{Job, JobSource};
@@ -72,6 +74,9 @@ pub struct MergeOptions {
     pub reads: ReadMode,
     pub dry_run: bool,
     pub progress: bool,
+    /// `--no-copy-files`: a folder output gets only the weights, not the base folder's
+    /// config and tokenizer files (see [`merge_side_files`]).
+    pub no_copy_files: bool,
     /// Told things worth one line to a person as they happen (the CLI prints them on
     /// stderr); they also land in the report's `notes`.
     pub notify: Option<fn(&str)>,
@@ -254,6 +259,24 @@ fn backend(opts: &MergeOptions) -> Result<(Box<dyn DeltaBackend>, Option<String>
 /// Plans, checks and (unless dry-run) writes the merged checkpoint.
 pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
     let format = sink::OutputFormat::from_path(out)?;
+    sink::check_output(out, &opts.sink)?;
+    let (side, note) = if format == sink::OutputFormat::ShardedSafetensors && !opts.no_copy_files {
+        let names: Vec<_> = opts
+            .bases
+            .iter()
+            .chain(&opts.loras)
+            .map(|(n, _)| n)
+            .collect();
+        merge_side_files(
+            &opts.bases,
+            &names,
+            &opts.settings,
+            out,
+            opts.sink.overwrite,
+        )?
+    } else {
+        (Vec::new(), None)
+    };
     let mut report = merge_into(opts, |plan_out| {
         // The same checks for dry and real runs: a dry run that passes will not fail here.
         sink::preflight(out, plan_out)?;
@@ -261,10 +284,16 @@ pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
             return Ok(None);
         }
         Ok(Some(Target {
-            sink: sink::create(out, plan_out, &opts.sink)?,
+            sink: sink::create_with(out, plan_out, &opts.sink, &side)?,
             produce: vec![Produce::All; plan_out.len()],
         }))
     })?;
+    if let Some(n) = note.filter(|_| !opts.dry_run) {
+        if let Some(notify) = opts.notify {
+            notify(&n);
+        }
+        report.notes.push(n);
+    }
     report.output = out.display().to_string();
     report.format = format.name();
     Ok(report)

@@ -6,7 +6,7 @@ use crate::direct_io::{AlignedBuf, ReadMode};
 use crate::dtype::{Dtype, cast_float};
 use crate::error::{Error, Result};
 use crate::plan::{DtypeChoice, RenameRule, rename};
-use crate::sink::{self, OutTensor, SharedBytes, SinkOptions, TensorSink};
+use crate::sink::{self, OutTensor, SharedBytes, SideFile, SinkOptions, TensorSink};
 use crate::source::{self, MappedFile, TensorEntry};
 use serde::Serialize;
 use std::path::Path;
@@ -32,6 +32,9 @@ pub struct ConvertOptions {
     pub notify: Option<fn(&str)>,
     /// Told one line per tensor as it is written, with how long it took (`--verbose`).
     pub trace: Option<fn(&str)>,
+    /// `--no-copy-files`: a folder output from an HF model folder gets only the weights,
+    /// not the folder's config and tokenizer files.
+    pub no_copy_files: bool,
 }
 
 /// What a finished job reports (`--json`).
@@ -49,10 +52,150 @@ pub struct Report {
     pub notes: Vec<String>,
 }
 
+/// The torch name of a floating dtype, as `torch_dtype` in config.json spells it.
+fn torch_dtype_name(d: Dtype) -> Option<&'static str> {
+    match d {
+        Dtype::F64 => Some("float64"),
+        Dtype::F32 => Some("float32"),
+        Dtype::F16 => Some("float16"),
+        Dtype::BF16 => Some("bfloat16"),
+        _ => None,
+    }
+}
+
+/// The files of the HF model folder `base` was read from (see
+/// [`source::model_folder_files`]) that a folder output gets, so it loads with
+/// `from_pretrained` like the original. When `dtype` casts, config.json's `torch_dtype`
+/// (and `dtype`, which transformers 5 writes) say the new dtype; a config with neither gets
+/// `torch_dtype`, which both transformers 4 and 5 read. A file of the same name already in
+/// the output folder `out` (a README of the repo it is a clone of) is kept unless
+/// `overwrite`. Also returns a note saying what was copied and kept; nothing (and no note)
+/// when `base` is not in a model folder.
+pub fn model_side_files(
+    base: &Path,
+    dtype: DtypeChoice,
+    out: &Path,
+    overwrite: bool,
+) -> Result<(Vec<SideFile>, Option<String>)> {
+    let files = source::model_folder_files(base)?;
+    if files.is_empty() {
+        return Ok((Vec::new(), None));
+    }
+    let cast_to = match dtype {
+        DtypeChoice::To(d) => torch_dtype_name(d),
+        DtypeChoice::Keep => None,
+    };
+    let mut set = Vec::new();
+    if let (Some(name), Some(cfg)) = (cast_to, source::model_config(base)?) {
+        let keys: Vec<&str> = ["torch_dtype", "dtype"]
+            .into_iter()
+            .filter(|k| cfg.json.get(*k).is_some())
+            .collect();
+        let keys = if keys.is_empty() {
+            vec!["torch_dtype"]
+        } else {
+            keys
+        };
+        set = keys
+            .into_iter()
+            .map(|k| (k.to_string(), serde_json::Value::from(name)))
+            .collect();
+    }
+    let mut names = Vec::new();
+    let mut kept = Vec::new();
+    let side: Vec<SideFile> = files
+        .into_iter()
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?.to_string();
+            if !overwrite && out.join(&name).exists() {
+                kept.push(name);
+                return None;
+            }
+            names.push(name.clone());
+            let set = if name == "config.json" {
+                set.clone()
+            } else {
+                Vec::new()
+            };
+            Some(SideFile {
+                source: p,
+                name,
+                set,
+            })
+        })
+        .collect();
+    let mut note = format!(
+        "copied {} beside the weights (from {}",
+        if names.is_empty() {
+            "nothing".to_string()
+        } else {
+            names.join(", ")
+        },
+        base.display()
+    );
+    if let (Some((k, v)), true) = (set.first(), names.iter().any(|n| n == "config.json")) {
+        note += &format!("; config.json {k} = {v}");
+    }
+    note += "; --no-copy-files leaves them out)";
+    if !kept.is_empty() {
+        note += &format!(
+            "; kept {} already in {} (--overwrite replaces them)",
+            kept.join(", "),
+            out.display()
+        );
+    }
+    Ok((side, Some(note)))
+}
+
+/// For `merge`: the base folder's files for a folder output (see [`model_side_files`]),
+/// and a note saying what is copied or why not. `bases` are the `--base` specs, `names`
+/// the component name of every `--base` and `--lora`; `out` and `overwrite` as there. Copied only when every component
+/// is unnamed (so there is one) and merged, with its base in an HF model folder: then the
+/// output has the base's keys and its config.json describes them. A NAME= prefix puts
+/// NAME. before every key and --keep-lora writes PeftModel's keys, which that
+/// config.json does not describe.
+pub fn merge_side_files(
+    bases: &[(Option<String>, std::path::PathBuf)],
+    names: &[&Option<String>],
+    settings: &crate::plan::merge::MergeSettings,
+    out: &Path,
+    overwrite: bool,
+) -> Result<(Vec<SideFile>, Option<String>)> {
+    let mut in_folder = None;
+    for (_, p) in bases {
+        if !source::model_folder_files(p)?.is_empty() {
+            in_folder = Some(p);
+            break;
+        }
+    }
+    let Some(base) = in_folder else {
+        return Ok((Vec::new(), None));
+    };
+    let why_not = if settings.keep_lora {
+        Some("--keep-lora writes PeftModel's keys")
+    } else if names.iter().any(|n| n.is_some()) {
+        Some("the output's keys are prefixed NAME.")
+    } else {
+        None
+    };
+    match why_not {
+        Some(why) => {
+            let note = format!(
+                "config and tokenizer files of {} not copied: {why}, which its config.json \
+                 does not describe",
+                base.display()
+            );
+            Ok((Vec::new(), Some(note)))
+        }
+        None => model_side_files(base, settings.dtype, out, overwrite),
+    }
+}
+
 /// Converts any readable checkpoint into the format `output`'s path names.
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Report> {
     let start = Instant::now();
     let format = sink::OutputFormat::from_path(output)?;
+    sink::check_output(output, &opts.sink)?;
     let ckpt = source::open(input)?;
     ckpt.set_read_mode(opts.reads);
     let (plan, sources): (Vec<OutTensor>, Vec<&TensorEntry>) = ckpt
@@ -78,7 +221,15 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
             .zip(&sources)
             .map(|(o, t)| (o.name.as_str(), t.name.as_str())),
     )?;
-    let out = sink::create(output, &plan, &opts.sink)?;
+    let (side, note) = if format == sink::OutputFormat::ShardedSafetensors && !opts.no_copy_files {
+        model_side_files(input, opts.dtype, output, opts.sink.overwrite)?
+    } else {
+        (Vec::new(), None)
+    };
+    if let (Some(n), Some(notify)) = (&note, opts.notify) {
+        notify(n);
+    }
+    let out = sink::create_with(output, &plan, &opts.sink, &side)?;
     let bar = progress_bar(opts.progress, plan.iter().map(|t| t.nbytes()).sum());
     let dtypes: Vec<Dtype> = plan.iter().map(|o| o.dtype).collect();
     let ties = crate::plan::merge::tied_copies(&sources, &dtypes);
@@ -122,7 +273,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
         bytes: plan.iter().map(|t| t.nbytes()).sum(),
         seconds: start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
-        notes,
+        notes: notes.into_iter().chain(note).collect(),
     })
 }
 

@@ -693,18 +693,27 @@ fn dry_run_checks_the_output_folder() {
     );
     let shards = dir.path().join("shards");
     std::fs::create_dir(&shards).unwrap();
-    std::fs::write(shards.join("keep.txt"), "x").unwrap();
-    let (code, _, err) = run(&[
-        "merge",
-        "--base",
-        &s(&base()),
-        "--out",
-        &format!("{}/", s(&shards)),
-        "--dry-run",
-    ]);
+    // Non-weight files (an HF repo clone's README) are fine; a checkpoint there is refused
+    // unless --overwrite, by a dry run too.
+    std::fs::write(shards.join("README.md"), "x").unwrap();
+    let dry = |shards: &Path| {
+        run(&[
+            "merge",
+            "--base",
+            &s(&base()),
+            "--out",
+            &format!("{}/", s(shards)),
+            "--dry-run",
+        ])
+    };
+    let (code, _, err) = dry(&shards);
+    assert_eq!(code, 0, "{err}");
+    std::fs::write(shards.join("model.safetensors"), "x").unwrap();
+    let (code, _, err) = dry(&shards);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("not empty"), "{err}");
+    assert!(err.contains("--overwrite"), "{err}");
     assert_eq!(entries(dir.path()), ["shards"]);
+    assert_eq!(entries(&shards), ["README.md", "model.safetensors"]);
 }
 
 #[test]

@@ -225,12 +225,14 @@ impl DirectFileWriter {
             .map_err(|e| io::Error::new(e.kind(), format!("copying {}: {e}", b.label)))
     }
 
-    /// Writes everything out and sets the file's length. No fsync: like cp and torch.save
-    /// we leave that to the kernel.
+    /// Writes everything out, sets the file's length and fsyncs it: a run that reports
+    /// success has its output on disk (O_DIRECT writes skip the cache but not the
+    /// metadata, the length and the block map, so they need the fsync too).
     pub fn finish(mut self) -> io::Result<()> {
         self.join_background()?;
         self.flush_staged(true)?;
-        self.file.set_len(self.len)
+        self.file.set_len(self.len)?;
+        self.file.sync_all()
     }
 }
 

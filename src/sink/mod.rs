@@ -20,13 +20,13 @@ pub use direct_file::DirectFileWriter;
 pub use pickle_writer::{PickledTensor, state_dict_pickle};
 pub use preflight::preflight;
 pub use safetensors::SafetensorsWriter;
-pub use sharded::ShardedSafetensorsWriter;
+pub use sharded::{ShardedSafetensorsWriter, check_output_folder};
 pub use torch_zip::TorchZipWriter;
 
 use crate::direct_io::AlignedBuf;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// One tensor of the output, as planned.
@@ -191,6 +191,9 @@ pub struct SinkOptions {
     /// Write around the page cache (`O_DIRECT`) where the filesystem allows: no kernel
     /// copy per byte, no output left dirty in the cache. Off: ordinary buffered writes.
     pub direct_io: bool,
+    /// A folder output may go into a folder that already holds checkpoint files; those the
+    /// new output does not replace are removed once it is in place.
+    pub overwrite: bool,
 }
 
 impl Default for SinkOptions {
@@ -198,32 +201,73 @@ impl Default for SinkOptions {
         SinkOptions {
             shard_size: 5_000_000_000,
             direct_io: true,
+            overwrite: false,
         }
     }
 }
 
-/// Opens the writer for `out`, whose format follows from its path.
-pub fn create(out: &Path, plan: &[OutTensor], opts: &SinkOptions) -> Result<Box<dyn TensorSink>> {
+/// A file that goes beside the tensors of a folder output (an HF model folder's config,
+/// tokenizer, custom code): copied from `source` as `name`. When `set` is not empty the
+/// file is a JSON object whose top-level keys `set` replaces or adds (`torch_dtype` after
+/// a cast). Sinks copy bytes; which files, and which keys, is the job's business.
+#[derive(Clone, Debug)]
+pub struct SideFile {
+    pub source: PathBuf,
+    pub name: String,
+    pub set: Vec<(String, serde_json::Value)>,
+}
+
+/// `out` without a trailing `/` (the folder's own path).
+fn dest_of(out: &Path) -> &Path {
     let dest = Path::new(
         out.to_str()
             .map(|s| s.trim_end_matches('/'))
             .unwrap_or_default(),
     );
-    let dest = if dest.as_os_str().is_empty() {
+    if dest.as_os_str().is_empty() {
         out
     } else {
         dest
-    };
-    Ok(match OutputFormat::from_path(out)? {
+    }
+}
+
+/// Checks, before any work, that `out` can be written with these options: a folder output
+/// into an existing folder that holds checkpoint files needs `overwrite`.
+pub fn check_output(out: &Path, opts: &SinkOptions) -> Result<()> {
+    if OutputFormat::from_path(out)? == OutputFormat::ShardedSafetensors {
+        check_output_folder(dest_of(out), opts.overwrite)?;
+    }
+    Ok(())
+}
+
+/// Opens the writer for `out`, whose format follows from its path.
+pub fn create(out: &Path, plan: &[OutTensor], opts: &SinkOptions) -> Result<Box<dyn TensorSink>> {
+    create_with(out, plan, opts, &[])
+}
+
+/// Opens the writer for `out`, with files to copy beside the tensors (a folder output
+/// only: a single-file output has nowhere to put them, which is an error here).
+pub fn create_with(
+    out: &Path,
+    plan: &[OutTensor],
+    opts: &SinkOptions,
+    side_files: &[SideFile],
+) -> Result<Box<dyn TensorSink>> {
+    let dest = dest_of(out);
+    let format = OutputFormat::from_path(out)?;
+    if format != OutputFormat::ShardedSafetensors && !side_files.is_empty() {
+        return Err(Error::Plan(format!(
+            "internal: files to copy beside a single-file output '{}'",
+            out.display()
+        )));
+    }
+    Ok(match format {
         OutputFormat::TorchZip => Box::new(TorchZipWriter::create(dest, plan, opts.direct_io)?),
         OutputFormat::Safetensors => {
             Box::new(SafetensorsWriter::create(dest, plan, opts.direct_io)?)
         }
         OutputFormat::ShardedSafetensors => Box::new(ShardedSafetensorsWriter::create(
-            dest,
-            plan,
-            opts.shard_size,
-            opts.direct_io,
+            dest, plan, opts, side_files,
         )?),
     })
 }

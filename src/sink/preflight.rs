@@ -1,8 +1,7 @@
 //! Checks on the output location, run before a merge starts writing (and by `--dry-run`,
 //! so a dry run that passes has checked what a real run would hit first): the output
 //! format is known, the destination folder exists and takes a new file (a probe file is
-//! created and removed there), a sharded output's folder is empty, and the filesystem has
-//! room for the planned bytes.
+//! created and removed there), and the filesystem has room for the planned bytes.
 
 use super::{OutTensor, OutputFormat};
 use crate::error::{Error, Result};
@@ -41,7 +40,8 @@ fn available_bytes(dir: &Path) -> Option<u64> {
 
 /// Fails (naming the folder) unless an output of `plan` can be written at `out`.
 pub fn preflight(out: &Path, plan: &[OutTensor]) -> Result<()> {
-    let format = OutputFormat::from_path(out)?;
+    // An output name of no known format is a usage error, before anything else.
+    OutputFormat::from_path(out)?;
     let (dest, parent) = destination(out);
     if !parent.is_dir() {
         return Err(Error::io(
@@ -49,15 +49,7 @@ pub fn preflight(out: &Path, plan: &[OutTensor]) -> Result<()> {
             std::io::Error::new(std::io::ErrorKind::NotFound, "output folder does not exist"),
         ));
     }
-    if format == OutputFormat::ShardedSafetensors && dest.is_dir() {
-        let mut rd = std::fs::read_dir(&dest).map_err(|e| Error::io(&dest, e))?;
-        if rd.next().is_some() {
-            return Err(Error::format(
-                &dest,
-                "output folder is not empty; remove it or name a new folder (sharded outputs replace the whole folder)",
-            ));
-        }
-    }
+    // What an existing folder output may hold is `check_output_folder`'s question.
     let probe = parent.join(format!(".lorastream-probe-{}", std::process::id()));
     std::fs::OpenOptions::new()
         .write(true)
@@ -116,9 +108,6 @@ mod tests {
         let shards = dir.path().join("shards");
         std::fs::create_dir(&shards).unwrap();
         preflight(&dir.path().join("shards/"), &plan(10)).unwrap();
-        std::fs::write(shards.join("x"), b"x").unwrap();
-        let e = preflight(&dir.path().join("shards/"), &plan(10)).unwrap_err();
-        assert!(e.to_string().contains("not empty"), "{e}");
         assert!(
             preflight(&dir.path().join("o.txt"), &plan(1))
                 .unwrap_err()

@@ -62,32 +62,32 @@ impl SafetensorsWriter {
     /// A standalone file at `dest`, written atomically; `direct`: bypass the page cache
     /// where the filesystem allows (see `DirectFileWriter`).
     pub fn create(dest: &Path, plan: &[OutTensor], direct: bool) -> Result<SafetensorsWriter> {
-        let temp = TempOutput::new(dest)?;
-        let mut w = Self::create_at(temp.path(), plan, direct)?;
-        w.path = dest.to_path_buf();
+        let (temp, mut w) = TempOutput::create(dest, |p| Self::create_in(p, dest, plan, direct))?;
         w.temp = Some(temp);
         Ok(w)
     }
 
-    /// A plain file at `path` (the caller owns atomicity).
-    pub(crate) fn create_at(
+    /// A plain file at `path` (the caller owns atomicity), named `shown` in messages (its
+    /// final name, when `path` is a temp name the caller renames).
+    pub(crate) fn create_in(
         path: &Path,
+        shown: &Path,
         plan: &[OutTensor],
         direct: bool,
     ) -> Result<SafetensorsWriter> {
-        let head = header(plan, path)?;
-        let mut out = DirectFileWriter::create(path, direct).map_err(|e| Error::io(path, e))?;
-        out.write_all(&head).map_err(|e| Error::io(path, e))?;
+        let head = header(plan, shown)?;
+        let mut out = DirectFileWriter::create(path, direct).map_err(|e| Error::io(shown, e))?;
+        out.write_all(&head).map_err(|e| Error::io(shown, e))?;
         Ok(SafetensorsWriter {
             out,
             temp: None,
-            path: path.to_path_buf(),
+            path: shown.to_path_buf(),
             cursor: PlanCursor::new(plan),
         })
     }
 
-    /// Flushes; commits when standalone. No fsync: like cp and torch.save we leave that to
-    /// the kernel; the rename still makes the output appear whole or not at all to readers.
+    /// Flushes and fsyncs (`DirectFileWriter::finish`); commits when standalone (rename,
+    /// then fsync of the folder), so the output is on disk before success is reported.
     pub(crate) fn close(self) -> Result<()> {
         self.cursor.check_complete()?;
         self.out.finish().map_err(|e| Error::io(&self.path, e))?;

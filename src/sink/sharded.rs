@@ -1,23 +1,118 @@
 //! `ShardedSafetensorsWriter`: an HF-style folder of `model-0000i-of-0000n.safetensors`
-//! shards plus `model.safetensors.index.json`, as `save_pretrained` writes it. Shards are
-//! filled greedily in plan order up to the shard size; a tensor larger than the limit gets
-//! a shard of its own. The whole folder is written under a temp name and renamed at the end.
+//! shards plus `model.safetensors.index.json`, as `save_pretrained` writes it, and the
+//! files the job asks to put beside them (config, tokenizer). Shards are filled greedily
+//! in plan order up to the shard size; a tensor larger than the limit gets a shard of its
+//! own. Every file is fsynced before it gets its final name, and the folder after.
+//!
+//! Where the output goes:
+//! - a new folder is written under a temp name beside it and renamed whole at the end;
+//! - an existing folder (a mount point, a volume, an HF repo clone with a README) is kept,
+//!   with its mode, owner and mount: files are written inside it under temp names and
+//!   renamed at the end, the index last. If it already holds checkpoint files it is
+//!   refused before any work unless `overwrite`; then the old checkpoint files the new
+//!   output does not replace are removed only after the new ones are in place, so a run
+//!   that fails leaves the old checkpoint whole.
 
-use super::atomic::TempOutput;
+use super::atomic::{TempOutput, creating, remove_stale, sync_dir, sync_file};
 use super::safetensors::SafetensorsWriter;
-use super::{OutTensor, PlanCursor, SharedBytes, TensorSink};
+use super::{OutTensor, PlanCursor, SharedBytes, SideFile, TensorSink};
+use crate::checkpoint_files::is_weight_file;
 use crate::error::{Error, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+const INDEX: &str = "model.safetensors.index.json";
+
+/// Where the files go.
+enum Place {
+    /// A new folder, under a temp name until the end.
+    New(TempOutput),
+    /// An existing folder: files under temp names inside it (`pending`, in the order they
+    /// are renamed at the end), and the old checkpoint files found there (`overwrite`).
+    Existing {
+        dir: PathBuf,
+        pending: Vec<TempOutput>,
+        old_checkpoint: Vec<String>,
+    },
+}
+
 pub struct ShardedSafetensorsWriter {
-    temp: TempOutput,
+    place: Place,
+    dest: PathBuf,
     shards: Vec<(String, Vec<OutTensor>)>,
     current: Option<(usize, SafetensorsWriter)>,
     direct: bool,
     /// Which shard each plan index belongs to.
     shard_of: Vec<usize>,
     cursor: PlanCursor,
+}
+
+/// The checkpoint files (by name, see `is_weight_file`) directly in folder `dir`.
+fn checkpoint_files_in(dir: &Path) -> Result<Vec<String>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+    let mut found = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir && !name.starts_with('.') && is_weight_file(&name) {
+            found.push(name);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Refuses an existing output folder that holds checkpoint files unless `overwrite`, and
+/// a path that exists but is not a folder. A missing folder, or one with other files only
+/// (README.md, .gitattributes, a config), is fine.
+pub fn check_output_folder(dest: &Path, overwrite: bool) -> Result<()> {
+    if !dest.exists() {
+        return Ok(());
+    }
+    if !dest.is_dir() {
+        return Err(Error::format(
+            dest,
+            "exists and is not a folder; a sharded output (a path ending in '/') is a folder",
+        ));
+    }
+    let found = checkpoint_files_in(dest)?;
+    if found.is_empty() || overwrite {
+        return Ok(());
+    }
+    let mut list = found.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if found.len() > 5 {
+        list += &format!(", … ({} in all)", found.len());
+    }
+    Err(Error::format(
+        dest,
+        format!(
+            "output folder already holds checkpoint files ({list}); pass --overwrite to replace \
+             them (they are removed only once the new output is in place), or name another folder"
+        ),
+    ))
+}
+
+/// Writes side file `f` at `path` (JSON keys replaced when asked) and fsyncs it.
+fn write_side_file(f: &SideFile, path: &Path, shown: &Path) -> Result<()> {
+    if f.set.is_empty() {
+        std::fs::copy(&f.source, path).map_err(|e| Error::io(&f.source, e))?;
+    } else {
+        let text = std::fs::read_to_string(&f.source).map_err(|e| Error::io(&f.source, e))?;
+        let mut json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::format(&f.source, format!("not valid JSON: {e}")))?;
+        let obj = json
+            .as_object_mut()
+            .ok_or_else(|| Error::format(&f.source, "not a JSON object"))?;
+        for (k, v) in &f.set {
+            obj.insert(k.clone(), v.clone());
+        }
+        // Two-space indent and a final newline, as transformers writes config.json.
+        let out =
+            serde_json::to_string_pretty(&json).map_err(|e| Error::format(shown, e.to_string()))?;
+        std::fs::write(path, out + "\n").map_err(|e| Error::io(shown, e))?;
+    }
+    sync_file(path)
 }
 
 /// Splits `plan` into shards of at most `limit` bytes each (a tensor over the limit alone).
@@ -42,22 +137,32 @@ pub fn split(plan: &[OutTensor], limit: u64) -> Vec<Vec<OutTensor>> {
 }
 
 impl ShardedSafetensorsWriter {
-    pub fn create(dest: &Path, plan: &[OutTensor], shard_size: u64, direct: bool) -> Result<Self> {
-        if dest.is_dir() {
-            let mut rd = std::fs::read_dir(dest).map_err(|e| Error::io(dest, e))?;
-            if rd.next().is_some() {
-                return Err(Error::format(
-                    dest,
-                    "output folder is not empty; remove it or name a new folder (sharded outputs replace the whole folder)",
-                ));
-            }
-        }
-        if shard_size == 0 {
+    /// Opens the folder output `dest` (existing or not, see the module comment) and writes
+    /// `side_files` into it at once (under temp names), so a bad one fails before any work.
+    pub fn create(
+        dest: &Path,
+        plan: &[OutTensor],
+        opts: &super::SinkOptions,
+        side_files: &[SideFile],
+    ) -> Result<Self> {
+        if opts.shard_size == 0 {
             return Err(Error::Usage("--shard-size must be at least 1 byte".into()));
         }
-        let temp = TempOutput::new(dest)?;
-        std::fs::create_dir(temp.path()).map_err(|e| Error::io(dest, e))?;
-        let parts = split(plan, shard_size);
+        check_output_folder(dest, opts.overwrite)?;
+        let place = if dest.is_dir() {
+            remove_stale(dest, None);
+            Place::Existing {
+                dir: dest.to_path_buf(),
+                pending: Vec::new(),
+                old_checkpoint: checkpoint_files_in(dest)?,
+            }
+        } else {
+            let (temp, ()) = TempOutput::create(dest, |p| {
+                std::fs::create_dir(p).map_err(|e| Error::io(dest, e))
+            })?;
+            Place::New(temp)
+        };
+        let parts = split(plan, opts.shard_size);
         let n = parts.len();
         let mut shard_of = Vec::with_capacity(plan.len());
         let shards = parts
@@ -68,22 +173,54 @@ impl ShardedSafetensorsWriter {
                 (format!("model-{:05}-of-{:05}.safetensors", i + 1, n), p)
             })
             .collect();
-        Ok(ShardedSafetensorsWriter {
-            temp,
+        let mut w = ShardedSafetensorsWriter {
+            place,
+            dest: dest.to_path_buf(),
             shards,
             current: None,
-            direct,
+            direct: opts.direct_io,
             shard_of,
             cursor: PlanCursor::new(plan),
-        })
+        };
+        for f in side_files {
+            if is_weight_file(&f.name) || f.name == INDEX || f.name.contains('/') {
+                return Err(Error::Plan(format!(
+                    "internal: '{}' cannot be copied beside the shards",
+                    f.name
+                )));
+            }
+            let shown = dest.join(&f.name);
+            w.create_file(&f.name, |p| write_side_file(f, p, &shown))?;
+        }
+        Ok(w)
+    }
+
+    /// Creates the file that will be called `name` in the output folder with `make`
+    /// (given where to create it), where the signal handler cannot interleave.
+    fn create_file<T>(&mut self, name: &str, make: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+        match &mut self.place {
+            Place::New(temp) => {
+                let path = temp.path().join(name);
+                creating(|| make(&path))
+            }
+            Place::Existing { dir, pending, .. } => {
+                let (t, v) = TempOutput::create(&dir.join(name), make)?;
+                pending.push(t);
+                Ok(v)
+            }
+        }
     }
 
     fn open_shard(&mut self, i: usize) -> Result<()> {
         if let Some((_, w)) = self.current.take() {
             w.close()?;
         }
-        let (name, plan) = &self.shards[i];
-        let w = SafetensorsWriter::create_at(&self.temp.path().join(name), plan, self.direct)?;
+        let (name, plan) = self.shards[i].clone();
+        let shown = self.dest.join(&name);
+        let direct = self.direct;
+        let w = self.create_file(&name, |p| {
+            SafetensorsWriter::create_in(p, &shown, &plan, direct)
+        })?;
         self.current = Some((i, w));
         Ok(())
     }
@@ -92,6 +229,45 @@ impl ShardedSafetensorsWriter {
         match &mut self.current {
             Some((_, w)) => Ok(w),
             None => Err(Error::Internal("no shard open".into())),
+        }
+    }
+
+    /// Gives every file its final name (the index last), fsyncs the folder, then removes
+    /// the old checkpoint files the new output did not replace.
+    fn put_in_place(self) -> Result<()> {
+        match self.place {
+            Place::New(temp) => {
+                sync_dir(temp.path())?;
+                temp.commit()
+            }
+            Place::Existing {
+                dir,
+                pending,
+                old_checkpoint,
+            } => {
+                for t in pending {
+                    t.rename_into_place()?;
+                }
+                sync_dir(&dir)?;
+                let new: Vec<&str> = self
+                    .shards
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .chain([INDEX])
+                    .collect();
+                let old: Vec<&String> = old_checkpoint
+                    .iter()
+                    .filter(|n| !new.contains(&n.as_str()))
+                    .collect();
+                for name in &old {
+                    let p = dir.join(name);
+                    std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+                }
+                if !old.is_empty() {
+                    sync_dir(&dir)?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -136,11 +312,14 @@ impl TensorSink for ShardedSafetensorsWriter {
         let total: u64 = self.cursor.plan().iter().map(|t| t.nbytes()).sum();
         let index =
             serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        let index_path = self.temp.path().join("model.safetensors.index.json");
+        let shown = self.dest.join(INDEX);
         let text = serde_json::to_string_pretty(&index)
-            .map_err(|e| Error::format(&index_path, e.to_string()))?;
-        std::fs::write(&index_path, text + "\n").map_err(|e| Error::io(&index_path, e))?;
-        self.temp.commit()
+            .map_err(|e| Error::format(&shown, e.to_string()))?;
+        self.create_file(INDEX, |p| {
+            std::fs::write(p, text + "\n").map_err(|e| Error::io(&shown, e))?;
+            sync_file(p)
+        })?;
+        self.put_in_place()
     }
 }
 

@@ -40,8 +40,9 @@ fn record_options(nbytes: u64) -> SimpleFileOptions {
 impl TorchZipWriter {
     /// `direct`: bypass the page cache where the filesystem allows (`DirectFileWriter`).
     pub fn create(dest: &Path, plan: &[OutTensor], direct: bool) -> Result<TorchZipWriter> {
-        let temp = TempOutput::new(dest)?;
-        let f = DirectFileWriter::create(temp.path(), direct).map_err(|e| Error::io(dest, e))?;
+        let (temp, f) = TempOutput::create(dest, |p| {
+            DirectFileWriter::create(p, direct).map_err(|e| Error::io(dest, e))
+        })?;
         Ok(TorchZipWriter {
             zip: ZipWriter::new(f),
             bounce: Default::default(),
@@ -143,7 +144,7 @@ impl TensorSink for TorchZipWriter {
             .zip
             .finish()
             .map_err(|e| Error::format(&dest, format!("writing the zip failed: {e}")))?;
-        // No fsync, as in SafetensorsWriter::close.
+        // Flushed and fsynced, then renamed and the folder fsynced (commit).
         file.finish().map_err(|e| Error::io(&dest, e))?;
         this.temp.commit()
     }

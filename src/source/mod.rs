@@ -15,7 +15,7 @@ mod safetensors;
 mod torch_zip;
 
 pub use layout::{AdapterFiles, adapter_dir, open, open_adapter};
-pub use model_config::{ModelConfig, model_config};
+pub use model_config::{ModelConfig, model_config, model_folder_files};
 
 use crate::direct_io::{self, AlignedBuf, AtomicReadMode, ReadMode};
 use crate::dtype::Dtype;

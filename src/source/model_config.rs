@@ -1,7 +1,9 @@
 //! The model's own description beside its weights: `config.json` (architecture, tying) and
 //! the custom modeling code its `auto_map` names. The plan uses it as evidence for questions
 //! the tensors cannot settle (how a square weight is laid out, which weights are tied).
+//! Also lists the folder's other files, which jobs copy beside a folder output.
 
+use crate::checkpoint_files::is_weight_file;
 use crate::error::{Error, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -36,17 +38,48 @@ impl ModelConfig {
     }
 }
 
-/// Finds `config.json` for the checkpoint at `given` (a folder, or a file / index inside
-/// one). None when there is none; an error when it exists but cannot be read.
-pub fn model_config(given: &Path) -> Result<Option<ModelConfig>> {
-    let dir = if given.is_dir() {
+/// The folder a checkpoint path is in: `given` itself when it is a folder.
+fn folder_of(given: &Path) -> PathBuf {
+    if given.is_dir() {
         given.to_path_buf()
     } else {
         match given.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         }
-    };
+    }
+}
+
+/// The files of the HF model folder the checkpoint at `given` was read from (a folder, or
+/// a file / index inside one) other than weights: config, generation config, tokenizer,
+/// chat template, custom code, README, licence. Empty when the folder has no
+/// `config.json` (not a model folder). Hidden files and subfolders are left out (`.git`,
+/// `original/` with another copy of the weights); symlinks (HF cache snapshots) count as
+/// the files they point to.
+pub fn model_folder_files(given: &Path) -> Result<Vec<PathBuf>> {
+    let dir = folder_of(given);
+    if !dir.join("config.json").is_file() {
+        return Ok(Vec::new());
+    }
+    let rd = std::fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    let mut files = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(&dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with('.') || is_weight_file(&name) || !path.is_file() {
+            continue;
+        }
+        files.push(path);
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Finds `config.json` for the checkpoint at `given` (a folder, or a file / index inside
+/// one). None when there is none; an error when it exists but cannot be read.
+pub fn model_config(given: &Path) -> Result<Option<ModelConfig>> {
+    let dir = folder_of(given);
     let path = dir.join("config.json");
     if !path.is_file() {
         return Ok(None);
