@@ -25,6 +25,7 @@ varied offsets, so the generator needs little RAM and runs at disk speed.
 import argparse
 import json
 import os
+import shutil
 import struct
 import sys
 import time
@@ -108,6 +109,13 @@ def config_json(cfg):
     return {
         "architectures": ["InternLM2ForCausalLM"],
         "model_type": "internlm2",
+        # As InternLM2 releases ship it: the modeling code beside the weights (copied from
+        # fixtures/xtuner/internlm2), which tells lorastream how its square weights lie.
+        "auto_map": {
+            "AutoConfig": "configuration_internlm2.InternLM2Config",
+            "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+            "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+        },
         "bias": False,
         "hidden_act": "silu",
         "hidden_size": cfg["hidden"],
@@ -156,6 +164,9 @@ def make_base(out, cfg, pool, seed):
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config_json(cfg), f, indent=2)
+    code = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "xtuner", "internlm2")
+    for name in ("modeling_internlm2.py", "configuration_internlm2.py"):
+        shutil.copyfile(os.path.join(code, name), os.path.join(out, name))
     return total
 
 
