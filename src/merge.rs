@@ -519,8 +519,10 @@ fn check_input_paths(opts: &MergeOptions) -> Result<()> {
     }
     let mut seen: Vec<(&Option<String>, PathBuf, &Path)> = Vec::new();
     for (name, path) in &opts.loras {
-        // Canonical paths: `dir`, `./dir`, `dir/` and a symlink to it are one folder.
-        let canon = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        // Canonical paths: `dir`, `./dir`, `dir/`, a symlink to it and a file inside it
+        // (`dir/adapter_model.safetensors`, read as the folder) are one adapter.
+        let (dir, _) = source::adapter_dir(path);
+        let canon = std::fs::canonicalize(&dir).unwrap_or(dir);
         if let Some((_, _, first)) = seen.iter().find(|(n, c, _)| *n == name && *c == canon) {
             return Err(Error::Usage(format!(
                 "component {}: the adapter {} is given twice (--lora {} and --lora {}); it would be \
@@ -663,6 +665,17 @@ mod tests {
         assert!(e.is_usage() && e.to_string().contains("given twice"), "{e}");
         let apart = vec![(Some("a"), ad.clone()), (Some("b"), ad.clone())];
         check_input_paths(&opts(vec![dir.path().into()], apart)).unwrap();
+        // The weights file inside the folder names the same adapter.
+        std::fs::write(ad.join("adapter_model.safetensors"), "x").unwrap();
+        let file = vec![
+            (None, ad.clone()),
+            (None, ad.join("adapter_model.safetensors")),
+        ];
+        assert!(
+            check_input_paths(&opts(vec![], file))
+                .unwrap_err()
+                .is_usage()
+        );
     }
 
     #[test]
