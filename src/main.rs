@@ -115,14 +115,8 @@ enum Command {
         /// Output: .pth/.pt/.bin, .safetensors, or a folder ending in '/' (sharded).
         #[arg(short = 'o', long)]
         out: PathBuf,
-        /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder). An
-        /// argument that is an existing path as a whole is that path.
-        #[arg(long = "base", value_name = "[NAME=]PATH")]
-        bases: Vec<String>,
-        /// A PEFT adapter folder (or a file in it) for a component: [NAME=]DIR. Repeat to merge
-        /// several in order. An argument that is an existing path as a whole is that path.
-        #[arg(long = "lora", value_name = "[NAME=]DIR")]
-        loras: Vec<String>,
+        #[command(flatten)]
+        components: ComponentArgs,
         /// Write the adapters unmerged, keyed as PeftModel.state_dict() (one adapter per component).
         #[arg(long)]
         keep_lora: bool,
@@ -290,9 +284,9 @@ impl LayoutArgs {
     }
 }
 
-/// The merge's options as `verify` takes them (those of `merge` that shape the output).
+/// The components of a merge (`merge` and `verify`): bases and adapters, by NAME.
 #[derive(clap::Args)]
-struct VerifyMergeArgs {
+struct ComponentArgs {
     /// Base weights of a component: [NAME=]PATH (file, *.index.json or HF folder). An
     /// argument that is an existing path as a whole is that path.
     #[arg(long = "base", value_name = "[NAME=]PATH")]
@@ -301,6 +295,18 @@ struct VerifyMergeArgs {
     /// several in order. An argument that is an existing path as a whole is that path.
     #[arg(long = "lora", value_name = "[NAME=]DIR")]
     loras: Vec<String>,
+}
+
+/// `[NAME=]PATH` arguments, split.
+fn split_all(specs: &[String]) -> Vec<(Option<String>, PathBuf)> {
+    specs.iter().map(|s| split_named(s)).collect()
+}
+
+/// The merge's options as `verify` takes them (those of `merge` that shape the output).
+#[derive(clap::Args)]
+struct VerifyMergeArgs {
+    #[command(flatten)]
+    components: ComponentArgs,
     /// The output was written with --keep-lora.
     #[arg(long)]
     keep_lora: bool,
@@ -536,8 +542,7 @@ fn run(
         }
         Command::Merge {
             out,
-            bases,
-            loras,
+            components,
             keep_lora,
             expect_keys_from,
             allow_missing_keys,
@@ -551,8 +556,8 @@ fn run(
             let (json, quiet) = (output.json, output.quiet);
             check_shard_size(&out, shard_size_given)?;
             let opts = MergeOptions {
-                bases: bases.iter().map(|s| split_named(s)).collect(),
-                loras: loras.iter().map(|s| split_named(s)).collect(),
+                bases: split_all(&components.bases),
+                loras: split_all(&components.loras),
                 component_order,
                 settings: MergeSettings {
                     keep_lora,
@@ -656,8 +661,8 @@ fn run(
             };
             let opts = VerifyOptions {
                 merge: MergeOptions {
-                    bases: merge.bases.iter().map(|s| split_named(s)).collect(),
-                    loras: merge.loras.iter().map(|s| split_named(s)).collect(),
+                    bases: split_all(&merge.components.bases),
+                    loras: split_all(&merge.components.loras),
                     component_order,
                     settings: MergeSettings {
                         keep_lora: merge.keep_lora,
