@@ -91,6 +91,10 @@ enum Command {
         /// Where to write, as the positional OUTPUT (give one of the two).
         #[arg(short = 'o', long = "out", value_name = "OUT")]
         out_path: Option<PathBuf>,
+        /// Write the output even when the input holds no tensors (by default that is an
+        /// error: a training save whose tensors could not be found, say).
+        #[arg(long)]
+        allow_empty: bool,
         #[command(flatten)]
         opts: OutputArgs,
     },
@@ -490,6 +494,7 @@ fn run(
             input,
             output,
             out_path,
+            allow_empty,
             opts: out,
         } => {
             let output = match (output, out_path) {
@@ -517,6 +522,7 @@ fn run(
                 notify: (!out.quiet).then_some(note_line as fn(&str)),
                 trace: (out.verbose && !out.quiet).then_some(trace_line as fn(&str)),
                 no_copy_files: out.no_copy_files,
+                allow_empty,
             };
             let report = pipeline::convert(&input, &output, &opts)?;
             if out.json {

@@ -13,6 +13,7 @@ mod model_config;
 pub mod pickle;
 mod safetensors;
 mod torch_zip;
+mod walk;
 
 pub use layout::{AdapterFiles, adapter_dir, open, open_adapter};
 pub use model_config::{ModelConfig, model_config, model_folder_files};

@@ -5,7 +5,8 @@
 //! are then a slice of the memory map at its record's offset. Records must be stored
 //! uncompressed, which torch always does.
 
-use super::pickle::{self, TensorRef, Value};
+use super::pickle::{self, TensorRef};
+use super::walk;
 use super::{MappedFile, TensorData, TensorEntry, checked_nbytes};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -48,23 +49,15 @@ pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<Stri
     let root = pickle::load(&bytes[pkl.start..pkl.start + pkl.len])
         .map_err(|e| Error::format(path, e.to_string()))?;
 
-    let mut leaves = Vec::new();
-    let mut skipped = Vec::new();
-    match &root {
-        Value::Dict(_) => flatten(&root, "", &mut leaves, &mut skipped),
-        _ => {
-            return Err(Error::format(
-                path,
-                "data.pkl does not hold a dict of tensors (a whole pickled model or another object?)",
-            ));
-        }
+    if let Some(why) = walk::root_problem(&root) {
+        return Err(Error::format(path, format!("data.pkl {why}")));
     }
-
-    let mut tensors = Vec::with_capacity(leaves.len());
-    for (name, t) in leaves {
+    let found = walk::tensors_in(&root);
+    let mut tensors = Vec::with_capacity(found.tensors.len());
+    for (name, t) in found.tensors {
         tensors.push(entry(file, &records, &prefix, name, &t)?);
     }
-    Ok((tensors, skipped))
+    Ok((tensors, found.skipped))
 }
 
 struct Record {
@@ -131,31 +124,6 @@ fn local_data_start(bytes: &[u8], header: usize) -> Option<usize> {
     let extra_len = u16::from_le_bytes([h[28], h[29]]) as usize;
     let start = header + 30 + name_len + extra_len;
     (start <= bytes.len()).then_some(start)
-}
-
-fn flatten(
-    v: &Value,
-    prefix: &str,
-    leaves: &mut Vec<(String, std::rc::Rc<TensorRef>)>,
-    skipped: &mut Vec<String>,
-) {
-    let Value::Dict(d) = v else { return };
-    for (k, val) in d.borrow().iter() {
-        let key = match k {
-            Value::Str(s) => s.clone(),
-            Value::Int(i) => i.to_string(),
-            _ => {
-                skipped.push(format!("{prefix}<non-string key>"));
-                continue;
-            }
-        };
-        let name = format!("{prefix}{key}");
-        match val {
-            Value::Tensor(t) => leaves.push((name, t.clone())),
-            Value::Dict(_) => flatten(val, &format!("{name}."), leaves, skipped),
-            _ => skipped.push(name),
-        }
-    }
 }
 
 fn entry(
