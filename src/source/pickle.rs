@@ -128,7 +128,7 @@ pub enum PickleError {
 type PResult<T> = std::result::Result<T, PickleError>;
 
 fn resolve_global(module: &str, name: &str) -> Global {
-    let g = match (module, name) {
+    match (module, name) {
         ("collections", "OrderedDict") => Global::OrderedDict,
         ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
         ("torch._utils", "_rebuild_tensor_v3") => Global::RebuildTensorV3,
@@ -150,8 +150,7 @@ fn resolve_global(module: &str, name: &str) -> Global {
             }
         }
         _ => Global::Other(format!("{module}.{name}")),
-    };
-    g
+    }
 }
 
 struct Machine<'a> {

@@ -6,7 +6,9 @@
 //! Why not recursion: a pickle is input, and a hostile one nests a million lists deep;
 //! the walk keeps its own stack. Why a visited set: memo references make containers
 //! shared and even cyclic (a list holding itself); each container is walked once, a second
-//! path to it is listed as skipped, so the walk is linear in the pickle's size.
+//! path to it is listed as skipped, so the walk is linear in the pickle's size. Lists,
+//! tuples, sets and objects that hold no tensor at any depth (an optimizer's parameter
+//! index lists, a numpy array) are listed as one skipped entry, not element by element.
 
 use super::pickle::{Object, TensorRef, Value};
 use std::collections::HashSet;
@@ -36,6 +38,7 @@ pub(crate) fn root_problem(root: &Value) -> Option<&'static str> {
 /// Walks `root`. The root's own entries get no prefix.
 pub(crate) fn tensors_in(root: &Value) -> Found {
     let mut found = Found::default();
+    let holders = tensor_holders(root);
     let mut seen: HashSet<usize> = HashSet::new();
     // (path, value); children are pushed in reverse so they pop in order.
     let mut stack: Vec<(String, Value)> = vec![(String::new(), root.clone())];
@@ -50,7 +53,23 @@ pub(crate) fn tensors_in(root: &Value) -> Found {
             continue;
         }
         let mut children: Vec<(String, Value)> = Vec::new();
+        let holds = container_addr(&v).is_some_and(|a| holders.contains(&a));
         match &v {
+            Value::List(l) | Value::Set(l) if !holds => found.skipped.push(format!(
+                "{} (a list of {} without tensors)",
+                shown(&path),
+                l.borrow().len()
+            )),
+            Value::Tuple(t) if !holds => found.skipped.push(format!(
+                "{} (a tuple of {} without tensors)",
+                shown(&path),
+                t.len()
+            )),
+            Value::Object(o) if !holds => {
+                found
+                    .skipped
+                    .push(format!("{} ({})", shown(&path), o.class))
+            }
             Value::Tensor(t) => found.tensors.push((path, Rc::clone(t))),
             Value::Dict(d) => {
                 for (k, val) in d.borrow().iter() {
@@ -62,7 +81,7 @@ pub(crate) fn tensors_in(root: &Value) -> Found {
             }
             Value::List(l) | Value::Set(l) => indexed(&path, l.borrow().iter(), &mut children),
             Value::Tuple(t) => indexed(&path, t.iter(), &mut children),
-            Value::Object(o) => object(&path, o, &mut children, &mut found.skipped),
+            Value::Object(o) => object(&path, o, &holders, &mut children, &mut found.skipped),
             _ => found.skipped.push(shown(&path)),
         }
         stack.extend(children.into_iter().rev());
@@ -78,9 +97,14 @@ pub(crate) fn tensors_in(root: &Value) -> Found {
 fn object(
     path: &str,
     o: &Rc<Object>,
+    holders: &HashSet<usize>,
     children: &mut Vec<(String, Value)>,
     skipped: &mut Vec<String>,
 ) {
+    let holds = |v: &Value| match v {
+        Value::Tensor(_) => true,
+        _ => container_addr(v).is_some_and(|a| holders.contains(&a)),
+    };
     if o.class.starts_with("torch.") {
         skipped.push(format!("{} ({}, not read)", shown(path), o.class));
         return;
@@ -99,7 +123,7 @@ fn object(
                         dict_fields(path, d, children, skipped);
                     }
                 }
-            } else {
+            } else if holds(state) {
                 children.push((path.to_string(), state.clone()));
             }
         }
@@ -108,7 +132,7 @@ fn object(
         dict_fields(path, d, children, skipped);
     }
     if let Value::Tuple(args) = &o.args
-        && args.iter().any(may_hold_tensors)
+        && holds(&o.args)
     {
         indexed(path, args.iter(), children);
     }
@@ -131,16 +155,58 @@ fn dict_fields(
     }
 }
 
-fn may_hold_tensors(v: &Value) -> bool {
-    matches!(
-        v,
-        Value::Tensor(_)
-            | Value::Dict(_)
-            | Value::List(_)
-            | Value::Tuple(_)
-            | Value::Set(_)
-            | Value::Object(_)
-    )
+/// The containers that hold a tensor at some depth, by address: one post-order pass with
+/// its own stack, each container expanded once (a cycle's back edge counts as empty).
+fn tensor_holders(root: &Value) -> HashSet<usize> {
+    let mut holders = HashSet::new();
+    let mut visited = HashSet::new();
+    let mut stack: Vec<(Value, bool)> = vec![(root.clone(), false)];
+    while let Some((v, expanded)) = stack.pop() {
+        let Some(addr) = container_addr(&v) else {
+            continue;
+        };
+        if expanded {
+            let mut any = false;
+            for_children(&v, |c| {
+                any = any
+                    || matches!(c, Value::Tensor(_))
+                    || container_addr(c).is_some_and(|a| holders.contains(&a));
+            });
+            if any {
+                holders.insert(addr);
+            }
+            continue;
+        }
+        if !visited.insert(addr) {
+            continue;
+        }
+        stack.push((v.clone(), true));
+        for_children(&v, |c| {
+            if container_addr(c).is_some() {
+                stack.push((c.clone(), false));
+            }
+        });
+    }
+    holders
+}
+
+/// Calls `f` on every value directly inside a container (an object's arguments and state).
+fn for_children(v: &Value, mut f: impl FnMut(&Value)) {
+    match v {
+        Value::Dict(d) => d.borrow().iter().for_each(|(k, x)| {
+            f(k);
+            f(x)
+        }),
+        Value::List(l) | Value::Set(l) => l.borrow().iter().for_each(f),
+        Value::Tuple(t) => t.iter().for_each(f),
+        Value::Object(o) => {
+            f(&o.args);
+            if let Some(s) = o.state.borrow().as_ref() {
+                f(s);
+            }
+        }
+        _ => {}
+    }
 }
 
 fn indexed<'a>(
@@ -216,7 +282,7 @@ mod tests {
         // l = []; l.append(l)
         let (t, s) = names(b"\x80\x02]q\x00h\x00a.");
         assert!(t.is_empty());
-        assert_eq!(s, ["0 (a second reference to a container already read)"]);
+        assert_eq!(s, ["<root> (a list of 1 without tensors)"]);
     }
 
     /// Deeply nested lists are walked with the walk's own stack. (Kept to a depth the
@@ -231,10 +297,11 @@ mod tests {
         assert!(t.is_empty());
     }
 
-    /// `Namespace(lr=1)` is walked into; `os.system("x")` is listed with its name.
+    /// Objects without tensors (`Namespace(lr=1)`, `os.system("x")`) are listed whole, with
+    /// their class.
     #[test]
     fn opaque_objects_show_their_class() {
         let (_, s) = names(b"\x80\x02}(X\x01\x00\x00\x00hcargparse\nNamespace\n)\x81}X\x02\x00\x00\x00lrK\x01sbX\x01\x00\x00\x00xcos\nsystem\nX\x01\x00\x00\x00x\x85Ru.");
-        assert_eq!(s, ["h.lr", "x (os.system)"]);
+        assert_eq!(s, ["h (argparse.Namespace)", "x (os.system)"]);
     }
 }
