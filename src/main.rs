@@ -64,7 +64,8 @@ enum Command {
     /// with mmap=True), .safetensors → one safetensors file, a folder (existing, or a path
     /// ending in '/') → HF sharded safetensors with model.safetensors.index.json, plus the
     /// input folder's config and tokenizer files when the input is an HF model folder.
-    /// Nested dicts in .pth inputs are flattened with '.'; non-tensor entries are skipped.
+    /// Tensors anywhere in a .pth input (nested dicts, lists, objects) are named by their
+    /// path joined with '.'; non-tensor entries are skipped; no tensors at all is an error.
     /// Every tensor is copied byte for byte unless --dtype casts it.
     #[command(
         mut_arg("dtype", |a| a.help(
