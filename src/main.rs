@@ -64,7 +64,8 @@ enum Command {
     /// with mmap=True), .safetensors → one safetensors file, a folder (existing, or a path
     /// ending in '/') → HF sharded safetensors with model.safetensors.index.json, plus the
     /// input folder's config and tokenizer files when the input is an HF model folder.
-    /// Nested dicts in .pth inputs are flattened with '.'; non-tensor entries are skipped.
+    /// Tensors anywhere in a .pth input (nested dicts, lists, objects) are named by their
+    /// path joined with '.'; non-tensor entries are skipped; no tensors at all is an error.
     /// Every tensor is copied byte for byte unless --dtype casts it.
     #[command(
         mut_arg("dtype", |a| a.help(
@@ -91,6 +92,10 @@ enum Command {
         /// Where to write, as the positional OUTPUT (give one of the two).
         #[arg(short = 'o', long = "out", value_name = "OUT")]
         out_path: Option<PathBuf>,
+        /// Write the output even when the input holds no tensors (by default that is an
+        /// error: a training save whose tensors could not be found, say).
+        #[arg(long)]
+        allow_empty: bool,
         #[command(flatten)]
         opts: OutputArgs,
     },
@@ -496,6 +501,7 @@ fn run(
             input,
             output,
             out_path,
+            allow_empty,
             opts: out,
         } => {
             let output = match (output, out_path) {
@@ -523,6 +529,7 @@ fn run(
                 notify: (!out.quiet).then_some(note_line as fn(&str)),
                 trace: (out.verbose && !out.quiet).then_some(trace_line as fn(&str)),
                 no_copy_files: out.no_copy_files,
+                allow_empty,
             };
             let report = pipeline::convert(&input, &output, &opts)?;
             if out.json {

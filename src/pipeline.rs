@@ -35,6 +35,8 @@ pub struct ConvertOptions {
     /// `--no-copy-files`: a folder output from an HF model folder gets only the weights,
     /// not the folder's config and tokenizer files.
     pub no_copy_files: bool,
+    /// `--allow-empty`: an input without tensors gives an empty output instead of an error.
+    pub allow_empty: bool,
 }
 
 /// What a finished job reports (`--json`).
@@ -50,6 +52,29 @@ pub struct Report {
     pub peak_rss_bytes: u64,
     /// Things worth a line to a person (rename or exclude rules that matched nothing).
     pub notes: Vec<String>,
+}
+
+/// Why an input without tensors is refused, naming what it held instead.
+fn no_tensors_message(skipped: &[String]) -> String {
+    const SHOWN: usize = 12;
+    let mut msg = String::from("holds no tensors, so the output would be empty");
+    if skipped.is_empty() {
+        msg += " (the file has no entries at all)";
+    } else {
+        let more = skipped.len().saturating_sub(SHOWN);
+        msg += &format!(
+            "; it holds only {} non-tensor entr{}: {}{}",
+            skipped.len(),
+            if skipped.len() == 1 { "y" } else { "ies" },
+            skipped[..skipped.len().min(SHOWN)].join(", "),
+            if more > 0 {
+                format!(", … ({more} more; `inspect` lists all)")
+            } else {
+                String::new()
+            }
+        );
+    }
+    msg + ". Pass --allow-empty to write an empty output anyway"
 }
 
 /// The torch name of a floating dtype, as `torch_dtype` in config.json spells it.
@@ -198,6 +223,9 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
     sink::check_output(output, &opts.sink)?;
     let ckpt = source::open(input)?;
     ckpt.set_read_mode(opts.reads);
+    if ckpt.tensors.is_empty() && !opts.allow_empty {
+        return Err(Error::format(input, no_tensors_message(&ckpt.skipped)));
+    }
     let (plan, sources): (Vec<OutTensor>, Vec<&TensorEntry>) = ckpt
         .tensors
         .iter()

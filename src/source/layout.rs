@@ -1,7 +1,7 @@
 //! What a path is: one checkpoint file (sniffed by content), a sharded `*.index.json`, an
 //! HF model folder, or a PEFT adapter folder. Turns it into a [`Checkpoint`].
 
-use super::{Checkpoint, MappedFile, SourceFormat, TensorEntry, safetensors, torch_zip};
+use super::{Checkpoint, MappedFile, SourceFormat, TensorEntry, legacy, safetensors, torch_zip};
 use crate::error::{Error, Result};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -209,6 +209,8 @@ fn open_file(path: &Path, given: &Path) -> Result<Checkpoint> {
 
 type ReadOne = (SourceFormat, Vec<TensorEntry>, Vec<String>);
 
+/// What one file is, decided by its content (the extension only breaks the tie between
+/// safetensors and an unknown format): a torch zip, a legacy torch file, or safetensors.
 fn read_one(file: &std::sync::Arc<MappedFile>) -> Result<ReadOne> {
     let b = file.bytes();
     let path = file.path();
@@ -217,15 +219,9 @@ fn read_one(file: &std::sync::Arc<MappedFile>) -> Result<ReadOne> {
         return Ok((SourceFormat::TorchZip, t, s));
     }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-    // A legacy torch file starts with the pickled magic number (PROTO 2, LONG1 of 10
-    // bytes) or is a tar archive.
-    let legacy = b.starts_with(&[0x80, 0x02, 0x8a, 0x0a]) || b.get(257..262) == Some(b"ustar");
-    if legacy && ext != "safetensors" {
-        return Err(Error::format(
-            path,
-            "this is a legacy (pre-1.6, non-zip) PyTorch file, which cannot be read in place; \
-             re-save it once with a current torch: torch.save(torch.load(path, weights_only=True), new_path)",
-        ));
+    if ext != "safetensors" && legacy::looks_legacy(b) {
+        let (t, s) = legacy::read(file)?;
+        return Ok((SourceFormat::TorchLegacy, t, s));
     }
     if matches!(ext, "pth" | "pt" | "bin" | "ckpt") {
         return Err(Error::format(

@@ -9,10 +9,12 @@
 //! the model is. Sources know nothing of plans or writers.
 
 mod layout;
+mod legacy;
 mod model_config;
 pub mod pickle;
 mod safetensors;
 mod torch_zip;
+mod walk;
 
 pub use layout::{AdapterFiles, adapter_dir, open, open_adapter};
 pub use model_config::{ModelConfig, model_config, model_folder_files};
@@ -362,6 +364,8 @@ impl TensorEntry {
 pub enum SourceFormat {
     Safetensors,
     TorchZip,
+    /// torch < 1.6 (or `_use_new_zipfile_serialization=False`): pickles, then raw storages.
+    TorchLegacy,
 }
 
 impl SourceFormat {
@@ -369,6 +373,7 @@ impl SourceFormat {
         match self {
             SourceFormat::Safetensors => "safetensors",
             SourceFormat::TorchZip => "torch-zip",
+            SourceFormat::TorchLegacy => "torch-legacy",
         }
     }
 }

@@ -4,8 +4,12 @@
 //! drops the class names of globals; candle's reader is tied to candle and misses dtypes
 //! and opcodes. Torch state dicts need only a small part of pickle, so this is a small
 //! stack machine that builds plain values and **never executes anything**: every GLOBAL is
-//! looked up in an allowlist of the tensor-related names torch writes, and anything else
-//! (the classic `os.system`) is refused with an error naming it.
+//! looked up in an allowlist of the tensor-related names torch writes; anything else (a
+//! training script's `argparse.Namespace`, numpy arrays, `torch.device`, the classic
+//! `os.system`) becomes an [`Object`]: an opaque record of the class name, the arguments it
+//! would have been called with and the state BUILD would have set. Nothing is imported or
+//! called, so an opaque value is as harmless as a string; the tensors inside it (an
+//! object's `__dict__`, a namedtuple's fields) are still found by the caller.
 //!
 //! Supported: protocol 2 (what torch writes) plus the protocol 0/1/4/5 opcodes that older
 //! or hand-made files contain (STACK_GLOBAL, SHORT_BINUNICODE, MEMOIZE, FRAME, BINBYTES,
@@ -33,6 +37,21 @@ pub enum Value {
     Global(Global),
     Storage(Rc<StorageRef>),
     Tensor(Rc<TensorRef>),
+    /// An integer wider than 64 bits: its little-endian two's-complement bytes.
+    BigInt(Rc<Vec<u8>>),
+    /// What a call of a global outside the allowlist would have made (never made).
+    Object(Rc<Object>),
+}
+
+/// An opaque object: `class(*args)` plus BUILD's state, recorded, never run.
+#[derive(Debug)]
+pub struct Object {
+    /// `module.name` of the global called (`argparse.Namespace`, `os.system`), or
+    /// `<call>` when the callable was itself an opaque value.
+    pub class: String,
+    pub args: Value,
+    /// What BUILD (`__setstate__`) would have been given: usually the `__dict__`.
+    pub state: RefCell<Option<Value>>,
 }
 
 /// The globals a torch checkpoint may name. Anything else is refused.
@@ -55,6 +74,19 @@ pub enum Global {
     /// Tensor classes named by `_rebuild_from_type_v2` (`torch.nn.parameter.Parameter`,
     /// `torch.Tensor`); only used as markers.
     TensorClass(String),
+    /// Any other `module.name`: never imported; calling it makes an [`Object`].
+    Other(String),
+}
+
+impl Global {
+    /// The name a skipped-entry report shows for the global itself.
+    pub fn describe(&self) -> String {
+        match self {
+            Global::Other(n) | Global::TensorClass(n) => n.clone(),
+            Global::DtypeObj(d) => format!("torch dtype {d}"),
+            other => format!("{other:?}"),
+        }
+    }
 }
 
 /// A storage named by a persistent id: the zip record `data/<key>`.
@@ -81,11 +113,6 @@ pub struct TensorRef {
 /// What can go wrong while reading a pickle. The caller adds the file name.
 #[derive(Debug, thiserror::Error)]
 pub enum PickleError {
-    #[error(
-        "data.pkl names the global '{0}', which is not allowed (lorastream only accepts the \
-         torch tensor and storage globals and never runs pickled code)"
-    )]
-    ForbiddenGlobal(String),
     #[error("data.pkl: unknown or unsupported pickle opcode 0x{op:02x} at byte {pos}")]
     UnknownOpcode { op: u8, pos: usize },
     #[error("data.pkl: stack underflow at opcode 0x{op:02x} (byte {pos})")]
@@ -100,8 +127,8 @@ pub enum PickleError {
 
 type PResult<T> = std::result::Result<T, PickleError>;
 
-fn resolve_global(module: &str, name: &str) -> PResult<Global> {
-    let g = match (module, name) {
+fn resolve_global(module: &str, name: &str) -> Global {
+    match (module, name) {
         ("collections", "OrderedDict") => Global::OrderedDict,
         ("torch._utils", "_rebuild_tensor_v2") => Global::RebuildTensorV2,
         ("torch._utils", "_rebuild_tensor_v3") => Global::RebuildTensorV3,
@@ -119,12 +146,11 @@ fn resolve_global(module: &str, name: &str) -> PResult<Global> {
             } else if let Some(d) = Dtype::from_torch_attr(attr) {
                 Global::DtypeObj(d)
             } else {
-                return Err(PickleError::ForbiddenGlobal(format!("{module}.{name}")));
+                Global::Other(format!("{module}.{name}"))
             }
         }
-        _ => return Err(PickleError::ForbiddenGlobal(format!("{module}.{name}"))),
-    };
-    Ok(g)
+        _ => Global::Other(format!("{module}.{name}")),
+    }
 }
 
 struct Machine<'a> {
@@ -135,11 +161,28 @@ struct Machine<'a> {
     memo: HashMap<u32, Value>,
     op: u8,
     op_pos: usize,
+    /// Every storage a persistent id named, in pickle order.
+    storages: Vec<Rc<StorageRef>>,
 }
 
 /// Reads a pickle and returns the value it builds.
 pub fn load(data: &[u8]) -> PResult<Value> {
-    Machine {
+    Ok(load_prefix(data)?.value)
+}
+
+/// A pickle read from the start of a longer byte string (the legacy format holds several
+/// one after another).
+pub struct Loaded {
+    pub value: Value,
+    /// Bytes the pickle took, STOP included: where the next one starts.
+    pub end: usize,
+    /// The storages its persistent ids named, in the order they came.
+    pub storages: Vec<Rc<StorageRef>>,
+}
+
+/// Reads the pickle at the start of `data`, stopping at its STOP.
+pub fn load_prefix(data: &[u8]) -> PResult<Loaded> {
+    let mut m = Machine {
         data,
         pos: 0,
         stack: Vec::new(),
@@ -147,8 +190,14 @@ pub fn load(data: &[u8]) -> PResult<Value> {
         memo: HashMap::new(),
         op: 0,
         op_pos: 0,
-    }
-    .run()
+        storages: Vec::new(),
+    };
+    let value = m.run()?;
+    Ok(Loaded {
+        value,
+        end: m.pos,
+        storages: m.storages,
+    })
 }
 
 impl<'a> Machine<'a> {
@@ -244,7 +293,7 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
-    fn run(mut self) -> PResult<Value> {
+    fn run(&mut self) -> PResult<Value> {
         loop {
             self.op_pos = self.pos;
             let op = match self.data.get(self.pos) {
@@ -283,7 +332,7 @@ impl<'a> Machine<'a> {
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    let g = resolve_global(module, name)?;
+                    let g = resolve_global(module, name);
                     self.stack.push(Value::Global(g));
                 }
                 0x93 => {
@@ -292,7 +341,7 @@ impl<'a> Machine<'a> {
                     let module = self.pop()?;
                     match (module, name) {
                         (Value::Str(m), Value::Str(n)) => {
-                            let g = resolve_global(&m, &n)?;
+                            let g = resolve_global(&m, &n);
                             self.stack.push(Value::Global(g));
                         }
                         _ => return Err(self.invalid("STACK_GLOBAL needs two strings")),
@@ -358,15 +407,13 @@ impl<'a> Machine<'a> {
                     // LONG1
                     let n = self.u8()? as usize;
                     let b = self.take(n)?;
-                    let v = long_le(b).ok_or_else(|| self.invalid("integer wider than 64 bits"))?;
-                    self.stack.push(Value::Int(v));
+                    self.stack.push(long_value(b));
                 }
                 0x8b => {
                     // LONG4
                     let n = self.u32()? as usize;
                     let b = self.take(n)?;
-                    let v = long_le(b).ok_or_else(|| self.invalid("integer wider than 64 bits"))?;
-                    self.stack.push(Value::Int(v));
+                    self.stack.push(long_value(b));
                 }
                 b'I' => {
                     // INT (protocol 0): "01"/"00" are bools.
@@ -380,8 +427,11 @@ impl<'a> Machine<'a> {
                 }
                 b'L' => {
                     let l = self.line()?.trim_end_matches('L');
-                    let v = l.parse().map_err(|_| self.invalid("bad LONG"))?;
-                    self.stack.push(Value::Int(v));
+                    let v = match l.parse() {
+                        Ok(v) => Value::Int(v),
+                        Err(_) => decimal_bigint(l).ok_or_else(|| self.invalid("bad LONG"))?,
+                    };
+                    self.stack.push(v);
                 }
                 b'G' => {
                     // BINFLOAT is the one big-endian field in pickle.
@@ -489,8 +539,9 @@ impl<'a> Machine<'a> {
                 b'Q' => {
                     // BINPERSID
                     let pid = self.pop()?;
-                    let s = self.persistent_load(pid)?;
-                    self.stack.push(Value::Storage(Rc::new(s)));
+                    let s = Rc::new(self.persistent_load(pid)?);
+                    self.storages.push(Rc::clone(&s));
+                    self.stack.push(Value::Storage(s));
                 }
                 b'R' => {
                     let args = self.pop()?;
@@ -499,17 +550,43 @@ impl<'a> Machine<'a> {
                     self.stack.push(v);
                 }
                 0x81 => {
-                    // NEWOBJ: cls.__new__(cls, *args) — only for allowed classes.
+                    // NEWOBJ: cls.__new__(cls, *args), recorded as the call would be.
+                    let args = self.pop()?;
+                    let cls = self.pop()?;
+                    let v = self.call(cls, args)?;
+                    self.stack.push(v);
+                }
+                0x92 => {
+                    // NEWOBJ_EX: cls.__new__(cls, *args, **kwargs); keyword arguments only
+                    // ever reach opaque classes, which keep nothing of them.
+                    let _kwargs = self.pop()?;
                     let args = self.pop()?;
                     let cls = self.pop()?;
                     let v = self.call(cls, args)?;
                     self.stack.push(v);
                 }
                 b'b' => {
-                    // BUILD: state for the object below. Tensors and dicts ignore it (it
-                    // carries `_metadata` / hooks, which a state dict does not need).
-                    let _state = self.pop()?;
-                    self.top()?;
+                    // BUILD: state for the object below. An opaque object keeps it (its
+                    // `__dict__` may hold tensors); tensors and dicts ignore it (it carries
+                    // `_metadata` / hooks, which a state dict does not need).
+                    let state = self.pop()?;
+                    if let Value::Object(o) = self.top()? {
+                        let mut slot = o.state.borrow_mut();
+                        match slot.as_mut() {
+                            // A second BUILD updates the first's dict, as __dict__.update would.
+                            Some(Value::Dict(have)) => {
+                                if let Value::Dict(more) = &state {
+                                    if !Rc::ptr_eq(have, more) {
+                                        let more = more.borrow().clone();
+                                        have.borrow_mut().extend(more);
+                                    }
+                                } else {
+                                    *slot = Some(state);
+                                }
+                            }
+                            _ => *slot = Some(state),
+                        }
+                    }
                 }
                 _ => {
                     return Err(PickleError::UnknownOpcode {
@@ -555,8 +632,21 @@ impl<'a> Machine<'a> {
                 let dtype = match class {
                     Global::TypedStorage(d) => Some(*d),
                     Global::UntypedStorage => None,
-                    _ => return Err(self.invalid("persistent id names no storage class")),
+                    other => {
+                        return Err(self.invalid(format!(
+                            "persistent id names '{}', which is not a torch storage class",
+                            other.describe()
+                        )));
+                    }
                 };
+                // The legacy format's sixth item describes a view into another storage
+                // (pre-1.0 files); torch has written None there since.
+                if let Some(view) = t.get(5).filter(|v| !matches!(v, Value::None)) {
+                    return Err(self.invalid(format!(
+                        "storage '{key}' is a view into another storage ({view:?}), which only \
+                         pre-1.0 torch wrote; load it with torch and save it again"
+                    )));
+                }
                 let numel =
                     as_u64(numel).ok_or_else(|| self.invalid("storage size is not a count"))?;
                 Ok(StorageRef {
@@ -570,15 +660,32 @@ impl<'a> Machine<'a> {
     }
 
     fn call(&self, func: Value, args: Value) -> PResult<Value> {
-        let Value::Global(g) = func else {
-            return Err(self.invalid("REDUCE on something that is not an allowed global"));
+        let g = match func {
+            Value::Global(Global::Other(class)) => return Ok(opaque(class, args)),
+            Value::Global(g) => g,
+            // Calling what a call returned (`getattr(x, "f")(…)`): opaque as well.
+            _ => return Ok(opaque("<call>".into(), args)),
         };
         let Value::Tuple(args) = args else {
             return Err(self.invalid("REDUCE arguments are not a tuple"));
         };
         let args = args.as_slice();
         match g {
-            Global::OrderedDict => Ok(Value::Dict(Rc::default())),
+            Global::OrderedDict => {
+                // OrderedDict() as torch pickles it, or OrderedDict([(k, v), …]).
+                let mut items = Vec::new();
+                if let Some(Value::List(l)) = args.first() {
+                    for kv in l.borrow().iter() {
+                        match kv {
+                            Value::Tuple(t) if t.len() == 2 => {
+                                items.push((t[0].clone(), t[1].clone()))
+                            }
+                            _ => return Err(self.invalid("OrderedDict items are not pairs")),
+                        }
+                    }
+                }
+                Ok(Value::Dict(Rc::new(RefCell::new(items))))
+            }
             Global::TorchSize => Ok(args.first().cloned().unwrap_or(Value::Tuple(Rc::default()))),
             Global::RebuildTensorV2 | Global::RebuildTensorV3 => self.rebuild_tensor(&g, args),
             Global::RebuildParameter | Global::RebuildParameterWithState => args
@@ -625,6 +732,58 @@ impl<'a> Machine<'a> {
             stride,
         })))
     }
+}
+
+fn opaque(class: String, args: Value) -> Value {
+    Value::Object(Rc::new(Object {
+        class,
+        args,
+        state: RefCell::new(None),
+    }))
+}
+
+/// LONG1/LONG4: an `Int` when it fits 64 bits, else a `BigInt` (a step count or a magic
+/// number; nothing a tensor needs).
+fn long_value(b: &[u8]) -> Value {
+    match long_le(b) {
+        Some(v) => Value::Int(v),
+        None => Value::BigInt(Rc::new(b.to_vec())),
+    }
+}
+
+/// A protocol-0 decimal LONG too wide for i64, as little-endian two's-complement bytes.
+fn decimal_bigint(s: &str) -> Option<Value> {
+    let (neg, digits) = match s.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, s),
+    };
+    if digits.is_empty() || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    // Magnitude, little-endian base 256.
+    let mut mag: Vec<u8> = vec![0];
+    for c in digits.bytes() {
+        let mut carry = u32::from(c - b'0');
+        for byte in mag.iter_mut() {
+            let v = u32::from(*byte) * 10 + carry;
+            *byte = (v & 0xff) as u8;
+            carry = v >> 8;
+        }
+        if carry > 0 {
+            mag.push(carry as u8);
+        }
+    }
+    mag.push(0); // room for the sign bit
+    if neg {
+        // Two's complement: invert and add one.
+        let mut carry = 1u16;
+        for byte in mag.iter_mut() {
+            let v = u16::from(!*byte) + carry;
+            *byte = (v & 0xff) as u8;
+            carry = v >> 8;
+        }
+    }
+    Some(Value::BigInt(Rc::new(mag)))
 }
 
 fn bytes_or_str(b: Vec<u8>) -> Value {
@@ -724,18 +883,73 @@ mod tests {
         assert_eq!(t.storage.numel, 6);
     }
 
+    /// `os.system("ls")` is recorded as an opaque object, never run.
     #[test]
-    fn refuses_os_system() {
+    fn os_system_becomes_an_opaque_object() {
         let p = b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R.";
-        let e = load(p).unwrap_err();
-        assert!(e.to_string().contains("os.system"), "{e}");
+        let Value::Object(o) = load(p).unwrap() else {
+            panic!("not an object")
+        };
+        assert_eq!(o.class, "os.system");
+        let Value::Tuple(args) = &o.args else {
+            panic!("args")
+        };
+        assert!(matches!(&args[0], Value::Str(s) if s == "ls"));
     }
 
     #[test]
-    fn refuses_stack_global_to_builtins() {
+    fn stack_global_to_builtins_is_only_a_name() {
         let p = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93.";
-        let e = load(p).unwrap_err();
-        assert!(e.to_string().contains("builtins.eval"), "{e}");
+        let v = load(p).unwrap();
+        assert!(matches!(v, Value::Global(Global::Other(n)) if n == "builtins.eval"));
+    }
+
+    /// NEWOBJ then BUILD (how `argparse.Namespace(lr=…)` or any plain class is pickled):
+    /// the state dict lands in the object; a second BUILD updates it.
+    #[test]
+    fn build_gives_an_opaque_object_its_state() {
+        let mut p = b"\x80\x02cargparse\nNamespace\n)\x81}X\x02\x00\x00\x00lrK\x01sb".to_vec();
+        p.extend(b"}X\x01\x00\x00\x00bK\x02sb.");
+        let Value::Object(o) = load(&p).unwrap() else {
+            panic!("not an object")
+        };
+        assert_eq!(o.class, "argparse.Namespace");
+        let state = o.state.borrow();
+        let Some(Value::Dict(d)) = state.as_ref() else {
+            panic!("no state")
+        };
+        assert_eq!(d.borrow().len(), 2);
+    }
+
+    #[test]
+    fn wide_ints_are_kept_as_bytes() {
+        // LONG1 of 10 bytes: torch's legacy magic number.
+        let mut p = vec![0x80, 2, 0x8a, 10];
+        p.extend([0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19]);
+        p.push(b'.');
+        let Value::BigInt(b) = load(&p).unwrap() else {
+            panic!("not a big int")
+        };
+        assert_eq!(b.len(), 10);
+        // Protocol 0 text form: 2**64 = 0x1_0000_0000_0000_0000.
+        let Value::BigInt(b) = load(b"L18446744073709551616L\n.").unwrap() else {
+            panic!("not a big int")
+        };
+        assert_eq!(b.as_slice(), &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        let Value::BigInt(b) = load(b"L-18446744073709551617L\n.").unwrap() else {
+            panic!("not a big int")
+        };
+        assert_eq!(
+            b.as_slice(),
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe, 0xff]
+        );
+    }
+
+    #[test]
+    fn load_prefix_stops_at_the_first_stop() {
+        let l = load_prefix(b"\x80\x02K\x05.\x80\x02K\x06.").unwrap();
+        assert_eq!(l.end, 5);
+        assert!(matches!(l.value, Value::Int(5)));
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! are then a slice of the memory map at its record's offset. Records must be stored
 //! uncompressed, which torch always does.
 
-use super::pickle::{self, TensorRef, Value};
+use super::pickle::{self, TensorRef};
+use super::walk;
 use super::{MappedFile, TensorData, TensorEntry, checked_nbytes};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::path::Path;
 use std::sync::Arc;
 
 /// The tensors of a torch zip file, in pickle order, plus the names of skipped
@@ -26,19 +28,15 @@ pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<Stri
              Python and torch.save(model.state_dict()) instead",
         ));
     }
-    let pkl_name = records
-        .keys()
-        .filter(|k| k.ends_with("/data.pkl") && k.matches('/').count() == 1)
-        .min()
-        .cloned()
-        .ok_or_else(|| {
-            Error::format(
-                path,
-                "zip file has no <folder>/data.pkl: not a torch.save checkpoint",
-            )
-        })?;
-    let prefix = pkl_name.trim_end_matches("data.pkl").to_string();
-    let pkl = &records[&pkl_name];
+    let prefix = records.prefix.clone();
+    let pkl_name = format!("{prefix}data.pkl");
+    let pkl = records.get(&pkl_name).ok_or_else(|| {
+        Error::format(
+            path,
+            format!("zip file has no {pkl_name}: not a torch.save checkpoint"),
+        )
+    })?;
+    check_byteorder(path, bytes, &records, &prefix)?;
     if pkl.compressed {
         return Err(Error::format(
             path,
@@ -48,32 +46,70 @@ pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<Stri
     let root = pickle::load(&bytes[pkl.start..pkl.start + pkl.len])
         .map_err(|e| Error::format(path, e.to_string()))?;
 
-    let mut leaves = Vec::new();
-    let mut skipped = Vec::new();
-    match &root {
-        Value::Dict(_) => flatten(&root, "", &mut leaves, &mut skipped),
-        _ => {
-            return Err(Error::format(
-                path,
-                "data.pkl does not hold a dict of tensors (a whole pickled model or another object?)",
-            ));
-        }
+    if let Some(why) = walk::root_problem(&root) {
+        return Err(Error::format(path, format!("data.pkl {why}")));
     }
-
-    let mut tensors = Vec::with_capacity(leaves.len());
-    for (name, t) in leaves {
-        tensors.push(entry(file, &records, &prefix, name, &t)?);
+    let found = walk::tensors_in(&root);
+    let mut tensors = Vec::with_capacity(found.tensors.len());
+    for (name, t) in found.tensors {
+        tensors.push(entry(file, &records.by_name, &prefix, name, &t)?);
     }
-    Ok((tensors, skipped))
+    Ok((tensors, found.skipped))
 }
 
-struct Record {
-    start: usize,
-    len: usize,
-    compressed: bool,
+/// Where a storage's bytes are: a zip record, or (legacy files) a range after the pickles.
+pub(super) struct Record {
+    pub start: usize,
+    pub len: usize,
+    pub compressed: bool,
 }
 
-fn records(file: &MappedFile) -> Result<HashMap<String, Record>> {
+/// A zip's records by name, and the folder they all sit in.
+pub(super) struct Records {
+    pub by_name: HashMap<String, Record>,
+    /// `archive/`: the first record's folder, with its slash.
+    pub prefix: String,
+}
+
+impl std::ops::Deref for Records {
+    type Target = HashMap<String, Record>;
+    fn deref(&self) -> &Self::Target {
+        &self.by_name
+    }
+}
+
+/// torch writes `byteorder` = `little` (or `big` on a big-endian machine, and nothing
+/// before torch 2.1). A big-endian file would read as wrong values here, so it is refused.
+fn check_byteorder(path: &Path, bytes: &[u8], records: &Records, prefix: &str) -> Result<()> {
+    let name = format!("{prefix}byteorder");
+    let Some(r) = records.get(&name) else {
+        return Ok(());
+    };
+    let text = &bytes[r.start..r.start + r.len];
+    match text {
+        b"little" => Ok(()),
+        b"big" if !r.compressed => Err(Error::format(
+            path,
+            format!(
+                "record '{name}' says the file is big-endian (saved on a big-endian machine); \
+                 lorastream reads little-endian tensors only. Re-save it with torch, which swaps \
+                 the bytes on load: torch.save(torch.load(path, map_location=\"cpu\"), new_path)"
+            ),
+        )),
+        _ => Err(Error::format(
+            path,
+            format!(
+                "record '{name}' is neither 'little' nor 'big' ({:?}): corrupt file?",
+                String::from_utf8_lossy(&text[..text.len().min(40)])
+            ),
+        )),
+    }
+}
+
+/// Reads the central directory. Like torch's reader, every record must sit in the first
+/// record's folder; unlike it, a name used twice is refused (torch then reads one
+/// `data.pkl` and another `data/N` than one might expect, depending on the name).
+fn records(file: &MappedFile) -> Result<Records> {
     let path = file.path();
     let bytes = file.bytes();
     let mut zip = zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| {
@@ -82,7 +118,19 @@ fn records(file: &MappedFile) -> Result<HashMap<String, Record>> {
             format!("not a readable zip archive (truncated?): {e}"),
         )
     })?;
+    // The zip crate keeps one entry per name, so a repeated name is found in the central
+    // directory itself.
+    if let Some(name) = repeated_name(bytes) {
+        return Err(Error::format(
+            path,
+            format!(
+                "zip record '{name}' appears twice; which one torch.load reads depends on the \
+                 record, so the file is ambiguous (corrupt, or edited by a zip tool)"
+            ),
+        ));
+    }
     let mut out = HashMap::with_capacity(zip.len());
+    let mut prefix: Option<String> = None;
     for i in 0..zip.len() {
         let f = zip
             .by_index_raw(i)
@@ -91,6 +139,28 @@ fn records(file: &MappedFile) -> Result<HashMap<String, Record>> {
             .name()
             .map_err(|e| Error::format(path, format!("zip entry {i} has a bad name: {e}")))?
             .into_owned();
+        let folder = match name.find('/') {
+            Some(p) => &name[..=p],
+            None => {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "zip record '{name}' is not inside a folder; torch.save puts every record \
+                         under one folder (archive/…): not a torch.save checkpoint"
+                    ),
+                ));
+            }
+        };
+        let prefix = prefix.get_or_insert_with(|| folder.to_string());
+        if folder != prefix.as_str() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "zip record '{name}' is outside the folder '{prefix}' of the first record; a \
+                     torch.save file has one top-level folder (torch.load refuses this file too)"
+                ),
+            ));
+        }
         let header = f.header_start() as usize;
         let len = f.compressed_size();
         let compressed = f.compression() != zip::CompressionMethod::Stored;
@@ -109,16 +179,68 @@ fn records(file: &MappedFile) -> Result<HashMap<String, Record>> {
                 format!("zip record '{name}' runs past the end of the file (truncated?)"),
             )
         })?;
-        out.insert(
-            name,
-            Record {
-                start,
-                len,
-                compressed,
-            },
-        );
+        let rec = Record {
+            start,
+            len,
+            compressed,
+        };
+        if out.contains_key(&name) {
+            return Err(Error::format(
+                path,
+                format!(
+                    "zip record '{name}' appears twice; which one torch.load reads depends on the \
+                     record, so the file is ambiguous (corrupt, or edited by a zip tool)"
+                ),
+            ));
+        }
+        out.insert(name, rec);
     }
-    Ok(out)
+    Ok(Records {
+        by_name: out,
+        prefix: prefix.ok_or_else(|| Error::format(path, "zip archive has no records"))?,
+    })
+}
+
+/// The first name the central directory lists twice. None when there is none, or when the
+/// directory cannot be walked (then the zip crate's own reading reports the damage).
+fn repeated_name(b: &[u8]) -> Option<String> {
+    let u16_at = |o: usize| Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
+    // End of central directory: the last signature in the final 64 KiB + 22 bytes.
+    let lo = b.len().saturating_sub(65_557);
+    let eocd = (lo..b.len().saturating_sub(21))
+        .rev()
+        .find(|&i| b[i..i + 4] == [0x50, 0x4b, 0x05, 0x06])?;
+    let (mut count, mut start) = (u64::from(u16_at(eocd + 10)?), u64::from(u32_at(eocd + 16)?));
+    if count == 0xffff || start == 0xffff_ffff {
+        // zip64: the locator just before the EOCD gives the zip64 EOCD record.
+        let loc = eocd.checked_sub(20)?;
+        if u32_at(loc)? != 0x0706_4b50 {
+            return None;
+        }
+        let z = usize::try_from(u64_at(loc + 8)?).ok()?;
+        if u32_at(z)? != 0x0606_4b50 {
+            return None;
+        }
+        count = u64_at(z + 32)?;
+        start = u64_at(z + 48)?;
+    }
+    let mut at = usize::try_from(start).ok()?;
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..count {
+        if u32_at(at)? != 0x0201_4b50 {
+            return None;
+        }
+        let n = usize::from(u16_at(at + 28)?);
+        let skip = n + usize::from(u16_at(at + 30)?) + usize::from(u16_at(at + 32)?);
+        let name = b.get(at + 46..at + 46 + n)?;
+        if !seen.insert(name) {
+            return Some(String::from_utf8_lossy(name).into_owned());
+        }
+        at = at.checked_add(46 + skip)?;
+    }
+    None
 }
 
 /// Where a record's data starts: after its 30-byte local header, name and extra field.
@@ -133,32 +255,7 @@ fn local_data_start(bytes: &[u8], header: usize) -> Option<usize> {
     (start <= bytes.len()).then_some(start)
 }
 
-fn flatten(
-    v: &Value,
-    prefix: &str,
-    leaves: &mut Vec<(String, std::rc::Rc<TensorRef>)>,
-    skipped: &mut Vec<String>,
-) {
-    let Value::Dict(d) = v else { return };
-    for (k, val) in d.borrow().iter() {
-        let key = match k {
-            Value::Str(s) => s.clone(),
-            Value::Int(i) => i.to_string(),
-            _ => {
-                skipped.push(format!("{prefix}<non-string key>"));
-                continue;
-            }
-        };
-        let name = format!("{prefix}{key}");
-        match val {
-            Value::Tensor(t) => leaves.push((name, t.clone())),
-            Value::Dict(_) => flatten(val, &format!("{name}."), leaves, skipped),
-            _ => skipped.push(name),
-        }
-    }
-}
-
-fn entry(
+pub(super) fn entry(
     file: &Arc<MappedFile>,
     records: &HashMap<String, Record>,
     prefix: &str,
