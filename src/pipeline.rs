@@ -16,6 +16,8 @@ use std::time::Instant;
 /// Bytes read and handed to a sink per call when a copy is cast to another dtype; also how
 /// far ahead the page cache is asked to read with `--buffered-io`.
 const COPY_CHUNK: usize = 16 << 20;
+/// Bytes of a strided view gathered at a time when it is copied.
+const STRIDED_BAND: usize = 8 << 20;
 
 /// Options of `convert`.
 #[derive(Clone, Debug, Default)]
@@ -313,10 +315,17 @@ pub fn copy_tensor(t: &TensorEntry, to: Dtype, out: &mut dyn TensorSink) -> Resu
             }
         }
         None => {
-            let bytes = t.bytes();
+            // A strided view, gathered a band at a time: memory stays one chunk however
+            // many elements the view claims.
+            let band = (STRIDED_BAND / es).max(1);
+            let mut piece = Vec::with_capacity(band * es);
             let mut cast_buf = Vec::new();
-            for piece in bytes.chunks(chunk.max(es)) {
-                write_piece(t.dtype, to, piece, &mut cast_buf, out)?;
+            let mut at = 0;
+            while at < t.numel() {
+                piece.clear();
+                t.gather(at, band, &mut piece);
+                write_piece(t.dtype, to, &piece, &mut cast_buf, out)?;
+                at += band;
             }
         }
     }

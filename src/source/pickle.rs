@@ -9,30 +9,152 @@
 //!
 //! Supported: protocol 2 (what torch writes) plus the protocol 0/1/4/5 opcodes that older
 //! or hand-made files contain (STACK_GLOBAL, SHORT_BINUNICODE, MEMOIZE, FRAME, BINBYTES,
-//! LONG4, sets, DICT, …). Containers are shared (`Rc<RefCell>`) so memo references see later
-//! mutations exactly as Python's would.
+//! LONG4, sets, DICT, …).
+//!
+//! Containers live in an [`Arena`] and values name them by index, so memo references see
+//! later mutations exactly as Python's would, while a hostile file cannot hurt the reader:
+//! cycles (a dict holding itself) leak nothing, values 200,000 deep drop without recursion
+//! (the arena is a flat list), and a memo fetch or DUP copies an index or an `Rc` — never
+//! a string or a container — so memory stays a small multiple of the pickle's size. Dict
+//! keys are indexed by hash, so building a dict of n entries costs O(n).
 
 use crate::dtype::Dtype;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// A Python value as far as a state dict needs one.
+/// A Python value as far as a state dict needs one. Containers are indices into the
+/// [`Arena`] of the [`Pickle`] they came from.
 #[derive(Clone, Debug)]
 pub enum Value {
     None,
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
-    Tuple(Rc<Vec<Value>>),
-    List(Rc<RefCell<Vec<Value>>>),
-    Dict(Rc<RefCell<Vec<(Value, Value)>>>),
-    Set(Rc<RefCell<Vec<Value>>>),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+    Tuple(Id),
+    List(Id),
+    Dict(Id),
+    Set(Id),
     Global(Global),
     Storage(Rc<StorageRef>),
     Tensor(Rc<TensorRef>),
+}
+
+/// A container's place in the [`Arena`]: its identity, as Python's `id()` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id(pub usize);
+
+/// Every container a pickle built. Values hold no containers, only indices, so dropping
+/// the arena is a flat loop however deep or cyclic the values are.
+#[derive(Debug, Default)]
+pub struct Arena {
+    nodes: Vec<Node>,
+}
+
+#[derive(Debug)]
+enum Node {
+    /// A tuple, list or set (the [`Value`] naming it says which).
+    Seq(Vec<Value>),
+    Dict(Dict),
+}
+
+/// A dict in insertion order, with a hash index on its string and int keys.
+#[derive(Debug, Default)]
+pub struct Dict {
+    items: Vec<(Value, Value)>,
+    index: HashMap<Key, usize>,
+}
+
+/// The dict keys the index knows; other keys (tuples, floats) are kept but never match,
+/// as before (a state dict has string keys).
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Str(Rc<str>),
+    Int(i64),
+}
+
+impl Dict {
+    /// Entries in insertion order.
+    pub fn items(&self) -> &[(Value, Value)] {
+        &self.items
+    }
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+    /// The value under the string key `k`.
+    pub fn get(&self, k: &str) -> Option<&Value> {
+        let i = *self.index.get(&Key::Str(Rc::from(k)))?;
+        Some(&self.items[i].1)
+    }
+    /// Python dict semantics: a repeated key replaces the value in place.
+    fn insert(&mut self, k: Value, v: Value) {
+        let key = match &k {
+            Value::Str(s) => Some(Key::Str(s.clone())),
+            Value::Int(i) => Some(Key::Int(*i)),
+            _ => None,
+        };
+        match key {
+            Some(key) => match self.index.get(&key) {
+                Some(&i) => self.items[i].1 = v,
+                None => {
+                    self.index.insert(key, self.items.len());
+                    self.items.push((k, v));
+                }
+            },
+            None => self.items.push((k, v)),
+        }
+    }
+}
+
+impl Arena {
+    /// The items of a tuple, list or set; empty for an id that names a dict.
+    pub fn seq(&self, id: Id) -> &[Value] {
+        match self.nodes.get(id.0) {
+            Some(Node::Seq(v)) => v,
+            _ => &[],
+        }
+    }
+    /// The dict `id`; None when it names no dict.
+    pub fn dict(&self, id: Id) -> Option<&Dict> {
+        match self.nodes.get(id.0) {
+            Some(Node::Dict(d)) => Some(d),
+            _ => None,
+        }
+    }
+    /// How many containers the pickle built.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+    fn add(&mut self, n: Node) -> Id {
+        self.nodes.push(n);
+        Id(self.nodes.len() - 1)
+    }
+    fn seq_mut(&mut self, id: Id) -> Option<&mut Vec<Value>> {
+        match self.nodes.get_mut(id.0) {
+            Some(Node::Seq(v)) => Some(v),
+            _ => None,
+        }
+    }
+    fn dict_mut(&mut self, id: Id) -> Option<&mut Dict> {
+        match self.nodes.get_mut(id.0) {
+            Some(Node::Dict(d)) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// What a pickle built: its root value and the containers it refers to.
+#[derive(Debug)]
+pub struct Pickle {
+    pub arena: Arena,
+    pub root: Value,
 }
 
 /// The globals a torch checkpoint may name. Anything else is refused.
@@ -98,6 +220,13 @@ pub enum PickleError {
     Invalid { msg: String, pos: usize },
 }
 
+/// Most dimensions a tensor may have (torch itself stops at 64). Bounds the work of
+/// reading a size tuple, which a file may share through the memo among many tensors.
+pub const MAX_DIMS: usize = 64;
+/// Longest storage key accepted: torch writes short decimal numbers, and a key shared
+/// through the memo must not make each tensor cost its length.
+pub const MAX_KEY_LEN: usize = 1024;
+
 type PResult<T> = std::result::Result<T, PickleError>;
 
 fn resolve_global(module: &str, name: &str) -> PResult<Global> {
@@ -133,22 +262,28 @@ struct Machine<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    arena: Arena,
     op: u8,
     op_pos: usize,
 }
 
 /// Reads a pickle and returns the value it builds.
-pub fn load(data: &[u8]) -> PResult<Value> {
-    Machine {
+pub fn load(data: &[u8]) -> PResult<Pickle> {
+    let mut m = Machine {
         data,
         pos: 0,
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        arena: Arena::default(),
         op: 0,
         op_pos: 0,
-    }
-    .run()
+    };
+    let root = m.run()?;
+    Ok(Pickle {
+        arena: m.arena,
+        root,
+    })
 }
 
 impl<'a> Machine<'a> {
@@ -192,9 +327,13 @@ impl<'a> Machine<'a> {
         self.pos += nl + 1;
         std::str::from_utf8(&rest[..nl]).map_err(|_| self.invalid("a text line is not UTF-8"))
     }
-    fn string(&mut self, n: usize) -> PResult<String> {
+    fn string(&mut self, n: usize) -> PResult<Value> {
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| self.invalid("a string is not UTF-8"))
+        let s = std::str::from_utf8(b).map_err(|_| self.invalid("a string is not UTF-8"))?;
+        Ok(Value::Str(Rc::from(s)))
+    }
+    fn push_seq(&mut self, items: Vec<Value>) -> Id {
+        self.arena.add(Node::Seq(items))
     }
 
     fn invalid(&self, msg: impl Into<String>) -> PickleError {
@@ -244,7 +383,7 @@ impl<'a> Machine<'a> {
         Ok(())
     }
 
-    fn run(mut self) -> PResult<Value> {
+    fn run(&mut self) -> PResult<Value> {
         loop {
             self.op_pos = self.pos;
             let op = match self.data.get(self.pos) {
@@ -301,45 +440,45 @@ impl<'a> Machine<'a> {
                 b'X' => {
                     let n = self.u32()? as usize;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s));
+                    self.stack.push(s);
                 }
                 0x8c => {
                     // SHORT_BINUNICODE
                     let n = self.u8()? as usize;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s));
+                    self.stack.push(s);
                 }
                 0x8d => {
                     // BINUNICODE8
                     let n = self.len_u64()?;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s));
+                    self.stack.push(s);
                 }
                 b'T' => {
                     // BINSTRING (py2 str): bytes that are text in practice.
                     let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
+                    let b = self.take(n)?;
                     self.stack.push(bytes_or_str(b));
                 }
                 b'U' => {
                     let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
+                    let b = self.take(n)?;
                     self.stack.push(bytes_or_str(b));
                 }
                 b'B' => {
                     let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(Rc::from(b)));
                 }
                 b'C' => {
                     let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(Rc::from(b)));
                 }
                 0x8e => {
                     let n = self.len_u64()?;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(Rc::from(b)));
                 }
                 b'J' => {
                     let b = self.take(4)?;
@@ -393,10 +532,14 @@ impl<'a> Machine<'a> {
                 b'N' => self.stack.push(Value::None),
                 0x88 => self.stack.push(Value::Bool(true)),
                 0x89 => self.stack.push(Value::Bool(false)),
-                b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
+                b')' => {
+                    let id = self.push_seq(Vec::new());
+                    self.stack.push(Value::Tuple(id));
+                }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    let id = self.push_seq(items);
+                    self.stack.push(Value::Tuple(id));
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -405,32 +548,36 @@ impl<'a> Machine<'a> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    let id = self.push_seq(items);
+                    self.stack.push(Value::Tuple(id));
                 }
-                b']' => self.stack.push(Value::List(Rc::default())),
+                b']' => {
+                    let id = self.push_seq(Vec::new());
+                    self.stack.push(Value::List(id));
+                }
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+                    let id = self.push_seq(items);
+                    self.stack.push(Value::List(id));
                 }
                 b'a' => {
                     let v = self.pop()?;
-                    match self.top()? {
-                        Value::List(l) => l.borrow_mut().push(v),
-                        _ => return Err(self.invalid("APPEND to a non-list")),
-                    }
+                    self.extend_top(false, vec![v])?;
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
-                    match self.top()? {
-                        Value::List(l) => l.borrow_mut().extend(items),
-                        _ => return Err(self.invalid("APPENDS to a non-list")),
-                    }
+                    self.extend_top(false, items)?;
                 }
-                b'}' => self.stack.push(Value::Dict(Rc::default())),
+                b'}' => {
+                    let id = self.arena.add(Node::Dict(Dict::default()));
+                    self.stack.push(Value::Dict(id));
+                }
                 b'd' => {
                     let items = self.pop_mark()?;
                     let pairs = pairs(items).ok_or_else(|| self.invalid("DICT with odd items"))?;
-                    self.stack.push(Value::Dict(Rc::new(RefCell::new(pairs))));
+                    let id = self.arena.add(Node::Dict(Dict::default()));
+                    self.stack.push(Value::Dict(id));
+                    self.set_items(pairs)?;
                 }
                 b's' => {
                     let v = self.pop()?;
@@ -442,17 +589,18 @@ impl<'a> Machine<'a> {
                     let p = pairs(items).ok_or_else(|| self.invalid("SETITEMS with odd items"))?;
                     self.set_items(p)?;
                 }
-                0x8f => self.stack.push(Value::Set(Rc::default())),
+                0x8f => {
+                    let id = self.push_seq(Vec::new());
+                    self.stack.push(Value::Set(id));
+                }
                 0x90 => {
                     let items = self.pop_mark()?;
-                    match self.top()? {
-                        Value::Set(s) => s.borrow_mut().extend(items),
-                        _ => return Err(self.invalid("ADDITEMS to a non-set")),
-                    }
+                    self.extend_top(true, items)?;
                 }
                 0x91 => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Set(Rc::new(RefCell::new(items))));
+                    let id = self.push_seq(items);
+                    self.stack.push(Value::Set(id));
                 }
                 b'h' => {
                     let i = self.u8()? as u32;
@@ -522,28 +670,35 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<(Value, Value)>) -> PResult<()> {
-        match self.top()? {
-            Value::Dict(d) => {
-                let mut d = d.borrow_mut();
-                for (k, v) in items {
-                    // Python dict semantics: a repeated key replaces the value in place.
-                    if let Some(slot) = d.iter_mut().find(|(ek, _)| key_eq(ek, &k)) {
-                        slot.1 = v;
-                    } else {
-                        d.push((k, v));
-                    }
-                }
-                Ok(())
-            }
-            _ => Err(self.invalid("SETITEM on a non-dict")),
+        let id = match self.top()? {
+            Value::Dict(id) => *id,
+            _ => return Err(self.invalid("SETITEM on a non-dict")),
+        };
+        let e = self.invalid("SETITEM on a non-dict");
+        let d = self.arena.dict_mut(id).ok_or(e)?;
+        for (k, v) in items {
+            d.insert(k, v);
         }
+        Ok(())
+    }
+
+    /// APPEND/APPENDS (`set` false: to a list) and ADDITEMS (`set` true: to a set).
+    fn extend_top(&mut self, set: bool, items: Vec<Value>) -> PResult<()> {
+        let id = match (set, self.top()?) {
+            (false, Value::List(id)) | (true, Value::Set(id)) => *id,
+            (false, _) => return Err(self.invalid("APPEND to a non-list")),
+            (true, _) => return Err(self.invalid("ADDITEMS to a non-set")),
+        };
+        let e = self.invalid("APPEND to a non-list");
+        self.arena.seq_mut(id).ok_or(e)?.extend(items);
+        Ok(())
     }
 
     fn persistent_load(&self, pid: Value) -> PResult<StorageRef> {
         let Value::Tuple(t) = pid else {
             return Err(self.invalid("persistent id is not a tuple"));
         };
-        match t.as_slice() {
+        match self.arena.seq(t) {
             [
                 Value::Str(tag),
                 Value::Global(class),
@@ -551,7 +706,7 @@ impl<'a> Machine<'a> {
                 _location,
                 numel,
                 ..,
-            ] if tag == "storage" => {
+            ] if &**tag == "storage" => {
                 let dtype = match class {
                     Global::TypedStorage(d) => Some(*d),
                     Global::UntypedStorage => None,
@@ -559,8 +714,14 @@ impl<'a> Machine<'a> {
                 };
                 let numel =
                     as_u64(numel).ok_or_else(|| self.invalid("storage size is not a count"))?;
+                if key.len() > MAX_KEY_LEN {
+                    return Err(self.invalid(format!(
+                        "storage key is {} bytes long (torch writes short numbers; at most {MAX_KEY_LEN})",
+                        key.len()
+                    )));
+                }
                 Ok(StorageRef {
-                    key: key.clone(),
+                    key: key.to_string(),
                     dtype,
                     numel,
                 })
@@ -569,30 +730,39 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn call(&self, func: Value, args: Value) -> PResult<Value> {
-        let Value::Global(g) = func else {
-            return Err(self.invalid("REDUCE on something that is not an allowed global"));
-        };
-        let Value::Tuple(args) = args else {
-            return Err(self.invalid("REDUCE arguments are not a tuple"));
-        };
-        let args = args.as_slice();
-        match g {
-            Global::OrderedDict => Ok(Value::Dict(Rc::default())),
-            Global::TorchSize => Ok(args.first().cloned().unwrap_or(Value::Tuple(Rc::default()))),
-            Global::RebuildTensorV2 | Global::RebuildTensorV3 => self.rebuild_tensor(&g, args),
-            Global::RebuildParameter | Global::RebuildParameterWithState => args
-                .first()
-                .cloned()
-                .ok_or_else(|| self.invalid("_rebuild_parameter without data")),
-            Global::RebuildFromTypeV2 => {
-                // _rebuild_from_type_v2(func, new_type, args, state) = func(*args)
-                match args {
-                    [func, _new_type, inner, ..] => self.call(func.clone(), inner.clone()),
-                    _ => Err(self.invalid("_rebuild_from_type_v2 needs (func, type, args, state)")),
+    fn call(&mut self, mut func: Value, mut args: Value) -> PResult<Value> {
+        // A loop, not recursion: `_rebuild_from_type_v2` may wrap itself any number of times.
+        loop {
+            let Value::Global(g) = func else {
+                return Err(self.invalid("REDUCE on something that is not an allowed global"));
+            };
+            let Value::Tuple(args_id) = args else {
+                return Err(self.invalid("REDUCE arguments are not a tuple"));
+            };
+            let a = self.arena.seq(args_id);
+            return match g {
+                Global::OrderedDict => Ok(Value::Dict(self.arena.add(Node::Dict(Dict::default())))),
+                Global::TorchSize => match a.first() {
+                    Some(v) => Ok(v.clone()),
+                    None => Ok(Value::Tuple(self.push_seq(Vec::new()))),
+                },
+                Global::RebuildTensorV2 | Global::RebuildTensorV3 => self.rebuild_tensor(&g, a),
+                Global::RebuildParameter | Global::RebuildParameterWithState => a
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| self.invalid("_rebuild_parameter without data")),
+                Global::RebuildFromTypeV2 => {
+                    // _rebuild_from_type_v2(func, new_type, args, state) = func(*args)
+                    match a {
+                        [f, _new_type, inner, ..] => {
+                            (func, args) = (f.clone(), inner.clone());
+                            continue;
+                        }
+                        _ => Err(self.invalid("_rebuild_from_type_v2 needs (func, type, args, state)")),
+                    }
                 }
-            }
-            other => Err(self.invalid(format!("{other:?} cannot be called"))),
+                other => Err(self.invalid(format!("{other:?} cannot be called"))),
+            };
         }
     }
 
@@ -610,10 +780,16 @@ impl<'a> Machine<'a> {
             (_, None) => return Err(self.invalid("untyped storage without a dtype")),
         };
         let storage_offset = as_u64(offset).ok_or_else(|| self.invalid("bad storage offset"))?;
-        let shape =
-            int_tuple(size).ok_or_else(|| self.invalid("tensor size is not a tuple of counts"))?;
-        let stride = int_tuple(stride)
+        let shape = int_tuple(&self.arena, size)
+            .ok_or_else(|| self.invalid("tensor size is not a tuple of counts"))?;
+        let stride = int_tuple(&self.arena, stride)
             .ok_or_else(|| self.invalid("tensor stride is not a tuple of counts"))?;
+        if shape.len() > MAX_DIMS {
+            return Err(self.invalid(format!(
+                "tensor has {} dimensions (at most {MAX_DIMS})",
+                shape.len()
+            )));
+        }
         if shape.len() != stride.len() {
             return Err(self.invalid("tensor size and stride differ in length"));
         }
@@ -627,10 +803,10 @@ impl<'a> Machine<'a> {
     }
 }
 
-fn bytes_or_str(b: Vec<u8>) -> Value {
-    match String::from_utf8(b) {
-        Ok(s) => Value::Str(s),
-        Err(e) => Value::Bytes(e.into_bytes()),
+fn bytes_or_str(b: &[u8]) -> Value {
+    match std::str::from_utf8(b) {
+        Ok(s) => Value::Str(Rc::from(s)),
+        Err(_) => Value::Bytes(Rc::from(b)),
     }
 }
 
@@ -644,14 +820,6 @@ fn pairs(items: Vec<Value>) -> Option<Vec<(Value, Value)>> {
         out.push((k, v));
     }
     Some(out)
-}
-
-fn key_eq(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Str(x), Value::Str(y)) => x == y,
-        (Value::Int(x), Value::Int(y)) => x == y,
-        _ => false,
-    }
 }
 
 /// A little-endian two's-complement integer of up to 8 bytes.
@@ -682,13 +850,14 @@ fn as_u64(v: &Value) -> Option<u64> {
     }
 }
 
-fn int_tuple(v: &Value) -> Option<Vec<u64>> {
-    let items: Vec<Value> = match v {
-        Value::Tuple(t) => t.as_ref().clone(),
-        Value::List(l) => l.borrow().clone(),
+/// The counts of a size or stride tuple; None past [`MAX_DIMS`] + 1 items (the caller
+/// says how many is too many), so a huge shared tuple costs nothing per tensor.
+fn int_tuple(arena: &Arena, v: &Value) -> Option<Vec<u64>> {
+    let items = match v {
+        Value::Tuple(t) | Value::List(t) => arena.seq(*t),
         _ => return None,
     };
-    items.iter().map(as_u64).collect()
+    items.iter().take(MAX_DIMS + 1).map(as_u64).collect()
 }
 
 #[cfg(test)]
@@ -707,16 +876,16 @@ mod tests {
 
     #[test]
     fn reads_a_torch_state_dict() {
-        let v = load(&torch_like()).unwrap();
-        let Value::Dict(d) = v else {
+        let p = load(&torch_like()).unwrap();
+        let Value::Dict(d) = p.root else {
             panic!("not a dict")
         };
-        let d = d.borrow();
+        let d = p.arena.dict(d).unwrap().items();
         assert_eq!(d.len(), 1);
         let (Value::Str(k), Value::Tensor(t)) = &d[0] else {
             panic!("bad entry")
         };
-        assert_eq!(k, "w");
+        assert_eq!(&**k, "w");
         assert_eq!(t.dtype, Dtype::BF16);
         assert_eq!(t.shape, vec![2, 3]);
         assert_eq!(t.stride, vec![3, 1]);
@@ -763,13 +932,12 @@ mod tests {
     fn memo_sees_later_mutation() {
         // d = {}; memo[0] = d; d["a"] = 1; return [memo[0]]
         let p = b"\x80\x02}q\x00X\x01\x00\x00\x00aK\x01s0]h\x00a.";
-        let Value::List(l) = load(p).unwrap() else {
+        let p = load(p).unwrap();
+        let Value::List(l) = p.root else { panic!() };
+        let Value::Dict(d) = &p.arena.seq(l)[0] else {
             panic!()
         };
-        let Value::Dict(d) = &l.borrow()[0] else {
-            panic!()
-        };
-        assert_eq!(d.borrow().len(), 1);
+        assert_eq!(p.arena.dict(*d).unwrap().len(), 1);
     }
 
     #[test]

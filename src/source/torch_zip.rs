@@ -5,12 +5,27 @@
 //! are then a slice of the memory map at its record's offset. Records must be stored
 //! uncompressed, which torch always does.
 
-use super::pickle::{self, TensorRef, Value};
+use super::pickle::{self, Id, Pickle, TensorRef, Value};
 use super::{MappedFile, TensorData, TensorEntry, checked_nbytes};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::io::Cursor;
+use std::path::Path;
+use std::rc::Rc;
 use std::sync::Arc;
+
+/// Deepest nesting of dicts accepted (a state dict nests a few levels; torch's own loader
+/// overflows its stack near 1000).
+pub(crate) const MAX_DEPTH: usize = 1000;
+/// Most names (tensors plus skipped entries) a file may list, counting every key path
+/// through shared dicts.
+pub(crate) const MAX_NAMES: u64 = 16_000_000;
+/// Most bytes all those names may take together.
+pub(crate) const MAX_NAME_BYTES: u64 = 512 << 20;
+/// Largest view that overlaps itself (stride 0, as `expand` makes) whose bytes lorastream
+/// will gather: beyond the storage's own size, a size field alone would drive the
+/// allocation.
+pub(crate) const MAX_OVERLAPPING_VIEW_BYTES: usize = 1 << 30;
 
 /// The tensors of a torch zip file, in pickle order, plus the names of skipped
 /// non-tensor entries. Nested dicts are flattened with `.` between keys.
@@ -45,20 +60,9 @@ pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<Stri
             format!("record '{pkl_name}' is compressed"),
         ));
     }
-    let root = pickle::load(&bytes[pkl.start..pkl.start + pkl.len])
+    let pickled = pickle::load(&bytes[pkl.start..pkl.start + pkl.len])
         .map_err(|e| Error::format(path, e.to_string()))?;
-
-    let mut leaves = Vec::new();
-    let mut skipped = Vec::new();
-    match &root {
-        Value::Dict(_) => flatten(&root, "", &mut leaves, &mut skipped),
-        _ => {
-            return Err(Error::format(
-                path,
-                "data.pkl does not hold a dict of tensors (a whole pickled model or another object?)",
-            ));
-        }
-    }
+    let (leaves, skipped) = flatten(path, &pickled)?;
 
     let mut tensors = Vec::with_capacity(leaves.len());
     for (name, t) in leaves {
@@ -133,29 +137,157 @@ fn local_data_start(bytes: &[u8], header: usize) -> Option<usize> {
     (start <= bytes.len()).then_some(start)
 }
 
-fn flatten(
-    v: &Value,
-    prefix: &str,
-    leaves: &mut Vec<(String, std::rc::Rc<TensorRef>)>,
-    skipped: &mut Vec<String>,
-) {
-    let Value::Dict(d) = v else { return };
-    for (k, val) in d.borrow().iter() {
-        let key = match k {
-            Value::Str(s) => s.clone(),
-            Value::Int(i) => i.to_string(),
-            _ => {
-                skipped.push(format!("{prefix}<non-string key>"));
-                continue;
-            }
+/// Tensor leaves and skipped names of a pickled state dict, nested dicts joined with `.`.
+///
+/// A dict reached under several keys (shared through the memo) lists its entries under
+/// every key path, as `torch.load` shows them. A first pass visits each dict once (by
+/// identity, iteratively) and counts the names that would result, so a dict holding
+/// itself, dicts nested past [`MAX_DEPTH`], or sharing that multiplies the names past
+/// [`MAX_NAMES`] / [`MAX_NAME_BYTES`] (a "billion laughs" file) are refused before any
+/// name is built; the second pass then costs what it returns.
+fn flatten(path: &Path, p: &Pickle) -> Result<(Vec<(String, Rc<TensorRef>)>, Vec<String>)> {
+    let Value::Dict(root) = p.root else {
+        return Err(Error::format(
+            path,
+            "data.pkl does not hold a dict of tensors (a whole pickled model or another object?)",
+        ));
+    };
+    let sizes = count_names(path, p, root)?;
+    let (names, name_bytes) = sizes[root.0].unwrap_or((0, 0));
+    if names > MAX_NAMES || name_bytes > MAX_NAME_BYTES {
+        return Err(Error::format(
+            path,
+            format!(
+                "data.pkl would list {names} names ({name_bytes} bytes of names) through dicts \
+                 shared under several keys; lorastream stops at {MAX_NAMES} names and \
+                 {MAX_NAME_BYTES} bytes (a corrupt or hostile file?)"
+            ),
+        ));
+    }
+    let mut leaves = Vec::new();
+    let mut skipped = Vec::new();
+    // (dict, next entry, prefix of its names)
+    let mut stack: Vec<(Id, usize, String)> = vec![(root, 0, String::new())];
+    while let Some((id, i, prefix)) = stack.last_mut() {
+        let items = p.arena.dict(*id).map(|d| d.items()).unwrap_or(&[]);
+        let Some((k, val)) = items.get(*i) else {
+            stack.pop();
+            continue;
+        };
+        *i += 1;
+        let Some(key) = key_text(k) else {
+            skipped.push(format!("{prefix}<non-string key>"));
+            continue;
         };
         let name = format!("{prefix}{key}");
         match val {
             Value::Tensor(t) => leaves.push((name, t.clone())),
-            Value::Dict(_) => flatten(val, &format!("{name}."), leaves, skipped),
+            Value::Dict(c) => {
+                // A dict that lists nothing is not entered: sharing it costs nothing.
+                if sizes[c.0].is_some_and(|(n, _)| n > 0) {
+                    stack.push((*c, 0, name + "."));
+                }
+            }
             _ => skipped.push(name),
         }
     }
+    Ok((leaves, skipped))
+}
+
+fn key_text(k: &Value) -> Option<std::borrow::Cow<'_, str>> {
+    match k {
+        Value::Str(s) => Some(std::borrow::Cow::Borrowed(s)),
+        Value::Int(i) => Some(std::borrow::Cow::Owned(i.to_string())),
+        _ => None,
+    }
+}
+
+/// For each dict reachable from `root` through dict values: how many names it lists and
+/// how many bytes they take (saturating). Each dict is visited once; a cycle or nesting
+/// past [`MAX_DEPTH`] is an error naming the key path.
+fn count_names(path: &Path, p: &Pickle, root: Id) -> Result<Vec<Option<(u64, u64)>>> {
+    let mut sizes: Vec<Option<(u64, u64)>> = vec![None; p.arena.len()];
+    let mut on_path = vec![false; p.arena.len()];
+    // (dict, next entry, names so far, bytes so far)
+    let mut stack: Vec<(Id, usize, u64, u64)> = vec![(root, 0, 0, 0)];
+    on_path[root.0] = true;
+    let key_path = |stack: &[(Id, usize, u64, u64)]| -> String {
+        let keys: Vec<String> = stack
+            .iter()
+            .take(8)
+            .filter_map(|(id, i, ..)| {
+                let (k, _) = p.arena.dict(*id)?.items().get(i.checked_sub(1)?)?;
+                Some(key_text(k).map_or("<non-string key>".into(), |k| k.into_owned()))
+            })
+            .collect();
+        let more = if stack.len() > 9 { ".…" } else { "" };
+        format!("{}{more}", keys.join("."))
+    };
+    while let Some(&mut (id, ref mut i, ref mut names, ref mut bytes)) = stack.last_mut() {
+        let items = p.arena.dict(id).map(|d| d.items()).unwrap_or(&[]);
+        let Some((k, val)) = items.get(*i) else {
+            let done = (*names, *bytes);
+            sizes[id.0] = Some(done);
+            on_path[id.0] = false;
+            stack.pop();
+            if let Some((pid, pi, pn, pb)) = stack.last_mut() {
+                let key_len = p
+                    .arena
+                    .dict(*pid)
+                    .and_then(|d| d.items().get(*pi - 1))
+                    .and_then(|(k, _)| key_text(k))
+                    .map_or(0, |k| k.len() as u64);
+                *pn = pn.saturating_add(done.0);
+                *pb = pb
+                    .saturating_add(done.0.saturating_mul(key_len + 1))
+                    .saturating_add(done.1);
+            }
+            continue;
+        };
+        *i += 1;
+        let key_len = key_text(k).map_or("<non-string key>".len(), |k| k.len()) as u64;
+        match val {
+            Value::Dict(c) if key_text(k).is_some() => {
+                if on_path[c.0] {
+                    return Err(Error::format(
+                        path,
+                        format!(
+                            "data.pkl: the dict at '{}' contains itself (a reference cycle); a \
+                             state dict is a tree of dicts",
+                            key_path(&stack)
+                        ),
+                    ));
+                }
+                match sizes[c.0] {
+                    Some(done) => {
+                        *names = names.saturating_add(done.0);
+                        *bytes = bytes
+                            .saturating_add(done.0.saturating_mul(key_len + 1))
+                            .saturating_add(done.1);
+                    }
+                    None => {
+                        if stack.len() >= MAX_DEPTH {
+                            return Err(Error::format(
+                                path,
+                                format!(
+                                    "data.pkl nests dicts more than {MAX_DEPTH} deep (at '{}'); \
+                                     a state dict nests a few levels (corrupt or hostile file?)",
+                                    key_path(&stack)
+                                ),
+                            ));
+                        }
+                        on_path[c.0] = true;
+                        stack.push((*c, 0, 0, 0));
+                    }
+                }
+            }
+            _ => {
+                *names = names.saturating_add(1);
+                *bytes = bytes.saturating_add(key_len);
+            }
+        }
+    }
+    Ok(sizes)
 }
 
 fn entry(
@@ -222,6 +354,16 @@ fn entry(
             "the view (offset {offset}, shape {shape:?}, stride {strides:?}) reaches element {last} but \
              record '{rec_name}' holds {storage_elems} elements of {} (truncated or corrupt)",
             t.dtype
+        )));
+    }
+    // Elements of a view that fits in its storage are distinct storage elements, so a view
+    // bigger than its storage overlaps itself; only its size fields say how big it is.
+    if nbytes > rec.len && nbytes > MAX_OVERLAPPING_VIEW_BYTES {
+        return Err(bad(format!(
+            "the view (shape {shape:?}, stride {strides:?}) repeats the {} bytes of record \
+             '{rec_name}' as {nbytes} bytes, more than lorastream expands ({MAX_OVERLAPPING_VIEW_BYTES}); \
+             save it with .contiguous() (or .clone()) if it is meant",
+            rec.len
         )));
     }
     let contiguous = is_contiguous(&shape, &strides);
