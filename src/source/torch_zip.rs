@@ -404,6 +404,145 @@ fn is_contiguous(shape: &[usize], strides: &[usize]) -> bool {
 mod tests {
     use super::*;
 
+    const FILE: &str = "/models/evil.pth";
+
+    fn flat(body: &[u8]) -> Result<(Vec<(String, Rc<TensorRef>)>, Vec<String>)> {
+        let mut p = vec![0x80, 2];
+        p.extend(body);
+        p.push(b'.');
+        flatten(Path::new(FILE), &pickle::load(&p).unwrap())
+    }
+
+    fn s(text: &str) -> Vec<u8> {
+        let mut v = vec![b'X'];
+        v.extend((text.len() as u32).to_le_bytes());
+        v.extend(text.as_bytes());
+        v
+    }
+
+    /// Pushes a float tensor of one element on storage `key`.
+    fn tensor(key: &str) -> Vec<u8> {
+        let mut v = b"ctorch._utils\n_rebuild_tensor_v2\n((".to_vec();
+        v.extend(s("storage"));
+        v.extend(b"ctorch\nFloatStorage\n");
+        v.extend(s(key));
+        v.extend(s("cpu"));
+        v.extend(b"K\x01tQK\x00K\x01\x85K\x01\x85\x89)tR");
+        v
+    }
+
+    fn err(r: Result<(Vec<(String, Rc<TensorRef>)>, Vec<String>)>) -> String {
+        let e = r.err().expect("must be refused").to_string();
+        assert!(e.contains(FILE), "{e}");
+        e
+    }
+
+    /// Regression: a dict holding itself overflowed the stack in flatten.
+    #[test]
+    fn a_dict_that_contains_itself_is_refused() {
+        let mut b = b"}q\x00".to_vec();
+        b.extend(s("a"));
+        b.extend(b"}q\x01");
+        b.extend(s("b"));
+        b.extend(b"h\x00ss"); // d0["a"] = d1, d1["b"] = d0
+        let e = err(flat(&b));
+        assert!(e.contains("the dict at 'a.b' contains itself"), "{e}");
+        let mut b = b"}q\x00".to_vec();
+        b.extend(s("me"));
+        b.extend(b"h\x00s");
+        assert!(err(flat(&b)).contains("at 'me' contains itself"));
+    }
+
+    /// Regression: dicts nested 40,000 deep overflowed the stack in flatten.
+    #[test]
+    fn dicts_nested_40000_deep_are_refused() {
+        let mut b = Vec::new();
+        for _ in 0..40_000 {
+            b.push(b'}');
+            b.extend(s("k"));
+        }
+        b.push(b'}');
+        b.extend(std::iter::repeat_n(b's', 40_000));
+        let e = err(flat(&b));
+        assert!(e.contains("nests dicts more than 1000 deep (at 'k.k.k.k.k.k.k.k.…')"), "{e}");
+        // 999 levels are fine.
+        let mut b = Vec::new();
+        for _ in 0..999 {
+            b.push(b'}');
+            b.extend(s("k"));
+        }
+        b.extend(tensor("0"));
+        b.extend(std::iter::repeat_n(b's', 999));
+        let (leaves, _) = flat(&b).unwrap();
+        assert_eq!(leaves.len(), 1);
+        assert_eq!(leaves[0].0.len(), 999 * 2 - 1);
+    }
+
+    /// d0 = {"x": leaf}; d_i = {"a": d_{i-1}, "b": d_{i-1}} for i in 1..=levels.
+    fn laughs(leaf: &[u8], levels: u8) -> Vec<u8> {
+        let mut b = b"}".to_vec();
+        b.extend(s("x"));
+        b.extend(leaf);
+        b.extend(b"sq\x00");
+        for i in 1..=levels {
+            b.extend(b"}(");
+            b.extend(s("a"));
+            b.extend([b'h', i - 1]);
+            b.extend(s("b"));
+            b.extend([b'h', i - 1]);
+            b.extend([b'u', b'q', i]);
+        }
+        b
+    }
+
+    /// Regression: a dict reached twice through the memo was walked once per path; 40
+    /// levels of sharing (2^40 paths) hung, and with a non-tensor leaf the skipped-names
+    /// list ate all memory. Now each dict is counted once and the file refused.
+    #[test]
+    fn billion_laughs_are_refused_without_walking_the_paths() {
+        for leaf in [b"K\x01".to_vec(), tensor("0")] {
+            let e = err(flat(&laughs(&leaf, 40)));
+            assert!(e.contains("would list 1099511627776 names"), "{e}");
+            assert!(e.contains("through dicts shared under several keys"), "{e}");
+        }
+        // Shared dicts that list nothing cost nothing, however often they are shared.
+        let mut b = b"}q\x00".to_vec();
+        for i in 1..=60u8 {
+            b.extend(b"}(");
+            b.extend(s("a"));
+            b.extend([b'h', i - 1]);
+            b.extend(s("b"));
+            b.extend([b'h', i - 1]);
+            b.extend([b'u', b'q', i]);
+        }
+        let (leaves, skipped) = flat(&b).unwrap();
+        assert!(leaves.is_empty() && skipped.is_empty());
+    }
+
+    /// A dict shared under two keys lists its tensors under both paths, as torch.load shows
+    /// them (tied weights stay tied: one storage).
+    #[test]
+    fn shared_dicts_list_every_key_path() {
+        let (leaves, skipped) = flat(&laughs(&tensor("0"), 2)).unwrap();
+        let names: Vec<&str> = leaves.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["a.a.x", "a.b.x", "b.a.x", "b.b.x"]);
+        assert!(leaves.iter().all(|(_, t)| Rc::ptr_eq(t, &leaves[0].1)));
+        assert!(skipped.is_empty());
+        let (leaves, skipped) = flat(&laughs(b"N", 3)).unwrap();
+        assert!(leaves.is_empty());
+        assert_eq!(skipped.len(), 8);
+        assert_eq!(skipped[7], "b.b.b.x");
+        // Non-string keys are named as such; int keys become text.
+        let mut b = b"}".to_vec();
+        b.extend(b"K\x07");
+        b.extend(tensor("0"));
+        b.extend(b"s)N");
+        b.extend(b"s");
+        let (leaves, skipped) = flat(&b).unwrap();
+        assert_eq!(leaves[0].0, "7");
+        assert_eq!(skipped, ["<non-string key>"]);
+    }
+
     #[test]
     fn contiguity_ignores_unit_dims() {
         assert!(is_contiguous(&[2, 3], &[3, 1]));
