@@ -480,6 +480,58 @@ mod read_tests {
         assert!(TensorEntry::in_memory(Path::new("x"), "t", Dtype::F32, vec![3], &[0; 8]).is_err());
     }
 
+    /// Bands of strided views gathered at any split equal the element-by-element answer:
+    /// transposes, slices with an offset, broadcast (stride 0) and scalar views.
+    #[test]
+    fn gathered_bands_match_element_by_element() {
+        let data: Vec<u8> = (0..=255u8).collect();
+        let file = MappedFile::from_bytes(Path::new("f"), &data).unwrap();
+        let cases: [(&[usize], &[usize], usize); 6] = [
+            (&[4, 6], &[1, 4], 0),
+            (&[3, 5], &[16, 2], 7),
+            (&[2, 3, 4], &[0, 4, 1], 3),
+            (&[5, 7], &[0, 0], 9),
+            (&[], &[], 11),
+            (&[3, 1, 4], &[20, 999, 1], 1),
+        ];
+        for (shape, strides, offset) in cases {
+            let t = TensorEntry {
+                name: "t".into(),
+                dtype: Dtype::U16,
+                shape: shape.to_vec(),
+                file: file.clone(),
+                data: TensorData::Strided {
+                    base: 2,
+                    offset,
+                    strides: strides.to_vec(),
+                },
+            };
+            let n = t.numel();
+            let mut want = Vec::new();
+            for flat in 0..n {
+                let (mut rest, mut elem) = (flat, offset);
+                for d in (0..shape.len()).rev() {
+                    elem += (rest % shape[d]) * strides[d];
+                    rest /= shape[d];
+                }
+                want.extend_from_slice(&data[2 + elem * 2..2 + elem * 2 + 2]);
+            }
+            assert_eq!(&t.bytes()[..], &want[..], "{shape:?} {strides:?}");
+            for band in [1, 2, 3, 5, 7, n.max(1)] {
+                let mut got = Vec::new();
+                let mut at = 0;
+                while at < n {
+                    t.gather(at, band, &mut got);
+                    at += band;
+                }
+                assert_eq!(got, want, "{shape:?} {strides:?} band {band}");
+            }
+            let mut past = Vec::new();
+            t.gather(n, 5, &mut past);
+            assert!(past.is_empty());
+        }
+    }
+
     /// A file truncated after it was opened gives an error naming the problem, not a
     /// SIGBUS (which touching the map would), in every read mode.
     #[test]

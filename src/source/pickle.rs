@@ -758,7 +758,10 @@ impl<'a> Machine<'a> {
                             (func, args) = (f.clone(), inner.clone());
                             continue;
                         }
-                        _ => Err(self.invalid("_rebuild_from_type_v2 needs (func, type, args, state)")),
+                        _ => {
+                            Err(self
+                                .invalid("_rebuild_from_type_v2 needs (func, type, args, state)"))
+                        }
                     }
                 }
                 other => Err(self.invalid(format!("{other:?} cannot be called"))),
@@ -785,9 +788,7 @@ impl<'a> Machine<'a> {
         let stride = int_tuple(&self.arena, stride)
             .ok_or_else(|| self.invalid("tensor stride is not a tuple of counts"))?;
         if shape.len() > MAX_DIMS {
-            return Err(self.invalid(format!(
-                "tensor has more than {MAX_DIMS} dimensions"
-            )));
+            return Err(self.invalid(format!("tensor has more than {MAX_DIMS} dimensions")));
         }
         if shape.len() != stride.len() {
             return Err(self.invalid("tensor size and stride differ in length"));
@@ -952,7 +953,9 @@ mod tests {
         p.push(b'.');
         let v = load(&p).unwrap();
         let mut depth = 1;
-        let Value::List(mut id) = v.root else { panic!() };
+        let Value::List(mut id) = v.root else {
+            panic!()
+        };
         while let [Value::List(inner)] = v.arena.seq(id) {
             id = *inner;
             depth += 1;
@@ -1005,7 +1008,10 @@ mod tests {
         let (Value::Str(s0), Value::Bytes(b0)) = (&items[0], &items[1]) else {
             panic!()
         };
-        assert!(matches!(&items[2 * COPIES], Value::Bytes(b) if Rc::ptr_eq(b, b0)), "DUP");
+        assert!(
+            matches!(&items[2 * COPIES], Value::Bytes(b) if Rc::ptr_eq(b, b0)),
+            "DUP"
+        );
         for pair in items[..2 * COPIES].chunks(2) {
             let (Value::Str(s), Value::Bytes(b)) = (&pair[0], &pair[1]) else {
                 panic!()
@@ -1037,7 +1043,10 @@ mod tests {
         assert_eq!(d.len(), N as usize);
         assert!(matches!(d.get("layer.7.weight"), Some(Value::Int(0x63))));
         assert!(matches!(d.items()[7].1, Value::Int(0x63)));
-        assert!(matches!(d.get("layer.299999.weight"), Some(Value::Int(299_999))));
+        assert!(matches!(
+            d.get("layer.299999.weight"),
+            Some(Value::Int(299_999))
+        ));
         assert!(d.get("nope").is_none());
     }
 

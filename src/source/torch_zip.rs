@@ -464,7 +464,10 @@ mod tests {
         b.push(b'}');
         b.extend(std::iter::repeat_n(b's', 40_000));
         let e = err(flat(&b));
-        assert!(e.contains("nests dicts more than 1000 deep (at 'k.k.k.k.k.k.k.k.…')"), "{e}");
+        assert!(
+            e.contains("nests dicts more than 1000 deep (at 'k.k.k.k.k.k.k.k.…')"),
+            "{e}"
+        );
         // 999 levels are fine.
         let mut b = Vec::new();
         for _ in 0..999 {
