@@ -56,7 +56,8 @@ pub struct Arena {
 enum Node {
     /// A tuple, list or set (the [`Value`] naming it says which).
     Seq(Vec<Value>),
-    Dict(Dict),
+    /// Boxed: a node is then as small as a Vec (torch pickles make several per tensor).
+    Dict(Box<Dict>),
 }
 
 /// A dict in insertion order, with a hash index on its string and int keys.
@@ -569,13 +570,13 @@ impl<'a> Machine<'a> {
                     self.extend_top(false, items)?;
                 }
                 b'}' => {
-                    let id = self.arena.add(Node::Dict(Dict::default()));
+                    let id = self.arena.add(Node::Dict(Box::default()));
                     self.stack.push(Value::Dict(id));
                 }
                 b'd' => {
                     let items = self.pop_mark()?;
                     let pairs = pairs(items).ok_or_else(|| self.invalid("DICT with odd items"))?;
-                    let id = self.arena.add(Node::Dict(Dict::default()));
+                    let id = self.arena.add(Node::Dict(Box::default()));
                     self.stack.push(Value::Dict(id));
                     self.set_items(pairs)?;
                 }
@@ -741,7 +742,7 @@ impl<'a> Machine<'a> {
             };
             let a = self.arena.seq(args_id);
             return match g {
-                Global::OrderedDict => Ok(Value::Dict(self.arena.add(Node::Dict(Dict::default())))),
+                Global::OrderedDict => Ok(Value::Dict(self.arena.add(Node::Dict(Box::default())))),
                 Global::TorchSize => match a.first() {
                     Some(v) => Ok(v.clone()),
                     None => Ok(Value::Tuple(self.push_seq(Vec::new()))),

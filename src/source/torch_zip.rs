@@ -63,6 +63,9 @@ pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<Stri
     let pickled = pickle::load(&bytes[pkl.start..pkl.start + pkl.len])
         .map_err(|e| Error::format(path, e.to_string()))?;
     let (leaves, skipped) = flatten(path, &pickled)?;
+    // The tensors hold what they need; the rest of the pickle can go before the entries
+    // are made.
+    drop(pickled);
 
     let mut tensors = Vec::with_capacity(leaves.len());
     for (name, t) in leaves {
