@@ -140,6 +140,9 @@ fn local_data_start(bytes: &[u8], header: usize) -> Option<usize> {
     (start <= bytes.len()).then_some(start)
 }
 
+/// Named tensor leaves and the names of skipped non-tensor entries.
+type Flat = (Vec<(String, Rc<TensorRef>)>, Vec<String>);
+
 /// Tensor leaves and skipped names of a pickled state dict, nested dicts joined with `.`.
 ///
 /// A dict reached under several keys (shared through the memo) lists its entries under
@@ -148,7 +151,7 @@ fn local_data_start(bytes: &[u8], header: usize) -> Option<usize> {
 /// itself, dicts nested past [`MAX_DEPTH`], or sharing that multiplies the names past
 /// [`MAX_NAMES`] / [`MAX_NAME_BYTES`] (a "billion laughs" file) are refused before any
 /// name is built; the second pass then costs what it returns.
-fn flatten(path: &Path, p: &Pickle) -> Result<(Vec<(String, Rc<TensorRef>)>, Vec<String>)> {
+fn flatten(path: &Path, p: &Pickle) -> Result<Flat> {
     let Value::Dict(root) = p.root else {
         return Err(Error::format(
             path,
@@ -409,7 +412,7 @@ mod tests {
 
     const FILE: &str = "/models/evil.pth";
 
-    fn flat(body: &[u8]) -> Result<(Vec<(String, Rc<TensorRef>)>, Vec<String>)> {
+    fn flat(body: &[u8]) -> Result<Flat> {
         let mut p = vec![0x80, 2];
         p.extend(body);
         p.push(b'.');
@@ -434,8 +437,8 @@ mod tests {
         v
     }
 
-    fn err(r: Result<(Vec<(String, Rc<TensorRef>)>, Vec<String>)>) -> String {
-        let e = r.err().expect("must be refused").to_string();
+    fn err(r: Result<Flat>) -> String {
+        let e = r.expect_err("must be refused").to_string();
         assert!(e.contains(FILE), "{e}");
         e
     }
