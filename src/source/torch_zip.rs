@@ -18,10 +18,22 @@ use std::sync::Arc;
 /// overflows its stack near 1000).
 pub(crate) const MAX_DEPTH: usize = 1000;
 /// Most names (tensors plus skipped entries) a file may list, counting every key path
-/// through shared dicts.
-pub(crate) const MAX_NAMES: u64 = 16_000_000;
-/// Most bytes all those names may take together.
-pub(crate) const MAX_NAME_BYTES: u64 = 512 << 20;
+/// through shared dicts: 4 per byte of `data.pkl` (each entry of an unshared dict costs
+/// it several bytes, so this only stops sharing that multiplies names), and at least
+/// this many for small files.
+pub(crate) const MIN_NAME_LIMIT: u64 = 1 << 20;
+/// Most bytes all those names may take together: 16 per byte of `data.pkl`, at least
+/// this many.
+pub(crate) const MIN_NAME_BYTES_LIMIT: u64 = 64 << 20;
+
+/// The name limits for a `data.pkl` of `len` bytes: (names, bytes of names).
+fn name_limits(len: usize) -> (u64, u64) {
+    let len = len as u64;
+    (
+        len.saturating_mul(4).max(MIN_NAME_LIMIT),
+        len.saturating_mul(16).max(MIN_NAME_BYTES_LIMIT),
+    )
+}
 /// Largest view that overlaps itself (stride 0, as `expand` makes) whose bytes lorastream
 /// will gather: beyond the storage's own size, a size field alone would drive the
 /// allocation.
@@ -62,7 +74,7 @@ pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<Stri
     }
     let pickled = pickle::load(&bytes[pkl.start..pkl.start + pkl.len])
         .map_err(|e| Error::format(path, e.to_string()))?;
-    let (leaves, skipped) = flatten(path, &pickled)?;
+    let (leaves, skipped) = flatten(path, &pickled, name_limits(pkl.len))?;
     // The tensors hold what they need; the rest of the pickle can go before the entries
     // are made.
     drop(pickled);
@@ -149,9 +161,10 @@ type Flat = (Vec<(String, Rc<TensorRef>)>, Vec<String>);
 /// every key path, as `torch.load` shows them. A first pass visits each dict once (by
 /// identity, iteratively) and counts the names that would result, so a dict holding
 /// itself, dicts nested past [`MAX_DEPTH`], or sharing that multiplies the names past
-/// [`MAX_NAMES`] / [`MAX_NAME_BYTES`] (a "billion laughs" file) are refused before any
+/// `limits` (names, bytes of names; see [`name_limits`]: a "billion laughs" file) are
+/// refused before any
 /// name is built; the second pass then costs what it returns.
-fn flatten(path: &Path, p: &Pickle) -> Result<Flat> {
+fn flatten(path: &Path, p: &Pickle, limits: (u64, u64)) -> Result<Flat> {
     let Value::Dict(root) = p.root else {
         return Err(Error::format(
             path,
@@ -160,13 +173,15 @@ fn flatten(path: &Path, p: &Pickle) -> Result<Flat> {
     };
     let sizes = count_names(path, p, root)?;
     let (names, name_bytes) = sizes[root.0].unwrap_or((0, 0));
-    if names > MAX_NAMES || name_bytes > MAX_NAME_BYTES {
+    let (max_names, max_bytes) = limits;
+    if names > max_names || name_bytes > max_bytes {
         return Err(Error::format(
             path,
             format!(
                 "data.pkl would list {names} names ({name_bytes} bytes of names) through dicts \
-                 shared under several keys; lorastream stops at {MAX_NAMES} names and \
-                 {MAX_NAME_BYTES} bytes (a corrupt or hostile file?)"
+                 shared under several keys; lorastream stops at {max_names} names and \
+                 {max_bytes} bytes of names for a data.pkl of this size (a corrupt or \
+                 hostile file?)"
             ),
         ));
     }
@@ -416,7 +431,11 @@ mod tests {
         let mut p = vec![0x80, 2];
         p.extend(body);
         p.push(b'.');
-        flatten(Path::new(FILE), &pickle::load(&p).unwrap())
+        flatten(
+            Path::new(FILE),
+            &pickle::load(&p).unwrap(),
+            name_limits(p.len()),
+        )
     }
 
     fn s(text: &str) -> Vec<u8> {
@@ -526,6 +545,14 @@ mod tests {
         }
         let (leaves, skipped) = flat(&b).unwrap();
         assert!(leaves.is_empty() && skipped.is_empty());
+        // 2^20 names from a tiny file is the least a file may list; one more level is not.
+        assert_eq!(flat(&laughs(b"N", 20)).unwrap().1.len(), 1 << 20);
+        let e = err(flat(&laughs(b"N", 21)));
+        assert!(e.contains("would list 2097152 names"), "{e}");
+        assert!(
+            e.contains("stops at 1048576 names and 67108864 bytes of names"),
+            "{e}"
+        );
     }
 
     /// A dict shared under two keys lists its tensors under both paths, as torch.load shows
