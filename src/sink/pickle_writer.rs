@@ -169,10 +169,9 @@ mod tests {
             },
         ];
         let pkl = state_dict_pickle(&ts);
-        let Value::Dict(d) = load(&pkl).unwrap() else {
-            panic!()
-        };
-        let d = d.borrow();
+        let p = load(&pkl).unwrap();
+        let Value::Dict(d) = p.root else { panic!() };
+        let d = p.arena.dict(d).unwrap().items();
         assert_eq!(d.len(), 3);
         let Value::Tensor(t) = &d[0].1 else { panic!() };
         assert_eq!(

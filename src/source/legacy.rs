@@ -30,7 +30,7 @@ pub(super) fn looks_legacy(b: &[u8]) -> bool {
     is_tar(b)
         || (b.first() == Some(&0x80)
             && matches!(pickle::load_prefix(&b[..b.len().min(64)]),
-                Ok(l) if matches!(&l.value, Value::BigInt(m) if m.as_slice() == MAGIC)))
+                Ok(l) if matches!(&l.pickle.root, Value::BigInt(m) if **m == MAGIC)))
 }
 
 fn is_tar(b: &[u8]) -> bool {
@@ -58,24 +58,26 @@ pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<Stri
         Ok(l)
     };
     let magic = next("the magic number pickle")?;
-    if !matches!(&magic.value, Value::BigInt(m) if m.as_slice() == MAGIC) {
+    if !matches!(&magic.pickle.root, Value::BigInt(m) if **m == MAGIC) {
         return Err(bad(
             "the first pickle",
             "is not torch's magic number".into(),
         ));
     }
     let version = next("the protocol version pickle")?;
-    if !matches!(version.value, Value::Int(PROTOCOL_VERSION)) {
+    if !matches!(version.pickle.root, Value::Int(PROTOCOL_VERSION)) {
         return Err(bad(
             "the protocol version",
-            format!("is {:?}, torch writes {PROTOCOL_VERSION}", version.value),
+            format!(
+                "is {:?}, torch writes {PROTOCOL_VERSION}",
+                version.pickle.root
+            ),
         ));
     }
     let sys_info = next("the sys_info pickle")?;
-    if let Value::Dict(d) = &sys_info.value
-        && d.borrow().iter().any(|(k, v)| {
-            matches!(k, Value::Str(k) if k == "little_endian") && matches!(v, Value::Bool(false))
-        })
+    if let Value::Dict(d) = sys_info.pickle.root
+        && let Some(d) = sys_info.pickle.arena.dict(d)
+        && matches!(d.get("little_endian"), Some(Value::Bool(false)))
     {
         return Err(Error::format(
             path,
@@ -86,14 +88,16 @@ pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<Stri
     }
     let main = next("the main pickle")?;
     let keys = next("the storage key list")?;
-    let Value::List(keys) = &keys.value else {
+    let Value::List(list) = keys.pickle.root else {
         return Err(bad("the storage key list", "is not a list".into()));
     };
     let keys: Vec<String> = keys
-        .borrow()
+        .pickle
+        .arena
+        .seq(list)
         .iter()
         .map(|k| match k {
-            Value::Str(s) => Ok(s.clone()),
+            Value::Str(s) => Ok(s.to_string()),
             other => Err(bad("the storage key list", format!("holds {other:?}"))),
         })
         .collect::<Result<_>>()?;
@@ -150,10 +154,14 @@ pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<Stri
         at = start + len;
     }
 
-    if let Some(why) = walk::root_problem(&main.value) {
+    if let Some(why) = walk::root_problem(&main.pickle.root) {
         return Err(Error::format(path, format!("the main pickle {why}")));
     }
-    let found = walk::tensors_in(&main.value);
+    let found = walk::tensors_in(&main.pickle, main.end, "the main pickle")
+        .map_err(|e| Error::format(path, e))?;
+    // The tensors hold what they need; the rest of the pickle can go before the entries
+    // are made.
+    drop(main);
     let mut tensors = Vec::with_capacity(found.tensors.len());
     for (name, t) in found.tensors {
         tensors.push(torch_zip::entry(file, &records, "", name, &t)?);

@@ -275,40 +275,83 @@ impl TensorEntry {
     }
 
     /// The tensor's bytes in row-major order: borrowed from the map when contiguous,
-    /// gathered into a new buffer for strided views.
+    /// gathered into a new buffer for strided views (whose size the reader bounded: see
+    /// `torch_zip::MAX_OVERLAPPING_VIEW_BYTES`). Streaming code uses
+    /// [`TensorEntry::gather`] instead, a band at a time.
     pub fn bytes(&self) -> Cow<'_, [u8]> {
-        let all = self.file.bytes();
         match &self.data {
-            TensorData::Contiguous { start, len } => Cow::Borrowed(&all[*start..*start + *len]),
+            TensorData::Contiguous { start, len } => {
+                Cow::Borrowed(&self.file.bytes()[*start..*start + *len])
+            }
+            TensorData::Strided { .. } => {
+                let mut out = Vec::new();
+                self.gather(0, self.numel(), &mut out);
+                Cow::Owned(out)
+            }
+        }
+    }
+
+    /// Appends the bytes of elements `[from, from + n)` (row-major order) to `out`: a band
+    /// of a strided view, so a big view is copied in bounded memory. Elements past the end
+    /// are not there to append.
+    pub fn gather(&self, from: usize, n: usize, out: &mut Vec<u8>) {
+        let all = self.file.bytes();
+        let es = self.dtype.size();
+        let numel = self.numel();
+        let n = n.min(numel.saturating_sub(from));
+        if n == 0 {
+            return;
+        }
+        let (base, offset, strides) = match &self.data {
+            TensorData::Contiguous { start, .. } => {
+                let at = start + from * es;
+                out.extend_from_slice(&all[at..at + n * es]);
+                return;
+            }
             TensorData::Strided {
                 base,
                 offset,
                 strides,
-            } => {
-                let es = self.dtype.size();
-                let mut out = Vec::with_capacity(self.nbytes());
-                if self.numel() == 0 {
-                    return Cow::Owned(out);
+            } => (*base, *offset, strides),
+        };
+        out.reserve(n * es);
+        let dims = self.shape.len();
+        // The multi-index of element `from`.
+        let mut idx = vec![0usize; dims];
+        let mut rest = from;
+        for d in (0..dims).rev() {
+            idx[d] = rest % self.shape[d];
+            rest /= self.shape[d];
+        }
+        let (inner, inner_stride) = match dims {
+            0 => (1, 1),
+            _ => (self.shape[dims - 1], strides[dims - 1]),
+        };
+        let mut left = n;
+        while left > 0 {
+            let elem = offset + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
+            // The rest of the innermost row, or of the band.
+            let run = (inner - idx.last().copied().unwrap_or(0)).min(left);
+            let at = base + elem * es;
+            if inner_stride == 1 {
+                out.extend_from_slice(&all[at..at + run * es]);
+            } else {
+                for j in 0..run {
+                    let a = at + j * inner_stride * es;
+                    out.extend_from_slice(&all[a..a + es]);
                 }
-                let mut idx = vec![0usize; self.shape.len()];
-                loop {
-                    let elem = offset + idx.iter().zip(strides).map(|(i, s)| i * s).sum::<usize>();
-                    let at = base + elem * es;
-                    out.extend_from_slice(&all[at..at + es]);
-                    // Odometer increment over the shape, last dimension fastest.
-                    let mut d = self.shape.len();
-                    loop {
-                        if d == 0 {
-                            return Cow::Owned(out);
-                        }
-                        d -= 1;
-                        idx[d] += 1;
-                        if idx[d] < self.shape[d] {
-                            break;
-                        }
-                        idx[d] = 0;
-                    }
-                }
+            }
+            left -= run;
+            if dims == 0 || left == 0 {
+                break;
+            }
+            // Odometer increment by `run` on the innermost dimension, carrying outward.
+            idx[dims - 1] += run;
+            let mut d = dims - 1;
+            while idx[d] >= self.shape[d] && d > 0 {
+                idx[d] = 0;
+                d -= 1;
+                idx[d] += 1;
             }
         }
     }
@@ -440,6 +483,58 @@ mod read_tests {
             assert_eq!(&buf.as_slice()[r], &data[10..5010], "{mode:?}");
         }
         assert!(TensorEntry::in_memory(Path::new("x"), "t", Dtype::F32, vec![3], &[0; 8]).is_err());
+    }
+
+    /// Bands of strided views gathered at any split equal the element-by-element answer:
+    /// transposes, slices with an offset, broadcast (stride 0) and scalar views.
+    #[test]
+    fn gathered_bands_match_element_by_element() {
+        let data: Vec<u8> = (0..=255u8).collect();
+        let file = MappedFile::from_bytes(Path::new("f"), &data).unwrap();
+        let cases: [(&[usize], &[usize], usize); 6] = [
+            (&[4, 6], &[1, 4], 0),
+            (&[3, 5], &[16, 2], 7),
+            (&[2, 3, 4], &[0, 4, 1], 3),
+            (&[5, 7], &[0, 0], 9),
+            (&[], &[], 11),
+            (&[3, 1, 4], &[20, 999, 1], 1),
+        ];
+        for (shape, strides, offset) in cases {
+            let t = TensorEntry {
+                name: "t".into(),
+                dtype: Dtype::U16,
+                shape: shape.to_vec(),
+                file: file.clone(),
+                data: TensorData::Strided {
+                    base: 2,
+                    offset,
+                    strides: strides.to_vec(),
+                },
+            };
+            let n = t.numel();
+            let mut want = Vec::new();
+            for flat in 0..n {
+                let (mut rest, mut elem) = (flat, offset);
+                for d in (0..shape.len()).rev() {
+                    elem += (rest % shape[d]) * strides[d];
+                    rest /= shape[d];
+                }
+                want.extend_from_slice(&data[2 + elem * 2..2 + elem * 2 + 2]);
+            }
+            assert_eq!(&t.bytes()[..], &want[..], "{shape:?} {strides:?}");
+            for band in [1, 2, 3, 5, 7, n.max(1)] {
+                let mut got = Vec::new();
+                let mut at = 0;
+                while at < n {
+                    t.gather(at, band, &mut got);
+                    at += band;
+                }
+                assert_eq!(got, want, "{shape:?} {strides:?} band {band}");
+            }
+            let mut past = Vec::new();
+            t.gather(n, 5, &mut past);
+            assert!(past.is_empty());
+        }
     }
 
     /// A file truncated after it was opened gives an error naming the problem, not a

@@ -13,34 +13,41 @@
 //!
 //! Supported: protocol 2 (what torch writes) plus the protocol 0/1/4/5 opcodes that older
 //! or hand-made files contain (STACK_GLOBAL, SHORT_BINUNICODE, MEMOIZE, FRAME, BINBYTES,
-//! LONG4, sets, DICT, …). Containers are shared (`Rc<RefCell>`) so memo references see later
-//! mutations exactly as Python's would.
+//! LONG4, sets, DICT, …).
+//!
+//! Containers live in an [`Arena`] and values name them by index, so memo references see
+//! later mutations exactly as Python's would, while a hostile file cannot hurt the reader:
+//! cycles (a dict holding itself) leak nothing, values 200,000 deep drop without recursion
+//! (the arena is a flat list), and a memo fetch or DUP copies an index or an `Rc` — never
+//! a string or a container — so memory stays a small multiple of the pickle's size. Dict
+//! keys are indexed by hash, so building a dict of n entries costs O(n).
 
 use crate::dtype::Dtype;
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// A Python value as far as a state dict needs one.
+/// A Python value as far as a state dict needs one. Containers are indices into the
+/// [`Arena`] of the [`Pickle`] they came from.
 #[derive(Clone, Debug)]
 pub enum Value {
     None,
     Bool(bool),
     Int(i64),
     Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
-    Tuple(Rc<Vec<Value>>),
-    List(Rc<RefCell<Vec<Value>>>),
-    Dict(Rc<RefCell<Vec<(Value, Value)>>>),
-    Set(Rc<RefCell<Vec<Value>>>),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+    Tuple(Id),
+    List(Id),
+    Dict(Id),
+    Set(Id),
     Global(Global),
     Storage(Rc<StorageRef>),
     Tensor(Rc<TensorRef>),
     /// An integer wider than 64 bits: its little-endian two's-complement bytes.
-    BigInt(Rc<Vec<u8>>),
-    /// What a call of a global outside the allowlist would have made (never made).
-    Object(Rc<Object>),
+    BigInt(Rc<[u8]>),
+    /// What a call of a global outside the allowlist would have made (never made); an
+    /// [`Object`] in the arena, so that BUILD and memo references see one object.
+    Object(Id),
 }
 
 /// An opaque object: `class(*args)` plus BUILD's state, recorded, never run.
@@ -51,10 +58,141 @@ pub struct Object {
     pub class: String,
     pub args: Value,
     /// What BUILD (`__setstate__`) would have been given: usually the `__dict__`.
-    pub state: RefCell<Option<Value>>,
+    pub state: Option<Value>,
 }
 
-/// The globals a torch checkpoint may name. Anything else is refused.
+/// A container's place in the [`Arena`]: its identity, as Python's `id()` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id(pub usize);
+
+/// Every container a pickle built. Values hold no containers, only indices, so dropping
+/// the arena is a flat loop however deep or cyclic the values are.
+#[derive(Debug, Default)]
+pub struct Arena {
+    nodes: Vec<Node>,
+}
+
+#[derive(Debug)]
+enum Node {
+    /// A tuple, list or set (the [`Value`] naming it says which).
+    Seq(Vec<Value>),
+    /// Boxed: a node is then as small as a Vec (torch pickles make several per tensor).
+    Dict(Box<Dict>),
+    Object(Box<Object>),
+}
+
+/// A dict in insertion order, with a hash index on its string and int keys.
+#[derive(Debug, Default)]
+pub struct Dict {
+    items: Vec<(Value, Value)>,
+    index: HashMap<Key, usize>,
+}
+
+/// The dict keys the index knows; other keys (tuples, floats) are kept but never match,
+/// as before (a state dict has string keys).
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Str(Rc<str>),
+    Int(i64),
+}
+
+impl Dict {
+    /// Entries in insertion order.
+    pub fn items(&self) -> &[(Value, Value)] {
+        &self.items
+    }
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+    /// The value under the string key `k`.
+    pub fn get(&self, k: &str) -> Option<&Value> {
+        let i = *self.index.get(&Key::Str(Rc::from(k)))?;
+        Some(&self.items[i].1)
+    }
+    /// Python dict semantics: a repeated key replaces the value in place.
+    fn insert(&mut self, k: Value, v: Value) {
+        let key = match &k {
+            Value::Str(s) => Some(Key::Str(s.clone())),
+            Value::Int(i) => Some(Key::Int(*i)),
+            _ => None,
+        };
+        match key {
+            Some(key) => match self.index.get(&key) {
+                Some(&i) => self.items[i].1 = v,
+                None => {
+                    self.index.insert(key, self.items.len());
+                    self.items.push((k, v));
+                }
+            },
+            None => self.items.push((k, v)),
+        }
+    }
+}
+
+impl Arena {
+    /// The items of a tuple, list or set; empty for an id that names a dict.
+    pub fn seq(&self, id: Id) -> &[Value] {
+        match self.nodes.get(id.0) {
+            Some(Node::Seq(v)) => v,
+            _ => &[],
+        }
+    }
+    /// The dict `id`; None when it names no dict.
+    pub fn dict(&self, id: Id) -> Option<&Dict> {
+        match self.nodes.get(id.0) {
+            Some(Node::Dict(d)) => Some(d),
+            _ => None,
+        }
+    }
+    /// The opaque object `id`; None when it names no object.
+    pub fn object(&self, id: Id) -> Option<&Object> {
+        match self.nodes.get(id.0) {
+            Some(Node::Object(o)) => Some(o),
+            _ => None,
+        }
+    }
+    /// How many containers the pickle built.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+    fn add(&mut self, n: Node) -> Id {
+        self.nodes.push(n);
+        Id(self.nodes.len() - 1)
+    }
+    fn seq_mut(&mut self, id: Id) -> Option<&mut Vec<Value>> {
+        match self.nodes.get_mut(id.0) {
+            Some(Node::Seq(v)) => Some(v),
+            _ => None,
+        }
+    }
+    fn dict_mut(&mut self, id: Id) -> Option<&mut Dict> {
+        match self.nodes.get_mut(id.0) {
+            Some(Node::Dict(d)) => Some(d),
+            _ => None,
+        }
+    }
+    fn object_mut(&mut self, id: Id) -> Option<&mut Object> {
+        match self.nodes.get_mut(id.0) {
+            Some(Node::Object(o)) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+/// What a pickle built: its root value and the containers it refers to.
+#[derive(Debug)]
+pub struct Pickle {
+    pub arena: Arena,
+    pub root: Value,
+}
+
+/// The globals a torch checkpoint may name; anything else is [`Global::Other`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum Global {
     OrderedDict,
@@ -125,6 +263,13 @@ pub enum PickleError {
     Invalid { msg: String, pos: usize },
 }
 
+/// Most dimensions a tensor may have (torch itself stops at 64). Bounds the work of
+/// reading a size tuple, which a file may share through the memo among many tensors.
+pub const MAX_DIMS: usize = 64;
+/// Longest storage key accepted: torch writes short decimal numbers, and a key shared
+/// through the memo must not make each tensor cost its length.
+pub const MAX_KEY_LEN: usize = 1024;
+
 type PResult<T> = std::result::Result<T, PickleError>;
 
 fn resolve_global(module: &str, name: &str) -> Global {
@@ -159,6 +304,7 @@ struct Machine<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    arena: Arena,
     op: u8,
     op_pos: usize,
     /// Every storage a persistent id named, in pickle order.
@@ -166,14 +312,14 @@ struct Machine<'a> {
 }
 
 /// Reads a pickle and returns the value it builds.
-pub fn load(data: &[u8]) -> PResult<Value> {
-    Ok(load_prefix(data)?.value)
+pub fn load(data: &[u8]) -> PResult<Pickle> {
+    Ok(load_prefix(data)?.pickle)
 }
 
 /// A pickle read from the start of a longer byte string (the legacy format holds several
 /// one after another).
 pub struct Loaded {
-    pub value: Value,
+    pub pickle: Pickle,
     /// Bytes the pickle took, STOP included: where the next one starts.
     pub end: usize,
     /// The storages its persistent ids named, in the order they came.
@@ -188,13 +334,17 @@ pub fn load_prefix(data: &[u8]) -> PResult<Loaded> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: HashMap::new(),
+        arena: Arena::default(),
         op: 0,
         op_pos: 0,
         storages: Vec::new(),
     };
-    let value = m.run()?;
+    let root = m.run()?;
     Ok(Loaded {
-        value,
+        pickle: Pickle {
+            arena: m.arena,
+            root,
+        },
         end: m.pos,
         storages: m.storages,
     })
@@ -241,9 +391,13 @@ impl<'a> Machine<'a> {
         self.pos += nl + 1;
         std::str::from_utf8(&rest[..nl]).map_err(|_| self.invalid("a text line is not UTF-8"))
     }
-    fn string(&mut self, n: usize) -> PResult<String> {
+    fn string(&mut self, n: usize) -> PResult<Value> {
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| self.invalid("a string is not UTF-8"))
+        let s = std::str::from_utf8(b).map_err(|_| self.invalid("a string is not UTF-8"))?;
+        Ok(Value::Str(Rc::from(s)))
+    }
+    fn push_seq(&mut self, items: Vec<Value>) -> Id {
+        self.arena.add(Node::Seq(items))
     }
 
     fn invalid(&self, msg: impl Into<String>) -> PickleError {
@@ -350,45 +504,45 @@ impl<'a> Machine<'a> {
                 b'X' => {
                     let n = self.u32()? as usize;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s));
+                    self.stack.push(s);
                 }
                 0x8c => {
                     // SHORT_BINUNICODE
                     let n = self.u8()? as usize;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s));
+                    self.stack.push(s);
                 }
                 0x8d => {
                     // BINUNICODE8
                     let n = self.len_u64()?;
                     let s = self.string(n)?;
-                    self.stack.push(Value::Str(s));
+                    self.stack.push(s);
                 }
                 b'T' => {
                     // BINSTRING (py2 str): bytes that are text in practice.
                     let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
+                    let b = self.take(n)?;
                     self.stack.push(bytes_or_str(b));
                 }
                 b'U' => {
                     let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
+                    let b = self.take(n)?;
                     self.stack.push(bytes_or_str(b));
                 }
                 b'B' => {
                     let n = self.u32()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(Rc::from(b)));
                 }
                 b'C' => {
                     let n = self.u8()? as usize;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(Rc::from(b)));
                 }
                 0x8e => {
                     let n = self.len_u64()?;
-                    let b = self.take(n)?.to_vec();
-                    self.stack.push(Value::Bytes(b));
+                    let b = self.take(n)?;
+                    self.stack.push(Value::Bytes(Rc::from(b)));
                 }
                 b'J' => {
                     let b = self.take(4)?;
@@ -443,10 +597,14 @@ impl<'a> Machine<'a> {
                 b'N' => self.stack.push(Value::None),
                 0x88 => self.stack.push(Value::Bool(true)),
                 0x89 => self.stack.push(Value::Bool(false)),
-                b')' => self.stack.push(Value::Tuple(Rc::new(Vec::new()))),
+                b')' => {
+                    let id = self.push_seq(Vec::new());
+                    self.stack.push(Value::Tuple(id));
+                }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    let id = self.push_seq(items);
+                    self.stack.push(Value::Tuple(id));
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
@@ -455,32 +613,36 @@ impl<'a> Machine<'a> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.stack.push(Value::Tuple(Rc::new(items)));
+                    let id = self.push_seq(items);
+                    self.stack.push(Value::Tuple(id));
                 }
-                b']' => self.stack.push(Value::List(Rc::default())),
+                b']' => {
+                    let id = self.push_seq(Vec::new());
+                    self.stack.push(Value::List(id));
+                }
                 b'l' => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::List(Rc::new(RefCell::new(items))));
+                    let id = self.push_seq(items);
+                    self.stack.push(Value::List(id));
                 }
                 b'a' => {
                     let v = self.pop()?;
-                    match self.top()? {
-                        Value::List(l) => l.borrow_mut().push(v),
-                        _ => return Err(self.invalid("APPEND to a non-list")),
-                    }
+                    self.extend_top(false, vec![v])?;
                 }
                 b'e' => {
                     let items = self.pop_mark()?;
-                    match self.top()? {
-                        Value::List(l) => l.borrow_mut().extend(items),
-                        _ => return Err(self.invalid("APPENDS to a non-list")),
-                    }
+                    self.extend_top(false, items)?;
                 }
-                b'}' => self.stack.push(Value::Dict(Rc::default())),
+                b'}' => {
+                    let id = self.arena.add(Node::Dict(Box::default()));
+                    self.stack.push(Value::Dict(id));
+                }
                 b'd' => {
                     let items = self.pop_mark()?;
                     let pairs = pairs(items).ok_or_else(|| self.invalid("DICT with odd items"))?;
-                    self.stack.push(Value::Dict(Rc::new(RefCell::new(pairs))));
+                    let id = self.arena.add(Node::Dict(Box::default()));
+                    self.stack.push(Value::Dict(id));
+                    self.set_items(pairs)?;
                 }
                 b's' => {
                     let v = self.pop()?;
@@ -492,17 +654,18 @@ impl<'a> Machine<'a> {
                     let p = pairs(items).ok_or_else(|| self.invalid("SETITEMS with odd items"))?;
                     self.set_items(p)?;
                 }
-                0x8f => self.stack.push(Value::Set(Rc::default())),
+                0x8f => {
+                    let id = self.push_seq(Vec::new());
+                    self.stack.push(Value::Set(id));
+                }
                 0x90 => {
                     let items = self.pop_mark()?;
-                    match self.top()? {
-                        Value::Set(s) => s.borrow_mut().extend(items),
-                        _ => return Err(self.invalid("ADDITEMS to a non-set")),
-                    }
+                    self.extend_top(true, items)?;
                 }
                 0x91 => {
                     let items = self.pop_mark()?;
-                    self.stack.push(Value::Set(Rc::new(RefCell::new(items))));
+                    let id = self.push_seq(items);
+                    self.stack.push(Value::Set(id));
                 }
                 b'h' => {
                     let i = self.u8()? as u32;
@@ -570,22 +733,8 @@ impl<'a> Machine<'a> {
                     // `__dict__` may hold tensors); tensors and dicts ignore it (it carries
                     // `_metadata` / hooks, which a state dict does not need).
                     let state = self.pop()?;
-                    if let Value::Object(o) = self.top()? {
-                        let mut slot = o.state.borrow_mut();
-                        match slot.as_mut() {
-                            // A second BUILD updates the first's dict, as __dict__.update would.
-                            Some(Value::Dict(have)) => {
-                                if let Value::Dict(more) = &state {
-                                    if !Rc::ptr_eq(have, more) {
-                                        let more = more.borrow().clone();
-                                        have.borrow_mut().extend(more);
-                                    }
-                                } else {
-                                    *slot = Some(state);
-                                }
-                            }
-                            _ => *slot = Some(state),
-                        }
+                    if let Value::Object(o) = *self.top()? {
+                        self.build(o, state);
                     }
                 }
                 _ => {
@@ -598,29 +747,74 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn set_items(&mut self, items: Vec<(Value, Value)>) -> PResult<()> {
-        match self.top()? {
-            Value::Dict(d) => {
-                let mut d = d.borrow_mut();
-                for (k, v) in items {
-                    // Python dict semantics: a repeated key replaces the value in place.
-                    if let Some(slot) = d.iter_mut().find(|(ek, _)| key_eq(ek, &k)) {
-                        slot.1 = v;
-                    } else {
-                        d.push((k, v));
+    /// BUILD on an opaque object. A second BUILD updates the first's dict, as
+    /// `__dict__.update` would; anything else replaces the state.
+    fn build(&mut self, o: Id, state: Value) {
+        let have = self.arena.object(o).and_then(|o| match &o.state {
+            Some(Value::Dict(d)) => Some(*d),
+            _ => None,
+        });
+        match (have, &state) {
+            (Some(have), Value::Dict(more)) => {
+                if have != *more {
+                    let more = self
+                        .arena
+                        .dict(*more)
+                        .map(|d| d.items().to_vec())
+                        .unwrap_or_default();
+                    if let Some(d) = self.arena.dict_mut(have) {
+                        for (k, v) in more {
+                            d.insert(k, v);
+                        }
                     }
                 }
-                Ok(())
             }
-            _ => Err(self.invalid("SETITEM on a non-dict")),
+            _ => {
+                if let Some(obj) = self.arena.object_mut(o) {
+                    obj.state = Some(state);
+                }
+            }
         }
+    }
+
+    fn opaque(&mut self, class: String, args: Value) -> Value {
+        Value::Object(self.arena.add(Node::Object(Box::new(Object {
+            class,
+            args,
+            state: None,
+        }))))
+    }
+
+    fn set_items(&mut self, items: Vec<(Value, Value)>) -> PResult<()> {
+        let id = match self.top()? {
+            Value::Dict(id) => *id,
+            _ => return Err(self.invalid("SETITEM on a non-dict")),
+        };
+        let e = self.invalid("SETITEM on a non-dict");
+        let d = self.arena.dict_mut(id).ok_or(e)?;
+        for (k, v) in items {
+            d.insert(k, v);
+        }
+        Ok(())
+    }
+
+    /// APPEND/APPENDS (`set` false: to a list) and ADDITEMS (`set` true: to a set).
+    fn extend_top(&mut self, set: bool, items: Vec<Value>) -> PResult<()> {
+        let id = match (set, self.top()?) {
+            (false, Value::List(id)) | (true, Value::Set(id)) => *id,
+            (false, _) => return Err(self.invalid("APPEND to a non-list")),
+            (true, _) => return Err(self.invalid("ADDITEMS to a non-set")),
+        };
+        let e = self.invalid("APPEND to a non-list");
+        self.arena.seq_mut(id).ok_or(e)?.extend(items);
+        Ok(())
     }
 
     fn persistent_load(&self, pid: Value) -> PResult<StorageRef> {
         let Value::Tuple(t) = pid else {
             return Err(self.invalid("persistent id is not a tuple"));
         };
-        match t.as_slice() {
+        match self.arena.seq(t) {
             [
                 Value::Str(tag),
                 Value::Global(class),
@@ -628,7 +822,7 @@ impl<'a> Machine<'a> {
                 _location,
                 numel,
                 ..,
-            ] if tag == "storage" => {
+            ] if &**tag == "storage" => {
                 let dtype = match class {
                     Global::TypedStorage(d) => Some(*d),
                     Global::UntypedStorage => None,
@@ -641,7 +835,12 @@ impl<'a> Machine<'a> {
                 };
                 // The legacy format's sixth item describes a view into another storage
                 // (pre-1.0 files); torch has written None there since.
-                if let Some(view) = t.get(5).filter(|v| !matches!(v, Value::None)) {
+                if let Some(view) = self
+                    .arena
+                    .seq(t)
+                    .get(5)
+                    .filter(|v| !matches!(v, Value::None))
+                {
                     return Err(self.invalid(format!(
                         "storage '{key}' is a view into another storage ({view:?}), which only \
                          pre-1.0 torch wrote; load it with torch and save it again"
@@ -649,8 +848,14 @@ impl<'a> Machine<'a> {
                 }
                 let numel =
                     as_u64(numel).ok_or_else(|| self.invalid("storage size is not a count"))?;
+                if key.len() > MAX_KEY_LEN {
+                    return Err(self.invalid(format!(
+                        "storage key is {} bytes long (torch writes short numbers; at most {MAX_KEY_LEN})",
+                        key.len()
+                    )));
+                }
                 Ok(StorageRef {
-                    key: key.clone(),
+                    key: key.to_string(),
                     dtype,
                     numel,
                 })
@@ -659,47 +864,62 @@ impl<'a> Machine<'a> {
         }
     }
 
-    fn call(&self, func: Value, args: Value) -> PResult<Value> {
-        let g = match func {
-            Value::Global(Global::Other(class)) => return Ok(opaque(class, args)),
-            Value::Global(g) => g,
-            // Calling what a call returned (`getattr(x, "f")(…)`): opaque as well.
-            _ => return Ok(opaque("<call>".into(), args)),
-        };
-        let Value::Tuple(args) = args else {
-            return Err(self.invalid("REDUCE arguments are not a tuple"));
-        };
-        let args = args.as_slice();
-        match g {
-            Global::OrderedDict => {
-                // OrderedDict() as torch pickles it, or OrderedDict([(k, v), …]).
-                let mut items = Vec::new();
-                if let Some(Value::List(l)) = args.first() {
-                    for kv in l.borrow().iter() {
-                        match kv {
-                            Value::Tuple(t) if t.len() == 2 => {
-                                items.push((t[0].clone(), t[1].clone()))
+    fn call(&mut self, mut func: Value, mut args: Value) -> PResult<Value> {
+        // A loop, not recursion: `_rebuild_from_type_v2` may wrap itself any number of times.
+        loop {
+            let g = match func {
+                Value::Global(Global::Other(class)) => return Ok(self.opaque(class, args)),
+                Value::Global(g) => g,
+                // Calling what a call returned (`getattr(x, "f")(…)`): opaque as well.
+                _ => return Ok(self.opaque("<call>".into(), args)),
+            };
+            let Value::Tuple(args_id) = args else {
+                return Err(self.invalid("REDUCE arguments are not a tuple"));
+            };
+            let a = self.arena.seq(args_id);
+            return match g {
+                Global::OrderedDict => {
+                    // OrderedDict() as torch pickles it, or OrderedDict([(k, v), …]).
+                    let mut d = Dict::default();
+                    if let Some(Value::List(l)) = a.first() {
+                        for kv in self.arena.seq(*l) {
+                            match kv {
+                                Value::Tuple(t) => match self.arena.seq(*t) {
+                                    [k, v] => d.insert(k.clone(), v.clone()),
+                                    _ => {
+                                        return Err(self.invalid("OrderedDict items are not pairs"));
+                                    }
+                                },
+                                _ => return Err(self.invalid("OrderedDict items are not pairs")),
                             }
-                            _ => return Err(self.invalid("OrderedDict items are not pairs")),
+                        }
+                    }
+                    Ok(Value::Dict(self.arena.add(Node::Dict(Box::new(d)))))
+                }
+                Global::TorchSize => match a.first() {
+                    Some(v) => Ok(v.clone()),
+                    None => Ok(Value::Tuple(self.push_seq(Vec::new()))),
+                },
+                Global::RebuildTensorV2 | Global::RebuildTensorV3 => self.rebuild_tensor(&g, a),
+                Global::RebuildParameter | Global::RebuildParameterWithState => a
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| self.invalid("_rebuild_parameter without data")),
+                Global::RebuildFromTypeV2 => {
+                    // _rebuild_from_type_v2(func, new_type, args, state) = func(*args)
+                    match a {
+                        [f, _new_type, inner, ..] => {
+                            (func, args) = (f.clone(), inner.clone());
+                            continue;
+                        }
+                        _ => {
+                            Err(self
+                                .invalid("_rebuild_from_type_v2 needs (func, type, args, state)"))
                         }
                     }
                 }
-                Ok(Value::Dict(Rc::new(RefCell::new(items))))
-            }
-            Global::TorchSize => Ok(args.first().cloned().unwrap_or(Value::Tuple(Rc::default()))),
-            Global::RebuildTensorV2 | Global::RebuildTensorV3 => self.rebuild_tensor(&g, args),
-            Global::RebuildParameter | Global::RebuildParameterWithState => args
-                .first()
-                .cloned()
-                .ok_or_else(|| self.invalid("_rebuild_parameter without data")),
-            Global::RebuildFromTypeV2 => {
-                // _rebuild_from_type_v2(func, new_type, args, state) = func(*args)
-                match args {
-                    [func, _new_type, inner, ..] => self.call(func.clone(), inner.clone()),
-                    _ => Err(self.invalid("_rebuild_from_type_v2 needs (func, type, args, state)")),
-                }
-            }
-            other => Err(self.invalid(format!("{other:?} cannot be called"))),
+                other => Err(self.invalid(format!("{other:?} cannot be called"))),
+            };
         }
     }
 
@@ -717,10 +937,13 @@ impl<'a> Machine<'a> {
             (_, None) => return Err(self.invalid("untyped storage without a dtype")),
         };
         let storage_offset = as_u64(offset).ok_or_else(|| self.invalid("bad storage offset"))?;
-        let shape =
-            int_tuple(size).ok_or_else(|| self.invalid("tensor size is not a tuple of counts"))?;
-        let stride = int_tuple(stride)
+        let shape = int_tuple(&self.arena, size)
+            .ok_or_else(|| self.invalid("tensor size is not a tuple of counts"))?;
+        let stride = int_tuple(&self.arena, stride)
             .ok_or_else(|| self.invalid("tensor stride is not a tuple of counts"))?;
+        if shape.len() > MAX_DIMS {
+            return Err(self.invalid(format!("tensor has more than {MAX_DIMS} dimensions")));
+        }
         if shape.len() != stride.len() {
             return Err(self.invalid("tensor size and stride differ in length"));
         }
@@ -734,20 +957,12 @@ impl<'a> Machine<'a> {
     }
 }
 
-fn opaque(class: String, args: Value) -> Value {
-    Value::Object(Rc::new(Object {
-        class,
-        args,
-        state: RefCell::new(None),
-    }))
-}
-
 /// LONG1/LONG4: an `Int` when it fits 64 bits, else a `BigInt` (a step count or a magic
 /// number; nothing a tensor needs).
 fn long_value(b: &[u8]) -> Value {
     match long_le(b) {
         Some(v) => Value::Int(v),
-        None => Value::BigInt(Rc::new(b.to_vec())),
+        None => Value::BigInt(Rc::from(b)),
     }
 }
 
@@ -783,13 +998,13 @@ fn decimal_bigint(s: &str) -> Option<Value> {
             carry = v >> 8;
         }
     }
-    Some(Value::BigInt(Rc::new(mag)))
+    Some(Value::BigInt(Rc::from(mag)))
 }
 
-fn bytes_or_str(b: Vec<u8>) -> Value {
-    match String::from_utf8(b) {
-        Ok(s) => Value::Str(s),
-        Err(e) => Value::Bytes(e.into_bytes()),
+fn bytes_or_str(b: &[u8]) -> Value {
+    match std::str::from_utf8(b) {
+        Ok(s) => Value::Str(Rc::from(s)),
+        Err(_) => Value::Bytes(Rc::from(b)),
     }
 }
 
@@ -803,14 +1018,6 @@ fn pairs(items: Vec<Value>) -> Option<Vec<(Value, Value)>> {
         out.push((k, v));
     }
     Some(out)
-}
-
-fn key_eq(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Str(x), Value::Str(y)) => x == y,
-        (Value::Int(x), Value::Int(y)) => x == y,
-        _ => false,
-    }
 }
 
 /// A little-endian two's-complement integer of up to 8 bytes.
@@ -841,13 +1048,14 @@ fn as_u64(v: &Value) -> Option<u64> {
     }
 }
 
-fn int_tuple(v: &Value) -> Option<Vec<u64>> {
-    let items: Vec<Value> = match v {
-        Value::Tuple(t) => t.as_ref().clone(),
-        Value::List(l) => l.borrow().clone(),
+/// The counts of a size or stride tuple; None past [`MAX_DIMS`] + 1 items (the caller
+/// says how many is too many), so a huge shared tuple costs nothing per tensor.
+fn int_tuple(arena: &Arena, v: &Value) -> Option<Vec<u64>> {
+    let items = match v {
+        Value::Tuple(t) | Value::List(t) => arena.seq(*t),
         _ => return None,
     };
-    items.iter().map(as_u64).collect()
+    items.iter().take(MAX_DIMS + 1).map(as_u64).collect()
 }
 
 #[cfg(test)]
@@ -866,16 +1074,16 @@ mod tests {
 
     #[test]
     fn reads_a_torch_state_dict() {
-        let v = load(&torch_like()).unwrap();
-        let Value::Dict(d) = v else {
+        let p = load(&torch_like()).unwrap();
+        let Value::Dict(d) = p.root else {
             panic!("not a dict")
         };
-        let d = d.borrow();
+        let d = p.arena.dict(d).unwrap().items();
         assert_eq!(d.len(), 1);
         let (Value::Str(k), Value::Tensor(t)) = &d[0] else {
             panic!("bad entry")
         };
-        assert_eq!(k, "w");
+        assert_eq!(&**k, "w");
         assert_eq!(t.dtype, Dtype::BF16);
         assert_eq!(t.shape, vec![2, 3]);
         assert_eq!(t.stride, vec![3, 1]);
@@ -886,21 +1094,22 @@ mod tests {
     /// `os.system("ls")` is recorded as an opaque object, never run.
     #[test]
     fn os_system_becomes_an_opaque_object() {
-        let p = b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R.";
-        let Value::Object(o) = load(p).unwrap() else {
+        let p = load(b"\x80\x02cos\nsystem\nX\x02\x00\x00\x00ls\x85R.").unwrap();
+        let Value::Object(o) = p.root else {
             panic!("not an object")
         };
+        let o = p.arena.object(o).unwrap();
         assert_eq!(o.class, "os.system");
         let Value::Tuple(args) = &o.args else {
             panic!("args")
         };
-        assert!(matches!(&args[0], Value::Str(s) if s == "ls"));
+        assert!(matches!(&p.arena.seq(*args)[0], Value::Str(s) if &**s == "ls"));
     }
 
     #[test]
     fn stack_global_to_builtins_is_only_a_name() {
         let p = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93.";
-        let v = load(p).unwrap();
+        let v = load(p).unwrap().root;
         assert!(matches!(v, Value::Global(Global::Other(n)) if n == "builtins.eval"));
     }
 
@@ -910,15 +1119,27 @@ mod tests {
     fn build_gives_an_opaque_object_its_state() {
         let mut p = b"\x80\x02cargparse\nNamespace\n)\x81}X\x02\x00\x00\x00lrK\x01sb".to_vec();
         p.extend(b"}X\x01\x00\x00\x00bK\x02sb.");
-        let Value::Object(o) = load(&p).unwrap() else {
+        let p = load(&p).unwrap();
+        let Value::Object(o) = p.root else {
             panic!("not an object")
         };
+        let o = p.arena.object(o).unwrap();
         assert_eq!(o.class, "argparse.Namespace");
-        let state = o.state.borrow();
-        let Some(Value::Dict(d)) = state.as_ref() else {
+        let Some(Value::Dict(d)) = &o.state else {
             panic!("no state")
         };
-        assert_eq!(d.borrow().len(), 2);
+        assert_eq!(p.arena.dict(*d).unwrap().len(), 2);
+    }
+
+    /// `OrderedDict([("a", 1), ("b", 2)])`, as some writers pickle a dict with items.
+    #[test]
+    fn ordered_dict_with_items() {
+        let p = b"\x80\x02ccollections\nOrderedDict\n]((X\x01\x00\x00\x00aK\x01tX\x01\x00\x00\x00bK\x02\x86e\x85R.";
+        let p = load(p).unwrap();
+        let Value::Dict(d) = p.root else { panic!() };
+        let d = p.arena.dict(d).unwrap();
+        assert_eq!(d.len(), 2);
+        assert!(matches!(d.get("b"), Some(Value::Int(2))));
     }
 
     #[test]
@@ -927,20 +1148,20 @@ mod tests {
         let mut p = vec![0x80, 2, 0x8a, 10];
         p.extend([0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19]);
         p.push(b'.');
-        let Value::BigInt(b) = load(&p).unwrap() else {
+        let Value::BigInt(b) = load(&p).unwrap().root else {
             panic!("not a big int")
         };
         assert_eq!(b.len(), 10);
         // Protocol 0 text form: 2**64 = 0x1_0000_0000_0000_0000.
-        let Value::BigInt(b) = load(b"L18446744073709551616L\n.").unwrap() else {
+        let Value::BigInt(b) = load(b"L18446744073709551616L\n.").unwrap().root else {
             panic!("not a big int")
         };
-        assert_eq!(b.as_slice(), &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
-        let Value::BigInt(b) = load(b"L-18446744073709551617L\n.").unwrap() else {
+        assert_eq!(&*b, &[0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        let Value::BigInt(b) = load(b"L-18446744073709551617L\n.").unwrap().root else {
             panic!("not a big int")
         };
         assert_eq!(
-            b.as_slice(),
+            &*b,
             &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfe, 0xff]
         );
     }
@@ -949,7 +1170,7 @@ mod tests {
     fn load_prefix_stops_at_the_first_stop() {
         let l = load_prefix(b"\x80\x02K\x05.\x80\x02K\x06.").unwrap();
         assert_eq!(l.end, 5);
-        assert!(matches!(l.value, Value::Int(5)));
+        assert!(matches!(l.pickle.root, Value::Int(5)));
     }
 
     #[test]
@@ -977,13 +1198,157 @@ mod tests {
     fn memo_sees_later_mutation() {
         // d = {}; memo[0] = d; d["a"] = 1; return [memo[0]]
         let p = b"\x80\x02}q\x00X\x01\x00\x00\x00aK\x01s0]h\x00a.";
-        let Value::List(l) = load(p).unwrap() else {
+        let p = load(p).unwrap();
+        let Value::List(l) = p.root else { panic!() };
+        let Value::Dict(d) = &p.arena.seq(l)[0] else {
             panic!()
         };
-        let Value::Dict(d) = &l.borrow()[0] else {
+        assert_eq!(p.arena.dict(*d).unwrap().len(), 1);
+    }
+
+    /// Regression: dropping values nested 200,000 deep overflowed the stack (recursive drop
+    /// of `Rc<RefCell<..>>`); the arena drops flat. Lists via APPEND, tuples via TUPLE1,
+    /// and `_rebuild_from_type_v2` wrapping itself (which recursed in `call`).
+    #[test]
+    fn values_200000_deep_load_and_drop() {
+        const N: usize = 200_000;
+        // ] x N, then APPEND x (N-1): each list goes into the one below it.
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b']', N));
+        p.extend(std::iter::repeat_n(b'a', N - 1));
+        p.push(b'.');
+        let v = load(&p).unwrap();
+        let mut depth = 1;
+        let Value::List(mut id) = v.root else {
             panic!()
         };
-        assert_eq!(d.borrow().len(), 1);
+        while let [Value::List(inner)] = v.arena.seq(id) {
+            id = *inner;
+            depth += 1;
+        }
+        assert_eq!(depth, N);
+        drop(v);
+
+        let mut p = vec![0x80, 2, b')'];
+        p.extend(std::iter::repeat_n(0x85, N));
+        p.push(b'.');
+        assert_eq!(load(&p).unwrap().arena.len(), N + 1);
+
+        // f(A_N) with A_k = (f, None, A_{k-1}, None) and A_0 = (OrderedDict, None, (), None):
+        // `_rebuild_from_type_v2` unwraps N times before it reaches OrderedDict().
+        let mut p = b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\nq\x00".to_vec();
+        for _ in 0..N {
+            p.extend(b"(h\x00N");
+        }
+        p.extend(b"(ccollections\nOrderedDict\nN)Nt");
+        for _ in 0..N {
+            p.extend(b"Nt");
+        }
+        p.extend(b"R.");
+        let v = load(&p).unwrap();
+        assert!(matches!(v.root, Value::Dict(_)));
+    }
+
+    /// Regression: memo fetches and DUP copied strings and bytes (a 220 kB file peaked at
+    /// 5.9 GB). Now they share one allocation.
+    #[test]
+    fn memo_and_dup_share_strings_and_bytes() {
+        const COPIES: usize = 50_000;
+        let big = vec![b'x'; 100_000];
+        let mut p = vec![0x80, 2, b']', b'X'];
+        p.extend((big.len() as u32).to_le_bytes());
+        p.extend(&big);
+        p.extend(b"q\x000B");
+        p.extend((big.len() as u32).to_le_bytes());
+        p.extend(&big);
+        p.extend(b"q\x010(");
+        // stack: [list] MARK
+        for _ in 0..COPIES {
+            p.extend(b"h\x00h\x01");
+        }
+        p.extend(b"2e.");
+        let v = load(&p).unwrap();
+        let Value::List(l) = v.root else { panic!() };
+        let items = v.arena.seq(l);
+        assert_eq!(items.len(), 2 * COPIES + 1);
+        let (Value::Str(s0), Value::Bytes(b0)) = (&items[0], &items[1]) else {
+            panic!()
+        };
+        assert!(
+            matches!(&items[2 * COPIES], Value::Bytes(b) if Rc::ptr_eq(b, b0)),
+            "DUP"
+        );
+        for pair in items[..2 * COPIES].chunks(2) {
+            let (Value::Str(s), Value::Bytes(b)) = (&pair[0], &pair[1]) else {
+                panic!()
+            };
+            assert!(Rc::ptr_eq(s, s0) && Rc::ptr_eq(b, b0));
+        }
+        // The list's copies are the only owners (the memo went with the machine).
+        assert_eq!(Rc::strong_count(s0), COPIES);
+    }
+
+    /// Regression: dict inserts searched linearly (a 140,000-tensor file took minutes).
+    /// 300,000 distinct keys, one repeated key replacing its value in place.
+    #[test]
+    fn dict_inserts_are_hashed_and_keep_python_semantics() {
+        const N: u32 = 300_000;
+        let mut p = vec![0x80, 2, b'}', b'('];
+        for i in 0..N {
+            let k = format!("layer.{i}.weight");
+            p.push(0x8c);
+            p.push(k.len() as u8);
+            p.extend(k.as_bytes());
+            p.push(b'J');
+            p.extend((i as i32).to_le_bytes());
+        }
+        p.extend(b"u\x8c\x0elayer.7.weightK\x63s.");
+        let v = load(&p).unwrap();
+        let Value::Dict(d) = v.root else { panic!() };
+        let d = v.arena.dict(d).unwrap();
+        assert_eq!(d.len(), N as usize);
+        assert!(matches!(d.get("layer.7.weight"), Some(Value::Int(0x63))));
+        assert!(matches!(d.items()[7].1, Value::Int(0x63)));
+        assert!(matches!(
+            d.get("layer.299999.weight"),
+            Some(Value::Int(299_999))
+        ));
+        assert!(d.get("nope").is_none());
+    }
+
+    /// Regression: Rc cycles (a dict holding itself) leaked. In the arena a cycle is two
+    /// indices; everything it holds is freed with the pickle.
+    #[test]
+    fn cycles_free_what_they_hold() {
+        // d = {}; d["self"] = d; d["s"] = "payload"
+        let p = b"\x80\x02}q\x00X\x04\x00\x00\x00selfh\x00sX\x01\x00\x00\x00sX\x07\x00\x00\x00payloads.";
+        let v = load(p).unwrap();
+        let Value::Dict(d) = v.root else { panic!() };
+        let dict = v.arena.dict(d).unwrap();
+        assert!(matches!(dict.get("self"), Some(Value::Dict(x)) if *x == d));
+        let Some(Value::Str(s)) = dict.get("s") else {
+            panic!()
+        };
+        let s = s.clone();
+        drop(v);
+        assert_eq!(Rc::strong_count(&s), 1, "the cycle kept its contents alive");
+    }
+
+    #[test]
+    fn huge_shared_size_tuples_are_refused() {
+        // A 100-element size tuple: more dimensions than a tensor may have.
+        let mut p = torch_like();
+        let at = p.windows(4).position(|w| w == b"K\x02K\x03").unwrap();
+        let mut dims = vec![b'('];
+        for _ in 0..100 {
+            dims.extend(b"K\x01");
+        }
+        dims.push(b't');
+        p.splice(at..at + 5, dims.clone());
+        let at = p.windows(4).position(|w| w == b"K\x03K\x01").unwrap();
+        p.splice(at..at + 5, dims);
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("more than 64 dimensions"), "{e}");
     }
 
     #[test]

@@ -14,8 +14,13 @@ use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
 
+/// Largest view that overlaps itself (stride 0, as `expand` makes) whose bytes lorastream
+/// will gather: beyond the storage's own size, a size field alone would drive the
+/// allocation.
+pub(crate) const MAX_OVERLAPPING_VIEW_BYTES: usize = 1 << 30;
+
 /// The tensors of a torch zip file, in pickle order, plus the names of skipped
-/// non-tensor entries. Nested dicts are flattened with `.` between keys.
+/// non-tensor entries, named by path (see `walk`).
 pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<String>)> {
     let path = file.path();
     let bytes = file.bytes();
@@ -43,13 +48,17 @@ pub(crate) fn read(file: &Arc<MappedFile>) -> Result<(Vec<TensorEntry>, Vec<Stri
             format!("record '{pkl_name}' is compressed"),
         ));
     }
-    let root = pickle::load(&bytes[pkl.start..pkl.start + pkl.len])
+    let pickled = pickle::load(&bytes[pkl.start..pkl.start + pkl.len])
         .map_err(|e| Error::format(path, e.to_string()))?;
 
-    if let Some(why) = walk::root_problem(&root) {
+    if let Some(why) = walk::root_problem(&pickled.root) {
         return Err(Error::format(path, format!("data.pkl {why}")));
     }
-    let found = walk::tensors_in(&root);
+    let found =
+        walk::tensors_in(&pickled, pkl.len, "data.pkl").map_err(|e| Error::format(path, e))?;
+    // The tensors hold what they need; the rest of the pickle can go before the entries
+    // are made.
+    drop(pickled);
     let mut tensors = Vec::with_capacity(found.tensors.len());
     for (name, t) in found.tensors {
         tensors.push(entry(file, &records.by_name, &prefix, name, &t)?);
@@ -319,6 +328,16 @@ pub(super) fn entry(
             "the view (offset {offset}, shape {shape:?}, stride {strides:?}) reaches element {last} but \
              record '{rec_name}' holds {storage_elems} elements of {} (truncated or corrupt)",
             t.dtype
+        )));
+    }
+    // Elements of a view that fits in its storage are distinct storage elements, so a view
+    // bigger than its storage overlaps itself; only its size fields say how big it is.
+    if nbytes > rec.len && nbytes > MAX_OVERLAPPING_VIEW_BYTES {
+        return Err(bad(format!(
+            "the view (shape {shape:?}, stride {strides:?}) repeats the {} bytes of record \
+             '{rec_name}' as {nbytes} bytes, more than lorastream expands ({MAX_OVERLAPPING_VIEW_BYTES}); \
+             save it with .contiguous() (or .clone()) if it is meant",
+            rec.len
         )));
     }
     let contiguous = is_contiguous(&shape, &strides);
