@@ -1,5 +1,5 @@
 //! Fuzz target: the input is a `data.pkl`, wrapped into a well-formed torch zip
-//! (`archive/data.pkl`, `archive/version`, storages `data/0`..`data/3` of 0 to 4096
+//! (`archive/data.pkl`, `archive/version`, storages `data/0`..`data/7` of 0 to 4096
 //! bytes) and read by `source::open`: the pickle machine, the state-dict flattening and
 //! the tensor-view checks (offsets, strides, storage sizes), with every tensor touched.
 #![no_main]
@@ -9,8 +9,18 @@ use lorastream_fuzz::{exercise, put, scratch};
 use std::io::Write;
 use zip::write::SimpleFileOptions;
 
-/// Storage record sizes: a typical one, a tiny one, an empty one and a bigger one.
-const STORAGES: [(&str, usize); 4] = [("0", 256), ("1", 16), ("2", 0), ("3", 4096)];
+/// Storage record sizes: a typical one, a tiny one, an empty one, a bigger one, and
+/// enough more for a state dict of every dtype.
+const STORAGES: [(&str, usize); 8] = [
+    ("0", 256),
+    ("1", 16),
+    ("2", 0),
+    ("3", 4096),
+    ("4", 64),
+    ("5", 64),
+    ("6", 64),
+    ("7", 64),
+];
 
 fn torch_zip(pkl: &[u8]) -> Vec<u8> {
     let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
