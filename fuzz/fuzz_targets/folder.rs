@@ -49,7 +49,9 @@ fuzz_target!(|data: &[u8]| {
         if files.len() == 8 {
             break;
         }
-        let Some(name) = clean_name(name) else { continue };
+        let Some(name) = clean_name(name) else {
+            continue;
+        };
         // A name that is already a folder (or under a file) cannot be written: skip it.
         let p = dir.join(&name);
         if p.is_dir() || p.parent().is_some_and(|d| d.is_file()) {

@@ -8,10 +8,26 @@ use lorastream_fuzz::{exercise, fixtures, put, scratch};
 
 fuzz_target!(|data: &[u8]| {
     let dir = scratch("index");
-    put(&dir, "model-00001-of-00002.safetensors", fixtures::SHARD_ST_1);
-    put(&dir, "model-00002-of-00002.safetensors", fixtures::SHARD_ST_2);
-    put(&dir, "pytorch_model-00001-of-00002.bin", fixtures::SHARD_BIN_1);
-    put(&dir, "pytorch_model-00002-of-00002.bin", fixtures::SHARD_BIN_2);
+    put(
+        &dir,
+        "model-00001-of-00002.safetensors",
+        fixtures::SHARD_ST_1,
+    );
+    put(
+        &dir,
+        "model-00002-of-00002.safetensors",
+        fixtures::SHARD_ST_2,
+    );
+    put(
+        &dir,
+        "pytorch_model-00001-of-00002.bin",
+        fixtures::SHARD_BIN_1,
+    );
+    put(
+        &dir,
+        "pytorch_model-00002-of-00002.bin",
+        fixtures::SHARD_BIN_2,
+    );
     put(&dir, "config.json", fixtures::CONFIG);
     let index = put(&dir, "model.safetensors.index.json", data);
     if let Ok(ckpt) = lorastream::source::open(&index) {

@@ -10,13 +10,20 @@ use std::path::{Path, PathBuf};
 pub mod fixtures {
     pub const ST: &[u8] = include_bytes!("../../fixtures/io/dtypes.safetensors");
     pub const PTH: &[u8] = include_bytes!("../../fixtures/io/nested.pth");
-    pub const ADAPTER_CONFIG: &[u8] = include_bytes!("../../fixtures/io/adapter_st/adapter_config.json");
-    pub const ADAPTER_ST: &[u8] = include_bytes!("../../fixtures/io/adapter_st/adapter_model.safetensors");
-    pub const ADAPTER_BIN: &[u8] = include_bytes!("../../fixtures/io/adapter_bin/adapter_model.bin");
-    pub const SHARD_ST_1: &[u8] = include_bytes!("../../fixtures/io/sharded_st/model-00001-of-00002.safetensors");
-    pub const SHARD_ST_2: &[u8] = include_bytes!("../../fixtures/io/sharded_st/model-00002-of-00002.safetensors");
-    pub const SHARD_BIN_1: &[u8] = include_bytes!("../../fixtures/io/sharded_bin/pytorch_model-00001-of-00002.bin");
-    pub const SHARD_BIN_2: &[u8] = include_bytes!("../../fixtures/io/sharded_bin/pytorch_model-00002-of-00002.bin");
+    pub const ADAPTER_CONFIG: &[u8] =
+        include_bytes!("../../fixtures/io/adapter_st/adapter_config.json");
+    pub const ADAPTER_ST: &[u8] =
+        include_bytes!("../../fixtures/io/adapter_st/adapter_model.safetensors");
+    pub const ADAPTER_BIN: &[u8] =
+        include_bytes!("../../fixtures/io/adapter_bin/adapter_model.bin");
+    pub const SHARD_ST_1: &[u8] =
+        include_bytes!("../../fixtures/io/sharded_st/model-00001-of-00002.safetensors");
+    pub const SHARD_ST_2: &[u8] =
+        include_bytes!("../../fixtures/io/sharded_st/model-00002-of-00002.safetensors");
+    pub const SHARD_BIN_1: &[u8] =
+        include_bytes!("../../fixtures/io/sharded_bin/pytorch_model-00001-of-00002.bin");
+    pub const SHARD_BIN_2: &[u8] =
+        include_bytes!("../../fixtures/io/sharded_bin/pytorch_model-00002-of-00002.bin");
     pub const CONFIG: &[u8] = include_bytes!("../../fixtures/io/sharded_st/config.json");
 }
 
