@@ -36,7 +36,10 @@ start=$SECONDS
 cargo +nightly fuzz build -O >&2
 echo "fuzz smoke: built in $((SECONDS - start)) s" >&2
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# The targets' scratch folders (files built from each input), in memory when possible.
+scratch=$(mktemp -d -p /dev/shm 2>/dev/null || mktemp -d)
+trap 'rm -rf "$work" "$scratch"' EXIT
+export LORASTREAM_FUZZ_SCRATCH="$scratch"
 failed=()
 for t in "${targets[@]}"; do
   art="fuzz/artifacts/$t/"

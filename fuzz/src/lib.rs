@@ -27,11 +27,14 @@ pub mod fixtures {
     pub const CONFIG: &[u8] = include_bytes!("../../fixtures/io/sharded_st/config.json");
 }
 
-/// An empty folder of this process's own (in /dev/shm when there is one: no disk I/O per
-/// run), emptied again on every call.
+/// An empty folder of this process's own, emptied again on every call: under
+/// `$LORASTREAM_FUZZ_SCRATCH` when set (the smoke script points it at a folder it removes),
+/// else in /dev/shm when there is one (no disk I/O per run), else the temp folder.
 pub fn scratch(target: &str) -> PathBuf {
     let shm = Path::new("/dev/shm");
-    let base = if shm.is_dir() {
+    let base = if let Some(dir) = std::env::var_os("LORASTREAM_FUZZ_SCRATCH") {
+        PathBuf::from(dir)
+    } else if shm.is_dir() {
         shm.to_path_buf()
     } else {
         std::env::temp_dir()
