@@ -55,6 +55,14 @@ def memo_copies(size, gets):
     return P + b"B" + struct.pack("<I", size) + b"x" * size + b"q\x00(" + b"h\x00" * gets + b"l."
 
 
+def many_keys(n, batched):
+    # One dict of n distinct keys, by SETITEM each or one SETITEMS (what torch.save writes,
+    # in batches): every insert searches the keys so far.
+    if batched:
+        return P + b"}(" + b"".join(X("k%06d" % i) + b"K\x01" for i in range(n)) + b"u."
+    return P + b"}" + b"".join(X("k%06d" % i) + b"K\x01s" for i in range(n)) + b"."
+
+
 def expand_zip(n):
     """A real torch.save of torch.ones(1).expand(n): a stride-0 view, one stored element."""
     buf = io.BytesIO()
@@ -86,3 +94,5 @@ if "--big" in sys.argv:
     put(big, "pickle-deep-tuple-300k", deep_tuple(300_000))
     put(big, "torch_pickle-deep-dict-200k", deep_dict(200_000))
     put(big, "pickle-memo-copies-1M", memo_copies(500_000, 250_000))
+    put(big, "pickle-dict-setitem-20k", many_keys(20_000, False))
+    put(big, "pickle-dict-setitems-20k", many_keys(20_000, True))
