@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this):
 #   1. cargo fmt --check and clippy -D warnings;
-#   2. Rust unit tests and the fixture tests in tests/*.rs (no Python needed);
+#   2. Rust unit tests and the fixture tests in tests/*.rs (no Python needed), then short
+#      fuzz runs of every reader (scripts/fuzz-smoke.sh: nightly + cargo-fuzz, skipped
+#      with a message when absent; bench/FUZZ.md);
 #   3. the compatibility tests in tests/compat/ against the real clients: our outputs loaded
 #      by torch.load (weights_only, mmap) and safetensors, merges compared with PEFT's
 #      merge_and_unload, XTuner's LLaVA layout. Their Python venv is created once and cached
@@ -15,6 +17,7 @@ cargo build --release
 LD_LIBRARY_PATH="$(scripts/nvrtc-lib.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH LORASTREAM_REQUIRE_NVRTC=1
 cargo test --release
+scripts/fuzz-smoke.sh
 PY=$(scripts/python-env.sh)
 # Real XTuner 0.2.0 for the LLaVA load check, in its own cached venv (it pins an older
 # transformers); torch and peft are shared with the compat venv.
