@@ -24,6 +24,7 @@ pub mod dtype;
 pub mod error;
 pub mod inspect;
 pub mod merge;
+pub mod natural;
 pub mod pipeline;
 pub mod plan;
 pub mod sink;

@@ -116,7 +116,7 @@ fn training_checkpoints(dir: &Path) -> Result<Vec<String>> {
             found.push(name);
         }
     }
-    found.sort_by(|a, b| crate::inspect::natural_cmp(a, b));
+    found.sort_by(|a, b| crate::natural::natural_cmp(a, b));
     Ok(found)
 }
 
