@@ -106,10 +106,14 @@ enum Command {
     /// several --lora for one component merge one after another, in order.
     ///
     /// Default: merged: each targeted weight becomes W + s·ΔW with PEFT's semantics
-    /// (Linear, Conv1D, Embedding, Conv, rsLoRA, rank/alpha patterns, DoRA, lora_bias,
-    /// modules_to_save, saved biases), computed in f32 and rounded into the weight's dtype;
-    /// every other tensor is copied byte for byte. With --keep-lora the output holds the
-    /// keys of PEFT's `PeftModel.state_dict()` instead (…lora_A.default.weight,
+    /// (Linear, Conv1D, Embedding, Conv, 2-D nn.Parameters, rsLoRA, rank/alpha patterns,
+    /// DoRA, lora_bias, MiCA, BD-LoRA, VeLoRA, MonteCLoRA, modules_to_save, saved biases),
+    /// computed in f32 and rounded into the weight's dtype where PEFT rounds; tied weights
+    /// get the merged value under every name; every other tensor is copied byte for byte.
+    /// A square weight's layout ([out, in] or Conv1D's [in, out]) comes from the base's
+    /// config.json or --fan-in-fan-out / --no-fan-in-fan-out, never from the adapter's
+    /// fan_in_fan_out flag; what nothing settles is refused. With --keep-lora the output
+    /// holds the keys of PEFT's `PeftModel.state_dict()` instead (…lora_A.default.weight,
     /// …base_layer.weight), adapter tensors in f32 as PEFT holds them.
     #[command(
         after_help = "Example (XTuner LLaVA, continue the released LoRA training):\n  \
