@@ -200,14 +200,21 @@ fn spread_over_ties(base: &Checkpoint, steps: &mut HashMap<String, Vec<Step>>) -
 /// For a plain copy of `sources` into `dtypes`: per tensor, the earlier one it is the very
 /// same stored tensor as (tied weights), so a sink that shares storage writes it once.
 pub fn tied_copies(sources: &[&TensorEntry], dtypes: &[Dtype]) -> Vec<Option<usize>> {
+    earlier_twins(
+        sources
+            .iter()
+            .zip(dtypes)
+            .map(|(t, d)| footprint(t).map(|_| format!("{}|{d}", view_key(t)))),
+    )
+}
+
+/// For each key, the index of the first earlier item with the same key (None for the first
+/// of its kind and for items without a key).
+fn earlier_twins(keys: impl Iterator<Item = Option<String>>) -> Vec<Option<usize>> {
     let mut first: HashMap<String, usize> = HashMap::new();
-    sources
-        .iter()
-        .zip(dtypes)
-        .enumerate()
-        .map(|(i, (t, d))| {
-            footprint(t)?;
-            let key = format!("{}|{d}", view_key(t));
+    keys.enumerate()
+        .map(|(i, key)| {
+            let key = key?;
             match first.get(&key) {
                 Some(&to) => Some(to),
                 None => {
@@ -222,44 +229,42 @@ pub fn tied_copies(sources: &[&TensorEntry], dtypes: &[Dtype]) -> Vec<Option<usi
 /// Marks jobs that produce the same bytes as an earlier job from the same stored tensor
 /// (tied weights), so sinks that can share storage write them once.
 fn mark_ties(jobs: &mut [Job]) {
-    let mut first: HashMap<String, usize> = HashMap::new();
-    for (i, j) in jobs.iter_mut().enumerate() {
-        let steps = match &j.source {
-            JobSource::Copy(_) => String::new(),
-            JobSource::Merge { steps, .. } => steps
-                .iter()
-                .map(|s| match s {
-                    Step::Replace(t) => format!("R{}", view_key(t)),
-                    Step::Lora(l) => format!(
-                        "L{}{}{:?}{}{:?}{}",
-                        view_key(&l.a),
-                        view_key(&l.b),
-                        l.layout,
-                        l.scale,
-                        l.magnitude.as_ref().map(view_key),
-                        l.round_delta_first
-                    ),
-                    Step::AddBias { bias, scale } => format!("B{}{scale}", view_key(bias)),
-                })
-                .collect::<Vec<_>>()
-                .join(";"),
-        };
-        let key = format!(
-            "{}|{}|{:?}|{steps}",
-            view_key(j.source_tensor()),
-            j.out.dtype,
-            j.out.shape
-        );
-        if footprint(j.source_tensor()).is_none() {
-            continue;
-        }
-        match first.get(&key) {
-            Some(&to) => j.tied_to = Some(to),
-            None => {
-                first.insert(key, i);
-            }
-        }
+    let ties = earlier_twins(jobs.iter().map(tie_key));
+    for (j, to) in jobs.iter_mut().zip(ties) {
+        j.tied_to = to;
     }
+}
+
+/// What makes two jobs produce the same bytes: the same stored tensor, output dtype and
+/// shape, and the same steps. None for a job that reads no bytes.
+fn tie_key(j: &Job) -> Option<String> {
+    footprint(j.source_tensor())?;
+    let steps = match &j.source {
+        JobSource::Copy(_) => String::new(),
+        JobSource::Merge { steps, .. } => steps
+            .iter()
+            .map(|s| match s {
+                Step::Replace(t) => format!("R{}", view_key(t)),
+                Step::Lora(l) => format!(
+                    "L{}{}{:?}{}{:?}{}",
+                    view_key(&l.a),
+                    view_key(&l.b),
+                    l.layout,
+                    l.scale,
+                    l.magnitude.as_ref().map(view_key),
+                    l.round_delta_first
+                ),
+                Step::AddBias { bias, scale } => format!("B{}{scale}", view_key(bias)),
+            })
+            .collect::<Vec<_>>()
+            .join(";"),
+    };
+    Some(format!(
+        "{}|{}|{:?}|{steps}",
+        view_key(j.source_tensor()),
+        j.out.dtype,
+        j.out.shape
+    ))
 }
 
 fn describe_source(j: &Job) -> String {
