@@ -244,6 +244,37 @@ impl LoraConfig {
         })
     }
 
+    /// The fields every PEFT config shares (`modules_to_save`, `fan_in_fan_out`), for an
+    /// adapter of another tuner; the LoRA fields are neutral (that adapter has no LoRA
+    /// modules) and the tuner's own fields are read by its file in `tuners/`.
+    pub fn common_fields(v: &Value, path: &Path) -> Result<LoraConfig> {
+        let modules_to_save = match v.get("modules_to_save") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|m| m.as_str().map(String::from))
+                .collect(),
+            Some(Value::String(s)) => vec![s.clone()],
+            _ => Vec::new(),
+        };
+        Ok(LoraConfig {
+            path: path.to_path_buf(),
+            r: 1,
+            lora_alpha: 1.0,
+            use_rslora: false,
+            use_dora: false,
+            fan_in_fan_out: v
+                .get("fan_in_fan_out")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            rank_pattern: Vec::new(),
+            alpha_pattern: Vec::new(),
+            modules_to_save,
+            target_parameters: Vec::new(),
+            variant: Variant::Plain,
+            bdlora: None,
+        })
+    }
+
     /// Whether `key` (`module.param`, relative to the base model) is one of
     /// `target_parameters` (PEFT's rule: equal, or ending in "." + entry).
     pub fn targets_parameter(&self, key: &str) -> bool {

@@ -9,6 +9,7 @@
 //! not reproduce are refused by name.
 
 mod config;
+pub mod tuners;
 
 pub use config::{BdLora, BlockDiagonal, LoraConfig, Variant};
 
@@ -60,6 +61,12 @@ pub struct Adapter {
     /// Training-only state of the variant (VeLoRA's `lora_velora_embed`, MonteCLoRA's
     /// sampler): saved, but no part of the merged weight (PEFT's merge ignores it too).
     pub training_only: Vec<TensorEntry>,
+    /// A non-LoRA tuner (`peft_type` other than LORA), which owns `tuned` and `shared`.
+    pub tuner: Option<Box<dyn tuners::Tuner>>,
+    /// The tuner's adapted modules, with their saved parts.
+    pub tuned: Vec<tuners::SavedModule>,
+    /// The tuner's tensors shared by its modules (VeRA's projections), by name.
+    pub shared: std::collections::BTreeMap<String, TensorEntry>,
 }
 
 impl Adapter {
@@ -81,11 +88,31 @@ impl Adapter {
         for r in &self.replacements {
             r.tensor.file.set_read_mode(mode);
         }
+        for t in self.tuned.iter().flat_map(|m| m.parts.values()) {
+            t.file.set_read_mode(mode);
+        }
+        for t in self.shared.values() {
+            t.file.set_read_mode(mode);
+        }
+    }
+
+    /// What the adapter is, for messages ("LoRA", "IA3").
+    pub fn kind(&self) -> &'static str {
+        self.tuner.as_ref().map_or("LoRA", |t| t.name())
     }
 
     /// Opens and validates an adapter folder.
     pub fn open(dir: &Path) -> Result<Adapter> {
         let files = source::open_adapter(dir)?;
+        let peft_type = files
+            .config
+            .get("peft_type")
+            .and_then(|t| t.as_str())
+            .unwrap_or("LORA")
+            .to_string();
+        if !peft_type.eq_ignore_ascii_case("LORA") {
+            return open_tuned(dir, files, peft_type);
+        }
         let config = LoraConfig::from_json(&files.config, &files.config_path)?;
         let weights_path = files.weights.path.clone();
         let mut parts: Vec<(String, Parts)> = Vec::new();
@@ -232,6 +259,9 @@ impl Adapter {
             modules,
             replacements,
             training_only,
+            tuner: None,
+            tuned: Vec::new(),
+            shared: Default::default(),
         })
     }
 
@@ -241,12 +271,101 @@ impl Adapter {
             .first()
             .map(|m| m.a.file.path())
             .or_else(|| self.replacements.first().map(|r| r.tensor.file.path()))
+            .or_else(|| {
+                self.tuned
+                    .iter()
+                    .flat_map(|m| m.parts.values())
+                    .next()
+                    .map(|t| t.file.path())
+            })
             .unwrap_or(&self.dir)
     }
 
     pub fn module(&self, name: &str) -> Option<&LoraModule> {
         self.modules.iter().find(|m| m.name == name)
     }
+}
+
+/// Opens an adapter of a non-LoRA tuner: its tuner file reads the config and says what
+/// each saved key is.
+fn open_tuned(dir: &Path, files: source::AdapterFiles, peft_type: String) -> Result<Adapter> {
+    let path = &files.config_path;
+    if let Some((_, why)) = tuners::NOT_MERGEABLE
+        .iter()
+        .find(|(t, _)| t.eq_ignore_ascii_case(&peft_type))
+    {
+        return Err(Error::format(
+            path,
+            format!("peft_type {peft_type} cannot be merged: {why}. Nothing was written."),
+        ));
+    }
+    let Some(kind) = tuners::tuner_type(&peft_type) else {
+        let known: Vec<&str> = tuners::TUNER_TYPES.iter().map(|t| t.peft_type).collect();
+        return Err(Error::format(
+            path,
+            format!(
+                "peft_type {peft_type} is not supported: lorastream merges LORA (incl. DoRA, rsLoRA and \
+                 the LoRA variants) and {}; {peft_type} uses other merge math. Nothing was written.",
+                known.join(", ")
+            ),
+        ));
+    };
+    let tuner = (kind.open)(&files.config, path)?;
+    let config = LoraConfig::common_fields(&files.config, path)?;
+    let weights_path = files.weights.path.clone();
+    let mut tuned: Vec<tuners::SavedModule> = Vec::new();
+    let mut shared = std::collections::BTreeMap::new();
+    let mut replacements = Vec::new();
+    for t in files.weights.tensors {
+        let rel = t.name.strip_prefix(SAVED_PREFIX).ok_or_else(|| {
+            Error::tensor(
+                &weights_path,
+                &t.name,
+                format!("adapter key does not start with '{SAVED_PREFIX}' (not saved by PEFT's save_pretrained?)"),
+            )
+        })?;
+        let rel = rel.to_string();
+        match tuner.classify(&rel) {
+            tuners::SavedKey::Part { module, part } => {
+                let (module, part) = (module.to_string(), part.to_string());
+                let idx = match tuned.iter().position(|m| m.name == module) {
+                    Some(i) => i,
+                    None => {
+                        tuned.push(tuners::SavedModule {
+                            name: module,
+                            parts: Default::default(),
+                        });
+                        tuned.len() - 1
+                    }
+                };
+                tuned[idx].parts.insert(part, t);
+            }
+            tuners::SavedKey::Shared(name) => {
+                shared.insert(name.to_string(), t);
+            }
+            tuners::SavedKey::Full => {
+                let base_key = rel.replace(".base_layer.", ".");
+                replacements.push(Replacement {
+                    base_key,
+                    saved_key: rel,
+                    tensor: t,
+                });
+            }
+        }
+    }
+    if tuned.is_empty() && replacements.is_empty() {
+        return Err(Error::format(&weights_path, "adapter holds no tensors"));
+    }
+    Ok(Adapter {
+        dir: dir.to_path_buf(),
+        config,
+        modules: Vec::new(),
+        replacements,
+        training_only: Vec::new(),
+        tuner: Some(tuner),
+        tuned,
+        shared,
+    })
 }
 
 #[derive(Default)]

@@ -14,6 +14,7 @@ use super::read_ahead::{
     GroupBuffers, GroupRanges, Prefetched, ReadAhead, Rows, decode_all, left_factor, read_group,
     right_factor, row_factors, rows_cols,
 };
+use crate::adapter::tuners::{BandChange, BandSource};
 use crate::direct_io::AlignedBuf;
 use crate::dtype::{Dtype, decode_f32, round_through};
 use crate::error::{Error, Result};
@@ -157,6 +158,13 @@ impl DeltaBackend for CpuBackend {
     }
 }
 
+fn lcm(a: usize, b: usize) -> usize {
+    fn gcd(a: usize, b: usize) -> usize {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    a / gcd(a, b).max(1) * b
+}
+
 fn internal(base: &TensorEntry, msg: &str) -> Error {
     Error::tensor(base.file.path(), &base.name, format!("internal: {msg}"))
 }
@@ -202,6 +210,8 @@ enum Prepared<'a> {
         bias: Bytes<'a>,
         scale: f32,
     },
+    /// Another tuner's change, prepared for this tensor (`adapter/tuners`).
+    Tuned(Box<dyn BandChange + 'a>),
 }
 
 struct PreparedMerge<'a> {
@@ -213,7 +223,11 @@ struct PreparedMerge<'a> {
     w: Bytes<'a>,
     rows: usize,
     cols: usize,
+    /// Rows per band: a multiple of every step's row block.
+    band: usize,
     steps: Vec<Prepared<'a>>,
+    /// Per step: the column factors m / ‖V‖ of a DoRA step on a transposed layout.
+    col_factors: Vec<Option<Vec<f32>>>,
 }
 
 /// Per-thread scratch space.
@@ -245,9 +259,29 @@ impl<'a> PreparedMerge<'a> {
         }
         let numel = base.numel();
         let (rows, cols) = rows_cols(base);
-        let mut prepared = Vec::with_capacity(steps.len());
+        let block = steps
+            .iter()
+            .map(|s| match s {
+                Step::Tuned(c) => c.row_block().max(1),
+                Step::Replace(_) | Step::AddBias { .. } | Step::Lora(_) => 1,
+            })
+            .fold(1, lcm);
+        let mut merge = PreparedMerge {
+            base,
+            source_steps: steps,
+            row_factors: row_factors(steps),
+            scratch,
+            w: Bytes::of(base),
+            rows,
+            cols,
+            band: band_rows(cols).div_ceil(block) * block,
+            steps: Vec::with_capacity(steps.len()),
+            col_factors: Vec::with_capacity(steps.len()),
+        };
+        // Steps are prepared in order: a tuner's preparation may stream the value after
+        // the steps before it, and a DoRA column norm needs them too.
         for (j, s) in steps.iter().enumerate() {
-            prepared.push(match s {
+            let prepared = match s {
                 Step::Replace(t) => {
                     if t.numel() != numel || !t.dtype.is_float() {
                         return Err(internal(base, "replacement of another size or dtype"));
@@ -292,18 +326,48 @@ impl<'a> PreparedMerge<'a> {
                         magnitude,
                     }
                 }
-            });
+                Step::Tuned(c) => {
+                    let stream = |f: &mut dyn FnMut(usize, &[f32])| merge.stream_upto(j, f);
+                    let source = BandSource {
+                        base,
+                        rows,
+                        cols,
+                        stream: &stream,
+                    };
+                    Prepared::Tuned(c.prepare(&source)?)
+                }
+            };
+            merge.steps.push(prepared);
+            merge.col_factors.push(None);
+            // Column factors of a DoRA step on a transposed layout: one extra pass.
+            if let Some(Prepared::Lora {
+                layout: DeltaLayout::Transposed,
+                magnitude: Some(m),
+                ..
+            }) = merge.steps.last()
+            {
+                let sums = merge.column_sumsq(j);
+                let f = m
+                    .iter()
+                    .zip(&sums)
+                    .map(|(m, s)| m / (s.sqrt() as f32))
+                    .collect();
+                merge.col_factors[j] = Some(f);
+            }
         }
-        Ok(PreparedMerge {
-            base,
-            source_steps: steps,
-            row_factors: row_factors(steps),
-            scratch,
-            w: Bytes::of(base),
-            rows,
-            cols,
-            steps: prepared,
-        })
+        Ok(merge)
+    }
+
+    /// Visits the value after steps[..upto] band by band (each rounded into the base
+    /// dtype, as the next step sees it), in row order, on the calling thread.
+    fn stream_upto(&self, upto: usize, f: &mut dyn FnMut(usize, &[f32])) {
+        let mut scratch = Scratch::default();
+        let rows = Rows::from_maps();
+        for i0 in (0..self.rows).step_by(self.band.max(1)) {
+            let i1 = (i0 + self.band).min(self.rows);
+            self.compute_band(i0, i1, &rows, upto, true, &mut scratch);
+            f(i0, &scratch.value);
+        }
     }
 
     /// This worker's scratch space (workers never wait on each other's).
@@ -316,7 +380,7 @@ impl<'a> PreparedMerge<'a> {
     }
 
     fn band_rows(&self) -> usize {
-        band_rows(self.cols)
+        self.band
     }
 
     fn read_group(&self, g0: usize, g1: usize, bufs: &mut GroupBuffers) -> Result<GroupRanges> {
@@ -335,26 +399,8 @@ impl<'a> PreparedMerge<'a> {
         if self.rows * self.cols == 0 {
             return Ok(());
         }
-        // Column factors of DoRA steps on transposed layouts, computed in step order.
-        let mut col_factors: Vec<Option<Vec<f32>>> = vec![None; self.steps.len()];
-        for j in 0..self.steps.len() {
-            if let Prepared::Lora {
-                layout: DeltaLayout::Transposed,
-                magnitude: Some(m),
-                ..
-            } = &self.steps[j]
-            {
-                let sums = self.column_sumsq(j, &col_factors);
-                col_factors[j] = Some(
-                    m.iter()
-                        .zip(&sums)
-                        .map(|(m, s)| m / (s.sqrt() as f32))
-                        .collect(),
-                );
-            }
-        }
         let band = self.band_rows();
-        let group = group_rows(self.cols, threads);
+        let group = band * threads.max(1);
         let oes = out_dtype.size();
         // Encoding into the base dtype rounds the last step itself.
         let last_round = out_dtype != self.base.dtype;
@@ -393,7 +439,6 @@ impl<'a> PreparedMerge<'a> {
                             i1,
                             &rows,
                             self.steps.len(),
-                            &col_factors,
                             last_round,
                             &mut scratch,
                         );
@@ -436,6 +481,7 @@ impl<'a> PreparedMerge<'a> {
                     }
                 }
                 Step::Replace(t) | Step::AddBias { bias: t, .. } => t.release(),
+                Step::Tuned(c) => c.inputs().iter().for_each(|t| t.release()),
             }
         }
         // Named in the dtype that overflowed: the narrower of the weight's and the output's.
@@ -497,7 +543,7 @@ impl<'a> PreparedMerge<'a> {
     }
 
     /// Σ over rows of V², per column, where V = value after steps[..j] plus step j's delta.
-    fn column_sumsq(&self, j: usize, col_factors: &[Option<Vec<f32>>]) -> Vec<f64> {
+    fn column_sumsq(&self, j: usize) -> Vec<f64> {
         let band = self.band_rows();
         let starts: Vec<usize> = (0..self.rows).step_by(band).collect();
         starts
@@ -505,7 +551,7 @@ impl<'a> PreparedMerge<'a> {
             .map_init(Scratch::default, |scratch, &i0| {
                 let i1 = (i0 + band).min(self.rows);
                 let rows = Rows::from_maps();
-                self.compute_band(i0, i1, &rows, j, col_factors, true, scratch);
+                self.compute_band(i0, i1, &rows, j, true, scratch);
                 self.delta(j, i0, i1, &rows, scratch);
                 let mut sums = vec![0f64; self.cols];
                 for (row, drow) in scratch
@@ -592,17 +638,16 @@ impl<'a> PreparedMerge<'a> {
 
     /// scratch.value = rows [i0, i1) after steps[..upto]; the rounding into the base dtype
     /// after the last of them is skipped when `last_round` is false.
-    #[allow(clippy::too_many_arguments)]
     fn compute_band(
         &self,
         i0: usize,
         i1: usize,
         rows: &Rows<'_>,
         upto: usize,
-        col_factors: &[Option<Vec<f32>>],
         last_round: bool,
         scratch: &mut Scratch,
     ) {
+        let col_factors = &self.col_factors;
         let (n, wd) = (self.cols, self.base.dtype);
         let len = (i1 - i0) * n;
         scratch.value.resize(len, 0.0);
@@ -610,6 +655,7 @@ impl<'a> PreparedMerge<'a> {
         for (j, step) in self.steps.iter().enumerate().take(upto) {
             match step {
                 Prepared::Replace(t) => t.decode(i0 * n, &mut scratch.value),
+                Prepared::Tuned(change) => change.apply(i0, &mut scratch.value),
                 Prepared::AddBias { bias, scale } => {
                     scratch.delta.resize(len, 0.0);
                     bias.decode(i0 * n, &mut scratch.delta);

@@ -581,7 +581,9 @@ fn plan<'a>(base: &'a TensorEntry, steps: &'a [Step]) -> Option<GpuPlan<'a>> {
     let mut lora: Vec<&LoraStep> = Vec::new();
     for s in steps {
         match s {
-            Step::AddBias { .. } => return None,
+            // The GPU runs LoRA and DoRA; bias additions and the other tuners' changes
+            // run on the CPU, for the whole tensor (by design: see `adapter/tuners`).
+            Step::AddBias { .. } | Step::Tuned(_) => return None,
             Step::Replace(t) => {
                 if t.numel() != numel || dt_code(t.dtype).is_none() {
                     return None;

@@ -41,8 +41,10 @@ pub(super) fn row_factors(steps: &[Step]) -> Vec<Option<&TensorEntry>> {
     steps
         .iter()
         .map(|s| match s {
-            Step::Lora(l) if l.layout == DeltaLayout::Normal => Some(&l.b),
-            _ => None,
+            Step::Lora(l) => (l.layout == DeltaLayout::Normal).then_some(&l.b),
+            // Read whole by their own step (`prepare`), or row-aligned with the weight
+            // from the map (a replacement, a bias).
+            Step::Replace(_) | Step::AddBias { .. } | Step::Tuned(_) => None,
         })
         .collect()
 }
@@ -197,6 +199,7 @@ fn step_tensors(steps: &[Step]) -> Vec<TensorEntry> {
                 out.extend(l.magnitude.clone());
             }
             Step::Replace(t) | Step::AddBias { bias: t, .. } => out.push(t.clone()),
+            Step::Tuned(c) => out.extend(c.inputs().into_iter().cloned()),
         }
     }
     out
@@ -273,7 +276,9 @@ fn prefetch(
     for (s, pair) in steps.iter().zip(bufs.whole.chunks_mut(2)) {
         let (f, m) = match s {
             Step::Lora(l) => (Some(right_factor(l)), l.magnitude.as_ref()),
-            _ => (None, None),
+            // Nothing read ahead: a tuner's change reads its (small) tensors when it is
+            // prepared; replacements and biases are read with the bands.
+            Step::Replace(_) | Step::AddBias { .. } | Step::Tuned(_) => (None, None),
         };
         for (t, buf) in [f, m].into_iter().zip(pair) {
             whole.push(match t {

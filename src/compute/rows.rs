@@ -126,6 +126,9 @@ fn one_row(base: &TensorEntry, steps: &[Step], i: usize) -> Option<(TensorEntry,
                 bias: same_rows(bias)?,
                 scale: *scale,
             },
+            // A tuner's change may need the whole tensor (statistics, row blocks): the
+            // sampled rows are taken from the full merge instead.
+            Step::Tuned(_) => return None,
             Step::Lora(l) => {
                 let (a, b, magnitude) = match l.layout {
                     DeltaLayout::Normal => {

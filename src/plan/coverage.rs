@@ -6,7 +6,7 @@
 //! (present / used, per adapter) go into the merge report.
 
 use super::component::{Component, MergeSettings};
-use super::merge_types::{Job, JobSource, Step};
+use super::merge_types::{Job, JobSource};
 use super::rename;
 use crate::adapter::{Adapter, SAVED_PREFIX};
 use crate::error::{Error, Result};
@@ -27,6 +27,16 @@ pub type Coverage = Vec<Vec<AdapterCoverage>>;
 /// Every tensor an adapter holds, with the base key it is meant for.
 fn adapter_tensors(ad: &Adapter) -> Vec<(&TensorEntry, String)> {
     let mut out = Vec::new();
+    // A tuner's parts may change the weight and the bias (IA3, RoAd), and its shared
+    // tensors serve every module: see `shared_use`.
+    for m in &ad.tuned {
+        for t in m.parts.values() {
+            out.push((t, format!("{}.weight", m.name)));
+        }
+    }
+    for (name, t) in &ad.shared {
+        out.push((t, name.clone()));
+    }
     for m in &ad.modules {
         let parts = [
             Some(&m.a),
@@ -55,15 +65,7 @@ fn job_inputs(j: &Job) -> Vec<&TensorEntry> {
         JobSource::Merge { base, steps } => {
             let mut v = vec![base];
             for s in steps {
-                match s {
-                    Step::Replace(t) => v.push(t),
-                    Step::AddBias { bias, .. } => v.push(bias),
-                    Step::Lora(l) => {
-                        v.push(&l.a);
-                        v.push(&l.b);
-                        v.extend(l.magnitude.as_ref());
-                    }
-                }
+                v.extend(s.inputs());
             }
             v
         }
@@ -160,6 +162,7 @@ pub fn check(components: &[Component], settings: &MergeSettings, jobs: &[Job]) -
                 let u = uses.get(&key(ci, t)).map_or(&[][..], Vec::as_slice);
                 match u {
                     [] => unused.push((t, target)),
+                    _ if shared_use(ad, t) => {}
                     [first, rest @ ..] => {
                         let base = jobs[*first].source_tensor();
                         if let Some(other) = rest
@@ -210,6 +213,13 @@ pub fn check(components: &[Component], settings: &MergeSettings, jobs: &[Job]) -
         }
     }
     Ok(())
+}
+
+/// Whether `t` is a tuner's part or shared tensor, which its tuner may apply to several
+/// base tensors (weight and bias, every module): the tuner file decides where each goes.
+fn shared_use(ad: &Adapter, t: &TensorEntry) -> bool {
+    let same = |o: &TensorEntry| o.name == t.name && o.file.path() == t.file.path();
+    ad.shared.values().any(same) || ad.tuned.iter().any(|m| m.parts.values().any(same))
 }
 
 fn prefixed(c: &Component, k: &str) -> String {

@@ -255,6 +255,8 @@ fn tie_key(j: &Job) -> Option<String> {
                     l.round_delta_first
                 ),
                 Step::AddBias { bias, scale } => format!("B{}{scale}", view_key(bias)),
+                // One change object: the same computation (ties share it by cloning).
+                Step::Tuned(c) => format!("T{:p}", Arc::as_ptr(c)),
             })
             .collect::<Vec<_>>()
             .join(";"),
@@ -426,6 +428,18 @@ fn steps_for_base(
                 });
             }
         }
+        if let Some(tuner) = &ad.tuner {
+            tuned_steps(
+                ad,
+                &**tuner,
+                &by_name,
+                &evidence,
+                merging,
+                &mut steps,
+                &mut unmatched,
+                &mut unsettled,
+            )?;
+        }
         if !unmatched.is_empty() {
             return Err(mismatch_error(c, ad, base, &unmatched));
         }
@@ -434,6 +448,80 @@ fn steps_for_base(
         }
     }
     Ok(steps)
+}
+
+/// The steps of a non-LoRA tuner's modules: each module's base weight (and bias) found,
+/// its stored orientation settled like a LoRA's (shapes, then the evidence for a square
+/// 2-D weight), and the tuner's changes checked against them.
+#[allow(clippy::too_many_arguments)]
+fn tuned_steps(
+    ad: &Adapter,
+    tuner: &dyn crate::adapter::tuners::Tuner,
+    by_name: &HashMap<&str, &TensorEntry>,
+    evidence: &LayoutEvidence,
+    merging: bool,
+    steps: &mut HashMap<String, Vec<Step>>,
+    unmatched: &mut Vec<String>,
+    unsettled: &mut Vec<(String, String)>,
+) -> Result<()> {
+    use crate::adapter::tuners::{BaseTensor, ModuleBase};
+    for m in &ad.tuned {
+        let wkey = format!("{}.weight", m.name);
+        let Some(w) = by_name.get(wkey.as_str()) else {
+            unmatched.push(m.name.clone());
+            continue;
+        };
+        let transposed = match w.shape.as_slice() {
+            &[r, c] => {
+                if let Some(msg) = evidence.flags_conflict(&m.name) {
+                    return Err(Error::Usage(msg));
+                }
+                let normal = tuner.fits(m, [r, c]);
+                let transposed = tuner.fits(m, [c, r]);
+                if !normal && !transposed {
+                    // The tuner's own check says what does not fit.
+                    false
+                } else {
+                    match evidence.decide(&m.name, normal, transposed) {
+                        Ok(layout) => layout == DeltaLayout::Transposed,
+                        Err(_) if !merging => false,
+                        Err(why) => {
+                            unsettled.push((
+                                m.name.clone(),
+                                format!("weight '{}' {:?}: {why}", w.name, w.shape),
+                            ));
+                            continue;
+                        }
+                    }
+                }
+            }
+            _ => false,
+        };
+        let module_base = ModuleBase {
+            weight: BaseTensor {
+                entry: (*w).clone(),
+                transposed,
+            },
+            bias: by_name
+                .get(format!("{}.bias", m.name).as_str())
+                .map(|b| (*b).clone()),
+        };
+        for ch in tuner.changes(ad.weights_path(), m, &ad.shared, &module_base)? {
+            if !by_name.contains_key(ch.target.as_str()) {
+                return Err(Error::Internal(format!(
+                    "{} module '{}' changes '{}', which the base does not hold",
+                    tuner.name(),
+                    m.name,
+                    ch.target
+                )));
+            }
+            steps
+                .entry(ch.target)
+                .or_default()
+                .push(Step::Tuned(ch.change));
+        }
+    }
+    Ok(())
 }
 
 /// Explains square weights whose layout nothing settles, with the flags that settle it.
@@ -754,6 +842,15 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
             }
             return Ok(());
         }
+        [one] if one.tuner.is_some() => {
+            return Err(Error::Plan(format!(
+                "adapter {} (component {}): --keep-lora does not write {} adapters yet (their \
+                 PeftModel.state_dict() names are not checked against PEFT); merge it instead",
+                one.dir.display(),
+                c.label(),
+                one.kind()
+            )));
+        }
         [one]
             if !one.training_only.is_empty()
                 || !one.config.target_parameters.is_empty()
@@ -933,14 +1030,7 @@ pub fn check_mergeable(jobs: &[Job]) -> Result<()> {
             ));
         }
         for s in steps {
-            let parts: Vec<&TensorEntry> = match s {
-                Step::Replace(t) => vec![t],
-                Step::AddBias { bias, .. } => vec![bias],
-                Step::Lora(l) => [Some(&l.a), Some(&l.b), l.magnitude.as_ref()]
-                    .into_iter()
-                    .flatten()
-                    .collect(),
-            };
+            let parts = s.inputs();
             if let Some(t) = parts.iter().find(|t| !t.dtype.is_float()) {
                 return Err(Error::tensor(
                     t.file.path(),

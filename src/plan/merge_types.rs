@@ -1,8 +1,10 @@
 //! What the merge plan hands to compute: for each output tensor, where its data comes from
 //! and which steps (replacements, LoRA deltas, bias additions) apply to it, in order.
 
+use crate::adapter::tuners::TensorChange;
 use crate::sink::OutTensor;
 use crate::source::TensorEntry;
+use std::sync::Arc;
 
 /// How a LoRA delta lines up with the stored weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +44,23 @@ pub enum Step {
         bias: TensorEntry,
         scale: f32,
     },
+    /// A change made by a non-LoRA tuner (`adapter/tuners/`), checked by the plan; the
+    /// tuner's own file says how it turns a band of the weight into the merged band.
+    Tuned(Arc<dyn TensorChange>),
+}
+
+impl Step {
+    /// Every stored tensor the step reads (the base excluded).
+    pub fn inputs(&self) -> Vec<&TensorEntry> {
+        match self {
+            Step::Replace(t) | Step::AddBias { bias: t, .. } => vec![t],
+            Step::Lora(l) => [Some(&l.a), Some(&l.b), l.magnitude.as_ref()]
+                .into_iter()
+                .flatten()
+                .collect(),
+            Step::Tuned(c) => c.inputs(),
+        }
+    }
 }
 
 /// Where an output tensor's bytes come from.

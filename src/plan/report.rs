@@ -25,7 +25,7 @@ pub struct PlannedTensor {
 /// One merge step: its kind and the adapter tensors it reads.
 #[derive(Clone, Debug, Serialize)]
 pub struct PlannedStep {
-    /// `replace`, `lora`, `dora` or `lora_bias`.
+    /// `replace`, `lora`, `dora`, `lora_bias`, or another tuner's name (`IA3`, `LoHa`…).
     pub kind: &'static str,
     pub file: String,
     pub tensors: Vec<String>,
@@ -57,6 +57,16 @@ fn step(s: &Step) -> PlannedStep {
             scale: Some(*scale),
             layout: None,
         },
+        Step::Tuned(c) => {
+            let inputs = c.inputs();
+            PlannedStep {
+                kind: c.tuner(),
+                file: inputs.first().map(|t| file_of(t)).unwrap_or_default(),
+                tensors: inputs.iter().map(|t| t.name.clone()).collect(),
+                scale: None,
+                layout: None,
+            }
+        }
         Step::Lora(l) => {
             let mut tensors = vec![l.a.name.clone(), l.b.name.clone()];
             tensors.extend(l.magnitude.as_ref().map(|m| m.name.clone()));
