@@ -1,0 +1,162 @@
+"""`lorastream merge` against real PEFT 0.21.2 merges of every non-LoRA tuner that has a merge.
+
+Fixtures: fixtures/make_tuner_matrix.py (rows: fixtures/tuner_rows/<tuner>.py) ->
+fixtures/tuner_matrix/<tuner>/{bases,adapters,expected,cases.json} (see its README.md).
+
+* Fixture self-checks (no binary needed): each expected file has the base's keys, dtypes and
+  shapes and differs from the base in every changed key.
+* `lorastream == "merge"` cases (the tuner's rows file says LORASTREAM_MERGES = True):
+
+      lorastream merge --base BASE --lora ADAPTER --out out.safetensors
+
+  must equal PeftModel.from_pretrained(base, adapter).merge_and_unload() within the case's
+  ulp_tolerance; the case marked `pth` (one per tuner) is also written as .pth and read back with
+  torch.load(weights_only=True).
+* `lorastream == "refuse"` cases (tuner not merged by lorastream yet) and `refuse` cases (PEFT
+  itself cannot merge the row): exit code 1, no output left, stderr names the peft_type (or, for
+  PEFT-cannot-merge rows, one of the targeted modules).
+
+Run: PY=$(scripts/python-env.sh); LORASTREAM_BIN=target/release/lorastream $PY -m pytest tests/compat/test_tuners.py -q
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_matrix import describe_output
+from test_merge import assert_close_to_expected, listing, load_output, ulp_distance
+
+REPO = Path(__file__).resolve().parents[2]
+TM = REPO / "fixtures" / "tuner_matrix"
+MANIFESTS = {p.parent.name: json.loads(p.read_text()) for p in sorted(TM.glob("*/cases.json"))}
+CASES = [c for m in MANIFESTS.values() for c in m["cases"]]
+WITH_EXPECTED = [c for c in CASES if not c.get("refuse")]
+MERGE = [c for c in WITH_EXPECTED if c["lorastream"] == "merge"]
+PTH = [c for c in MERGE if c.get("pth")]
+REFUSE = [c for c in CASES if c.get("refuse") or c["lorastream"] == "refuse"]
+
+
+def cid(c):
+    return f"{c['tuner']}/{c['name']}"
+
+
+def ids(cases):
+    return [cid(c) for c in cases]
+
+
+def fx(case, rel):
+    return TM / case["tuner"] / rel
+
+
+def merge_args(case, out):
+    args = ["merge", "--base", fx(case, case["base"]), "--out", out]
+    for lora in case["loras"]:
+        args += ["--lora", fx(case, lora)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def mrun(run):
+    p = run(["merge", "--help"], expect_rc=None)
+    assert p.returncode == 0, f"lorastream has no usable `merge` subcommand:\n{p.stderr}"
+    return run
+
+
+# --------------------------------------------------------------------------------------
+# fixture self-checks
+# --------------------------------------------------------------------------------------
+
+
+def test_manifests():
+    rows = sorted(f.stem for f in (REPO / "fixtures" / "tuner_rows").glob("*.py") if not f.stem.startswith("_"))
+    assert sorted(MANIFESTS) == rows, "a rows file without generated fixtures (rerun fixtures/make_tuner_matrix.py)"
+    for t, m in MANIFESTS.items():
+        assert m["tuner"] == t and m["versions"]["peft"] == "0.21.2", t
+        assert m["cases"] or m["skipped"], t
+        assert len({c["name"] for c in m["cases"]}) == len(m["cases"]), t
+        assert sum(bool(c.get("pth")) for c in m["cases"]) <= 1, t
+        for c in m["cases"]:
+            assert c["peft_type"] == m["peft_type"] and c["tuner"] == t, c["name"]
+            assert c["lorastream"] == ("merge" if m["lorastream_merges"] and not c.get("refuse") else "refuse"), c["name"]
+            assert fx(c, c["base"]).is_dir(), c["name"]
+            for lora in c["loras"]:
+                cfg = json.loads((fx(c, lora) / "adapter_config.json").read_text())
+                assert cfg["peft_type"] == c["peft_type"], (c["name"], cfg["peft_type"])
+            if not c.get("refuse"):
+                assert fx(c, c["expected"]).is_file(), c["name"]
+                assert isinstance(c["ulp_tolerance"], int) and c["ulp_tolerance"] >= 1, c["name"]
+            else:
+                assert c["peft_error"], c["name"]
+
+
+@pytest.mark.parametrize("case", WITH_EXPECTED, ids=ids(WITH_EXPECTED))
+def test_fixture_expected_is_a_real_merge(case):
+    base = load_file(str(fx(case, case["base"]) / "model.safetensors"))
+    exp = load_file(str(fx(case, case["expected"])))
+    assert set(exp) == set(base)
+    for k, v in exp.items():
+        assert v.dtype == base[k].dtype and v.shape == base[k].shape, k
+    assert case["changed_keys"]
+    for k in case["changed_keys"]:
+        assert ulp_distance(exp[k], base[k]).max() > 0, k
+    for k in set(exp) - set(case["changed_keys"]):
+        assert torch.equal(exp[k], base[k]), k
+
+
+# --------------------------------------------------------------------------------------
+# merge (tuners lorastream merges)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", MERGE, ids=ids(MERGE))
+def test_tuner_merge(mrun, tmp_path, case):
+    out = tmp_path / "out.safetensors"
+    mrun(merge_args(case, out))
+    exp = load_file(str(fx(case, case["expected"])))
+    assert_close_to_expected(load_output(out), exp, case["ulp_tolerance"], cid(case))
+
+
+@pytest.mark.parametrize("case", PTH, ids=ids(PTH))
+def test_tuner_merge_pth(mrun, tmp_path, case):
+    out = tmp_path / "out.pth"
+    mrun(merge_args(case, out))
+    got = torch.load(str(out), weights_only=True, map_location="cpu")
+    exp = load_file(str(fx(case, case["expected"])))
+    assert_close_to_expected(got, exp, case["ulp_tolerance"], f"{cid(case)} (.pth)")
+
+
+# --------------------------------------------------------------------------------------
+# refusals (tuners not merged yet; rows PEFT cannot merge)
+# --------------------------------------------------------------------------------------
+
+
+def _describe(out, case):
+    if case.get("refuse"):
+        return "it wrote an output"
+    fake = dict(case, base=str(fx(case, case["base"])), expected=str(fx(case, case["expected"])),
+                loras=[str(fx(case, x)) for x in case["loras"]])
+    return describe_output(out, fake)
+
+
+@pytest.mark.parametrize("case", REFUSE, ids=ids(REFUSE))
+def test_tuner_refuse(mrun, tmp_path, case):
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    out = out_dir / "out.safetensors"
+    p = mrun(merge_args(case, out), expect_rc=None)
+    why = case.get("note") or f"peft_type {case['peft_type']} not merged by lorastream yet"
+    if p.returncode != 1:
+        what = _describe(out, case) if out.exists() else "no output"
+        pytest.fail(f"expected exit code 1 (refusal: {why}), got {p.returncode}; {what}\nstderr:\n{p.stderr[-2000:]}")
+    assert "error:" in p.stderr, p.stderr
+    # the reason must be in stderr with the case's paths removed (a folder name is not a reason)
+    stripped = p.stderr
+    for q in sorted([fx(case, x) for x in case["loras"]] + [fx(case, case["base"])], key=lambda q: -len(str(q))):
+        stripped = stripped.replace(str(q), "<path>")
+    low = stripped.lower()
+    names = case.get("stderr_one_of") or [case["peft_type"]]
+    assert any(s.lower() in low for s in names), f"stderr (paths removed) names none of {names}:\n{stripped}"
+    assert listing(out_dir) == [], f"output left behind: {listing(out_dir)}"
