@@ -33,9 +33,16 @@ const BAND_ELEMS: usize = 2 << 20;
 /// 14336 columns: 61 GFLOP/s at 73 rows, 85 at 292, 92 at 1024 on one core).
 const MIN_BAND_ROWS: usize = 256;
 
-/// Rows per band for a weight with `cols` columns.
+/// Rows per band for a weight with `cols` columns. Very wide rows (a 3-D expert tensor
+/// seen as one row per expert) give up the packing minimum rather than hold hundreds
+/// of them: a band stays at most 4 × BAND_ELEMS values, or one row.
 fn band_rows(cols: usize) -> usize {
-    (BAND_ELEMS / cols.max(1)).max(MIN_BAND_ROWS)
+    let cols = cols.max(1);
+    if MIN_BAND_ROWS * cols <= 4 * BAND_ELEMS {
+        (BAND_ELEMS / cols).max(MIN_BAND_ROWS)
+    } else {
+        (BAND_ELEMS / cols).max(1)
+    }
 }
 
 /// Rows per group (one band per worker): the unit read ahead and handed to the writer.
