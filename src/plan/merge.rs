@@ -1030,7 +1030,12 @@ pub fn check_mergeable(jobs: &[Job]) -> Result<()> {
             ));
         }
         for s in steps {
-            let parts = s.inputs();
+            // A tuner's change checked its own parts when the plan built it (some are
+            // integer indices: SHiRA, Super-Tuning).
+            let parts = match s {
+                Step::Tuned(_) => continue,
+                Step::Replace(_) | Step::AddBias { .. } | Step::Lora(_) => s.inputs(),
+            };
             if let Some(t) = parts.iter().find(|t| !t.dtype.is_float()) {
                 return Err(Error::tensor(
                     t.file.path(),
