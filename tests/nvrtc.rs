@@ -128,7 +128,7 @@ fn a_broken_arch_is_an_error_not_a_panic() {
 }
 
 /// kernels/merge.cu compiled as C++ for the CPU (tests/gpu/emu): every kernel, launched as
-/// src/compute/cuda.rs launches them, bit for bit against a sequential reference of the
+/// src/compute/cuda/pipeline.rs launches them, bit for bit against a sequential reference of the
 /// CPU path's arithmetic. Needs a C++20 compiler (`CXX`, default g++); skipped without one.
 /// `LORASTREAM_EMU_SANITIZE=thread` (races on shared memory) or `=address,undefined`
 /// (out-of-bounds accesses) builds it with that sanitizer (slower).
