@@ -2,15 +2,12 @@
 //! through the compute backend into the sink.
 
 use crate::adapter::Adapter;
-use crate::compute::DeltaBackend;
 use crate::compute::cpu::CpuBackend;
 use crate::compute::cuda::CudaBackend;
-use crate::compute::rows::copy_rows;
+use crate::compute::{DeltaBackend, NoDeltas, Source, Task, WorkItem};
 use crate::direct_io::ReadMode;
 use crate::error::{Error, Result};
-use crate::pipeline::{
-    copy_tensor, merge_side_files, peak_rss_bytes, progress_bar, write_pipelined,
-};
+use crate::pipeline::{merge_side_files, peak_rss_bytes, progress_bar, write_pipelined};
 use crate::plan::coverage::{self, AdapterCoverage};
 use crate::plan::merge::{Component, MergeSettings, plan_with_notes};
 use crate::plan::merge_types::{Job, JobSource};
@@ -21,10 +18,6 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// With `--buffered-io`, how much of a copied tensor coming next the page cache is asked to
-/// start reading while the current job runs (merges read ahead in the backend).
-const PREFETCH_BYTES: usize = 16 << 20;
 
 /// Where deltas are computed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -343,7 +336,7 @@ pub fn merge_into(
     if target.is_none()
         && let Some(trace) = opts.trace
     {
-        for j in &jobs {
+        for j in jobs.iter() {
             trace(&format!("would {}", describe_job(j)));
         }
     }
@@ -378,64 +371,54 @@ pub fn merge_into(
         if produce.len() != jobs.len() {
             return Err(Error::Internal("one Produce per planned tensor".into()));
         }
-        let backend = || {
-            backend
-                .as_deref()
-                .ok_or_else(|| Error::Internal("a delta to compute but no backend".into()))
-        };
+        // A run that computes nothing walks its copies and ties without a backend.
+        let backend: &dyn DeltaBackend = backend.as_deref().unwrap_or(&NoDeltas);
         let bar = progress_bar(opts.progress, plan_out.iter().map(|t| t.nbytes()).sum());
         write_pipelined(sink, |sink| {
             // Tied jobs the sink stores as views of an earlier one are not computed.
             let shares = sink.shares_storage();
-            let computed = |j: &&Job| !(shares && j.tied_to.is_some());
-            for (i, j) in jobs.iter().enumerate() {
-                let rows = match &produce[i] {
-                    Produce::Skip => continue,
-                    Produce::All => None,
-                    Produce::Rows(r) => Some(r),
-                };
-                if let (Some(to), true, None) = (j.tied_to, shares, rows) {
-                    sink.tie(&j.out, to)?;
-                    bar.inc(j.out.nbytes());
-                    if let Some(trace) = opts.trace {
-                        let first = jobs.get(to).map_or("?", |t| t.out.name.as_str());
-                        let line = format!("tie {} to {first} (one storage)", j.out.name);
-                        bar.suspend(|| trace(&line));
-                    }
-                    continue;
-                }
-                // Read ahead only for what comes next in full.
-                let next = (i + 1..jobs.len())
-                    .find(|&k| produce[k] != Produce::Skip && computed(&&jobs[k]))
-                    .filter(|&k| produce[k] == Produce::All)
-                    .map(|k| &jobs[k].source);
-                if let Some(JobSource::Copy(t)) = next {
-                    t.prefetch(PREFETCH_BYTES);
-                }
-                let t0 = Instant::now();
-                sink.begin(&j.out)?;
-                match (&j.source, rows) {
-                    (JobSource::Copy(t), None) => copy_tensor(t, j.out.dtype, sink)?,
-                    (JobSource::Copy(t), Some(r)) => copy_rows(t, r, j.out.dtype, sink)?,
-                    (JobSource::Merge { base, steps }, Some(r)) => {
-                        backend()?.merge_rows(base, steps, r, j.out.dtype, sink)?
-                    }
-                    (JobSource::Merge { base, steps }, None) => {
-                        let next = match next {
-                            Some(JobSource::Merge { base, steps }) => Some((base, &steps[..])),
-                            _ => None,
-                        };
-                        backend()?.merge_before(base, steps, next, j.out.dtype, sink)?
-                    }
-                }
-                sink.end()?;
+            // The work list, and the planned tensor of each of its items.
+            let (work, planned): (Vec<WorkItem>, Vec<usize>) = jobs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, j)| {
+                    let rows = match &produce[i] {
+                        Produce::Skip => return None,
+                        Produce::All => None,
+                        Produce::Rows(r) => Some(&r[..]),
+                    };
+                    let task = match (j.tied_to, shares, rows, jobs.merge(i)) {
+                        (Some(to), true, None, _) => Task::Tie { to },
+                        (_, _, _, Some(m)) => Task::Write {
+                            from: Source::Merge(m),
+                            rows,
+                        },
+                        (_, _, _, None) => Task::Write {
+                            from: Source::Copy(j.source_tensor()),
+                            rows,
+                        },
+                    };
+                    Some((WorkItem { out: &j.out, task }, i))
+                })
+                .unzip();
+            backend.run(&work, sink, &mut |k, took| {
+                let j = &jobs[planned[k]];
                 bar.inc(j.out.nbytes());
-                if let Some(trace) = opts.trace {
-                    let ms = t0.elapsed().as_secs_f64() * 1e3;
-                    bar.suspend(|| trace(&format!("{} in {ms:.1} ms", describe_job(j))));
-                }
-            }
-            Ok(())
+                let Some(trace) = opts.trace else {
+                    return;
+                };
+                let line = match work[k].task {
+                    Task::Tie { to } => {
+                        let first = jobs.get(to).map_or("?", |t| t.out.name.as_str());
+                        format!("tie {} to {first} (one storage)", j.out.name)
+                    }
+                    Task::Write { .. } => {
+                        let ms = took.as_secs_f64() * 1e3;
+                        format!("{} in {ms:.1} ms", describe_job(j))
+                    }
+                };
+                bar.suspend(|| trace(&line));
+            })
         })?;
         bar.finish_and_clear();
     }

@@ -17,15 +17,36 @@
 //! - `kernel_bench` (ignored; tests/gpu/run.sh runs it): the fused kernel alone.
 
 use lorastream::Dtype;
-use lorastream::compute::DeltaBackend;
 use lorastream::compute::cpu::CpuBackend;
 use lorastream::compute::cuda::{self, CudaBackend, CudaOptions, KERNEL_NAMES};
+use lorastream::compute::{DeltaBackend, Source, Task, WorkItem};
 use lorastream::dtype::{decode_f32, encode_f32};
+use lorastream::error::Result;
+use lorastream::plan::checked::CheckedMerge;
 use lorastream::plan::merge_types::{DeltaLayout, LoraStep, Step};
-use lorastream::sink::MemorySink;
+use lorastream::sink::{MemorySink, OutTensor};
 use lorastream::source::{MappedFile, TensorData, TensorEntry};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// `w` with `steps` merged by `be` and written as `out`: a run of one item.
+fn merge(be: &dyn DeltaBackend, w: &TensorEntry, steps: &[Step], out: Dtype) -> Result<Vec<u8>> {
+    let out = OutTensor {
+        name: w.name.clone(),
+        dtype: out,
+        shape: w.shape.clone(),
+    };
+    let item = WorkItem {
+        out: &out,
+        task: Task::Write {
+            from: Source::Merge(CheckedMerge::new(w, steps, &out)?),
+            rows: None,
+        },
+    };
+    let mut sink = MemorySink::default();
+    be.run(&[item], &mut sink, &mut |_, _| {})?;
+    Ok(sink.0)
+}
 
 fn env_on(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
@@ -107,7 +128,7 @@ fn a_broken_arch_is_an_error_not_a_panic() {
 }
 
 /// kernels/merge.cu compiled as C++ for the CPU (tests/gpu/emu): every kernel, launched as
-/// src/compute/cuda.rs launches them, bit for bit against a sequential reference of the
+/// src/compute/cuda/pipeline.rs launches them, bit for bit against a sequential reference of the
 /// CPU path's arithmetic. Needs a C++20 compiler (`CXX`, default g++); skipped without one.
 /// `LORASTREAM_EMU_SANITIZE=thread` (races on shared memory) or `=address,undefined`
 /// (out-of-bounds accesses) builds it with that sanitizer (slower).
@@ -600,13 +621,11 @@ fn gpu_matches_cpu_on_random_tensors() {
         assert!(gpu.describe().starts_with("cuda:0"));
         let (st, steps) = build(c, i as u64 + 1);
         let w = &st.entries[0];
-        let (mut a, mut b) = (MemorySink::default(), MemorySink::default());
-        cpu.merge(w, &steps, c.out, &mut a).unwrap();
-        gpu.merge(w, &steps, c.out, &mut b)
-            .unwrap_or_else(|e| panic!("{}: {e}", c.name));
-        assert_eq!(a.0.len(), b.0.len(), "{}: output size", c.name);
-        let d = max_ulps(c.out, &a.0, &b.0);
-        let same = a.0 == b.0;
+        let a = merge(&cpu, w, &steps, c.out).unwrap();
+        let b = merge(&gpu, w, &steps, c.out).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        assert_eq!(a.len(), b.len(), "{}: output size", c.name);
+        let d = max_ulps(c.out, &a, &b);
+        let same = a == b;
         report.push(format!(
             "{:<40} {d} ulp{}",
             c.name,
@@ -633,16 +652,11 @@ fn jobs_without_a_lora_step_run_on_the_cpu_backend() {
         bias: st.entries[1].clone(),
         scale: 0.5,
     }];
-    let (mut a, mut b) = (MemorySink::default(), MemorySink::default());
-    CpuBackend::new(Some(1))
-        .unwrap()
-        .merge(&st.entries[0], &steps, Dtype::F16, &mut a)
-        .unwrap();
-    CudaBackend::new(0, Some(1))
-        .unwrap()
-        .merge(&st.entries[0], &steps, Dtype::F16, &mut b)
-        .unwrap();
-    assert_eq!(a.0, b.0);
+    let cpu = CpuBackend::new(Some(1)).unwrap();
+    let gpu = CudaBackend::new(0, Some(1)).unwrap();
+    let a = merge(&cpu, &st.entries[0], &steps, Dtype::F16).unwrap();
+    let b = merge(&gpu, &st.entries[0], &steps, Dtype::F16).unwrap();
+    assert_eq!(a, b);
 }
 
 /// The non-finite check (on by default) refuses the same f16 overflow on both backends,
@@ -680,11 +694,7 @@ fn both_backends_refuse_the_same_created_non_finite_values() {
         band_elems: Some(64 * cols),
     };
     let mut gpu = CudaBackend::with_options(0, opts).unwrap();
-    let run = |be: &dyn DeltaBackend| {
-        let mut out = MemorySink::default();
-        be.merge(&st.entries[0], &steps, Dtype::F16, &mut out)
-            .map(|()| out.0)
-    };
+    let run = |be: &dyn DeltaBackend| merge(be, &st.entries[0], &steps, Dtype::F16);
     let (ec, eg) = (run(&cpu).unwrap_err(), run(&gpu).unwrap_err());
     let msg = ec.to_string();
     assert!(

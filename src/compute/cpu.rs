@@ -3,6 +3,8 @@
 //! rounded into the base dtype after every step (PEFT merges in place) and encoded to the
 //! output dtype. Memory is a few bands, never the whole tensor in f32. The rows come
 //! from `read_ahead.rs`, read a group ahead (and a tensor ahead) on helper threads.
+//! Merges come checked by the plan (`plan::checked`): dtypes and sizes are not checked
+//! again here.
 //!
 //! DoRA needs the norm of every row (Linear, Conv: inside one band) or of every column
 //! (Conv1D, Embedding: across all bands); column norms take one extra pass over the
@@ -12,18 +14,21 @@ use super::DeltaBackend;
 use super::finite::{NonFinite, encode_checked};
 use super::read_ahead::{
     GroupBuffers, GroupRanges, Prefetched, ReadAhead, Rows, decode_all, left_factor, read_group,
-    right_factor, row_factors, rows_cols,
+    right_factor, row_factors,
 };
+use super::walk::{self, Engine, WorkItem};
 use crate::adapter::tuners::{BandChange, BandSource};
 use crate::direct_io::AlignedBuf;
 use crate::dtype::{Dtype, decode_f32, round_through};
 use crate::error::{Error, Result};
+use crate::plan::checked::CheckedMerge;
 use crate::plan::merge_types::{DeltaLayout, Step};
 use crate::sink::TensorSink;
 use crate::source::TensorEntry;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// f32 elements per band (per thread): 8 MB of values, and the same again for the delta.
 const BAND_ELEMS: usize = 2 << 20;
@@ -54,12 +59,6 @@ fn group_rows(cols: usize, threads: usize) -> usize {
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
-    /// Read buffers kept between tensors: two groups of input rows (one being computed,
-    /// the next being read), one for whole factors, and one for the next tensor's first
-    /// group (lent to the read-ahead).
-    buffers: Mutex<ReadBuffers>,
-    /// The next merge's inputs, being read while the current one computes.
-    ahead: Mutex<Option<ReadAhead>>,
     /// One scratch space per worker, kept between bands and tensors: fresh ones would be
     /// zeroed (and page-faulted) for every band.
     scratch: Vec<Mutex<Scratch>>,
@@ -67,11 +66,17 @@ pub struct CpuBackend {
     check_non_finite: bool,
 }
 
+/// What the CPU engine keeps from one merge to the next during a run.
 #[derive(Default)]
-struct ReadBuffers {
+pub(crate) struct CpuRun {
+    /// Read buffers: two groups of input rows (one being computed, the next being read),
+    /// one for whole factors, and one for the next tensor's first group (lent to the
+    /// read-ahead).
     groups: [GroupBuffers; 2],
     factor: AlignedBuf,
     spare: Option<GroupBuffers>,
+    /// The next merge's inputs, being read while the current one computes.
+    ahead: Option<ReadAhead>,
 }
 
 impl CpuBackend {
@@ -87,43 +92,33 @@ impl CpuBackend {
         Ok(CpuBackend {
             pool,
             threads,
-            buffers: Mutex::default(),
-            ahead: Mutex::default(),
             scratch: (0..threads).map(|_| Mutex::default()).collect(),
             check_non_finite: true,
         })
     }
 }
 
-impl DeltaBackend for CpuBackend {
+impl Engine for CpuBackend {
+    type Run = CpuRun;
+
     fn merge(
         &self,
-        base: &TensorEntry,
-        steps: &[Step],
-        out_dtype: Dtype,
+        run: &mut CpuRun,
+        m: CheckedMerge<'_>,
+        next: Option<CheckedMerge<'_>>,
         sink: &mut dyn TensorSink,
     ) -> Result<()> {
-        self.merge_before(base, steps, None, out_dtype, sink)
-    }
-
-    fn merge_before(
-        &self,
-        base: &TensorEntry,
-        steps: &[Step],
-        next: Option<(&TensorEntry, &[Step])>,
-        out_dtype: Dtype,
-        sink: &mut dyn TensorSink,
-    ) -> Result<()> {
-        let mut buffers = self.buffers.lock().unwrap_or_else(|p| p.into_inner());
-        let ReadBuffers {
+        let CpuRun {
             groups,
             factor,
             spare,
-        } = &mut *buffers;
-        let mut ahead = self.ahead.lock().unwrap_or_else(|p| p.into_inner());
+            ahead,
+        } = run;
+        let (base, steps) = (m.base(), m.steps());
         let first = match ahead.take() {
             Some(a) if a.is_for(base, steps) => Some(a.join()?),
-            // Read for another tensor (the caller changed its mind): wait, then drop it.
+            // Read for another tensor (the walk reads ahead only the merge it runs next,
+            // so this is not expected): wait, then drop it.
             Some(a) => {
                 let _ = a.join();
                 None
@@ -135,25 +130,36 @@ impl DeltaBackend for CpuBackend {
             *spare = Some(std::mem::take(&mut groups[0]));
         }
         // The next merge's factors and first rows are read while this one computes.
-        if let Some((next_base, next_steps)) = next {
-            let (_, cols) = rows_cols(next_base);
+        if let Some(n) = next {
+            let (_, cols) = n.rows_cols();
             *ahead = Some(ReadAhead::start(
-                next_base,
-                next_steps,
+                n.base(),
+                n.steps(),
                 group_rows(cols, self.threads),
                 spare.take().unwrap_or_default(),
             ));
         }
-        drop(ahead);
-        let job = PreparedMerge::new(base, steps, factor, &self.scratch, first.as_ref())?;
+        let job = PreparedMerge::new(m, factor, &self.scratch, first.as_ref())?;
         // The group read ahead becomes this merge's first group.
         let first_ranges = first.map(|p| {
             groups[0] = p.first;
             p.first_ranges
         });
         let check = self.check_non_finite;
+        let out_dtype = m.out_dtype();
         self.pool
             .install(|| job.run(out_dtype, self.threads, groups, first_ranges, check, sink))
+    }
+}
+
+impl DeltaBackend for CpuBackend {
+    fn run(
+        &self,
+        work: &[WorkItem<'_>],
+        sink: &mut dyn TensorSink,
+        observer: &mut dyn FnMut(usize, Duration),
+    ) -> Result<()> {
+        walk::run(self, work, sink, observer)
     }
 
     fn describe(&self) -> String {
@@ -247,8 +253,7 @@ struct Scratch {
 
 impl<'a> PreparedMerge<'a> {
     fn new(
-        base: &'a TensorEntry,
-        steps: &'a [Step],
+        m: CheckedMerge<'a>,
         factor_buf: &mut AlignedBuf,
         scratch: &'a [Mutex<Scratch>],
         prefetched: Option<&Prefetched>,
@@ -260,12 +265,8 @@ impl<'a> PreparedMerge<'a> {
             Some(v) => Ok(v),
             None => decode_all(t, factor_buf),
         };
-        // The plan refuses these (`plan::merge::check_mergeable`); reaching here is a bug.
-        if !base.dtype.is_float() {
-            return Err(internal(base, "merge into a non-floating tensor"));
-        }
-        let numel = base.numel();
-        let (rows, cols) = rows_cols(base);
+        let (base, steps) = (m.base(), m.steps());
+        let (rows, cols) = m.rows_cols();
         let block = steps
             .iter()
             .map(|s| match s {
@@ -289,43 +290,26 @@ impl<'a> PreparedMerge<'a> {
         // the steps before it, and a DoRA column norm needs them too.
         for (j, s) in steps.iter().enumerate() {
             let prepared = match s {
-                Step::Replace(t) => {
-                    if t.numel() != numel || !t.dtype.is_float() {
-                        return Err(internal(base, "replacement of another size or dtype"));
-                    }
-                    Prepared::Replace(Bytes::of(t))
-                }
-                Step::AddBias { bias, scale } => {
-                    if bias.numel() != numel || !bias.dtype.is_float() {
-                        return Err(internal(base, "lora_B.bias of another size"));
-                    }
-                    Prepared::AddBias {
-                        bias: Bytes::of(bias),
-                        scale: *scale,
-                    }
-                }
+                Step::Replace(t) => Prepared::Replace(Bytes::of(t)),
+                Step::AddBias { bias, scale } => Prepared::AddBias {
+                    bias: Bytes::of(bias),
+                    scale: *scale,
+                },
                 Step::Lora(l) => {
                     let (left_t, right_t) = (left_factor(l), right_factor(l));
-                    if left_t.numel() != rows * l.r || right_t.numel() != cols * l.r {
-                        return Err(internal(base, "LoRA factors do not fit the weight"));
-                    }
                     let magnitude = match &l.magnitude {
-                        Some(m) => {
-                            let want = if l.layout == DeltaLayout::Normal {
-                                rows
-                            } else {
-                                cols
-                            };
-                            if m.numel() != want {
-                                return Err(internal(base, "DoRA magnitude of another size"));
-                            }
-                            Some(decoded(j, true, m)?)
-                        }
+                        Some(m) => Some(decoded(j, true, m)?),
                         None => None,
                     };
+                    let right = decoded(j, false, right_t)?;
+                    // The plan checked the sizes (`CheckedMerge`); sgemm in `delta` reads
+                    // `right` unchecked, so its length stays a hard guard here.
+                    if right.len() != cols * l.r {
+                        return Err(internal(base, "LoRA factor of another size"));
+                    }
                     Prepared::Lora {
                         left: Bytes::of(left_t),
-                        right: decoded(j, false, right_t)?,
+                        right,
                         r: l.r,
                         scale: l.scale,
                         layout: l.layout,
@@ -619,8 +603,8 @@ impl<'a> PreparedMerge<'a> {
                 (1, m as isize, 1, k as isize)
             }
         };
-        // SAFETY: the operands hold m·k, k·n and m·n elements (checked in `new` and sized
-        // above) and the strides address exactly those ranges.
+        // SAFETY: the operands hold m·k, k·n and m·n elements (`right`'s length checked in
+        // `new`, the others sized above) and the strides address exactly those ranges.
         unsafe {
             matrixmultiply::sgemm(
                 m,
@@ -715,14 +699,16 @@ impl<'a> PreparedMerge<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compute::walk::{Source, Task, merged};
     use crate::plan::merge_types::LoraStep;
-    use crate::sink::MemorySink;
+    use crate::sink::{MemorySink, OutTensor};
     use crate::source::{MappedFile, TensorData};
 
-    /// A read-ahead announced for one merge is not used for another merge of the same
-    /// weight with other factors of the same shape (found in review).
+    /// Two merges of the same weight with other factors of the same shape, one after the
+    /// other in a run: the second is read ahead while the first computes, and each comes
+    /// out as when it runs alone (the read-ahead serves only the merge it was read for).
     #[test]
-    fn read_ahead_serves_only_the_announced_merge() {
+    fn read_ahead_serves_the_merge_it_was_read_for() {
         let (rows, cols, r) = (4usize, 8usize, 2usize);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
@@ -762,23 +748,35 @@ mod tests {
             }))]
         };
         let (s1, s2) = (step(&a1, &b1), step(&a2, &b2));
-        let fresh = {
-            let be = CpuBackend::new(Some(1)).unwrap();
-            let mut out = MemorySink::default();
-            be.merge(&w, &s2, Dtype::F32, &mut out).unwrap();
-            out.0
+        let alone =
+            |s: &[Step]| merged(&CpuBackend::new(Some(1)).unwrap(), &w, s, Dtype::F32, None);
+        let (one, two) = (alone(&s1).unwrap(), alone(&s2).unwrap());
+        assert!(one != two, "the two merges should differ");
+        let out = OutTensor {
+            name: "w".into(),
+            dtype: Dtype::F32,
+            shape: w.shape.clone(),
+        };
+        let item = |s| WorkItem {
+            out: &out,
+            task: Task::Write {
+                from: Source::Merge(CheckedMerge::new(&w, s, &out).unwrap()),
+                rows: None,
+            },
         };
         let be = CpuBackend::new(Some(1)).unwrap();
-        let mut out = MemorySink::default();
-        be.merge_before(&w, &s1, Some((&w, &s1)), Dtype::F32, &mut out)
-            .unwrap();
-        let announced = out.0;
-        let mut out = MemorySink::default();
-        be.merge(&w, &s2, Dtype::F32, &mut out).unwrap();
+        let mut sink = MemorySink::default();
+        let mut seen = Vec::new();
+        be.run(
+            &[item(&s1), item(&s2), item(&s1)],
+            &mut sink,
+            &mut |i, _| seen.push(i),
+        )
+        .unwrap();
+        assert_eq!(seen, [0, 1, 2]);
         assert!(
-            out.0 == fresh,
-            "merge(w, s2) used the factors read ahead for s1"
+            sink.0 == [one.clone(), two, one].concat(),
+            "a merge used another's factors"
         );
-        assert!(announced != fresh, "the two merges should differ");
     }
 }

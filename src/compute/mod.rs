@@ -1,58 +1,73 @@
-//! Compute: turns a base tensor plus its merge steps into output bytes, band by band.
-//! Backends sit behind [`DeltaBackend`]; readers, plan and writers never know which one
-//! runs.
+//! Compute: turns the plan's checked jobs into output bytes, band by band. Backends sit
+//! behind [`DeltaBackend`]; readers, plan and writers never know which one runs.
+//!
+//! A backend is handed the whole work list of a run ([`WorkItem`]s: ties, copies, merges,
+//! sampled rows) and walks it itself (`walk.rs`, shared by every backend), so it sees
+//! what comes next and reads ahead on its own. What differs between backends is only how
+//! one merge is computed: their engine (`walk::Engine`).
 
 pub mod cpu;
 pub mod cuda;
 pub mod finite;
 mod read_ahead;
 pub mod rows;
+mod walk;
 
-use crate::dtype::Dtype;
-use crate::error::Result;
-use crate::plan::merge_types::Step;
+pub use walk::{Source, Task, WorkItem};
+
+use crate::error::{Error, Result};
+use crate::plan::checked::CheckedMerge;
 use crate::sink::TensorSink;
-use crate::source::TensorEntry;
+use std::time::Duration;
+use walk::Engine;
 
-/// Something that can apply merge steps to a tensor and stream the result into a sink.
+/// Something that produces a run's tensors, computing merges, into a sink.
 pub trait DeltaBackend: Send + Sync {
-    /// Writes `base` with `steps` applied, encoded as `out_dtype`, into `sink` (which has
-    /// already begun the tensor).
-    fn merge(
+    /// Produces every item of `work`, in order, into `sink` (each tensor begun and ended
+    /// there); `observer` is told each finished item: its index in `work` and how long it
+    /// took. Sampled rows come out as the whole merge computes them.
+    fn run(
         &self,
-        base: &TensorEntry,
-        steps: &[Step],
-        out_dtype: Dtype,
+        work: &[WorkItem<'_>],
         sink: &mut dyn TensorSink,
+        observer: &mut dyn FnMut(usize, Duration),
     ) -> Result<()>;
-    /// Like `merge`, told which merge comes next (`next`: its base and steps), so that a
-    /// backend can read its inputs while this one computes.
-    fn merge_before(
-        &self,
-        base: &TensorEntry,
-        steps: &[Step],
-        _next: Option<(&TensorEntry, &[Step])>,
-        out_dtype: Dtype,
-        sink: &mut dyn TensorSink,
-    ) -> Result<()> {
-        self.merge(base, steps, out_dtype, sink)
-    }
-    /// Writes only rows `rows` (indices of the first dimension, increasing) of the merge,
-    /// one after another, each as `merge` would compute it: for `verify --sample`, which
-    /// must not compute the whole tensor to check a few rows.
-    fn merge_rows(
-        &self,
-        base: &TensorEntry,
-        steps: &[Step],
-        rows: &[usize],
-        out_dtype: Dtype,
-        sink: &mut dyn TensorSink,
-    ) -> Result<()> {
-        rows::merge_rows(self, base, steps, rows, out_dtype, sink)
-    }
     /// For messages and reports ("cpu (8 threads)").
     fn describe(&self) -> String;
     /// Whether merges that create inf/NaN fail (default: on; see `finite.rs`). Every
     /// backend must implement it: one that ignored it would write such tensors silently.
     fn set_check_non_finite(&mut self, on: bool);
+}
+
+/// The backend of a run that computes nothing (copies and ties only: `--keep-lora`, a
+/// base without adapters), so that no GPU is probed and no worker thread started.
+pub struct NoDeltas;
+
+impl Engine for NoDeltas {
+    type Run = ();
+    fn merge(
+        &self,
+        _: &mut (),
+        _: CheckedMerge<'_>,
+        _: Option<CheckedMerge<'_>>,
+        _: &mut dyn TensorSink,
+    ) -> Result<()> {
+        Err(Error::Internal("a delta to compute but no backend".into()))
+    }
+}
+
+impl DeltaBackend for NoDeltas {
+    fn run(
+        &self,
+        work: &[WorkItem<'_>],
+        sink: &mut dyn TensorSink,
+        observer: &mut dyn FnMut(usize, Duration),
+    ) -> Result<()> {
+        walk::run(self, work, sink, observer)
+    }
+    fn describe(&self) -> String {
+        "none".into()
+    }
+    /// Nothing is computed, so nothing can turn non-finite.
+    fn set_check_non_finite(&mut self, _: bool) {}
 }

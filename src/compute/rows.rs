@@ -1,14 +1,13 @@
 //! Computing only some rows of a merge (for `verify --sample`): each chosen row of the
 //! weight becomes a one-row merge over views of the inputs (the weight's row, B's row or
-//! A's column, the row of a replacement or bias, the row's DoRA magnitude), run through
-//! the backend's ordinary `merge`, so a sampled row goes through the same arithmetic as
-//! in a full merge and costs one row of work.
+//! A's column, the row of a replacement or bias, the row's DoRA magnitude), checked like
+//! any merge and run through the backend's ordinary engine, so a sampled row goes through
+//! the same arithmetic as in a full merge and costs one row of work.
 //!
 //! Where one row cannot be computed alone — DoRA on a transposed layout (Conv1D,
 //! Embedding) normalises over every row of a column — the whole tensor is computed and
 //! only the chosen rows are passed on.
 
-use super::DeltaBackend;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::pipeline::copy_tensor;
@@ -110,7 +109,7 @@ fn element_view(t: &TensorEntry, i: usize) -> Option<TensorEntry> {
 
 /// The merge of row `i` alone: the weight's row with every step narrowed to that row;
 /// None when a step needs the other rows (or has an unexpected shape).
-fn one_row(base: &TensorEntry, steps: &[Step], i: usize) -> Option<(TensorEntry, Vec<Step>)> {
+fn one_row(base: &TensorEntry, steps: &[Step], i: usize) -> Option<OneRow> {
     let rows = row_count(&base.shape);
     // A view of another tensor that lines up with the weight row by row.
     let same_rows = |t: &TensorEntry| -> Option<TensorEntry> {
@@ -166,31 +165,19 @@ fn one_row(base: &TensorEntry, steps: &[Step], i: usize) -> Option<(TensorEntry,
     Some((row_view(base, i)?, narrowed))
 }
 
-/// Writes rows `rows` (increasing) of `base` with `steps` applied, encoded as
-/// `out_dtype`, one after another into `sink` (which has begun the tensor).
-pub fn merge_rows(
-    backend: &(impl DeltaBackend + ?Sized),
+/// A one-row merge: the row of the weight, and the steps narrowed to it.
+pub(crate) type OneRow = (TensorEntry, Vec<Step>);
+
+/// Rows `rows` (increasing) of `base` with `steps` as one-row merges, one per row, each
+/// over views of the inputs; None when a step needs the other rows (the caller computes
+/// the whole merge and keeps the rows with a [`RowFilter`]).
+pub(crate) fn one_row_merges(
     base: &TensorEntry,
     steps: &[Step],
     rows: &[usize],
-    out_dtype: Dtype,
-    sink: &mut dyn TensorSink,
-) -> Result<()> {
+) -> Result<Option<Vec<OneRow>>> {
     check_rows(base, rows)?;
-    let narrowed: Option<Vec<_>> = rows.iter().map(|&i| one_row(base, steps, i)).collect();
-    match narrowed {
-        Some(jobs) => {
-            for (b, s) in &jobs {
-                backend.merge(b, s, out_dtype, sink)?;
-            }
-            Ok(())
-        }
-        None => {
-            let mut filter = RowFilter::new(sink, base, rows, out_dtype);
-            backend.merge(base, steps, out_dtype, &mut filter)?;
-            filter.check_done(base)
-        }
-    }
+    Ok(rows.iter().map(|&i| one_row(base, steps, i)).collect())
 }
 
 /// Writes rows `rows` (increasing) of a stored tensor, cast to `to`, into `sink`.
@@ -223,7 +210,7 @@ fn internal(t: &TensorEntry, msg: &str) -> Error {
 }
 
 /// Passes on only the bytes of the chosen rows of a tensor streamed whole.
-struct RowFilter<'s> {
+pub(crate) struct RowFilter<'s> {
     inner: &'s mut dyn TensorSink,
     rows: &'s [usize],
     row_bytes: u64,
@@ -233,7 +220,7 @@ struct RowFilter<'s> {
 }
 
 impl<'s> RowFilter<'s> {
-    fn new(
+    pub(crate) fn new(
         inner: &'s mut dyn TensorSink,
         base: &TensorEntry,
         rows: &'s [usize],
@@ -250,7 +237,8 @@ impl<'s> RowFilter<'s> {
         }
     }
 
-    fn check_done(&self, base: &TensorEntry) -> Result<()> {
+    /// Whether the whole tensor went through (an internal error otherwise).
+    pub(crate) fn check_done(&self, base: &TensorEntry) -> Result<()> {
         if self.at == self.total {
             Ok(())
         } else {
@@ -291,6 +279,7 @@ impl TensorSink for RowFilter<'_> {
 mod tests {
     use super::*;
     use crate::compute::cpu::CpuBackend;
+    use crate::compute::walk::merged;
     use crate::sink::MemorySink;
     use crate::source::MappedFile;
 
@@ -391,17 +380,15 @@ mod tests {
         let be = CpuBackend::new(Some(2)).unwrap();
         for (ci, steps) in cases.iter().enumerate() {
             for out in [Dtype::F32, Dtype::BF16] {
-                let mut full = MemorySink::default();
-                be.merge(w, steps, out, &mut full).unwrap();
+                let full = merged(&be, w, steps, out, None).unwrap();
                 let pick = [0usize, 3, 6];
-                let mut part = MemorySink::default();
-                merge_rows(&be, w, steps, &pick, out, &mut part).unwrap();
+                let part = merged(&be, w, steps, out, Some(&pick)).unwrap();
                 let rb = cols * out.size();
                 let want: Vec<u8> = pick
                     .iter()
-                    .flat_map(|&i| full.0[i * rb..(i + 1) * rb].to_vec())
+                    .flat_map(|&i| full[i * rb..(i + 1) * rb].to_vec())
                     .collect();
-                assert!(part.0 == want, "case {ci} {out}: sampled rows differ");
+                assert!(part == want, "case {ci} {out}: sampled rows differ");
             }
         }
         let mut part = MemorySink::default();

@@ -282,7 +282,7 @@ mod tests {
         // What a planning bug (or a filter applied after the steps were made) would do:
         // the check sees it whichever rule dropped the job.
         let comps = [component("cases/modules_to_save/adapter")];
-        let mut jobs = plan(&comps, &MergeSettings::default()).unwrap();
+        let mut jobs = plan(&comps, &MergeSettings::default()).unwrap().into_jobs();
         jobs.retain(|j| j.out.name != "lm_head.weight");
         let c = count(&comps, &jobs);
         assert_eq!(c[0][0].used + 1, c[0][0].tensors);
@@ -299,7 +299,7 @@ mod tests {
     #[test]
     fn tied_uses_are_allowed_and_others_are_not() {
         let comps = [component("cases/llama_f32/adapter")];
-        let mut jobs = plan(&comps, &MergeSettings::default()).unwrap();
+        let mut jobs = plan(&comps, &MergeSettings::default()).unwrap().into_jobs();
         let q = jobs
             .iter()
             .position(|j| j.out.name == "model.layers.0.self_attn.q_proj.weight")

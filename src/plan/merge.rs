@@ -4,6 +4,7 @@
 //! tensor (with a hint about the likely prefix), shape mismatches, lora_bias without a base
 //! bias, grouped convolutions, key collisions, `--expect-keys-from`.
 
+use super::checked::CheckedJobs;
 pub use super::component::{Component, MergeSettings};
 use super::layout::LayoutEvidence;
 use super::merge_types::{DeltaLayout, Job, JobSource, LoraStep, Step};
@@ -18,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Plans the whole output.
-pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<Vec<Job>> {
+pub fn plan(components: &[Component], settings: &MergeSettings) -> Result<CheckedJobs> {
     plan_with_notes(components, settings, &mut Vec::new())
 }
 
@@ -28,7 +29,7 @@ pub fn plan_with_notes(
     components: &[Component],
     settings: &MergeSettings,
     notes: &mut Vec<String>,
-) -> Result<Vec<Job>> {
+) -> Result<CheckedJobs> {
     let mut jobs = Vec::new();
     let mut keys = Vec::new();
     for (ci, c) in components.iter().enumerate() {
@@ -53,8 +54,7 @@ pub fn plan_with_notes(
     )?;
     mark_ties(&mut jobs);
     super::coverage::check(components, settings, &jobs)?;
-    check_mergeable(&jobs)?;
-    Ok(jobs)
+    CheckedJobs::check(jobs)
 }
 
 /// Where a tensor's bytes lie in its file: (file identity, first byte, end byte).
@@ -1006,48 +1006,4 @@ fn cast_job(ci: usize, name: String, value: &TensorEntry, base: &TensorEntry, dt
         component: ci,
         tied_to: None,
     }
-}
-
-/// Every merged job's tensors are in dtypes the backends compute in: a LoRA delta, bias
-/// or replacement on a float8 or integer weight is refused here, in planning, so no
-/// backend starts writing before finding out (the backends keep their own assertion as
-/// an internal error).
-pub fn check_mergeable(jobs: &[Job]) -> Result<()> {
-    for j in jobs {
-        let JobSource::Merge { base, steps } = &j.source else {
-            continue;
-        };
-        if !base.dtype.is_float() || !j.out.dtype.is_float() {
-            return Err(Error::tensor(
-                base.file.path(),
-                &base.name,
-                format!(
-                    "cannot merge into a {} tensor (output '{}'): LoRA deltas, lora_B.bias and \
-                     replacements apply to F16/BF16/F32/F64 weights only; a quantised (float8) or \
-                     integer weight must be dequantised first. Nothing was written",
-                    base.dtype, j.out.name
-                ),
-            ));
-        }
-        for s in steps {
-            // A tuner's change checked its own parts when the plan built it (some are
-            // integer indices: SHiRA, Super-Tuning).
-            let parts = match s {
-                Step::Tuned(_) => continue,
-                Step::Replace(_) | Step::AddBias { .. } | Step::Lora(_) => s.inputs(),
-            };
-            if let Some(t) = parts.iter().find(|t| !t.dtype.is_float()) {
-                return Err(Error::tensor(
-                    t.file.path(),
-                    &t.name,
-                    format!(
-                        "is {}, but merging into '{}' needs floating adapter tensors \
-                         (F16/BF16/F32/F64). Nothing was written",
-                        t.dtype, base.name
-                    ),
-                ));
-            }
-        }
-    }
-    Ok(())
 }

@@ -3,6 +3,7 @@
 //! where its data comes from. Collisions and missing keys are found here, so a bad
 //! request fails before the first byte is written.
 
+pub mod checked;
 pub mod component;
 pub mod coverage;
 pub mod layout;

@@ -1,5 +1,5 @@
 // Runs kernels/merge.cu on the CPU (cuda_shim.h) with the launch sequence of
-// src/compute/cuda.rs (factor conversion, row bands, k blocks of 256 chained through a
+// src/compute/cuda/pipeline.rs (factor conversion, row bands, k blocks of 256 chained through a
 // partial-sum buffer, DoRA row and column kernels) and compares every output bit for bit
 // with a plain sequential implementation of the arithmetic contract of src/compute/cpu.rs.
 // DoRA outputs may differ by 1 ulp (the GPU sums squares in a different order, in f64).
@@ -184,7 +184,7 @@ static std::vector<uint8_t> reference(const Case& c) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Device side: what src/compute/cuda.rs queues, with host memory for device memory.
+// Device side: what src/compute/cuda/pipeline.rs queues, with host memory for device memory.
 
 struct DevStep {
     std::vector<float> lt, rc, mag, colf;
@@ -272,7 +272,7 @@ static std::vector<uint8_t> device(const Case& c) {
         DevStep d;
         d.s = &s;
         const i64 r = s.r;
-        // (l_si, l_sk, r_sk, r_sj) as in cuda.rs
+        // (l_si, l_sk, r_sk, r_sj) as in cuda/pipeline.rs
         const i64 l_si = s.transposed ? 1 : r, l_sk = s.transposed ? rows : 1;
         const i64 r_sk = s.transposed ? 1 : cols, r_sj = s.transposed ? r : 1;
         const Tensor& left = s.transposed ? s.a : s.b;

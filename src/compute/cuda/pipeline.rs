@@ -1,68 +1,23 @@
-//! The CUDA backend: the same arithmetic as [`super::cpu`], on an NVIDIA GPU.
-//!
-//! `kernels/merge.cu` is embedded and compiled by NVRTC at run time for the device's
-//! architecture (`compute_XY` PTX, JIT-compiled by the driver; a `sm_XY` cubin when the
-//! driver cannot load NVRTC's PTX). A merged tensor streams through the GPU in row bands:
-//!
-//! ```text
-//! host:   copy band b of W (memory map) into pinned buffer ─┐           write band b-2 to the sink
-//! h2d:                                                      └ H2D b ─┐
-//! comp:                                             fused kernel(s) on b ─┐
-//! d2h:                                                                  └ D2H b
-//! ```
-//!
-//! Three slots of pinned host buffers and device buffers are allocated once (grown when a
-//! tensor needs more) and reused; the three streams are ordered by events only, so the copy
-//! of one band in, the kernels on another and the copy of a third out overlap. W travels in
-//! its stored dtype and the output in its own, both ways once; the LoRA factors are
-//! uploaded once per tensor, also in their stored dtypes (the kernel converts on load).
-//!
-//! Jobs the GPU adds nothing to run on the CPU backend: tensors without a LoRA step after
-//! their last replacement, and `lora_B.bias` additions (1-D biases).
-//!
-//! The non-finite check (`finite.rs`) runs on the host, on each band's output bytes as
-//! they come back and before they go to the sink: an integer scan of the exponent bits,
-//! and only for a band with a hit a look at the source values in the memory map. The
-//! kernels stay as they are, and the GPU and CPU backends refuse exactly the same tensors.
-//!
-//! Nothing here panics on a machine without CUDA: the driver and NVRTC libraries are looked
-//! for before cudarc touches them, and any panic cudarc raises while the backend is set up
-//! becomes an `Err`.
+//! The band pipeline: a merged tensor streams through the GPU in row bands, three in
+//! flight (one copied in, one computed, one copied out), each band's output checked for
+//! created non-finite values on the host before it goes to the sink. The LoRA factors are
+//! uploaded once per tensor in their stored dtypes and converted to f32 on the device; a
+//! DoRA step on columns takes one extra pass for its column norms.
 
-use super::DeltaBackend;
-use super::cpu::CpuBackend;
-use super::finite::{NonFinite, encoded_non_finite};
+use super::buffers::{Gpu, Host, SLOTS, dev_err, dptr};
+use super::jobs::{DT_F32, GpuPlan, dt_code};
+use crate::compute::finite::{NonFinite, encoded_non_finite};
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
-use crate::plan::merge_types::{DeltaLayout, LoraStep, Step};
+use crate::plan::merge_types::DeltaLayout;
 use crate::sink::TensorSink;
-use crate::source::TensorEntry;
 use cudarc::driver::{
-    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    LaunchConfig, PinnedHostSlice, PushKernelArg, result as drv, sys as drv_sys,
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, result as drv, sys as drv_sys,
 };
-use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::VecDeque;
-use std::ffi::{CString, c_char};
-use std::sync::{Arc, Mutex};
 
-/// The kernels' source, compiled by NVRTC at run time.
-pub const KERNEL_SOURCE: &str = include_str!("../../kernels/merge.cu");
-
-/// Every `extern "C"` kernel in [`KERNEL_SOURCE`].
-pub const KERNEL_NAMES: [&str; 4] = [
-    "ls_factor_f32",
-    "ls_lora_band",
-    "ls_dora_rows",
-    "ls_col_sumsq",
-];
-
-/// Elements of W per band (default): 8 MB of bf16, 16 MB of f32.
-const BAND_ELEMS: usize = 1 << 22;
-/// Band buffers in flight (H2D, kernel, D2H).
-const SLOTS: usize = 3;
 /// Output tile of the fused kernel (rows, columns) and its threads per block.
 const TILE_M: usize = 128;
 const TILE_N: usize = 128;
@@ -70,129 +25,6 @@ const THREADS: u32 = 256;
 /// Above this rank the delta is summed in blocks of 256 values of k, each block's partial
 /// sum added to the running one, as matrixmultiply's sgemm (the CPU path) does.
 const KC: usize = 256;
-
-/// Whether libnvrtc can be loaded (cudarc panics on first use otherwise).
-pub fn nvrtc_present() -> bool {
-    // SAFETY: only tries to dlopen the library names cudarc would use.
-    unsafe { nvrtc_sys::is_culib_present() }
-}
-
-/// Whether the CUDA driver library (libcuda) can be loaded.
-pub fn driver_present() -> bool {
-    // SAFETY: as above.
-    unsafe { drv_sys::is_culib_present() }
-}
-
-/// The version of the libnvrtc that would be used, e.g. (12, 8).
-pub fn nvrtc_version() -> Option<(i32, i32)> {
-    if !nvrtc_present() {
-        return None;
-    }
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: two out-pointers to live integers.
-    let r = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
-    r.result().ok().map(|_| (major, minor))
-}
-
-/// What NVRTC made of [`KERNEL_SOURCE`].
-#[derive(Debug, Clone)]
-pub struct Compiled {
-    /// PTX text (NUL-terminated) for `compute_XY`, a cubin for `sm_XY`.
-    pub image: Vec<u8>,
-    pub is_cubin: bool,
-    /// NVRTC's log (warnings; with `--ptxas-options=-v`, registers and spills per kernel).
-    pub log: String,
-}
-
-impl Compiled {
-    /// The PTX as text (empty for a cubin).
-    pub fn ptx(&self) -> &str {
-        if self.is_cubin {
-            return "";
-        }
-        let end = self
-            .image
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(self.image.len());
-        std::str::from_utf8(&self.image[..end]).unwrap_or("")
-    }
-}
-
-fn c_text(v: &[c_char]) -> String {
-    let bytes: Vec<u8> = v.iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
-    String::from_utf8_lossy(&bytes).trim().to_string()
-}
-
-/// Compiles the kernels for `arch`: `compute_XY` gives PTX, `sm_XY` a cubin (which runs
-/// NVRTC's built-in ptxas, so inline PTX and register allocation are checked too).
-/// `extra` options are appended (e.g. `--ptxas-options=-v`).
-pub fn compile(arch: &str, extra: &[&str]) -> std::result::Result<Compiled, String> {
-    if !nvrtc_present() {
-        return Err("libnvrtc not found".into());
-    }
-    let is_cubin = arch.starts_with("sm_");
-    let src = CString::new(KERNEL_SOURCE).map_err(|_| "kernel source holds a NUL byte")?;
-    let name = CString::new("merge.cu").map_err(|_| "bad program name")?;
-    let mut opts = vec![
-        format!("--gpu-architecture={arch}"),
-        "--generate-line-info".to_string(),
-        "--std=c++17".to_string(),
-    ];
-    opts.extend(extra.iter().map(|s| s.to_string()));
-    let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| format!("NVRTC: {e}"))?;
-    // SAFETY: `prog` is live until destroy_program below; src/name outlive it.
-    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
-    // SAFETY: as above.
-    let log = unsafe { nvrtc::get_program_log(prog) }
-        .map(|v| c_text(&v))
-        .unwrap_or_default();
-    let out = match compiled {
-        Err(e) => Err(format!(
-            "NVRTC could not compile kernels/merge.cu for {arch} ({e}): {log}"
-        )),
-        Ok(()) if is_cubin => {
-            let mut size = 0usize;
-            // SAFETY: prog compiled; the buffer is sized by NVRTC's answer.
-            unsafe { nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size) }
-                .result()
-                .map_err(|e| format!("NVRTC: no cubin for {arch}: {e}"))
-                .and_then(|_| {
-                    let mut buf = vec![0u8; size];
-                    // SAFETY: buf holds `size` bytes.
-                    unsafe { nvrtc_sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr() as *mut c_char) }
-                        .result()
-                        .map_err(|e| format!("NVRTC: no cubin for {arch}: {e}"))
-                        .map(|_| buf)
-                })
-        }
-        Ok(()) => {
-            // SAFETY: prog compiled.
-            unsafe { nvrtc::get_ptx(prog) }
-                .map(|v| v.iter().map(|&c| c as u8).collect::<Vec<u8>>())
-                .map_err(|e| format!("NVRTC: no PTX for {arch}: {e}"))
-        }
-    };
-    // SAFETY: prog is not used afterwards.
-    let _ = unsafe { nvrtc::destroy_program(prog) };
-    out.map(|image| Compiled {
-        image,
-        is_cubin,
-        log,
-    })
-}
-
-/// dtype codes shared with kernels/merge.cu.
-fn dt_code(d: Dtype) -> Option<i32> {
-    match d {
-        Dtype::F32 => Some(0),
-        Dtype::F16 => Some(1),
-        Dtype::BF16 => Some(2),
-        Dtype::F64 => Some(3),
-        _ => None,
-    }
-}
-const DT_F32: i32 = 0;
 
 /// Arguments of `ls_factor_f32` (struct FactorArgs in merge.cu).
 #[repr(C)]
@@ -265,274 +97,6 @@ const _: () = assert!(std::mem::size_of::<ColSumsqArgs>() == 24);
 // SAFETY: as above.
 unsafe impl DeviceRepr for ColSumsqArgs {}
 
-fn dev_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Device(format!("CUDA: {what}: {e}"))
-}
-
-/// Device address of a buffer (event tracking is off: nothing is recorded).
-fn dptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-    let (p, _guard) = s.device_ptr(stream);
-    p
-}
-
-/// Tuning knobs (tests and benchmarks).
-#[derive(Clone, Debug, Default)]
-pub struct CudaOptions {
-    /// Worker threads of the CPU backend that takes the jobs the GPU adds nothing to.
-    pub threads: Option<usize>,
-    /// Elements of W per band (default 4 Mi; `LORASTREAM_CUDA_BAND_ELEMS` overrides).
-    pub band_elems: Option<usize>,
-}
-
-/// The GPU merge backend. Create with [`CudaBackend::new`]; it fails (never panics) with a
-/// one-line reason when no usable GPU is there.
-pub struct CudaBackend {
-    gpu: Mutex<Gpu>,
-    cpu: CpuBackend,
-    desc: String,
-    band_elems: usize,
-    /// Refuse merges that create inf/NaN (`finite.rs`); off with `--allow-non-finite`.
-    check_non_finite: bool,
-}
-
-struct Kernels {
-    factor: CudaFunction,
-    lora: CudaFunction,
-    dora_rows: CudaFunction,
-    col_sumsq: CudaFunction,
-}
-
-struct Slot {
-    pin_in: Option<PinnedHostSlice<u8>>,
-    pin_out: Option<PinnedHostSlice<u8>>,
-    d_in: Option<CudaSlice<u8>>,
-    d_out: Option<CudaSlice<u8>>,
-    ev_h2d: CudaEvent,
-    ev_comp: CudaEvent,
-    ev_d2h: CudaEvent,
-}
-
-struct Gpu {
-    ctx: Arc<CudaContext>,
-    h2d: Arc<CudaStream>,
-    comp: Arc<CudaStream>,
-    d2h: Arc<CudaStream>,
-    k: Kernels,
-    slots: Vec<Slot>,
-    /// f32 scratch value of one band.
-    v: Option<CudaSlice<f32>>,
-    /// f32 running sums of one band (ranks above KC).
-    part: Option<CudaSlice<f32>>,
-}
-
-impl CudaBackend {
-    /// The backend on GPU `ordinal`, or why there is none ("libcuda not found", "no CUDA
-    /// device", an NVRTC or driver error…), in one line.
-    pub fn new(ordinal: usize, threads: Option<usize>) -> std::result::Result<CudaBackend, String> {
-        Self::with_options(
-            ordinal,
-            CudaOptions {
-                threads,
-                band_elems: None,
-            },
-        )
-    }
-
-    pub fn with_options(
-        ordinal: usize,
-        opts: CudaOptions,
-    ) -> std::result::Result<CudaBackend, String> {
-        if !driver_present() {
-            return Err("libcuda not found".into());
-        }
-        // cudarc panics where a library symbol is missing; keep that an error.
-        let setup = std::panic::catch_unwind(|| Gpu::new(ordinal));
-        let (gpu, desc) = match setup {
-            Ok(r) => r?,
-            Err(p) => {
-                let msg = p
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| p.downcast_ref::<&str>().copied())
-                    .unwrap_or("panic");
-                return Err(format!("CUDA set-up failed: {}", one_line(msg)));
-            }
-        };
-        let cpu = CpuBackend::new(opts.threads).map_err(|e| e.to_string())?;
-        let band_elems = opts
-            .band_elems
-            .or_else(|| {
-                std::env::var("LORASTREAM_CUDA_BAND_ELEMS")
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok())
-            })
-            .unwrap_or(BAND_ELEMS)
-            .max(1);
-        Ok(CudaBackend {
-            gpu: Mutex::new(gpu),
-            cpu,
-            desc,
-            band_elems,
-            check_non_finite: true,
-        })
-    }
-
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Gpu>> {
-        self.gpu
-            .lock()
-            .map_err(|_| Error::Device("CUDA backend unusable after an earlier failure".into()))
-    }
-}
-
-fn one_line(s: &str) -> String {
-    let mut out: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if out.len() > 300 {
-        let mut cut = 300;
-        while !out.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.truncate(cut);
-        out.push('…');
-    }
-    out
-}
-
-impl Gpu {
-    fn new(ordinal: usize) -> std::result::Result<(Gpu, String), String> {
-        let count = CudaContext::device_count()
-            .map_err(|e| format!("CUDA driver error: {}", one_line(&e.to_string())))?;
-        if count <= 0 {
-            return Err("no CUDA device".into());
-        }
-        if ordinal >= count as usize {
-            return Err(format!(
-                "there is no cuda:{ordinal}; {count} CUDA device(s) present"
-            ));
-        }
-        if !nvrtc_present() {
-            return Err(
-                "libnvrtc not found: install the CUDA toolkit or put libnvrtc.so.12 on LD_LIBRARY_PATH"
-                    .into(),
-            );
-        }
-        let derr = |what: &str, e: cudarc::driver::DriverError| {
-            format!("{what}: {}", one_line(&e.to_string()))
-        };
-        let ctx = CudaContext::new(ordinal).map_err(|e| derr("cannot open the device", e))?;
-        // Streams are ordered by our own events; cudarc's per-buffer tracking would add
-        // waits of its own.
-        // SAFETY: called before any buffer exists; every cross-stream use below waits on
-        // an event, and buffers are only freed when all streams are idle.
-        unsafe { ctx.disable_event_tracking() };
-        let name = ctx.name().unwrap_or_else(|_| "GPU".into());
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(|e| derr("compute capability", e))?;
-        let module = load_kernels(&ctx, major, minor)?;
-        let f = |n: &str| {
-            module
-                .load_function(n)
-                .map_err(|e| derr(&format!("kernel {n}"), e))
-        };
-        let k = Kernels {
-            factor: f("ls_factor_f32")?,
-            lora: f("ls_lora_band")?,
-            dora_rows: f("ls_dora_rows")?,
-            col_sumsq: f("ls_col_sumsq")?,
-        };
-        let stream = || ctx.new_stream().map_err(|e| derr("stream", e));
-        let (h2d, comp, d2h) = (stream()?, stream()?, stream()?);
-        let ev = || ctx.new_event(None).map_err(|e| derr("event", e));
-        let mut slots = Vec::with_capacity(SLOTS);
-        for _ in 0..SLOTS {
-            slots.push(Slot {
-                pin_in: None,
-                pin_out: None,
-                d_in: None,
-                d_out: None,
-                ev_h2d: ev()?,
-                ev_comp: ev()?,
-                ev_d2h: ev()?,
-            });
-        }
-        let desc = format!("cuda:{ordinal} ({name}, sm_{major}{minor})");
-        Ok((
-            Gpu {
-                ctx,
-                h2d,
-                comp,
-                d2h,
-                k,
-                slots,
-                v: None,
-                part: None,
-            },
-            desc,
-        ))
-    }
-}
-
-/// [`compile`] once per architecture and process (tests and library users may open many
-/// backends).
-fn compile_cached(arch: &str) -> std::result::Result<Vec<u8>, String> {
-    static CACHE: Mutex<Vec<(String, Vec<u8>)>> = Mutex::new(Vec::new());
-    if let Ok(c) = CACHE.lock()
-        && let Some((_, image)) = c.iter().find(|(a, _)| a == arch)
-    {
-        return Ok(image.clone());
-    }
-    let image = compile(arch, &[])?.image;
-    if let Ok(mut c) = CACHE.lock() {
-        c.push((arch.to_string(), image.clone()));
-    }
-    Ok(image)
-}
-
-/// Compiles for the device and loads the module: PTX for compute_XY (or compute_80 when
-/// this NVRTC does not know the device), then a cubin when the driver rejects the PTX.
-fn load_kernels(
-    ctx: &Arc<CudaContext>,
-    major: i32,
-    minor: i32,
-) -> std::result::Result<Arc<cudarc::driver::CudaModule>, String> {
-    let cc = format!("{major}{minor}");
-    let ptx = compile_cached(&format!("compute_{cc}")).or_else(|e| {
-        if major * 10 + minor > 80 {
-            compile_cached("compute_80")
-        } else {
-            Err(e)
-        }
-    });
-    let mut why = String::new();
-    match ptx {
-        Ok(image) => match ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image)) {
-            Ok(m) => return Ok(m),
-            Err(e) => why = format!("the driver rejected NVRTC's PTX ({e})"),
-        },
-        Err(e) => why.push_str(&one_line(&e)),
-    }
-    let cubin =
-        compile_cached(&format!("sm_{cc}")).map_err(|e| format!("{why}; {}", one_line(&e)))?;
-    ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-        .map_err(|e| format!("{why}; the cubin did not load either ({e})"))
-}
-
-/// A tensor's bytes with its dtype code and element size.
-struct Host<'a> {
-    bytes: Cow<'a, [u8]>,
-    dt: i32,
-    es: usize,
-}
-
-impl<'a> Host<'a> {
-    fn of(t: &'a TensorEntry) -> Option<Host<'a>> {
-        let dt = dt_code(t.dtype)?;
-        let bytes = t.bytes();
-        let es = t.dtype.size();
-        (bytes.len() == t.numel() * es).then_some(Host { bytes, dt, es })
-    }
-}
-
 /// How a step's DoRA magnitude applies.
 enum Dora {
     None,
@@ -557,79 +121,6 @@ struct DevStep {
     dora: Dora,
 }
 
-/// A merge the GPU takes: the value starts from `src` (W or its last replacement) and the
-/// LoRA steps after it apply in order.
-struct GpuPlan<'a> {
-    src: &'a TensorEntry,
-    rows: usize,
-    cols: usize,
-    wd: i32,
-    steps: Vec<&'a LoraStep>,
-}
-
-/// Checks the job exactly as the CPU backend does; None sends it to the CPU (which either
-/// merges it or reports what is wrong with it).
-fn plan<'a>(base: &'a TensorEntry, steps: &'a [Step]) -> Option<GpuPlan<'a>> {
-    let wd = dt_code(base.dtype)?;
-    let numel = base.numel();
-    let rows = base.shape.first().copied().unwrap_or(1).max(1);
-    let cols = numel / rows;
-    if numel == 0 || cols > i32::MAX as usize {
-        return None;
-    }
-    let mut src = base;
-    let mut lora: Vec<&LoraStep> = Vec::new();
-    for s in steps {
-        match s {
-            // The GPU runs LoRA and DoRA; bias additions and the other tuners' changes
-            // run on the CPU, for the whole tensor (by design: see `adapter/tuners`).
-            Step::AddBias { .. } | Step::Tuned(_) => return None,
-            Step::Replace(t) => {
-                if t.numel() != numel || dt_code(t.dtype).is_none() {
-                    return None;
-                }
-                src = t;
-                lora.clear();
-            }
-            Step::Lora(l) => {
-                let (left, right) = match l.layout {
-                    DeltaLayout::Normal => (&l.b, &l.a),
-                    DeltaLayout::Transposed => (&l.a, &l.b),
-                };
-                if l.r == 0
-                    || l.r > i32::MAX as usize
-                    || left.numel() != rows * l.r
-                    || right.numel() != cols * l.r
-                    || dt_code(l.a.dtype).is_none()
-                    || dt_code(l.b.dtype).is_none()
-                {
-                    return None;
-                }
-                if let Some(m) = &l.magnitude {
-                    let want = match l.layout {
-                        DeltaLayout::Normal => rows,
-                        DeltaLayout::Transposed => cols,
-                    };
-                    if m.numel() != want || dt_code(m.dtype).is_none() {
-                        return None;
-                    }
-                }
-                lora.push(l);
-            }
-        }
-    }
-    if lora.is_empty() {
-        return None;
-    }
-    Some(GpuPlan {
-        src,
-        rows,
-        cols,
-        wd,
-        steps: lora,
-    })
-}
-
 /// Where a drained band goes: the sink (None in column-norm passes), whether and as what
 /// dtype its bytes are checked for created non-finite values, and the running tally.
 struct Drained<'a, 's> {
@@ -649,96 +140,6 @@ enum Final {
 }
 
 impl Gpu {
-    fn bind(&self) -> Result<()> {
-        self.ctx
-            .bind_to_thread()
-            .map_err(|e| dev_err("bind context", e))
-    }
-
-    /// Waits until every stream is idle (before buffers are replaced, after errors).
-    fn idle(&self) -> Result<()> {
-        self.ctx
-            .synchronize()
-            .map_err(|e| dev_err("synchronize", e))
-    }
-
-    fn upload_bytes(&self, data: &[u8]) -> Result<CudaSlice<u8>> {
-        // SAFETY: filled by the copy below before any kernel reads it.
-        let d = unsafe { self.comp.alloc::<u8>(data.len().max(1)) }
-            .map_err(|e| dev_err("allocate", e))?;
-        if !data.is_empty() {
-            // SAFETY: d holds at least data.len() bytes; a pageable source is staged by
-            // the driver before the call returns.
-            unsafe { drv::memcpy_htod_async(dptr(&d, &self.comp), data, self.comp.cu_stream()) }
-                .map_err(|e| dev_err("upload", e))?;
-        }
-        Ok(d)
-    }
-
-    fn upload_f32(&self, data: &[f32]) -> Result<CudaSlice<f32>> {
-        self.comp.clone_htod(data).map_err(|e| dev_err("upload", e))
-    }
-
-    /// Grows a slot's buffers to hold `inb` bytes in and `outb` bytes out, the scratch
-    /// value to `velems` f32 and the partial sums to `pelems`.
-    fn ensure(&mut self, inb: usize, outb: usize, velems: usize, pelems: usize) -> Result<()> {
-        let round = |n: usize| n.max(1).next_multiple_of(1 << 20);
-        let need_grow = self.slots.iter().any(|s| {
-            s.pin_in.as_ref().map_or(0, |p| p.len()) < inb
-                || s.pin_out.as_ref().map_or(0, |p| p.len()) < outb
-                || s.d_in.as_ref().map_or(0, |d| d.len()) < inb
-                || s.d_out.as_ref().map_or(0, |d| d.len()) < outb
-        }) || self.v.as_ref().map_or(0, |v| v.len()) < velems
-            || self.part.as_ref().map_or(0, |v| v.len()) < pelems;
-        if !need_grow {
-            return Ok(());
-        }
-        self.idle()?;
-        let ctx = self.ctx.clone();
-        let comp = self.comp.clone();
-        let pinned = |n: usize| {
-            // SAFETY: the buffer is written (by us or a D2H copy) before it is read.
-            unsafe { ctx.alloc_pinned_with_flags::<u8>(round(n), 0) }
-                .map_err(|e| dev_err("allocate pinned host memory", e))
-        };
-        let device = |n: usize| {
-            // SAFETY: written by a copy or kernel before it is read.
-            unsafe { comp.alloc::<u8>(round(n)) }.map_err(|e| dev_err("allocate", e))
-        };
-        for s in &mut self.slots {
-            if s.pin_in.as_ref().map_or(0, |p| p.len()) < inb {
-                s.pin_in = None;
-                s.pin_in = Some(pinned(inb)?);
-            }
-            if s.pin_out.as_ref().map_or(0, |p| p.len()) < outb {
-                s.pin_out = None;
-                s.pin_out = Some(pinned(outb)?);
-            }
-            if s.d_in.as_ref().map_or(0, |d| d.len()) < inb {
-                s.d_in = None;
-                s.d_in = Some(device(inb)?);
-            }
-            if s.d_out.as_ref().map_or(0, |d| d.len()) < outb {
-                s.d_out = None;
-                s.d_out = Some(device(outb)?);
-            }
-        }
-        let comp = self.comp.clone();
-        let scratch = |n: usize| {
-            // SAFETY: written by a kernel before it is read.
-            unsafe { comp.alloc::<f32>(round(n * 4) / 4) }.map_err(|e| dev_err("allocate", e))
-        };
-        if self.v.as_ref().map_or(0, |v| v.len()) < velems {
-            self.v = None;
-            self.v = Some(scratch(velems)?);
-        }
-        if pelems > 0 && self.part.as_ref().map_or(0, |v| v.len()) < pelems {
-            self.part = None;
-            self.part = Some(scratch(pelems)?);
-        }
-        self.idle()
-    }
-
     /// Uploads a stored factor and converts it on the device to f32 `[outer][inner]` with
     /// element (o, i) taken from `o * s_outer + i * s_inner`.
     fn factor_f32(
@@ -1157,7 +558,7 @@ impl Gpu {
 
     /// Merges `p` into `sink`; returns the non-finite values the merge created (always
     /// none unless `check`), for the caller to turn into the error.
-    fn run(
+    pub(super) fn run(
         &mut self,
         p: &GpuPlan,
         out_dtype: Dtype,
@@ -1233,50 +634,6 @@ impl Gpu {
     }
 }
 
-impl DeltaBackend for CudaBackend {
-    fn merge(
-        &self,
-        base: &TensorEntry,
-        steps: &[Step],
-        out_dtype: Dtype,
-        sink: &mut dyn TensorSink,
-    ) -> Result<()> {
-        let Some(p) = plan(base, steps) else {
-            return self.cpu.merge(base, steps, out_dtype, sink);
-        };
-        if dt_code(out_dtype).is_none() {
-            return self.cpu.merge(base, steps, out_dtype, sink);
-        }
-        let mut gpu = self.lock()?;
-        let created = gpu
-            .run(&p, out_dtype, self.band_elems, self.check_non_finite, sink)
-            .map_err(|e| match e {
-                Error::Device(msg) => Error::tensor(base.file.path(), &base.name, msg),
-                other => other,
-            })?;
-        // Kernels round each step into W's dtype and the last into the output's: the
-        // narrower of the two is the one that overflowed.
-        let narrow = if out_dtype.size() < base.dtype.size() {
-            out_dtype
-        } else {
-            base.dtype
-        };
-        match created.error(base.file.path(), &base.name, p.cols, narrow) {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    fn describe(&self) -> String {
-        self.desc.clone()
-    }
-
-    fn set_check_non_finite(&mut self, on: bool) {
-        self.check_non_finite = on;
-        self.cpu.set_check_non_finite(on);
-    }
-}
-
 /// One timing of the fused kernel alone, on device-resident data.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct KernelBench {
@@ -1297,11 +654,14 @@ pub struct KernelBench {
     pub peak_fp32_flop_per_second: Option<f64>,
 }
 
-impl CudaBackend {
+impl Gpu {
     /// Times the fused kernel (one LoRA step, no DoRA, W and output in `dtype`) on a
-    /// rows × cols weight with rank `r`, data already on the GPU.
-    pub fn bench_lora_kernel(
-        &self,
+    /// rows × cols weight with rank `r`, data already on the GPU (`device`: the
+    /// backend's description, for the report).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn bench_lora_kernel(
+        &mut self,
+        device: &str,
         rows: usize,
         cols: usize,
         r: usize,
@@ -1311,7 +671,7 @@ impl CudaBackend {
         let dt =
             dt_code(dtype).ok_or_else(|| Error::Usage("bench dtype must be floating".into()))?;
         let es = dtype.size();
-        let mut g = self.lock()?;
+        let g = self;
         g.bind()?;
         g.ensure(0, 0, 0, if r > KC { rows * cols } else { 0 })?;
         // Deterministic small values (|x| < 0.05) in the bench dtype.
@@ -1379,7 +739,7 @@ impl CudaBackend {
             .zip(attr(CU_DEVICE_ATTRIBUTE_CLOCK_RATE))
             .map(|(sms, khz)| sms * lanes * 2.0 * khz * 1e3);
         Ok(KernelBench {
-            device: self.desc.clone(),
+            device: device.to_string(),
             rows,
             cols,
             r,
