@@ -341,7 +341,7 @@ fn bdlora(v: &Value) -> std::result::Result<BdLora, String> {
     })
 }
 
-fn patterns<T>(
+pub(crate) fn patterns<T>(
     v: Option<&Value>,
     path: &Path,
     field: &str,
