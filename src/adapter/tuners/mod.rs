@@ -25,9 +25,11 @@
 //! Which tuners exist is [`TUNER_TYPES`]; PEFT types that cannot be merged at all (prompt
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
+pub mod hra;
 pub mod ia3;
 pub mod loha;
 pub mod lokr;
+pub mod oft;
 
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
@@ -152,7 +154,13 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, loha::TYPE, lokr::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[
+    ia3::TYPE,
+    loha::TYPE,
+    lokr::TYPE,
+    oft::TYPE,
+    hra::TYPE,
+];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
