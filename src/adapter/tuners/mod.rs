@@ -27,6 +27,7 @@
 
 pub mod ia3;
 pub mod torch_mm;
+pub mod vblora;
 pub mod vera;
 
 use crate::dtype::{Dtype, decode_f32};
@@ -152,7 +153,7 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, vera::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, vera::TYPE, vblora::TYPE];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
