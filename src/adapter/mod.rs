@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 /// The fixed prefix of saved adapter keys.
 pub const SAVED_PREFIX: &str = "base_model.model.";
+/// The prefix of a tuner's shared tensors (on the tuner model, not under a module).
+const SHARED_PREFIX: &str = "base_model.";
 
 /// The LoRA parts of one adapted module.
 #[derive(Debug, Clone)]
@@ -317,6 +319,29 @@ fn open_tuned(dir: &Path, files: source::AdapterFiles, peft_type: String) -> Res
     let mut shared = std::collections::BTreeMap::new();
     let mut replacements = Vec::new();
     for t in files.weights.tensors {
+        // PEFT saves a tuner's shared tensors (VeRA's projections, VB-LoRA's vector bank) on
+        // the tuner model itself, outside the wrapped model: `base_model.<name>`.
+        if !t.name.starts_with(SAVED_PREFIX)
+            && let Some(own) = t.name.strip_prefix(SHARED_PREFIX)
+        {
+            match tuner.classify(own) {
+                tuners::SavedKey::Shared(name) => {
+                    shared.insert(name.to_string(), t);
+                    continue;
+                }
+                _ => {
+                    return Err(Error::tensor(
+                        &weights_path,
+                        &t.name,
+                        format!(
+                            "is outside '{SAVED_PREFIX}' but not a shared tensor of {} (not saved by PEFT's \
+                             save_pretrained for this peft_type?)",
+                            tuner.name()
+                        ),
+                    ));
+                }
+            }
+        }
         let rel = t.name.strip_prefix(SAVED_PREFIX).ok_or_else(|| {
             Error::tensor(
                 &weights_path,

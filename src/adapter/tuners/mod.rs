@@ -30,6 +30,9 @@ pub mod ia3;
 pub mod loha;
 pub mod lokr;
 pub mod oft;
+pub mod torch_mm;
+pub mod vblora;
+pub mod vera;
 
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
@@ -160,6 +163,8 @@ pub const TUNER_TYPES: &[TunerType] = &[
     lokr::TYPE,
     oft::TYPE,
     hra::TYPE,
+    vera::TYPE,
+    vblora::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
