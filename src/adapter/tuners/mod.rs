@@ -27,6 +27,7 @@
 
 pub mod delora;
 pub mod ia3;
+pub mod miss;
 pub mod shira;
 
 use crate::dtype::{Dtype, decode_f32};
@@ -152,7 +153,7 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, shira::TYPE, delora::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, shira::TYPE, delora::TYPE, miss::TYPE];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
