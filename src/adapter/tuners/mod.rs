@@ -26,6 +26,7 @@
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
 pub mod delora;
+pub mod fourierft;
 pub mod ia3;
 pub mod miss;
 pub mod shira;
@@ -153,7 +154,13 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, shira::TYPE, delora::TYPE, miss::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[
+    ia3::TYPE,
+    shira::TYPE,
+    delora::TYPE,
+    miss::TYPE,
+    fourierft::TYPE,
+];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
