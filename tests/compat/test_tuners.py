@@ -55,6 +55,8 @@ def merge_args(case, out):
     args = ["merge", "--base", fx(case, case["base"]), "--out", out]
     for lora in case["loras"]:
         args += ["--lora", fx(case, lora)]
+    # Evidence the rows file supplies for a bare fixture base (LORASTREAM_ARGS).
+    args += case.get("lorastream_args", [])
     return args
 
 

@@ -33,6 +33,10 @@ pub mod oft;
 pub mod torch_mm;
 pub mod vblora;
 pub mod vera;
+pub mod delora;
+pub mod fourierft;
+pub mod miss;
+pub mod shira;
 
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
@@ -165,6 +169,10 @@ pub const TUNER_TYPES: &[TunerType] = &[
     hra::TYPE,
     vera::TYPE,
     vblora::TYPE,
+    shira::TYPE,
+    delora::TYPE,
+    miss::TYPE,
+    fourierft::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
