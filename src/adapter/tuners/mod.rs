@@ -26,6 +26,7 @@
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
 pub mod ia3;
+pub mod ln_tuning;
 pub mod trainable_tokens;
 
 use crate::dtype::{Dtype, decode_f32};
@@ -151,7 +152,11 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, trainable_tokens::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[
+    ia3::TYPE,
+    trainable_tokens::TYPE,
+    ln_tuning::TYPE,
+];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
