@@ -25,6 +25,7 @@
 //! Which tuners exist is [`TUNER_TYPES`]; PEFT types that cannot be merged at all (prompt
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
+pub mod beft;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod trainable_tokens;
@@ -156,6 +157,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
     ia3::TYPE,
     trainable_tokens::TYPE,
     ln_tuning::TYPE,
+    beft::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
