@@ -26,6 +26,7 @@
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
 pub mod beft;
+pub mod glora;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod trainable_tokens;
@@ -158,6 +159,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
     trainable_tokens::TYPE,
     ln_tuning::TYPE,
     beft::TYPE,
+    glora::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
