@@ -37,6 +37,10 @@ pub mod delora;
 pub mod fourierft;
 pub mod miss;
 pub mod shira;
+pub mod beft;
+pub mod glora;
+pub mod ln_tuning;
+pub mod trainable_tokens;
 
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
@@ -173,6 +177,10 @@ pub const TUNER_TYPES: &[TunerType] = &[
     delora::TYPE,
     miss::TYPE,
     fourierft::TYPE,
+    trainable_tokens::TYPE,
+    ln_tuning::TYPE,
+    beft::TYPE,
+    glora::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
