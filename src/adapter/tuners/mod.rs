@@ -26,6 +26,7 @@
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
 pub mod ia3;
+pub mod supertuning;
 
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
@@ -150,7 +151,7 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, supertuning::TYPE];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
