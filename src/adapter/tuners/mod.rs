@@ -26,6 +26,8 @@
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
 pub mod ia3;
+pub mod osf;
+pub mod psoft;
 pub mod supertuning;
 
 use crate::dtype::{Dtype, decode_f32};
@@ -153,8 +155,11 @@ pub struct TunerType {
 /// Every tuner lorastream merges besides LoRA.
 pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, supertuning::TYPE];
 
-/// PEFT types without a merge (they do not change weights, or route between adapters).
+/// PEFT types without a merge (they do not change weights, or route between adapters), and
+/// tuners whose merge lorastream cannot reproduce (each file says why).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
+    osf::REFUSED,
+    psoft::REFUSED,
     (
         "PROMPT_TUNING",
         "prompt tuning adds virtual tokens, not weights",
