@@ -25,6 +25,7 @@
 //! Which tuners exist is [`TUNER_TYPES`]; PEFT types that cannot be merged at all (prompt
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
+pub mod deft;
 pub mod ia3;
 pub mod osf;
 pub mod psoft;
@@ -153,7 +154,7 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, supertuning::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, supertuning::TYPE, deft::TYPE];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters), and
 /// tuners whose merge lorastream cannot reproduce (each file says why).
