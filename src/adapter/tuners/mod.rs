@@ -41,6 +41,10 @@ pub mod beft;
 pub mod glora;
 pub mod ln_tuning;
 pub mod trainable_tokens;
+pub mod deft;
+pub mod osf;
+pub mod psoft;
+pub mod supertuning;
 
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
@@ -181,10 +185,15 @@ pub const TUNER_TYPES: &[TunerType] = &[
     ln_tuning::TYPE,
     beft::TYPE,
     glora::TYPE,
+    supertuning::TYPE,
+    deft::TYPE,
 ];
 
-/// PEFT types without a merge (they do not change weights, or route between adapters).
+/// PEFT types without a merge (they do not change weights, or route between adapters), and
+/// tuners whose merge lorastream cannot reproduce (each file says why).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
+    osf::REFUSED,
+    psoft::REFUSED,
     (
         "PROMPT_TUNING",
         "prompt tuning adds virtual tokens, not weights",
