@@ -477,7 +477,7 @@ fn tuned_steps(
                     return Err(Error::Usage(msg));
                 }
                 let normal = tuner.fits(m, [r, c]);
-                let transposed = tuner.fits(m, [c, r]);
+                let transposed = tuner.adapts_conv1d() && tuner.fits(m, [c, r]);
                 if !normal && !transposed {
                     // The tuner's own check says what does not fit.
                     false

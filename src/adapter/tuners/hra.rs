@@ -47,6 +47,11 @@ fn open(v: &Value, path: &Path) -> Result<Box<dyn Tuner>> {
 }
 
 impl Tuner for Hra {
+    // PEFT wraps nn.Linear / Conv / Embedding only: a 2-D weight is stored [out, in].
+    fn adapts_conv1d(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "HRA"
     }

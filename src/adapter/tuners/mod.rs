@@ -25,26 +25,26 @@
 //! Which tuners exist is [`TUNER_TYPES`]; PEFT types that cannot be merged at all (prompt
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
-pub mod hra;
-pub mod ia3;
-pub mod loha;
-pub mod lokr;
-pub mod oft;
-pub mod torch_mm;
-pub mod vblora;
-pub mod vera;
+pub mod beft;
+pub mod deft;
 pub mod delora;
 pub mod fourierft;
-pub mod miss;
-pub mod shira;
-pub mod beft;
 pub mod glora;
+pub mod hra;
+pub mod ia3;
 pub mod ln_tuning;
-pub mod trainable_tokens;
-pub mod deft;
+pub mod loha;
+pub mod lokr;
+pub mod miss;
+pub mod oft;
 pub mod osf;
 pub mod psoft;
+pub mod shira;
 pub mod supertuning;
+pub mod torch_mm;
+pub mod trainable_tokens;
+pub mod vblora;
+pub mod vera;
 
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
@@ -151,6 +151,12 @@ pub trait Tuner: Send + Sync + fmt::Debug {
     /// that fits both ways (square) has its layout settled by the evidence, and one that
     /// fits neither is reported with [`Tuner::changes`]'s message.
     fn fits(&self, module: &SavedModule, out_in: [usize; 2]) -> bool;
+    /// Whether PEFT adapts a transformers Conv1D (stored `[in, out]`) with this tuner. When
+    /// it does not, a 2-D weight is stored `[out, in]` (PEFT would have refused the module
+    /// otherwise), and evidence that it is a Conv1D is a conflict, not a question.
+    fn adapts_conv1d(&self) -> bool {
+        true
+    }
     /// The module's changes to its base tensors, every shape and dtype checked: an error
     /// names the adapter file, the tensor and the base tensor it does not fit.
     fn changes(

@@ -175,6 +175,11 @@ impl Oft {
 }
 
 impl Tuner for Oft {
+    // PEFT wraps nn.Linear / Conv / Embedding only: a 2-D weight is stored [out, in].
+    fn adapts_conv1d(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "OFT"
     }
