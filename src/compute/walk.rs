@@ -10,7 +10,7 @@
 use super::rows::{RowFilter, copy_rows, one_row_merges};
 use crate::error::Result;
 use crate::pipeline::copy_tensor;
-use crate::plan::checked::CheckedMerge;
+use crate::plan::checked::{CheckedJobs, CheckedMerge};
 use crate::sink::{OutTensor, TensorSink};
 use crate::source::TensorEntry;
 use std::time::{Duration, Instant};
@@ -47,6 +47,17 @@ pub enum Source<'j> {
     Copy(&'j TensorEntry),
     /// A merge the plan checked.
     Merge(CheckedMerge<'j>),
+}
+
+impl<'j> Source<'j> {
+    /// Where planned job `i`'s values come from: its checked merge, or the stored tensor
+    /// it copies.
+    pub fn of(jobs: &'j CheckedJobs, i: usize) -> Source<'j> {
+        match jobs.merge(i) {
+            Some(m) => Source::Merge(m),
+            None => Source::Copy(jobs[i].source_tensor()),
+        }
+    }
 }
 
 /// How a backend computes one merge; the walk drives it.
