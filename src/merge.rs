@@ -387,14 +387,10 @@ pub fn merge_into(
                         Produce::All => None,
                         Produce::Rows(r) => Some(&r[..]),
                     };
-                    let task = match (j.tied_to, shares, rows, jobs.merge(i)) {
-                        (Some(to), true, None, _) => Task::Tie { to },
-                        (_, _, _, Some(m)) => Task::Write {
-                            from: Source::Merge(m),
-                            rows,
-                        },
-                        (_, _, _, None) => Task::Write {
-                            from: Source::Copy(j.source_tensor()),
+                    let task = match (j.tied_to, shares, rows) {
+                        (Some(to), true, None) => Task::Tie { to },
+                        _ => Task::Write {
+                            from: Source::of(&jobs, i),
                             rows,
                         },
                     };

@@ -10,7 +10,7 @@
 use super::rows::{RowFilter, copy_rows, one_row_merges};
 use crate::error::Result;
 use crate::pipeline::copy_tensor;
-use crate::plan::checked::CheckedMerge;
+use crate::plan::checked::{CheckedJobs, CheckedMerge};
 use crate::sink::{OutTensor, TensorSink};
 use crate::source::TensorEntry;
 use std::time::{Duration, Instant};
@@ -47,6 +47,17 @@ pub enum Source<'j> {
     Copy(&'j TensorEntry),
     /// A merge the plan checked.
     Merge(CheckedMerge<'j>),
+}
+
+impl<'j> Source<'j> {
+    /// Where planned job `i`'s values come from: its checked merge, or the stored tensor
+    /// it copies.
+    pub fn of(jobs: &'j CheckedJobs, i: usize) -> Source<'j> {
+        match jobs.merge(i) {
+            Some(m) => Source::Merge(m),
+            None => Source::Copy(jobs[i].source_tensor()),
+        }
+    }
 }
 
 /// How a backend computes one merge; the walk drives it.
@@ -168,4 +179,118 @@ pub(crate) fn merged(
     let mut sink = crate::sink::MemorySink::default();
     backend.run(&[item], &mut sink, &mut |_, _| {})?;
     Ok(sink.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::{DeltaBackend, NoDeltas};
+    use crate::dtype::Dtype;
+    use crate::error::Error;
+    use crate::source::{MappedFile, TensorData};
+
+    /// What a sink was told, in order.
+    #[derive(Default)]
+    struct Events(Vec<String>);
+
+    impl TensorSink for Events {
+        fn begin(&mut self, t: &OutTensor) -> Result<()> {
+            self.0.push(format!("begin {}", t.name));
+            Ok(())
+        }
+        fn write(&mut self, bytes: &[u8]) -> Result<()> {
+            self.0.push(format!("{} bytes", bytes.len()));
+            Ok(())
+        }
+        fn tie(&mut self, t: &OutTensor, to: usize) -> Result<()> {
+            self.0.push(format!("tie {} to {to}", t.name));
+            Ok(())
+        }
+        fn end(&mut self) -> Result<()> {
+            self.0.push("end".into());
+            Ok(())
+        }
+        fn finish(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Copies are begun and ended around their bytes (sampled rows: only those rows), a
+    /// tie is one call with nothing begun, the observer hears every item in order, and a
+    /// merge handed to the backend of a copy-only run is an internal error, not a
+    /// silently empty tensor.
+    #[test]
+    fn the_walk_begins_ends_ties_and_reports_each_item() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t");
+        std::fs::write(&path, vec![7u8; 4 * 3 * 4]).unwrap();
+        let t = TensorEntry {
+            name: "t".into(),
+            dtype: Dtype::F32,
+            shape: vec![4, 3],
+            file: MappedFile::open(&path).unwrap(),
+            data: TensorData::Contiguous { start: 0, len: 48 },
+        };
+        let out = |name: &str| OutTensor {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape: vec![4, 3],
+        };
+        let (a, b, c) = (out("a"), out("b"), out("c"));
+        let rows = [1usize, 3];
+        let work = [
+            WorkItem {
+                out: &a,
+                task: Task::Write {
+                    from: Source::Copy(&t),
+                    rows: None,
+                },
+            },
+            WorkItem {
+                out: &b,
+                task: Task::Tie { to: 0 },
+            },
+            WorkItem {
+                out: &c,
+                task: Task::Write {
+                    from: Source::Copy(&t),
+                    rows: Some(&rows),
+                },
+            },
+        ];
+        let mut sink = Events::default();
+        let mut seen = Vec::new();
+        NoDeltas
+            .run(&work, &mut sink, &mut |i, _| seen.push(i))
+            .unwrap();
+        assert_eq!(seen, [0, 1, 2]);
+        let total: usize = sink
+            .0
+            .iter()
+            .filter_map(|e| e.strip_suffix(" bytes")?.parse::<usize>().ok())
+            .sum();
+        // 48 bytes for `a`, two rows of 12 for `c`.
+        assert_eq!(total, 48 + 24);
+        let calls: Vec<&str> = sink
+            .0
+            .iter()
+            .map(String::as_str)
+            .filter(|e| !e.ends_with(" bytes"))
+            .collect();
+        assert_eq!(calls, ["begin a", "end", "tie b to 0", "begin c", "end"]);
+
+        let steps = [];
+        let merge = CheckedMerge::new(&t, &steps, &a).unwrap();
+        let item = WorkItem {
+            out: &a,
+            task: Task::Write {
+                from: Source::Merge(merge),
+                rows: None,
+            },
+        };
+        let e = NoDeltas
+            .run(&[item], &mut Events::default(), &mut |_, _| {})
+            .unwrap_err();
+        assert!(matches!(e, Error::Internal(_)), "{e}");
+    }
 }
