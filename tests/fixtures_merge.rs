@@ -189,7 +189,9 @@ fn refusals_name_the_problem_and_write_nothing() {
         );
         n += 1;
     }
-    assert!(n >= 15, "only {n} refusal cases");
+    // A guard against a truncated list, not a count: refusal cases of non-LoRA tuners
+    // turn into merge cases as their tuners land (14 left after LoHa, LoKr, AdaLoRA).
+    assert!(n >= 10, "only {n} refusal cases");
 }
 
 /// Writes a safetensors file of bf16 tensors filled from a small deterministic generator.

@@ -15,9 +15,10 @@
 //!   `rank_pattern` / `alpha_pattern`; then `W += ΔW` in place (one rounding into W's dtype).
 //!
 //! Here the rows of ΔW are made per band with the same products: `mm` runs on MKL's sgemm,
-//! whose per-element sums are sequential fused multiply-adds, as `matrixmultiply`'s are; a
-//! `bmm` of fewer than 400 multiply-adds runs on torch's own loop (separate multiply and
-//! add, in order), reproduced by [`Product::Naive`]. The Tucker intermediate
+//! whose per-element sums are sequential fused multiply-adds, as `matrixmultiply`'s are, up
+//! to k = 256 (beyond it MKL's own blocking of k is reproduced, measured up to k = 768; past
+//! that an element may differ by an ulp of ΔW); a `bmm` of fewer than 400 multiply-adds
+//! runs on torch's own loop (separate multiply and add, in order), [`Product::Naive`]. The Tucker intermediate
 //! `t1 ×_j w1_b` (`[r, in, kh, kw]`, no output dim) is made once per tensor.
 //! `rank_dropout` and `module_dropout` act in training only and do not change the merge.
 //! PEFT's LoHa wraps only `nn.Linear`, `nn.Conv1d` and `nn.Conv2d`, so a weight stored
@@ -168,6 +169,11 @@ impl Product {
     }
 }
 
+/// Up to this k, matrixmultiply's sums (one block of k) are MKL's.
+const MKL_SEQUENTIAL_K: usize = 256;
+/// MKL's largest block of k for sgemm (measured on torch 2.15's MKL 2024.2).
+const MKL_KC: usize = 384;
+
 /// A strided f32 matrix operand: element (i, j) at `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub(super) struct Mat<'a> {
@@ -183,7 +189,8 @@ impl Mat<'_> {
     }
 }
 
-/// `out[m, n] = a[m, k] @ b[k, n]` (row-major `out`), rounded as `kind` says torch does.
+/// `out[m, n] = a[m, k] @ b[k, n]` (row-major `out`), rounded as `kind` says torch does
+/// (PEFT's adapters are f32 after loading, so its products are MKL's sgemm or torch's loop).
 pub(super) fn matmul(kind: Product, m: usize, k: usize, n: usize, a: Mat, b: Mat, out: &mut [f32]) {
     // Shapes are checked against the saved tensors before any band runs; a violation
     // here is a bug, not bad input.
@@ -199,6 +206,31 @@ pub(super) fn matmul(kind: Product, m: usize, k: usize, n: usize, a: Mat, b: Mat
         return;
     }
     match kind {
+        Product::Fma if k > MKL_SEQUENTIAL_K => {
+            // MKL (measured, one thread): k in ceil(k / 384) near-equal blocks, the first
+            // ones a value longer; each block summed from zero, then added to the running
+            // sum. Matches torch for k up to 768 (the checked range); matrixmultiply blocks
+            // k by 256, which differs from k = 257 on.
+            let nb = k.div_ceil(MKL_KC);
+            let (base, rem) = (k / nb, k % nb);
+            for i in 0..m {
+                for j in 0..n {
+                    let mut c = 0f32;
+                    let mut k0 = 0;
+                    for blk in 0..nb {
+                        let len = base + usize::from(blk < rem);
+                        let mut acc = 0f32;
+                        for kk in k0..k0 + len {
+                            acc = a.data[i * a.rs + kk * a.cs]
+                                .mul_add(b.data[kk * b.rs + j * b.cs], acc);
+                        }
+                        c = if blk == 0 { acc } else { c + acc };
+                        k0 += len;
+                    }
+                    out[i * n + j] = c;
+                }
+            }
+        }
         Product::Fma => {
             // SAFETY: `fits` checked that every addressed element of a, b and out is
             // inside its slice; strides are positive.
@@ -274,6 +306,11 @@ pub(super) fn effective_conv(use_effective_conv2d: bool, shape: &[usize]) -> boo
 }
 
 impl Tuner for LoHa {
+    // PEFT's LyCORIS layers wrap nn.Linear / Conv only: a 2-D weight is stored [out, in].
+    fn adapts_conv1d(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "LoHa"
     }

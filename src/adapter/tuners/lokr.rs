@@ -144,6 +144,11 @@ impl LoKr {
 }
 
 impl Tuner for LoKr {
+    // PEFT's LyCORIS layers wrap nn.Linear / Conv only: a 2-D weight is stored [out, in].
+    fn adapts_conv1d(&self) -> bool {
+        false
+    }
+
     fn name(&self) -> &'static str {
         "LoKr"
     }

@@ -31,6 +31,7 @@ pub mod delora;
 pub mod fourierft;
 pub mod glora;
 pub mod hra;
+pub mod adalora;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod loha;
@@ -193,6 +194,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
     glora::TYPE,
     supertuning::TYPE,
     deft::TYPE,
+    adalora::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters), and
