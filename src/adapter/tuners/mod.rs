@@ -28,6 +28,7 @@
 pub mod deft;
 pub mod ia3;
 pub mod osf;
+pub mod peanut;
 pub mod psoft;
 pub mod supertuning;
 
@@ -154,7 +155,7 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, supertuning::TYPE, deft::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, supertuning::TYPE, deft::TYPE, peanut::TYPE];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters), and
 /// tuners whose merge lorastream cannot reproduce (each file says why).
