@@ -26,6 +26,7 @@
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
 pub mod deft;
+pub mod frod;
 pub mod ia3;
 pub mod osf;
 pub mod peanut;
@@ -162,6 +163,7 @@ pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, supertuning::TYPE, deft::TYPE
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
     osf::REFUSED,
     psoft::REFUSED,
+    frod::REFUSED,
     (
         "PROMPT_TUNING",
         "prompt tuning adds virtual tokens, not weights",
