@@ -33,7 +33,7 @@ use crate::source::TensorEntry;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub const TYPE: TunerType = TunerType {
     peft_type: "PEANUT",
@@ -296,19 +296,17 @@ impl TensorChange for PeanutChange {
             )));
         }
         // h[i, k] = Σ_o W[o, i]·A[k, o], summed over the rows in order.
-        let pre = Mutex::new(vec![0f32; cols * r]);
+        let mut h = vec![0f32; cols * r];
         base.for_each_band(&mut |row0, band| {
-            let mut pre = pre.lock().unwrap_or_else(|e| e.into_inner());
             for (i, row) in band.chunks(cols).enumerate() {
                 let o = row0 + i;
-                for (hi, &wv) in pre.chunks_mut(r).zip(row) {
+                for (hi, &wv) in h.chunks_mut(r).zip(row) {
                     for (k, acc) in hi.iter_mut().enumerate() {
                         *acc = wv.mul_add(a[k * rows + o], *acc);
                     }
                 }
             }
         });
-        let mut h = pre.into_inner().unwrap_or_else(|e| e.into_inner());
         self.act.apply(&mut h);
         let layers: Vec<Vec<f32>> = self.layers.iter().map(decode).collect();
         let (enc, dec) = layers.split_at(self.depth);
