@@ -32,7 +32,7 @@ use crate::source::TensorEntry;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 pub const TYPE: TunerType = TunerType {
     peft_type: "DEFT",
@@ -247,9 +247,8 @@ impl TensorChange for DeftChange {
         } else {
             // M = relu(P)ᵀ @ W, its inner dimension (the rows of W) summed in row order.
             let cols = base.cols;
-            let m = Mutex::new(vec![0f32; r * cols]);
+            let mut m = vec![0f32; r * cols];
             base.for_each_band(&mut |row0, band| {
-                let mut m = m.lock().unwrap_or_else(|e| e.into_inner());
                 for (i, row) in band.chunks(cols).enumerate() {
                     let rl = &relu[(row0 + i) * r..(row0 + i + 1) * r];
                     for (k, &a) in rl.iter().enumerate() {
@@ -260,7 +259,6 @@ impl TensorChange for DeftChange {
                     }
                 }
             });
-            let mut m = m.into_inner().unwrap_or_else(|e| e.into_inner());
             if let Some(rs) = &rs {
                 m.iter_mut().zip(rs).for_each(|(x, &y)| *x = y - *x);
             }

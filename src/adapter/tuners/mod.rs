@@ -32,6 +32,7 @@ pub mod fourierft;
 pub mod glora;
 pub mod hra;
 pub mod adalora;
+pub mod frod;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod loha;
@@ -39,6 +40,7 @@ pub mod lokr;
 pub mod miss;
 pub mod oft;
 pub mod osf;
+pub mod peanut;
 pub mod psoft;
 pub mod shira;
 pub mod supertuning;
@@ -195,6 +197,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
     supertuning::TYPE,
     deft::TYPE,
     adalora::TYPE,
+    peanut::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters), and
@@ -202,6 +205,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
     osf::REFUSED,
     psoft::REFUSED,
+    frod::REFUSED,
     (
         "PROMPT_TUNING",
         "prompt tuning adds virtual tokens, not weights",
