@@ -25,6 +25,7 @@
 //! Which tuners exist is [`TUNER_TYPES`]; PEFT types that cannot be merged at all (prompt
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
+pub mod boft;
 pub mod hra;
 pub mod ia3;
 pub mod oft;
@@ -152,7 +153,7 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, oft::TYPE, hra::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, oft::TYPE, hra::TYPE, boft::TYPE];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
