@@ -29,6 +29,7 @@ pub mod boft;
 pub mod hra;
 pub mod ia3;
 pub mod oft;
+pub mod road;
 
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
@@ -153,7 +154,7 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, oft::TYPE, hra::TYPE, boft::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, oft::TYPE, hra::TYPE, boft::TYPE, road::TYPE];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
