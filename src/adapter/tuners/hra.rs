@@ -170,8 +170,10 @@ fn reflection(u: &[f32], n: usize, r: usize, apply_gs: bool) -> Vec<f32> {
         uj.iter_mut().for_each(|x| *x /= nv);
         // v = (2R)·u (2R is exact), then R - v·uᵀ (each entry one rounded product).
         for (i, vi) in v.iter_mut().enumerate() {
-            let row: Vec<f32> = rm[i * n..(i + 1) * n].iter().map(|x| 2.0 * x).collect();
-            *vi = dot(&row, &uj);
+            *vi = rm[i * n..(i + 1) * n]
+                .iter()
+                .zip(&uj)
+                .fold(0f32, |acc, (x, u)| (2.0 * x).mul_add(*u, acc));
         }
         for i in 0..n {
             for k in 0..n {

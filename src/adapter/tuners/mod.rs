@@ -25,14 +25,15 @@
 //! Which tuners exist is [`TUNER_TYPES`]; PEFT types that cannot be merged at all (prompt
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
+pub mod adalora;
 pub mod beft;
+pub mod boft;
 pub mod deft;
 pub mod delora;
 pub mod fourierft;
+pub mod frod;
 pub mod glora;
 pub mod hra;
-pub mod adalora;
-pub mod frod;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod loha;
@@ -42,6 +43,7 @@ pub mod oft;
 pub mod osf;
 pub mod peanut;
 pub mod psoft;
+pub mod road;
 pub mod shira;
 pub mod supertuning;
 pub mod torch_mm;
@@ -198,6 +200,8 @@ pub const TUNER_TYPES: &[TunerType] = &[
     deft::TYPE,
     adalora::TYPE,
     peanut::TYPE,
+    boft::TYPE,
+    road::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters), and
