@@ -9,6 +9,7 @@
 //! not reproduce are refused by name.
 
 mod config;
+pub mod lora_experts;
 pub mod tuners;
 
 pub use config::{BdLora, BlockDiagonal, LoraConfig, Variant};

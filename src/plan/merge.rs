@@ -9,6 +9,7 @@ use super::layout::LayoutEvidence;
 use super::merge_types::{DeltaLayout, Job, JobSource, LoraStep, Step};
 use super::rename;
 use super::transformers_models::TIED_WEIGHTS;
+use crate::adapter::lora_experts::{ExpertsDelta, ExpertsLayout};
 use crate::adapter::{Adapter, LoraModule, SAVED_PREFIX};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -388,6 +389,14 @@ fn steps_for_base(
                 unmatched.push(m.name.clone());
                 continue;
             };
+            if parameter && w.shape.len() == 3 {
+                if let Some(ch) =
+                    experts_change(ad, m, w, c.model_config.as_ref(), &evidence, &mut unsettled)?
+                {
+                    steps.entry(wkey).or_default().push(Step::Tuned(ch));
+                }
+                continue;
+            }
             let fit = Fit {
                 evidence: &evidence,
                 merging,
@@ -640,9 +649,10 @@ fn wrapped_parameter<'a>(
             "lora_A {:?} does not have rank {}, which adapter_config.json gives for the nn.Parameter '{}'",
             m.a.shape, m.r, p.name
         )),
+        [p] if p.shape.len() == 3 => Ok(Some(p)),
         [p] => refuse(format!(
-            "adapts the {}-D nn.Parameter '{}' {:?} (target_parameters, e.g. MoE experts); PEFT merges it \
-             expert by expert, which lorastream does not do yet",
+            "adapts the {}-D nn.Parameter '{}' {:?} (target_parameters); PEFT's ParamWrapper supports only 2-D \
+             and 3-D parameters",
             p.shape.len(),
             p.name,
             p.shape
@@ -671,6 +681,162 @@ fn tied_source(config: Option<&ModelConfig>, key: &str) -> Option<&'static str> 
             .and_then(|(_, pairs)| pairs.iter().find(|(k, _)| *k == key))
             .map(|(_, source)| *source)
     })
+}
+
+/// transformers model types whose fused experts are `use_experts_implementation(
+/// is_transposed=True)` (stored `[E, in, out]`), under their `experts` attribute; every other
+/// experts class of transformers (TRANSFORMERS_VERSION) stores `[E, out, in]` as PEFT assumes.
+const TRANSPOSED_EXPERTS_MODEL_TYPES: &[&str] =
+    &["gpt_oss", "aria", "aria_text", "openai_privacy_filter"];
+
+/// What the base's config.json says about the layout of the 3-D parameter of `module`.
+fn experts_layout_from_config(
+    config: Option<&ModelConfig>,
+    module: &str,
+) -> std::result::Result<(ExpertsLayout, String), String> {
+    use super::transformers_models::{KNOWN_MODEL_TYPES, TRANSFORMERS_VERSION};
+    let Some(c) = config else {
+        return Err("no config.json beside the base names its architecture".into());
+    };
+    if c.has_custom_code() {
+        return Err(format!(
+            "{} names custom code (auto_map), which may set is_transposed on its experts",
+            c.path.display()
+        ));
+    }
+    let text_type = c
+        .json
+        .get("text_config")
+        .and_then(|t| t.get("model_type"))
+        .and_then(serde_json::Value::as_str);
+    let Some(mt) = c.model_type() else {
+        return Err(format!("{} has no model_type", c.path.display()));
+    };
+    if !KNOWN_MODEL_TYPES.contains(&mt) {
+        return Err(format!(
+            "model_type '{mt}' is not one of transformers {TRANSFORMERS_VERSION}"
+        ));
+    }
+    let leaf = module.rsplit('.').next().unwrap_or(module);
+    let transposed_type = [Some(mt), text_type]
+        .into_iter()
+        .flatten()
+        .find(|t| TRANSPOSED_EXPERTS_MODEL_TYPES.contains(t));
+    match transposed_type {
+        Some(t) if leaf == "experts" => Ok((
+            ExpertsLayout::InOut,
+            format!(
+                "transformers' {t} code ({TRANSFORMERS_VERSION}), whose experts are is_transposed ([E, in, out])"
+            ),
+        )),
+        Some(t) => Err(format!(
+            "transformers' {t} code has is_transposed experts, and '{module}' is not its 'experts' module"
+        )),
+        None => Ok((
+            ExpertsLayout::OutIn,
+            format!(
+                "transformers' {mt} code ({TRANSFORMERS_VERSION}), whose experts are not is_transposed ([E, out, in])"
+            ),
+        )),
+    }
+}
+
+/// The change of a LoRA on a 3-D `nn.Parameter` (fused MoE experts, PEFT's ParamWrapper
+/// with `num_experts` > 1): the factors' shapes settle `[E, out, in]` vs `[E, in, out]`
+/// unless the experts are square, where `--fan-in-fan-out` / `--no-fan-in-fan-out` or
+/// the base's config.json must (PEFT reads the module's `is_transposed`, which the
+/// checkpoint does not record).
+fn experts_change(
+    ad: &Adapter,
+    m: &LoraModule,
+    w: &TensorEntry,
+    config: Option<&ModelConfig>,
+    evidence: &LayoutEvidence,
+    unsettled: &mut Vec<(String, String)>,
+) -> Result<Option<Arc<dyn crate::adapter::tuners::TensorChange>>> {
+    let bad = |msg: String| {
+        Error::tensor(
+            ad.weights_path(),
+            &m.a.name,
+            format!(
+                "{msg} (base nn.Parameter '{}' is {:?} {})",
+                w.name, w.shape, w.dtype
+            ),
+        )
+    };
+    if !m.a.dtype.is_float() || !m.b.dtype.is_float() {
+        return Err(bad("LoRA weights are not floating point".into()));
+    }
+    if m.magnitude.is_some() || m.b_bias.is_some() || m.embedding {
+        return Err(bad(
+            "DoRA, lora_bias and embedding LoRA do not exist on a 3-D nn.Parameter (PEFT's ParamWrapper \
+             refuses them); the adapter is not what PEFT saves"
+                .into(),
+        ));
+    }
+    let experts = w.shape[0];
+    let (out_in, in_out) = ExpertsDelta::fits(&m.a.shape, &m.b.shape, &w.shape, m.r);
+    if !out_in && !in_out {
+        return Err(bad(format!(
+            "LoRA A {:?} / B {:?} with rank {} do not fit {experts} experts: PEFT saves A [r·E, in] and \
+             B [out, r·E]",
+            m.a.shape, m.b.shape, m.r
+        )));
+    }
+    if let Some(msg) = evidence.flags_conflict(&m.name) {
+        return Err(Error::Usage(msg));
+    }
+    let mut said: Vec<(ExpertsLayout, String)> = Vec::new();
+    match (out_in, in_out) {
+        (true, false) => said.push((ExpertsLayout::OutIn, "its shapes".into())),
+        (false, true) => said.push((ExpertsLayout::InOut, "its shapes".into())),
+        _ => {}
+    }
+    if let Some((transposed, by)) = evidence.flag_for(&m.name) {
+        let l = if transposed {
+            ExpertsLayout::InOut
+        } else {
+            ExpertsLayout::OutIn
+        };
+        said.push((l, by));
+    }
+    let from_config = experts_layout_from_config(config, &m.name);
+    if let Ok(found) = &from_config {
+        said.push(found.clone());
+    }
+    let describe = |l: ExpertsLayout| match l {
+        ExpertsLayout::OutIn => "[E, out, in]",
+        ExpertsLayout::InOut => "[E, in, out] (is_transposed)",
+    };
+    let Some((first, by)) = said.first().cloned() else {
+        unsettled.push((
+            m.name.clone(),
+            format!(
+                "3-D nn.Parameter '{}' {:?}: its experts are square, so the shapes cannot tell PEFT's \
+                 [E, out, in] from an is_transposed module's [E, in, out], and {}; for the experts, \
+                 --fan-in-fan-out means [E, in, out]",
+                w.name,
+                w.shape,
+                from_config.err().unwrap_or_default()
+            ),
+        ));
+        return Ok(None);
+    };
+    if let Some((other, by2)) = said.iter().find(|(l, _)| *l != first) {
+        return Err(bad(format!(
+            "the evidence disagrees on the experts' layout: {by} says {}, {by2} says {}",
+            describe(first),
+            describe(*other)
+        )));
+    }
+    Ok(Some(Arc::new(ExpertsDelta {
+        a: m.a.clone(),
+        b: m.b.clone(),
+        experts,
+        r: m.r,
+        scale: m.scale,
+        layout: first,
+    })))
 }
 
 /// What decides how a module's factors fit its weight.
