@@ -8,6 +8,7 @@
 //! `rank_pattern` / `alpha_pattern`. Tuner types and initialisations whose merge we do
 //! not reproduce are refused by name.
 
+pub mod combine;
 mod config;
 pub mod lora_experts;
 pub mod tuners;
@@ -68,6 +69,8 @@ pub struct Adapter {
     pub tuned: Vec<tuners::SavedModule>,
     /// The tuner's tensors shared by its modules (VeRA's projections), by name.
     pub shared: std::collections::BTreeMap<String, TensorEntry>,
+    /// `--lora DIR:WEIGHT`: the adapter's weight in a `--combine` combination.
+    pub weight: Option<f64>,
 }
 
 impl Adapter {
@@ -263,6 +266,7 @@ impl Adapter {
             tuner: None,
             tuned: Vec::new(),
             shared: Default::default(),
+            weight: None,
         })
     }
 
@@ -366,6 +370,7 @@ fn open_tuned(dir: &Path, files: source::AdapterFiles, peft_type: String) -> Res
         tuner: Some(tuner),
         tuned,
         shared,
+        weight: None,
     })
 }
 

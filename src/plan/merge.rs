@@ -9,6 +9,8 @@ use super::layout::LayoutEvidence;
 use super::merge_types::{DeltaLayout, Job, JobSource, LoraStep, Step};
 use super::rename;
 use super::transformers_models::TIED_WEIGHTS;
+use crate::adapter::Variant;
+use crate::adapter::combine::{CombinationType, Combine, CombinedLora, Part};
 use crate::adapter::lora_experts::{ExpertsDelta, ExpertsLayout};
 use crate::adapter::{Adapter, LoraModule, SAVED_PREFIX};
 use crate::dtype::Dtype;
@@ -294,6 +296,17 @@ fn steps_for_base(
         }
     }
     let mut steps: HashMap<String, Vec<Step>> = HashMap::new();
+    if let (None, Some(ad)) = (&s.combine, c.adapters.iter().find(|a| a.weight.is_some())) {
+        return Err(Error::Usage(format!(
+            "adapter {} has a weight (--lora DIR:WEIGHT), which only a --combine combination uses; \
+             add --combine TYPE, or drop the weight to merge the adapters one after another",
+            ad.dir.display()
+        )));
+    }
+    if let Some(how) = s.combine.as_ref().filter(|_| !c.adapters.is_empty()) {
+        combined_steps(c, base, how, &by_name, &evidence, merging, &mut steps)?;
+        return Ok(steps);
+    }
     for ad in &c.adapters {
         let mut unmatched: Vec<String> = Vec::new();
         let mut unsettled: Vec<(String, String)> = Vec::new();
@@ -456,7 +469,194 @@ fn steps_for_base(
             return Err(unsettled_error(c, ad, base, &unsettled));
         }
     }
+    check_dora_after_merge(&steps)?;
     Ok(steps)
+}
+
+/// A DoRA adapter merged after another adapter on the same weight is refused: PEFT 0.21.2
+/// (`LoraLayer._unmerged_base_weight`) computes its norm on the weight with the earlier
+/// adapters *unmerged again* (subtracted, or divided out for DoRA, in the weight's dtype)
+/// and then replays their merges, so the result carries the roundings of that
+/// unmerge/re-merge round trip, which lorastream does not reproduce (merging in sequence
+/// on the merged weight would differ from PEFT everywhere, not by an ulp).
+fn check_dora_after_merge(steps: &HashMap<String, Vec<Step>>) -> Result<()> {
+    let mut keys: Vec<&String> = steps.keys().collect();
+    keys.sort();
+    for key in keys {
+        let list = &steps[key];
+        for (i, st) in list.iter().enumerate().skip(1) {
+            let Step::Lora(l) = st else { continue };
+            let Some(mag) = &l.magnitude else { continue };
+            let earlier = list[..i]
+                .iter()
+                .any(|e| matches!(e, Step::Lora(_) | Step::Tuned(_)));
+            if earlier {
+                return Err(Error::tensor(
+                    mag.file.path(),
+                    &mag.name,
+                    format!(
+                        "is a DoRA adapter merged into '{key}' after another adapter on it; PEFT 0.21.2 \
+                         takes DoRA's norm from the weight with the earlier adapters unmerged again and \
+                         then replays their merges (LoraLayer._unmerged_base_weight), whose roundings \
+                         lorastream does not reproduce. Merge the DoRA adapter first (or alone) and the \
+                         others into that output"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `--combine`: the component's adapters as one weighted combination (PEFT's
+/// `add_weighted_adapter`, then the merge of the new adapter alone), one change per
+/// adapted weight. Every adapter is checked against the base as a LoRA of its own.
+fn combined_steps(
+    c: &Component,
+    base: &Checkpoint,
+    spec: &Combine,
+    by_name: &HashMap<&str, &TensorEntry>,
+    evidence: &LayoutEvidence,
+    merging: bool,
+    steps: &mut HashMap<String, Vec<Step>>,
+) -> Result<()> {
+    let how = spec.effective(c.adapters.len())?;
+    let first = &c.adapters[0];
+    let refuse = |ad: &Adapter, what: &str| {
+        Err(Error::Plan(format!(
+            "adapter {} (component {}): --combine {} takes plain LoRA adapters; this one has {what}",
+            ad.dir.display(),
+            c.label(),
+            spec.kind.name()
+        )))
+    };
+    for ad in &c.adapters {
+        if ad.tuner.is_some() {
+            return refuse(ad, &format!("peft_type {}", ad.kind()));
+        }
+        if !ad.config.target_parameters.is_empty() {
+            return refuse(
+                ad,
+                "target_parameters (PEFT: add_weighted_adapter does not support targeting nn.Parameter)",
+            );
+        }
+        if !ad.replacements.is_empty() {
+            return refuse(
+                ad,
+                "full tensors (modules_to_save, saved copies or biases), which PEFT does not combine",
+            );
+        }
+        if ad.config.variant != Variant::Plain || !ad.training_only.is_empty() {
+            return refuse(ad, "a LoRA variant (MiCA, BD-LoRA, VeLoRA, MonteCLoRA)");
+        }
+        if ad.modules.iter().any(|m| m.magnitude.is_some()) {
+            return refuse(
+                ad,
+                "DoRA magnitudes (the combined adapter would get a fresh magnitude from the base weight)",
+            );
+        }
+        if ad.modules.iter().any(|m| m.b_bias.is_some()) {
+            return refuse(
+                ad,
+                "lora_bias (add_weighted_adapter combines lora_A/lora_B only)",
+            );
+        }
+        if ad.weight.is_none() {
+            return Err(Error::Usage(format!(
+                "--combine {} needs a weight for every adapter: --lora {}:WEIGHT",
+                spec.kind.name(),
+                ad.dir.display()
+            )));
+        }
+    }
+    let ranks: Vec<usize> = c.adapters.iter().map(|a| a.config.max_rank()).collect();
+    let new_rank = if how.kind == CombinationType::Cat {
+        ranks.iter().sum()
+    } else if ranks.iter().all(|&r| r == ranks[0]) {
+        ranks[0]
+    } else {
+        return Err(Error::Plan(format!(
+            "component {}: --combine {} needs every adapter to have the same r (they have {ranks:?}); \
+             PEFT refuses this too. Use cat",
+            c.label(),
+            how.kind.name()
+        )));
+    };
+    // The new adapter: r = lora_alpha = new_rank, use_rslora copied from the first one.
+    let scale = if first.config.use_rslora {
+        (new_rank as f64 / (new_rank as f64).sqrt()) as f32
+    } else {
+        1.0
+    };
+    let mut names: Vec<&str> = Vec::new();
+    for ad in &c.adapters {
+        for m in &ad.modules {
+            if !names.contains(&m.name.as_str()) {
+                names.push(&m.name);
+            }
+        }
+    }
+    let fit = Fit {
+        evidence,
+        merging,
+        parameter: false,
+    };
+    let (mut unmatched, mut unsettled) = (Vec::new(), Vec::new());
+    for name in names {
+        let wkey = format!("{name}.weight");
+        let Some(w) = by_name.get(wkey.as_str()) else {
+            unmatched.push(name.to_string());
+            continue;
+        };
+        let mut parts = Vec::new();
+        let mut layout = None;
+        let mut embedding = false;
+        for ad in &c.adapters {
+            let Some(m) = ad.module(name) else { continue };
+            let Some(step) = lora_step(ad, m, w, base, &fit, &mut unsettled)? else {
+                layout = None;
+                break;
+            };
+            if layout.is_some_and(|l| l != step.layout) {
+                return Err(Error::tensor(
+                    ad.weights_path(),
+                    &m.a.name,
+                    format!(
+                        "module '{name}': the adapters line up with '{}' in different layouts",
+                        w.name
+                    ),
+                ));
+            }
+            layout = Some(step.layout);
+            embedding = m.embedding;
+            parts.push(Part {
+                a: m.a.clone(),
+                b: m.b.clone(),
+                weight: ad.weight.unwrap_or(0.0),
+                scaling: ad.config.rank_and_scale_f64(name).1,
+            });
+        }
+        let Some(layout) = layout else { continue };
+        steps
+            .entry(wkey)
+            .or_default()
+            .push(Step::Tuned(Arc::new(CombinedLora {
+                parts,
+                how: how.clone(),
+                transposed: layout == DeltaLayout::Transposed,
+                embedding,
+                scale,
+                module: name.to_string(),
+                weights: first.weights_path().to_path_buf(),
+            })));
+    }
+    if !unmatched.is_empty() {
+        return Err(mismatch_error(c, first, base, &unmatched));
+    }
+    if !unsettled.is_empty() {
+        return Err(unsettled_error(c, first, base, &unsettled));
+    }
+    Ok(())
 }
 
 /// The steps of a non-LoRA tuner's modules: each module's base weight (and bias) found,
@@ -1000,6 +1200,11 @@ fn plan_merged(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Job>)
 /// tensors under `base_layer`, modules_to_save under `original_module` and
 /// `modules_to_save.default`, and the LoRA tensors with the adapter name `default`.
 fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Job>) -> Result<()> {
+    if s.combine.is_some() && !c.adapters.is_empty() {
+        return Err(Error::Usage(
+            "--combine merges the combined adapter; it does not go with --keep-lora".into(),
+        ));
+    }
     let ad = match c.adapters.as_slice() {
         [] => {
             // No adapter: the component's tensors as they are.
