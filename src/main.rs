@@ -104,10 +104,13 @@ enum Command {
     ///
     /// A component is an optional NAME with a base and/or adapters; every output key of
     /// component NAME is "NAME." + its key. `--lora NAME=DIR` applies to `--base NAME=PATH`;
-    /// several --lora for one component merge one after another, in order.
+    /// several --lora for one component merge one after another, in order (a DoRA adapter
+    /// after another adapter on the same weight is refused), or with --combine TYPE and
+    /// --lora DIR:WEIGHT as one weighted combination (PEFT's add_weighted_adapter).
     ///
     /// Default: merged: each targeted weight becomes W + s·ΔW with PEFT's semantics
-    /// (Linear, Conv1D, Embedding, Conv, 2-D nn.Parameters, rsLoRA, rank/alpha patterns,
+    /// (Linear, Conv1D, Embedding, Conv, 2-D and 3-D nn.Parameters (MoE experts; the layout
+    /// of square experts from config.json or --fan-in-fan-out meaning [E, in, out]), rsLoRA, rank/alpha patterns,
     /// DoRA, lora_bias, MiCA, BD-LoRA, VeLoRA, MonteCLoRA, modules_to_save, saved biases),
     /// computed in f32 and rounded into the weight's dtype where PEFT rounds; tied weights
     /// get the merged value under every name; every other tensor is copied byte for byte.
@@ -277,12 +280,13 @@ struct OutputArgs {
 #[derive(clap::Args)]
 struct LayoutArgs {
     /// Modules (regex over names relative to the base model, e.g. 'attn\.c_proj$')
-    /// whose 2-D weights are stored [in, out] like transformers' Conv1D. Needed only for
-    /// square weights that the base's config.json does not settle; repeatable.
+    /// whose 2-D weights are stored [in, out] like transformers' Conv1D (for a 3-D experts
+    /// parameter: [E, in, out], an is_transposed module). Needed only for square weights
+    /// that the base's config.json does not settle; repeatable.
     #[arg(long = "fan-in-fan-out", value_name = "REGEX", value_parser = parse_regex)]
     fan_in_fan_out: Vec<Regex>,
-    /// Modules (regex) whose 2-D weights are stored [out, in] like nn.Linear; e.g. '.'
-    /// for a model without Conv1D. Repeatable.
+    /// Modules (regex) whose 2-D weights are stored [out, in] like nn.Linear (3-D experts:
+    /// [E, out, in], PEFT's default); e.g. '.' for a model without Conv1D. Repeatable.
     #[arg(long = "no-fan-in-fan-out", value_name = "REGEX", value_parser = parse_regex)]
     no_fan_in_fan_out: Vec<Regex>,
 }

@@ -106,3 +106,34 @@ def test_combine_needs_every_weight(run, tmp_path):
          "--lora", FIX / c["loras"][1], "--combine", "linear"]
     p = run(a, expect_rc=2)
     assert ":WEIGHT" in p.stderr and not out.exists()
+
+
+def _square_base_with_config(tmp_path, model_type):
+    c = next(c for c in MERGE if c["row"] == "experts_square" and c["base_dtype"] == "f32")
+    d = tmp_path / "base"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes((FIX / c["base"] / "model.safetensors").read_bytes())
+    (d / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return c, d
+
+
+def test_square_experts_settled_by_config(run, tmp_path):
+    """A transformers model type whose experts are not is_transposed: [E, out, in], as PEFT."""
+    c, d = _square_base_with_config(tmp_path, "qwen3_moe")
+    out = tmp_path / "out.safetensors"
+    run(["merge", "--base", d, "--lora", FIX / c["loras"][0], "--out", out])
+    exp = load_file(str(FIX / c["expected"]))
+    assert_close_to_expected(load_output(out), exp, c["ulp_tolerance"], c["name"])
+
+
+def test_square_experts_of_an_is_transposed_model_type_need_its_experts_module(run, tmp_path):
+    """gpt_oss experts are is_transposed, but only under its 'experts' module: this one is
+    named 'moe', so nothing settles the layout."""
+    c, d = _square_base_with_config(tmp_path, "gpt_oss")
+    out = tmp_path / "out.safetensors"
+    p = run(["merge", "--base", d, "--lora", FIX / c["loras"][0], "--out", out], expect_rc=1)
+    assert "is_transposed" in p.stderr and not out.exists()
+    # The flag settles it: this module has no is_transposed, so PEFT took it as [E, out, in].
+    run(["merge", "--base", d, "--lora", FIX / c["loras"][0], "--out", out, "--no-fan-in-fan-out", "^moe$"])
+    exp = load_file(str(FIX / c["expected"]))
+    assert_close_to_expected(load_output(out), exp, c["ulp_tolerance"], c["name"])
