@@ -19,10 +19,15 @@
 //! common rank otherwise), so its scaling is 1 (√r with rsLoRA, copied from the first
 //! adapter's config). The merge is then ΔW = B'·A' scaled, in the module's layout.
 //!
+//! - `svd`: ΔW = Σ w·ΔWⱼ cut to the largest rank by its SVD (see [`svd_factors`]:
+//!   computed in f64 from the factors, so it differs from PEFT's f32 `torch.linalg.svd`
+//!   by PEFT's own SVD rounding; measured in fixtures/make_peft_combos.py).
+//!
 //! Refused: DARE (`dare_linear`, `dare_ties` and their SVD forms draw a mask with
-//! `torch.bernoulli` from torch's global RNG state, which no file records), the SVD
-//! types (not implemented), a `magnitude_prune`/`ties` cut that falls between equal
-//! magnitudes (torch's `topk` picks among ties by its own order).
+//! `torch.bernoulli` from torch's global RNG state, which no file records), `ties_svd`
+//! and `magnitude_prune_svd` (not implemented: they prune full ΔWs, whose SVD is
+//! full-rank), a `magnitude_prune`/`ties` cut that falls between equal magnitudes
+//! (torch's `topk` picks among ties by its own order).
 //!
 //! The change keeps the original factors as its inputs (so coverage sees every one used)
 //! and computes the new factors once per tensor in `prepare`; bands get ΔW's rows with
@@ -123,13 +128,12 @@ impl Combine {
                      cannot be reproduced; use ties, magnitude_prune, linear or cat"
                 )));
             }
-            CombinationType::Svd
-            | CombinationType::TiesSvd
-            | CombinationType::MagnitudePruneSvd => {
+            CombinationType::TiesSvd | CombinationType::MagnitudePruneSvd => {
                 return Err(Error::Usage(format!(
-                    "--combine {name}: the SVD combinations (PEFT's torch.linalg.svd of each module's \
-                     combined ΔW) are not implemented by lorastream yet; use cat (exact: it keeps every \
-                     adapter's rank) or linear, ties, magnitude_prune"
+                    "--combine {name}: the pruned SVD combinations (PEFT prunes each adapter's full ΔW, \
+                     then takes torch.linalg.svd of the full-rank result) are not implemented by \
+                     lorastream yet; use svd, cat (exact: it keeps every adapter's rank) or linear, \
+                     ties, magnitude_prune"
                 )));
             }
             _ => {}
@@ -181,6 +185,8 @@ pub struct CombinedLora {
     pub embedding: bool,
     /// The new adapter's scaling (1, or √r with rsLoRA).
     pub scale: f32,
+    /// The new adapter's rank (`svd`: the largest of the adapters' ranks).
+    pub new_rank: usize,
     /// For messages: the module and the first adapter's weights file.
     pub module: String,
     pub weights: PathBuf,
@@ -224,6 +230,10 @@ impl CombinedLora {
                 col += rp;
             }
             return Ok((a, b, r));
+        }
+        if self.how.kind == CombinationType::Svd {
+            let (a, b) = svd_factors(&self.parts, k, out, self.new_rank);
+            return Ok((a, b, self.new_rank));
         }
         let r = rank_of(&self.parts[0]);
         if self.parts.iter().any(|p| rank_of(p) != r) {
@@ -327,6 +337,145 @@ fn prune(t: &mut [f32], density: f64) -> std::result::Result<(), f32> {
         t[i] *= 0.0;
     }
     Ok(())
+}
+
+/// PEFT's `svd` combination of one module: ΔW = Σ w·(B·A·s) (every ΔW has rank ≤ the
+/// sum of the ranks R), its best rank-`r` approximation U·S·Vᴴ, returned as A' = Vᴴ
+/// `[r, k]` and B' = U·S `[out, r]` (f32). PEFT runs `torch.linalg.svd` on the f32 ΔW;
+/// here the SVD is taken in f64 from the factors (thin QR of the stacked B and Aᵀ, then a
+/// one-sided Jacobi SVD of the R×R core), exact up to f64 rounding, so the result differs
+/// from PEFT's by PEFT's own f32 SVD error (about 1e-7 of ‖ΔW‖). The singular vectors'
+/// signs do not matter: B'·A' is what is merged.
+fn svd_factors(parts: &[Part], k: usize, out: usize, r: usize) -> (Vec<f32>, Vec<f32>) {
+    let rank: usize = parts
+        .iter()
+        .map(|p| p.a.shape.first().copied().unwrap_or(0))
+        .sum();
+    // Bc [out, R] (columns: every adapter's B), At [k, R] (= (w·s·A)ᵀ), column-major.
+    let mut bc = vec![0f64; out * rank];
+    let mut at = vec![0f64; k * rank];
+    let mut col = 0;
+    for p in parts {
+        let rp = p.a.shape.first().copied().unwrap_or(0);
+        let ws = p.weight * p.scaling;
+        let (a, b) = (decode(&p.a), decode(&p.b));
+        for j in 0..rp {
+            for o in 0..out {
+                bc[(col + j) * out + o] = b[o * rp + j] as f64;
+            }
+            for i in 0..k {
+                at[(col + j) * k + i] = a[j * k + i] as f64 * ws;
+            }
+        }
+        col += rp;
+    }
+    let rb = thin_qr(&mut bc, out, rank);
+    let ra = thin_qr(&mut at, k, rank);
+    // Core C = R_B · R_Aᵀ (R×R, column-major): ΔW = Q_B · C · Q_Aᵀ.
+    let mut c = vec![0f64; rank * rank];
+    for j in 0..rank {
+        for i in 0..rank {
+            c[j * rank + i] = (0..rank).map(|t| rb[t * rank + i] * ra[t * rank + j]).sum();
+        }
+    }
+    let (uc, sv, vc) = jacobi_svd(c, rank);
+    let mut a_new = vec![0f32; r * k];
+    let mut b_new = vec![0f32; out * r];
+    for (slot, &(sigma, idx)) in sv.iter().take(r.min(rank)).enumerate() {
+        // U[:, slot] = Q_B · uc[:, idx]; V[:, slot] = Q_A · vc[:, idx].
+        for o in 0..out {
+            let u: f64 = (0..rank)
+                .map(|t| bc[t * out + o] * uc[idx * rank + t])
+                .sum();
+            b_new[o * r + slot] = (u * sigma) as f32;
+        }
+        for i in 0..k {
+            let v: f64 = (0..rank).map(|t| at[t * k + i] * vc[idx * rank + t]).sum();
+            a_new[slot * k + i] = v as f32;
+        }
+    }
+    (a_new, b_new)
+}
+
+/// Thin QR of the column-major `m × n` matrix `x` by modified Gram-Schmidt with one
+/// re-orthogonalisation: `x` becomes Q (a column that depends on the earlier ones becomes
+/// zero, with a zero on R's diagonal); the returned R is `n × n`, column-major.
+fn thin_qr(x: &mut [f64], m: usize, n: usize) -> Vec<f64> {
+    let mut r = vec![0f64; n * n];
+    let scale = x.iter().fold(0f64, |a, v| a.max(v.abs()));
+    for j in 0..n {
+        for _ in 0..2 {
+            for i in 0..j {
+                let d: f64 = (0..m).map(|t| x[i * m + t] * x[j * m + t]).sum();
+                r[j * n + i] += d;
+                for t in 0..m {
+                    x[j * m + t] -= d * x[i * m + t];
+                }
+            }
+        }
+        let norm = (0..m).map(|t| x[j * m + t].powi(2)).sum::<f64>().sqrt();
+        if norm > scale * 1e-13 {
+            r[j * n + j] = norm;
+            for t in 0..m {
+                x[j * m + t] /= norm;
+            }
+        } else {
+            x[j * m..(j + 1) * m].fill(0.0);
+        }
+    }
+    r
+}
+
+/// One-sided Jacobi SVD of the column-major `n × n` matrix `c`: (U, [(σ, column)] sorted
+/// by σ descending, V), with `c = U·diag(σ)·Vᵀ`.
+#[allow(clippy::type_complexity)]
+fn jacobi_svd(mut c: Vec<f64>, n: usize) -> (Vec<f64>, Vec<(f64, usize)>, Vec<f64>) {
+    let mut v = vec![0f64; n * n];
+    for i in 0..n {
+        v[i * n + i] = 1.0;
+    }
+    for _sweep in 0..60 {
+        let mut rotated = false;
+        for p in 0..n {
+            for q in p + 1..n {
+                let (mut al, mut be, mut ga) = (0f64, 0f64, 0f64);
+                for t in 0..n {
+                    let (xp, xq) = (c[p * n + t], c[q * n + t]);
+                    al += xp * xp;
+                    be += xq * xq;
+                    ga += xp * xq;
+                }
+                if ga == 0.0 || ga.abs() <= f64::EPSILON * (al * be).sqrt() {
+                    continue;
+                }
+                rotated = true;
+                let zeta = (be - al) / (2.0 * ga);
+                let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
+                let cs = 1.0 / (1.0 + t * t).sqrt();
+                let sn = cs * t;
+                for m in [&mut c, &mut v] {
+                    for i in 0..n {
+                        let (xp, xq) = (m[p * n + i], m[q * n + i]);
+                        m[p * n + i] = cs * xp - sn * xq;
+                        m[q * n + i] = sn * xp + cs * xq;
+                    }
+                }
+            }
+        }
+        if !rotated {
+            break;
+        }
+    }
+    let mut sv: Vec<(f64, usize)> = (0..n)
+        .map(|j| ((0..n).map(|t| c[j * n + t].powi(2)).sum::<f64>().sqrt(), j))
+        .collect();
+    for &(s, j) in &sv {
+        if s > 0.0 {
+            c[j * n..(j + 1) * n].iter_mut().for_each(|x| *x /= s);
+        }
+    }
+    sv.sort_by(|a, b| b.0.total_cmp(&a.0));
+    (c, sv, v)
 }
 
 impl TensorChange for CombinedLora {
@@ -469,8 +618,45 @@ mod tests {
             transposed,
             embedding: false,
             scale: 1.0,
+            new_rank: 1,
             module: "m".into(),
             weights: "w".into(),
+        }
+    }
+
+    #[test]
+    fn svd_keeps_the_largest_singular_directions() {
+        // Two rank-1 adapters with orthogonal factors: ΔW = 3·e0·f1ᵀ + 1·e1·f0ᵀ; rank 2
+        // gives ΔW back, rank 1 only its largest part.
+        let p = |a: &[f32], b: &[f32], weight| Part {
+            a: entry("lora_A", &[1, 3], a),
+            b: entry("lora_B", &[2, 1], b),
+            weight,
+            scaling: 1.0,
+        };
+        let parts = vec![
+            p(&[0.0, 1.0, 0.0], &[1.0, 0.0], 3.0),
+            p(&[1.0, 0.0, 0.0], &[0.0, 1.0], 1.0),
+        ];
+        let product = |a: &[f32], b: &[f32], r: usize| {
+            let mut d = vec![0f32; 6];
+            for o in 0..2 {
+                for i in 0..3 {
+                    d[o * 3 + i] = (0..r).map(|j| b[o * r + j] * a[j * 3 + i]).sum();
+                }
+            }
+            d
+        };
+        for (r, want) in [
+            (2, [0.0, 3.0, 0.0, 1.0, 0.0, 0.0]),
+            (1, [0.0, 3.0, 0.0, 0.0, 0.0, 0.0]),
+        ] {
+            let (a, b) = svd_factors(&parts, 3, 2, r);
+            let d = product(&a, &b, r);
+            assert!(
+                d.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-6),
+                "{r}: {d:?}"
+            );
         }
     }
 
@@ -528,7 +714,7 @@ mod tests {
 
     #[test]
     fn dare_and_svd_are_refused_by_name() {
-        for (name, needle) in [("dare_ties", "torch.bernoulli"), ("ties_svd", "SVD")] {
+        for (name, needle) in [("dare_ties", "torch.bernoulli"), ("ties_svd", "svd")] {
             let c = Combine {
                 kind: CombinationType::parse(name).unwrap(),
                 density: Some(0.5),

@@ -572,6 +572,9 @@ fn combined_steps(
     let ranks: Vec<usize> = c.adapters.iter().map(|a| a.config.max_rank()).collect();
     let new_rank = if how.kind == CombinationType::Cat {
         ranks.iter().sum()
+    } else if how.kind == CombinationType::Svd {
+        // svd_rank=None: the largest rank.
+        ranks.iter().copied().max().unwrap_or(0)
     } else if ranks.iter().all(|&r| r == ranks[0]) {
         ranks[0]
     } else {
@@ -646,6 +649,7 @@ fn combined_steps(
                 transposed: layout == DeltaLayout::Transposed,
                 embedding,
                 scale,
+                new_rank,
                 module: name.to_string(),
                 weights: first.weights_path().to_path_buf(),
             })));

@@ -13,8 +13,10 @@ Fixtures: fixtures/make_peft_combos.py -> fixtures/peft_combos/{bases,adapters,e
 - 3-D experts of an `is_transposed` module ([E, in, out]) and square experts (with the flag
   that settles their layout; refused without it).
 
-Types lorastream does not reproduce (DARE: random masks; the SVD types: not implemented yet)
-must be refused by name, exit 2 (usage), nothing written.
+`svd` is compared within an absolute 1e-6 on f32 bases (PEFT's own f32 SVD error; 1 ulp on
+16-bit bases). Types lorastream does not reproduce (DARE: random masks; ties_svd and
+magnitude_prune_svd: not implemented yet) must be refused by name, exit 2 (usage), nothing
+written.
 
 Run: PY=$(scripts/python-env.sh); LORASTREAM_BIN=target/release/lorastream $PY -m pytest tests/compat/test_combos.py -q
 """
@@ -30,9 +32,9 @@ from test_merge import assert_close_to_expected, load_output
 REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "fixtures" / "peft_combos"
 CASES = json.loads((FIX / "cases.json").read_text())["cases"]
-SVD = ("svd", "ties_svd", "magnitude_prune_svd")
-# What lorastream refuses although PEFT merges it: DARE (fixture says so) and the SVD types.
-REFUSED = [c for c in CASES if c.get("refuse") or c.get("combination_type") in SVD]
+# What lorastream refuses although PEFT merges it (the fixture says why): DARE, the pruned SVD
+# types, DoRA after another adapter on one weight.
+REFUSED = [c for c in CASES if c.get("refuse")]
 MERGE = [c for c in CASES if c not in REFUSED]
 
 
@@ -65,7 +67,17 @@ def test_combo_merge(run, tmp_path, case):
     out = tmp_path / "out.safetensors"
     run(args_of(case, out))
     exp = load_file(str(FIX / case["expected"]))
-    assert_close_to_expected(load_output(out), exp, case["ulp_tolerance"], case["name"])
+    got = load_output(out)
+    if "abs_tolerance" in case:
+        # svd into f32: PEFT's own f32 SVD is the larger error (see the generator).
+        assert set(got) == set(exp)
+        for k, e in exp.items():
+            g = got[k]
+            assert g.dtype == e.dtype and g.shape == e.shape, k
+            d = (g.double() - e.double()).abs().max().item() if g.numel() else 0.0
+            assert d <= case["abs_tolerance"], f"{case['name']}: {k}: max |a-b| {d}"
+        return
+    assert_close_to_expected(got, exp, case["ulp_tolerance"], case["name"])
 
 
 @pytest.mark.parametrize("case", [c for c in MERGE if c.get("refuse_without_args")],
@@ -86,7 +98,7 @@ def test_combo_refused_by_name(run, tmp_path, case):
     err = p.stderr.lower()
     if case.get("combination_type"):
         assert case["combination_type"] in err, p.stderr
-    must = case.get("stderr_contains") or ["svd", "not implemented"]
+    must = case["stderr_contains"]
     assert all(s.lower() in err for s in must), p.stderr
 
 
