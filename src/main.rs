@@ -347,14 +347,15 @@ struct CombineArgs {
     /// add_weighted_adapter(adapters, weights, combination_type=TYPE) followed by the merge
     /// of the new adapter; weights come from --lora DIR:WEIGHT (every adapter needs one).
     /// cat and linear build new LoRA factors; ties and magnitude_prune prune each factor to
-    /// --density first (ties: majority sign by --majority-sign-method); svd cuts the
-    /// weighted sum of the deltas to the largest rank (f64 SVD; PEFT's f32 one differs by
-    /// about 1e-6 absolute on f32 weights). The dare_* types are refused (their random
-    /// mask comes from torch's RNG state, which no file records), ties_svd and
-    /// magnitude_prune_svd are refused (not implemented yet).
+    /// --density first (ties: majority sign by --majority-sign-method); svd, ties_svd and
+    /// magnitude_prune_svd cut the combined delta to the largest rank (f64 SVD; PEFT's f32
+    /// one differs by about 1e-6 absolute on f32 weights; pruned SVD forms for modules up
+    /// to 1024 on their shorter side). The dare_* types are refused (their random mask
+    /// comes from torch's RNG state, which no file records).
     #[arg(long, value_name = "TYPE", value_parser = parse_combination)]
     combine: Option<CombinationType>,
-    /// The fraction of values kept by ties / magnitude_prune (0..1; >= 1 prunes nothing).
+    /// The fraction of values kept by ties / magnitude_prune and their _svd forms (0..1;
+    /// >= 1 prunes nothing).
     #[arg(long, value_name = "FRACTION")]
     density: Option<f64>,
     /// How ties elects each value's sign: total (sum of the values) or frequency (count).

@@ -23,11 +23,15 @@
 //!   computed in f64 from the factors, so it differs from PEFT's f32 `torch.linalg.svd`
 //!   by PEFT's own SVD rounding; measured in fixtures/make_peft_combos.py).
 //!
+//! - `ties_svd`, `magnitude_prune_svd`: every adapter's full ΔW (`(B·A)·s`, f32) pruned
+//!   and mixed as `ties` / `magnitude_prune` do with the weights `f32(w)`, then cut to the
+//!   largest rank by an f64 SVD of the full matrix (one-sided Jacobi; modules up to
+//!   [`MAX_FULL_SVD_DIM`] on their shorter side, larger ones refused by name).
+//!
 //! Refused: DARE (`dare_linear`, `dare_ties` and their SVD forms draw a mask with
-//! `torch.bernoulli` from torch's global RNG state, which no file records), `ties_svd`
-//! and `magnitude_prune_svd` (not implemented: they prune full ΔWs, whose SVD is
-//! full-rank), a `magnitude_prune`/`ties` cut that falls between equal magnitudes
-//! (torch's `topk` picks among ties by its own order).
+//! `torch.bernoulli` from torch's global RNG state, which no file records), a
+//! `magnitude_prune`/`ties` cut that falls between equal magnitudes (torch's `topk` picks
+//! among ties by its own order).
 //!
 //! The change keeps the original factors as its inputs (so coverage sees every one used)
 //! and computes the new factors once per tensor in `prepare`; bands get ΔW's rows with
@@ -126,14 +130,6 @@ impl Combine {
                     "--combine {name}: DARE prunes at random (torch.bernoulli with torch's global RNG \
                      state at the time of add_weighted_adapter), which no file records, so its result \
                      cannot be reproduced; use ties, magnitude_prune, linear or cat"
-                )));
-            }
-            CombinationType::TiesSvd | CombinationType::MagnitudePruneSvd => {
-                return Err(Error::Usage(format!(
-                    "--combine {name}: the pruned SVD combinations (PEFT prunes each adapter's full ΔW, \
-                     then takes torch.linalg.svd of the full-rank result) are not implemented by \
-                     lorastream yet; use svd, cat (exact: it keeps every adapter's rank) or linear, \
-                     ties, magnitude_prune"
                 )));
             }
             _ => {}
@@ -235,6 +231,47 @@ impl CombinedLora {
             let (a, b) = svd_factors(&self.parts, k, out, self.new_rank);
             return Ok((a, b, self.new_rank));
         }
+        if matches!(
+            self.how.kind,
+            CombinationType::TiesSvd | CombinationType::MagnitudePruneSvd
+        ) {
+            if out.min(k) > MAX_FULL_SVD_DIM {
+                return Err(self.refuse(format!(
+                    "module '{}': --combine {} takes the SVD of the full {out} x {k} ΔW, which \
+                     lorastream does for sizes up to {MAX_FULL_SVD_DIM} only; use svd, cat, linear, \
+                     ties or magnitude_prune",
+                    self.module,
+                    self.how.kind.name()
+                )));
+            }
+            // get_delta_weight per adapter: (B @ A) * scaling, f32.
+            let deltas: Vec<Vec<f32>> = self
+                .parts
+                .iter()
+                .map(|p| {
+                    let (a, b) = (decode(&p.a), decode(&p.b));
+                    let rp = rank_of(p);
+                    let s = p.scaling as f32;
+                    let mut d = vec![0f32; out * k];
+                    for o in 0..out {
+                        for j in 0..rp {
+                            let bo = b[o * rp + j];
+                            let row = &a[j * k..(j + 1) * k];
+                            d[o * k..(o + 1) * k]
+                                .iter_mut()
+                                .zip(row)
+                                .for_each(|(x, &y)| *x += bo * y);
+                        }
+                    }
+                    d.iter_mut().for_each(|x| *x *= s);
+                    d
+                })
+                .collect();
+            let weights: Vec<f32> = self.parts.iter().map(|p| p.weight as f32).collect();
+            let dw = self.mix(deltas, &weights, "ΔW")?;
+            let (a, b) = full_svd_factors(&dw, out, k, self.new_rank);
+            return Ok((a, b, self.new_rank));
+        }
         let r = rank_of(&self.parts[0]);
         if self.parts.iter().any(|p| rank_of(p) != r) {
             return Err(self.refuse(format!(
@@ -259,7 +296,12 @@ impl CombinedLora {
 
     /// PEFT's task_arithmetic / magnitude_prune / ties over same-shaped tensors.
     fn mix(&self, mut tensors: Vec<Vec<f32>>, weights: &[f32], what: &str) -> Result<Vec<f32>> {
-        let kind = self.how.kind;
+        // The SVD forms prune and elect like their plain forms (on full ΔWs).
+        let kind = match self.how.kind {
+            CombinationType::TiesSvd => CombinationType::Ties,
+            CombinationType::MagnitudePruneSvd => CombinationType::MagnitudePrune,
+            k => k,
+        };
         if matches!(
             kind,
             CombinationType::Ties | CombinationType::MagnitudePrune
@@ -378,7 +420,7 @@ fn svd_factors(parts: &[Part], k: usize, out: usize, r: usize) -> (Vec<f32>, Vec
             c[j * rank + i] = (0..rank).map(|t| rb[t * rank + i] * ra[t * rank + j]).sum();
         }
     }
-    let (uc, sv, vc) = jacobi_svd(c, rank);
+    let (uc, sv, vc) = jacobi_svd(c, rank, rank);
     let mut a_new = vec![0f32; r * k];
     let mut b_new = vec![0f32; out * r];
     for (slot, &(sigma, idx)) in sv.iter().take(r.min(rank)).enumerate() {
@@ -392,6 +434,47 @@ fn svd_factors(parts: &[Part], k: usize, out: usize, r: usize) -> (Vec<f32>, Vec
         for i in 0..k {
             let v: f64 = (0..rank).map(|t| at[t * k + i] * vc[idx * rank + t]).sum();
             a_new[slot * k + i] = v as f32;
+        }
+    }
+    (a_new, b_new)
+}
+
+/// The largest `min(out, k)` a pruned SVD combination takes: its SVD is of the full ΔW
+/// (a one-sided Jacobi SVD, O(out·k·min) per sweep), which beyond this is too slow to run.
+pub const MAX_FULL_SVD_DIM: usize = 1024;
+
+/// `ties_svd` / `magnitude_prune_svd` of one module: the combined full ΔW `[out, k]` (f32,
+/// row-major) cut to rank `r` by an f64 SVD: (A' `[r, k]`, B' = U·S `[out, r]`).
+fn full_svd_factors(dw: &[f32], out: usize, k: usize, r: usize) -> (Vec<f32>, Vec<f32>) {
+    // Jacobi orthogonalises columns: take the matrix whose columns are the shorter side.
+    let tall = k <= out;
+    let (m, n) = if tall { (out, k) } else { (k, out) };
+    let mut x = vec![0f64; m * n];
+    for o in 0..out {
+        for i in 0..k {
+            let v = dw[o * k + i] as f64;
+            if tall {
+                x[i * out + o] = v; // column i of ΔW
+            } else {
+                x[o * k + i] = v; // column o of ΔWᵀ
+            }
+        }
+    }
+    let (u, sv, v) = jacobi_svd(x, m, n);
+    let mut a_new = vec![0f32; r * k];
+    let mut b_new = vec![0f32; out * r];
+    for (slot, &(sigma, j)) in sv.iter().take(r.min(n)).enumerate() {
+        // tall: ΔW = U·S·Vᵀ (U out-long, V k-long); else ΔWᵀ = U·S·Vᵀ, so ΔW = V·S·Uᵀ.
+        let (left, right) = if tall {
+            (&u[j * m..(j + 1) * m], &v[j * n..(j + 1) * n])
+        } else {
+            (&v[j * n..(j + 1) * n], &u[j * m..(j + 1) * m])
+        };
+        for o in 0..out {
+            b_new[o * r + slot] = (left[o] * sigma) as f32;
+        }
+        for i in 0..k {
+            a_new[slot * k + i] = right[i] as f32;
         }
     }
     (a_new, b_new)
@@ -426,10 +509,10 @@ fn thin_qr(x: &mut [f64], m: usize, n: usize) -> Vec<f64> {
     r
 }
 
-/// One-sided Jacobi SVD of the column-major `n × n` matrix `c`: (U, [(σ, column)] sorted
-/// by σ descending, V), with `c = U·diag(σ)·Vᵀ`.
+/// One-sided Jacobi SVD of the column-major `m × n` matrix `c`: (U `m × n` with unit
+/// columns, [(σ, column)] sorted by σ descending, V `n × n`), with `c = U·diag(σ)·Vᵀ`.
 #[allow(clippy::type_complexity)]
-fn jacobi_svd(mut c: Vec<f64>, n: usize) -> (Vec<f64>, Vec<(f64, usize)>, Vec<f64>) {
+fn jacobi_svd(mut c: Vec<f64>, m: usize, n: usize) -> (Vec<f64>, Vec<(f64, usize)>, Vec<f64>) {
     let mut v = vec![0f64; n * n];
     for i in 0..n {
         v[i * n + i] = 1.0;
@@ -439,8 +522,8 @@ fn jacobi_svd(mut c: Vec<f64>, n: usize) -> (Vec<f64>, Vec<(f64, usize)>, Vec<f6
         for p in 0..n {
             for q in p + 1..n {
                 let (mut al, mut be, mut ga) = (0f64, 0f64, 0f64);
-                for t in 0..n {
-                    let (xp, xq) = (c[p * n + t], c[q * n + t]);
+                for t in 0..m {
+                    let (xp, xq) = (c[p * m + t], c[q * m + t]);
                     al += xp * xp;
                     be += xq * xq;
                     ga += xp * xq;
@@ -453,11 +536,11 @@ fn jacobi_svd(mut c: Vec<f64>, n: usize) -> (Vec<f64>, Vec<(f64, usize)>, Vec<f6
                 let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
                 let cs = 1.0 / (1.0 + t * t).sqrt();
                 let sn = cs * t;
-                for m in [&mut c, &mut v] {
-                    for i in 0..n {
-                        let (xp, xq) = (m[p * n + i], m[q * n + i]);
-                        m[p * n + i] = cs * xp - sn * xq;
-                        m[q * n + i] = sn * xp + cs * xq;
+                for (x, len) in [(&mut c, m), (&mut v, n)] {
+                    for i in 0..len {
+                        let (xp, xq) = (x[p * len + i], x[q * len + i]);
+                        x[p * len + i] = cs * xp - sn * xq;
+                        x[q * len + i] = sn * xp + cs * xq;
                     }
                 }
             }
@@ -467,11 +550,11 @@ fn jacobi_svd(mut c: Vec<f64>, n: usize) -> (Vec<f64>, Vec<(f64, usize)>, Vec<f6
         }
     }
     let mut sv: Vec<(f64, usize)> = (0..n)
-        .map(|j| ((0..n).map(|t| c[j * n + t].powi(2)).sum::<f64>().sqrt(), j))
+        .map(|j| ((0..m).map(|t| c[j * m + t].powi(2)).sum::<f64>().sqrt(), j))
         .collect();
     for &(s, j) in &sv {
         if s > 0.0 {
-            c[j * n..(j + 1) * n].iter_mut().for_each(|x| *x /= s);
+            c[j * m..(j + 1) * m].iter_mut().for_each(|x| *x /= s);
         }
     }
     sv.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -625,6 +708,42 @@ mod tests {
     }
 
     #[test]
+    fn full_svd_recovers_a_low_rank_matrix_tall_or_wide() {
+        // ΔW = u1·v1ᵀ·5 + u2·v2ᵀ·2 with orthonormal u, v: rank 2 gives it back, rank 1 the
+        // first term; both for [3, 4] (wide) and its transpose [4, 3] (tall).
+        let u = [[0.6f64, 0.8, 0.0], [0.0, 0.0, 1.0]];
+        let v = [[0.5f64, 0.5, 0.5, 0.5], [0.5, -0.5, 0.5, -0.5]];
+        let sig = [5.0f64, 2.0];
+        for wide in [true, false] {
+            let (out, k) = if wide { (3, 4) } else { (4, 3) };
+            let term = |t: usize, o: usize, i: usize| {
+                let (uo, vi) = if wide {
+                    (u[t][o], v[t][i])
+                } else {
+                    (v[t][o], u[t][i])
+                };
+                sig[t] * uo * vi
+            };
+            let dw: Vec<f32> = (0..out * k)
+                .map(|x| (term(0, x / k, x % k) + term(1, x / k, x % k)) as f32)
+                .collect();
+            for r in [2usize, 1] {
+                let (a, b) = full_svd_factors(&dw, out, k, r);
+                for o in 0..out {
+                    for i in 0..k {
+                        let got: f32 = (0..r).map(|j| b[o * r + j] * a[j * k + i]).sum();
+                        let want = (0..r).map(|t| term(t, o, i)).sum::<f64>() as f32;
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{wide} {r} {o} {i}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn svd_keeps_the_largest_singular_directions() {
         // Two rank-1 adapters with orthogonal factors: ΔW = 3·e0·f1ᵀ + 1·e1·f0ᵀ; rank 2
         // gives ΔW back, rank 1 only its largest part.
@@ -714,7 +833,10 @@ mod tests {
 
     #[test]
     fn dare_and_svd_are_refused_by_name() {
-        for (name, needle) in [("dare_ties", "torch.bernoulli"), ("ties_svd", "svd")] {
+        for (name, needle) in [
+            ("dare_ties", "torch.bernoulli"),
+            ("dare_linear_svd", "random"),
+        ] {
             let c = Combine {
                 kind: CombinationType::parse(name).unwrap(),
                 density: Some(0.5),

@@ -572,7 +572,10 @@ fn combined_steps(
     let ranks: Vec<usize> = c.adapters.iter().map(|a| a.config.max_rank()).collect();
     let new_rank = if how.kind == CombinationType::Cat {
         ranks.iter().sum()
-    } else if how.kind == CombinationType::Svd {
+    } else if matches!(
+        how.kind,
+        CombinationType::Svd | CombinationType::TiesSvd | CombinationType::MagnitudePruneSvd
+    ) {
         // svd_rank=None: the largest rank.
         ranks.iter().copied().max().unwrap_or(0)
     } else if ranks.iter().all(|&r| r == ranks[0]) {

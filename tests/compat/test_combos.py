@@ -13,10 +13,9 @@ Fixtures: fixtures/make_peft_combos.py -> fixtures/peft_combos/{bases,adapters,e
 - 3-D experts of an `is_transposed` module ([E, in, out]) and square experts (with the flag
   that settles their layout; refused without it).
 
-`svd` is compared within an absolute 1e-6 on f32 bases (PEFT's own f32 SVD error; 1 ulp on
-16-bit bases). Types lorastream does not reproduce (DARE: random masks; ties_svd and
-magnitude_prune_svd: not implemented yet) must be refused by name, exit 2 (usage), nothing
-written.
+The SVD types are compared within an absolute 1e-6 on f32 bases (PEFT's own f32 SVD error;
+1 ulp on 16-bit bases). DARE (random masks lorastream cannot reproduce) must be refused by
+name, exit 2 (usage), nothing written.
 
 Run: PY=$(scripts/python-env.sh); LORASTREAM_BIN=target/release/lorastream $PY -m pytest tests/compat/test_combos.py -q
 """
@@ -32,8 +31,8 @@ from test_merge import assert_close_to_expected, load_output
 REPO = Path(__file__).resolve().parents[2]
 FIX = REPO / "fixtures" / "peft_combos"
 CASES = json.loads((FIX / "cases.json").read_text())["cases"]
-# What lorastream refuses although PEFT merges it (the fixture says why): DARE, the pruned SVD
-# types, DoRA after another adapter on one weight.
+# What lorastream refuses although PEFT merges it (the fixture says why): DARE, DoRA after
+# another adapter on one weight.
 REFUSED = [c for c in CASES if c.get("refuse")]
 MERGE = [c for c in CASES if c not in REFUSED]
 
@@ -54,7 +53,8 @@ def args_of(case, out, with_args=True):
 
 def test_manifest():
     kinds = {c.get("combination_type") for c in CASES}
-    assert {"cat", "linear", "ties", "magnitude_prune", "dare_linear", "svd"} <= kinds
+    assert {"cat", "linear", "ties", "magnitude_prune", "dare_linear", "svd", "ties_svd",
+            "magnitude_prune_svd"} <= kinds
     assert any(c["row"] == "dora_then_dora" and c.get("refuse") for c in CASES)
     assert any(c["row"] == "dora_then_lora" and not c.get("refuse") for c in CASES)
     for c in CASES:
