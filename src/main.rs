@@ -8,6 +8,7 @@
 //! (`| head`) ends the command quietly instead of a panic.
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use lorastream::adapter::combine::{COMBINATION_TYPES, CombinationType, Combine, MajoritySign};
 use lorastream::compare::Tolerance;
 use lorastream::direct_io::ReadMode;
 use lorastream::merge::{Device, MergeOptions, split_named};
@@ -103,10 +104,13 @@ enum Command {
     ///
     /// A component is an optional NAME with a base and/or adapters; every output key of
     /// component NAME is "NAME." + its key. `--lora NAME=DIR` applies to `--base NAME=PATH`;
-    /// several --lora for one component merge one after another, in order.
+    /// several --lora for one component merge one after another, in order (a DoRA adapter
+    /// after another adapter on the same weight is refused), or with --combine TYPE and
+    /// --lora DIR:WEIGHT as one weighted combination (PEFT's add_weighted_adapter).
     ///
     /// Default: merged: each targeted weight becomes W + s·ΔW with PEFT's semantics
-    /// (Linear, Conv1D, Embedding, Conv, 2-D nn.Parameters, rsLoRA, rank/alpha patterns,
+    /// (Linear, Conv1D, Embedding, Conv, 2-D and 3-D nn.Parameters (MoE experts; the layout
+    /// of square experts from config.json or --fan-in-fan-out meaning [E, in, out]), rsLoRA, rank/alpha patterns,
     /// DoRA, lora_bias, MiCA, BD-LoRA, VeLoRA, MonteCLoRA, modules_to_save, saved biases),
     /// computed in f32 and rounded into the weight's dtype where PEFT rounds; tied weights
     /// get the merged value under every name; every other tensor is copied byte for byte.
@@ -157,6 +161,8 @@ enum Command {
         dry_run: bool,
         #[command(flatten)]
         layout: LayoutArgs,
+        #[command(flatten)]
+        combine: CombineArgs,
         #[command(flatten)]
         output: OutputArgs,
     },
@@ -274,12 +280,13 @@ struct OutputArgs {
 #[derive(clap::Args)]
 struct LayoutArgs {
     /// Modules (regex over names relative to the base model, e.g. 'attn\.c_proj$')
-    /// whose 2-D weights are stored [in, out] like transformers' Conv1D. Needed only for
-    /// square weights that the base's config.json does not settle; repeatable.
+    /// whose 2-D weights are stored [in, out] like transformers' Conv1D (for a 3-D experts
+    /// parameter: [E, in, out], an is_transposed module). Needed only for square weights
+    /// that the base's config.json does not settle; repeatable.
     #[arg(long = "fan-in-fan-out", value_name = "REGEX", value_parser = parse_regex)]
     fan_in_fan_out: Vec<Regex>,
-    /// Modules (regex) whose 2-D weights are stored [out, in] like nn.Linear; e.g. '.'
-    /// for a model without Conv1D. Repeatable.
+    /// Modules (regex) whose 2-D weights are stored [out, in] like nn.Linear (3-D experts:
+    /// [E, out, in], PEFT's default); e.g. '.' for a model without Conv1D. Repeatable.
     #[arg(long = "no-fan-in-fan-out", value_name = "REGEX", value_parser = parse_regex)]
     no_fan_in_fan_out: Vec<Regex>,
 }
@@ -300,15 +307,97 @@ struct ComponentArgs {
     /// argument that is an existing path as a whole is that path.
     #[arg(long = "base", value_name = "[NAME=]PATH")]
     bases: Vec<String>,
-    /// A PEFT adapter folder (or a file in it) for a component: [NAME=]DIR. Repeat to merge
-    /// several in order. An argument that is an existing path as a whole is that path.
-    #[arg(long = "lora", value_name = "[NAME=]DIR")]
+    /// A PEFT adapter folder (or a file in it) for a component: [NAME=]DIR[:WEIGHT]. Repeat
+    /// to merge several in order (or, with --combine, as one weighted combination: WEIGHT is
+    /// the adapter's weight there). An argument that is an existing path as a whole is that
+    /// path.
+    #[arg(long = "lora", value_name = "[NAME=]DIR[:WEIGHT]")]
     loras: Vec<String>,
 }
 
 /// `[NAME=]PATH` arguments, split.
 fn split_all(specs: &[String]) -> Vec<(Option<String>, PathBuf)> {
     specs.iter().map(|s| split_named(s)).collect()
+}
+
+/// `--lora [NAME=]DIR[:WEIGHT]`: the weight (a number after the last ':') split off, unless
+/// the whole argument is an existing path.
+fn split_weights(specs: &[String]) -> (Vec<String>, Vec<Option<f64>>) {
+    specs
+        .iter()
+        .map(|s| {
+            if std::path::Path::new(s).exists() {
+                return (s.clone(), None);
+            }
+            match s.rsplit_once(':') {
+                Some((head, w)) if !head.is_empty() => match w.parse::<f64>() {
+                    Ok(w) if w.is_finite() => (head.to_string(), Some(w)),
+                    _ => (s.clone(), None),
+                },
+                _ => (s.clone(), None),
+            }
+        })
+        .unzip()
+}
+
+/// `--combine` and its options (PEFT's `add_weighted_adapter`): shared by merge and verify.
+#[derive(clap::Args)]
+struct CombineArgs {
+    /// Merge each component's adapters as ONE weighted combination, exactly as PEFT's
+    /// add_weighted_adapter(adapters, weights, combination_type=TYPE) followed by the merge
+    /// of the new adapter; weights come from --lora DIR:WEIGHT (every adapter needs one).
+    /// cat and linear build new LoRA factors; ties and magnitude_prune prune each factor to
+    /// --density first (ties: majority sign by --majority-sign-method); svd, ties_svd and
+    /// magnitude_prune_svd cut the combined delta to the largest rank (f64 SVD; PEFT's f32
+    /// one differs by about 1e-6 absolute on f32 weights; pruned SVD forms for modules up
+    /// to 1024 on their shorter side). The dare_* types are refused (their random mask
+    /// comes from torch's RNG state, which no file records).
+    #[arg(long, value_name = "TYPE", value_parser = parse_combination)]
+    combine: Option<CombinationType>,
+    /// The fraction of values kept by ties / magnitude_prune and their _svd forms (0..1;
+    /// >= 1 prunes nothing).
+    #[arg(long, value_name = "FRACTION")]
+    density: Option<f64>,
+    /// How ties elects each value's sign: total (sum of the values) or frequency (count).
+    #[arg(long, value_name = "total|frequency", default_value = "total", value_parser = parse_majority)]
+    majority_sign_method: MajoritySign,
+}
+
+impl CombineArgs {
+    fn combine(&self) -> std::result::Result<Option<Combine>, Failed> {
+        match self.combine {
+            Some(kind) => Ok(Some(Combine {
+                kind,
+                density: self.density,
+                majority: self.majority_sign_method,
+            })),
+            None if self.density.is_some() => {
+                Err(Error::Usage("--density goes with --combine".into()).into())
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+fn parse_combination(s: &str) -> Result<CombinationType, String> {
+    CombinationType::parse(s).ok_or_else(|| {
+        format!(
+            "unknown combination type '{s}'; one of {}",
+            COMBINATION_TYPES
+                .iter()
+                .map(|(n, _)| *n)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+fn parse_majority(s: &str) -> Result<MajoritySign, String> {
+    match s {
+        "total" => Ok(MajoritySign::Total),
+        "frequency" => Ok(MajoritySign::Frequency),
+        _ => Err(format!("'{s}': total or frequency")),
+    }
 }
 
 /// The merge's options as `verify` takes them (those of `merge` that shape the output).
@@ -340,6 +429,8 @@ struct VerifyMergeArgs {
     buffered_io: bool,
     #[command(flatten)]
     layout: LayoutArgs,
+    #[command(flatten)]
+    combine: CombineArgs,
 }
 
 fn read_mode(buffered: bool) -> ReadMode {
@@ -562,13 +653,16 @@ fn run(
             device,
             dry_run,
             layout,
+            combine,
             output,
         } => {
             let (json, quiet) = (output.json, output.quiet);
             check_shard_size(&out, shard_size_given)?;
+            let (loras, lora_weights) = split_weights(&components.loras);
             let opts = MergeOptions {
                 bases: split_all(&components.bases),
-                loras: split_all(&components.loras),
+                loras: split_all(&loras),
+                lora_weights,
                 component_order,
                 settings: MergeSettings {
                     keep_lora,
@@ -576,6 +670,7 @@ fn run(
                     renames: output.renames,
                     exclude: output.exclude,
                     layout: layout.flags(),
+                    combine: combine.combine()?,
                 },
                 expect_keys_from,
                 allow_missing_keys,
@@ -670,10 +765,12 @@ fn run(
                 (false, Some(n)) => Tolerance::MaxUlp(n),
                 (false, None) => Tolerance::Contract,
             };
+            let (loras, lora_weights) = split_weights(&merge.components.loras);
             let opts = VerifyOptions {
                 merge: MergeOptions {
                     bases: split_all(&merge.components.bases),
-                    loras: split_all(&merge.components.loras),
+                    loras: split_all(&loras),
+                    lora_weights,
                     component_order,
                     settings: MergeSettings {
                         keep_lora: merge.keep_lora,
@@ -681,6 +778,7 @@ fn run(
                         renames: merge.renames,
                         exclude: merge.exclude,
                         layout: merge.layout.flags(),
+                        combine: merge.combine.combine()?,
                     },
                     threads: merge.threads,
                     device: merge.device,

@@ -50,6 +50,9 @@ pub struct MergeOptions {
     pub bases: Vec<(Option<String>, PathBuf)>,
     /// `--lora [NAME=]PATH`, in order.
     pub loras: Vec<(Option<String>, PathBuf)>,
+    /// `--lora …:WEIGHT`: per entry of `loras` (same index), its weight for `--combine`
+    /// (`settings.combine`); missing entries have none.
+    pub lora_weights: Vec<Option<f64>>,
     /// The order of components in the output; components not listed follow in the order
     /// they are first named in `bases`, then `loras`.
     pub component_order: Vec<Option<String>>,
@@ -205,11 +208,14 @@ fn open_components(opts: &MergeOptions, notes: &mut Vec<String>) -> Result<Vec<C
         let adapters = opts
             .loras
             .iter()
-            .filter(|(n, _)| *n == name)
-            .map(|(_, p)| {
+            .enumerate()
+            .filter(|(_, (n, _))| *n == name)
+            .map(|(i, (_, p))| {
                 let (dir, note) = source::adapter_dir(p);
                 notes.extend(note);
-                Adapter::open(&dir)
+                let mut ad = Adapter::open(&dir)?;
+                ad.weight = opts.lora_weights.get(i).copied().flatten();
+                Ok(ad)
             })
             .collect::<Result<Vec<_>>>()?;
         base.iter().for_each(|b| b.set_read_mode(opts.reads));

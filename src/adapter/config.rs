@@ -287,6 +287,22 @@ impl LoraConfig {
     /// `get_pattern_key` rule: the first pattern key (in file order) for which
     /// `re.match(rf"(.*\.)?({key})$", name)` succeeds.
     pub fn rank_and_scale(&self, module: &str) -> (usize, f32) {
+        let (r, scale) = self.rank_and_scale_f64(module);
+        (r, scale as f32)
+    }
+
+    /// The rank PEFT's `add_weighted_adapter` counts for the adapter: `r`, or the largest
+    /// of `r` and the `rank_pattern` ranks.
+    pub fn max_rank(&self) -> usize {
+        self.rank_pattern
+            .iter()
+            .map(|(_, _, r)| *r)
+            .fold(self.r, usize::max)
+    }
+
+    /// [`Self::rank_and_scale`] with the scale as PEFT holds it (a Python float), which
+    /// `add_weighted_adapter` multiplies by the weights before rounding to f32.
+    pub fn rank_and_scale_f64(&self, module: &str) -> (usize, f64) {
         let r = self
             .rank_pattern
             .iter()
@@ -302,7 +318,7 @@ impl LoraConfig {
         } else {
             alpha / r as f64
         };
-        (r, scale as f32)
+        (r, scale)
     }
 
     /// Whether a module (by name relative to the base model) is one of `modules_to_save`:

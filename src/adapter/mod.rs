@@ -8,7 +8,9 @@
 //! `rank_pattern` / `alpha_pattern`. Tuner types and initialisations whose merge we do
 //! not reproduce are refused by name.
 
+pub mod combine;
 mod config;
+pub mod lora_experts;
 pub mod tuners;
 
 pub use config::{BdLora, BlockDiagonal, LoraConfig, Variant};
@@ -69,6 +71,8 @@ pub struct Adapter {
     pub tuned: Vec<tuners::SavedModule>,
     /// The tuner's tensors shared by its modules (VeRA's projections), by name.
     pub shared: std::collections::BTreeMap<String, TensorEntry>,
+    /// `--lora DIR:WEIGHT`: the adapter's weight in a `--combine` combination.
+    pub weight: Option<f64>,
 }
 
 impl Adapter {
@@ -264,6 +268,7 @@ impl Adapter {
             tuner: None,
             tuned: Vec::new(),
             shared: Default::default(),
+            weight: None,
         })
     }
 
@@ -390,6 +395,7 @@ fn open_tuned(dir: &Path, files: source::AdapterFiles, peft_type: String) -> Res
         tuner: Some(tuner),
         tuned,
         shared,
+        weight: None,
     })
 }
 

@@ -39,4 +39,7 @@ pub struct MergeSettings {
     pub exclude: Vec<regex::Regex>,
     /// `--fan-in-fan-out` / `--no-fan-in-fan-out`: layouts of square 2-D weights.
     pub layout: LayoutFlags,
+    /// `--combine`: each component's adapters become one weighted combination (PEFT's
+    /// `add_weighted_adapter`), merged alone.
+    pub combine: Option<crate::adapter::combine::Combine>,
 }

@@ -87,6 +87,24 @@ impl LayoutEvidence {
         ))
     }
 
+    /// What `--fan-in-fan-out` (true: stored [in, out]) or `--no-fan-in-fan-out` (false)
+    /// says about `module`, with the flag for messages (conflicts: [`Self::flags_conflict`]).
+    pub fn flag_for(&self, module: &str) -> Option<(bool, String)> {
+        if let Some(r) = self
+            .flags
+            .fan_in_fan_out
+            .iter()
+            .find(|r| r.is_match(module))
+        {
+            return Some((true, format!("--fan-in-fan-out '{r}'")));
+        }
+        self.flags
+            .not_fan_in_fan_out
+            .iter()
+            .find(|r| r.is_match(module))
+            .map(|r| (false, format!("--no-fan-in-fan-out '{r}'")))
+    }
+
     /// The layout of module `module` whose weight fits ΔW as stored ([out, in]:
     /// `normal_fits`) and/or transposed ([in, out]: `transposed_fits`); at least one fits.
     /// Err: why it cannot be decided (or the evidence disagrees), for the message.

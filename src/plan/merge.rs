@@ -10,6 +10,9 @@ use super::layout::LayoutEvidence;
 use super::merge_types::{DeltaLayout, Job, JobSource, LoraStep, Step};
 use super::rename;
 use super::transformers_models::TIED_WEIGHTS;
+use crate::adapter::Variant;
+use crate::adapter::combine::{CombinationType, Combine, CombinedLora, Part};
+use crate::adapter::lora_experts::{ExpertsDelta, ExpertsLayout};
 use crate::adapter::{Adapter, LoraModule, SAVED_PREFIX};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -293,6 +296,17 @@ fn steps_for_base(
         }
     }
     let mut steps: HashMap<String, Vec<Step>> = HashMap::new();
+    if let (None, Some(ad)) = (&s.combine, c.adapters.iter().find(|a| a.weight.is_some())) {
+        return Err(Error::Usage(format!(
+            "adapter {} has a weight (--lora DIR:WEIGHT), which only a --combine combination uses; \
+             add --combine TYPE, or drop the weight to merge the adapters one after another",
+            ad.dir.display()
+        )));
+    }
+    if let Some(how) = s.combine.as_ref().filter(|_| !c.adapters.is_empty()) {
+        combined_steps(c, base, how, &by_name, &evidence, merging, &mut steps)?;
+        return Ok(steps);
+    }
     for ad in &c.adapters {
         let mut unmatched: Vec<String> = Vec::new();
         let mut unsettled: Vec<(String, String)> = Vec::new();
@@ -388,6 +402,14 @@ fn steps_for_base(
                 unmatched.push(m.name.clone());
                 continue;
             };
+            if parameter && w.shape.len() == 3 {
+                if let Some(ch) =
+                    experts_change(ad, m, w, c.model_config.as_ref(), &evidence, &mut unsettled)?
+                {
+                    steps.entry(wkey).or_default().push(Step::Tuned(ch));
+                }
+                continue;
+            }
             let fit = Fit {
                 evidence: &evidence,
                 merging,
@@ -447,7 +469,201 @@ fn steps_for_base(
             return Err(unsettled_error(c, ad, base, &unsettled));
         }
     }
+    check_dora_after_merge(&steps)?;
     Ok(steps)
+}
+
+/// A DoRA adapter merged after another adapter on the same weight is refused: PEFT 0.21.2
+/// (`LoraLayer._unmerged_base_weight`) computes its norm on the weight with the earlier
+/// adapters *unmerged again* (subtracted, or divided out for DoRA, in the weight's dtype)
+/// and then replays their merges, so the result carries the roundings of that
+/// unmerge/re-merge round trip, which lorastream does not reproduce (merging in sequence
+/// on the merged weight would differ from PEFT everywhere, not by an ulp).
+fn check_dora_after_merge(steps: &HashMap<String, Vec<Step>>) -> Result<()> {
+    let mut keys: Vec<&String> = steps.keys().collect();
+    keys.sort();
+    for key in keys {
+        let list = &steps[key];
+        for (i, st) in list.iter().enumerate().skip(1) {
+            let Step::Lora(l) = st else { continue };
+            let Some(mag) = &l.magnitude else { continue };
+            let earlier = list[..i]
+                .iter()
+                .any(|e| matches!(e, Step::Lora(_) | Step::Tuned(_)));
+            if earlier {
+                return Err(Error::tensor(
+                    mag.file.path(),
+                    &mag.name,
+                    format!(
+                        "is a DoRA adapter merged into '{key}' after another adapter on it; PEFT 0.21.2 \
+                         takes DoRA's norm from the weight with the earlier adapters unmerged again and \
+                         then replays their merges (LoraLayer._unmerged_base_weight), whose roundings \
+                         lorastream does not reproduce. Merge the DoRA adapter first (or alone) and the \
+                         others into that output"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `--combine`: the component's adapters as one weighted combination (PEFT's
+/// `add_weighted_adapter`, then the merge of the new adapter alone), one change per
+/// adapted weight. Every adapter is checked against the base as a LoRA of its own.
+fn combined_steps(
+    c: &Component,
+    base: &Checkpoint,
+    spec: &Combine,
+    by_name: &HashMap<&str, &TensorEntry>,
+    evidence: &LayoutEvidence,
+    merging: bool,
+    steps: &mut HashMap<String, Vec<Step>>,
+) -> Result<()> {
+    let how = spec.effective(c.adapters.len())?;
+    let first = &c.adapters[0];
+    let refuse = |ad: &Adapter, what: &str| {
+        Err(Error::Plan(format!(
+            "adapter {} (component {}): --combine {} takes plain LoRA adapters; this one has {what}",
+            ad.dir.display(),
+            c.label(),
+            spec.kind.name()
+        )))
+    };
+    for ad in &c.adapters {
+        if ad.tuner.is_some() {
+            return refuse(ad, &format!("peft_type {}", ad.kind()));
+        }
+        if !ad.config.target_parameters.is_empty() {
+            return refuse(
+                ad,
+                "target_parameters (PEFT: add_weighted_adapter does not support targeting nn.Parameter)",
+            );
+        }
+        if !ad.replacements.is_empty() {
+            return refuse(
+                ad,
+                "full tensors (modules_to_save, saved copies or biases), which PEFT does not combine",
+            );
+        }
+        if ad.config.variant != Variant::Plain || !ad.training_only.is_empty() {
+            return refuse(ad, "a LoRA variant (MiCA, BD-LoRA, VeLoRA, MonteCLoRA)");
+        }
+        if ad.modules.iter().any(|m| m.magnitude.is_some()) {
+            return refuse(
+                ad,
+                "DoRA magnitudes (the combined adapter would get a fresh magnitude from the base weight)",
+            );
+        }
+        if ad.modules.iter().any(|m| m.b_bias.is_some()) {
+            return refuse(
+                ad,
+                "lora_bias (add_weighted_adapter combines lora_A/lora_B only)",
+            );
+        }
+        if ad.weight.is_none() {
+            return Err(Error::Usage(format!(
+                "--combine {} needs a weight for every adapter: --lora {}:WEIGHT",
+                spec.kind.name(),
+                ad.dir.display()
+            )));
+        }
+    }
+    let ranks: Vec<usize> = c.adapters.iter().map(|a| a.config.max_rank()).collect();
+    let new_rank = if how.kind == CombinationType::Cat {
+        ranks.iter().sum()
+    } else if matches!(
+        how.kind,
+        CombinationType::Svd | CombinationType::TiesSvd | CombinationType::MagnitudePruneSvd
+    ) {
+        // svd_rank=None: the largest rank.
+        ranks.iter().copied().max().unwrap_or(0)
+    } else if ranks.iter().all(|&r| r == ranks[0]) {
+        ranks[0]
+    } else {
+        return Err(Error::Plan(format!(
+            "component {}: --combine {} needs every adapter to have the same r (they have {ranks:?}); \
+             PEFT refuses this too. Use cat",
+            c.label(),
+            how.kind.name()
+        )));
+    };
+    // The new adapter: r = lora_alpha = new_rank, use_rslora copied from the first one.
+    let scale = if first.config.use_rslora {
+        (new_rank as f64 / (new_rank as f64).sqrt()) as f32
+    } else {
+        1.0
+    };
+    let mut names: Vec<&str> = Vec::new();
+    for ad in &c.adapters {
+        for m in &ad.modules {
+            if !names.contains(&m.name.as_str()) {
+                names.push(&m.name);
+            }
+        }
+    }
+    let fit = Fit {
+        evidence,
+        merging,
+        parameter: false,
+    };
+    let (mut unmatched, mut unsettled) = (Vec::new(), Vec::new());
+    for name in names {
+        let wkey = format!("{name}.weight");
+        let Some(w) = by_name.get(wkey.as_str()) else {
+            unmatched.push(name.to_string());
+            continue;
+        };
+        let mut parts = Vec::new();
+        let mut layout = None;
+        let mut embedding = false;
+        for ad in &c.adapters {
+            let Some(m) = ad.module(name) else { continue };
+            let Some(step) = lora_step(ad, m, w, base, &fit, &mut unsettled)? else {
+                layout = None;
+                break;
+            };
+            if layout.is_some_and(|l| l != step.layout) {
+                return Err(Error::tensor(
+                    ad.weights_path(),
+                    &m.a.name,
+                    format!(
+                        "module '{name}': the adapters line up with '{}' in different layouts",
+                        w.name
+                    ),
+                ));
+            }
+            layout = Some(step.layout);
+            embedding = m.embedding;
+            parts.push(Part {
+                a: m.a.clone(),
+                b: m.b.clone(),
+                weight: ad.weight.unwrap_or(0.0),
+                scaling: ad.config.rank_and_scale_f64(name).1,
+            });
+        }
+        let Some(layout) = layout else { continue };
+        steps
+            .entry(wkey)
+            .or_default()
+            .push(Step::Tuned(Arc::new(CombinedLora {
+                parts,
+                how: how.clone(),
+                transposed: layout == DeltaLayout::Transposed,
+                embedding,
+                scale,
+                new_rank,
+                module: name.to_string(),
+                weights: first.weights_path().to_path_buf(),
+            })));
+    }
+    if !unmatched.is_empty() {
+        return Err(mismatch_error(c, first, base, &unmatched));
+    }
+    if !unsettled.is_empty() {
+        return Err(unsettled_error(c, first, base, &unsettled));
+    }
+    Ok(())
 }
 
 /// The steps of a non-LoRA tuner's modules: each module's base weight (and bias) found,
@@ -640,9 +856,10 @@ fn wrapped_parameter<'a>(
             "lora_A {:?} does not have rank {}, which adapter_config.json gives for the nn.Parameter '{}'",
             m.a.shape, m.r, p.name
         )),
+        [p] if p.shape.len() == 3 => Ok(Some(p)),
         [p] => refuse(format!(
-            "adapts the {}-D nn.Parameter '{}' {:?} (target_parameters, e.g. MoE experts); PEFT merges it \
-             expert by expert, which lorastream does not do yet",
+            "adapts the {}-D nn.Parameter '{}' {:?} (target_parameters); PEFT's ParamWrapper supports only 2-D \
+             and 3-D parameters",
             p.shape.len(),
             p.name,
             p.shape
@@ -671,6 +888,162 @@ fn tied_source(config: Option<&ModelConfig>, key: &str) -> Option<&'static str> 
             .and_then(|(_, pairs)| pairs.iter().find(|(k, _)| *k == key))
             .map(|(_, source)| *source)
     })
+}
+
+/// transformers model types whose fused experts are `use_experts_implementation(
+/// is_transposed=True)` (stored `[E, in, out]`), under their `experts` attribute; every other
+/// experts class of transformers (TRANSFORMERS_VERSION) stores `[E, out, in]` as PEFT assumes.
+const TRANSPOSED_EXPERTS_MODEL_TYPES: &[&str] =
+    &["gpt_oss", "aria", "aria_text", "openai_privacy_filter"];
+
+/// What the base's config.json says about the layout of the 3-D parameter of `module`.
+fn experts_layout_from_config(
+    config: Option<&ModelConfig>,
+    module: &str,
+) -> std::result::Result<(ExpertsLayout, String), String> {
+    use super::transformers_models::{KNOWN_MODEL_TYPES, TRANSFORMERS_VERSION};
+    let Some(c) = config else {
+        return Err("no config.json beside the base names its architecture".into());
+    };
+    if c.has_custom_code() {
+        return Err(format!(
+            "{} names custom code (auto_map), which may set is_transposed on its experts",
+            c.path.display()
+        ));
+    }
+    let text_type = c
+        .json
+        .get("text_config")
+        .and_then(|t| t.get("model_type"))
+        .and_then(serde_json::Value::as_str);
+    let Some(mt) = c.model_type() else {
+        return Err(format!("{} has no model_type", c.path.display()));
+    };
+    if !KNOWN_MODEL_TYPES.contains(&mt) {
+        return Err(format!(
+            "model_type '{mt}' is not one of transformers {TRANSFORMERS_VERSION}"
+        ));
+    }
+    let leaf = module.rsplit('.').next().unwrap_or(module);
+    let transposed_type = [Some(mt), text_type]
+        .into_iter()
+        .flatten()
+        .find(|t| TRANSPOSED_EXPERTS_MODEL_TYPES.contains(t));
+    match transposed_type {
+        Some(t) if leaf == "experts" => Ok((
+            ExpertsLayout::InOut,
+            format!(
+                "transformers' {t} code ({TRANSFORMERS_VERSION}), whose experts are is_transposed ([E, in, out])"
+            ),
+        )),
+        Some(t) => Err(format!(
+            "transformers' {t} code has is_transposed experts, and '{module}' is not its 'experts' module"
+        )),
+        None => Ok((
+            ExpertsLayout::OutIn,
+            format!(
+                "transformers' {mt} code ({TRANSFORMERS_VERSION}), whose experts are not is_transposed ([E, out, in])"
+            ),
+        )),
+    }
+}
+
+/// The change of a LoRA on a 3-D `nn.Parameter` (fused MoE experts, PEFT's ParamWrapper
+/// with `num_experts` > 1): the factors' shapes settle `[E, out, in]` vs `[E, in, out]`
+/// unless the experts are square, where `--fan-in-fan-out` / `--no-fan-in-fan-out` or
+/// the base's config.json must (PEFT reads the module's `is_transposed`, which the
+/// checkpoint does not record).
+fn experts_change(
+    ad: &Adapter,
+    m: &LoraModule,
+    w: &TensorEntry,
+    config: Option<&ModelConfig>,
+    evidence: &LayoutEvidence,
+    unsettled: &mut Vec<(String, String)>,
+) -> Result<Option<Arc<dyn crate::adapter::tuners::TensorChange>>> {
+    let bad = |msg: String| {
+        Error::tensor(
+            ad.weights_path(),
+            &m.a.name,
+            format!(
+                "{msg} (base nn.Parameter '{}' is {:?} {})",
+                w.name, w.shape, w.dtype
+            ),
+        )
+    };
+    if !m.a.dtype.is_float() || !m.b.dtype.is_float() {
+        return Err(bad("LoRA weights are not floating point".into()));
+    }
+    if m.magnitude.is_some() || m.b_bias.is_some() || m.embedding {
+        return Err(bad(
+            "DoRA, lora_bias and embedding LoRA do not exist on a 3-D nn.Parameter (PEFT's ParamWrapper \
+             refuses them); the adapter is not what PEFT saves"
+                .into(),
+        ));
+    }
+    let experts = w.shape[0];
+    let (out_in, in_out) = ExpertsDelta::fits(&m.a.shape, &m.b.shape, &w.shape, m.r);
+    if !out_in && !in_out {
+        return Err(bad(format!(
+            "LoRA A {:?} / B {:?} with rank {} do not fit {experts} experts: PEFT saves A [r·E, in] and \
+             B [out, r·E]",
+            m.a.shape, m.b.shape, m.r
+        )));
+    }
+    if let Some(msg) = evidence.flags_conflict(&m.name) {
+        return Err(Error::Usage(msg));
+    }
+    let mut said: Vec<(ExpertsLayout, String)> = Vec::new();
+    match (out_in, in_out) {
+        (true, false) => said.push((ExpertsLayout::OutIn, "its shapes".into())),
+        (false, true) => said.push((ExpertsLayout::InOut, "its shapes".into())),
+        _ => {}
+    }
+    if let Some((transposed, by)) = evidence.flag_for(&m.name) {
+        let l = if transposed {
+            ExpertsLayout::InOut
+        } else {
+            ExpertsLayout::OutIn
+        };
+        said.push((l, by));
+    }
+    let from_config = experts_layout_from_config(config, &m.name);
+    if let Ok(found) = &from_config {
+        said.push(found.clone());
+    }
+    let describe = |l: ExpertsLayout| match l {
+        ExpertsLayout::OutIn => "[E, out, in]",
+        ExpertsLayout::InOut => "[E, in, out] (is_transposed)",
+    };
+    let Some((first, by)) = said.first().cloned() else {
+        unsettled.push((
+            m.name.clone(),
+            format!(
+                "3-D nn.Parameter '{}' {:?}: its experts are square, so the shapes cannot tell PEFT's \
+                 [E, out, in] from an is_transposed module's [E, in, out], and {}; for the experts, \
+                 --fan-in-fan-out means [E, in, out]",
+                w.name,
+                w.shape,
+                from_config.err().unwrap_or_default()
+            ),
+        ));
+        return Ok(None);
+    };
+    if let Some((other, by2)) = said.iter().find(|(l, _)| *l != first) {
+        return Err(bad(format!(
+            "the evidence disagrees on the experts' layout: {by} says {}, {by2} says {}",
+            describe(first),
+            describe(*other)
+        )));
+    }
+    Ok(Some(Arc::new(ExpertsDelta {
+        a: m.a.clone(),
+        b: m.b.clone(),
+        experts,
+        r: m.r,
+        scale: m.scale,
+        layout: first,
+    })))
 }
 
 /// What decides how a module's factors fit its weight.
@@ -834,6 +1207,11 @@ fn plan_merged(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Job>)
 /// tensors under `base_layer`, modules_to_save under `original_module` and
 /// `modules_to_save.default`, and the LoRA tensors with the adapter name `default`.
 fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Job>) -> Result<()> {
+    if s.combine.is_some() && !c.adapters.is_empty() {
+        return Err(Error::Usage(
+            "--combine merges the combined adapter; it does not go with --keep-lora".into(),
+        ));
+    }
     let ad = match c.adapters.as_slice() {
         [] => {
             // No adapter: the component's tensors as they are.
