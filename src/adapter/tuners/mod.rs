@@ -27,6 +27,7 @@
 
 pub mod beft;
 pub mod glora;
+pub mod hira;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod trainable_tokens;
@@ -160,6 +161,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
     ln_tuning::TYPE,
     beft::TYPE,
     glora::TYPE,
+    hira::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
