@@ -27,6 +27,7 @@
 
 pub mod beft;
 pub mod glora;
+pub mod gralora;
 pub mod hira;
 pub mod ia3;
 pub mod ln_tuning;
@@ -162,6 +163,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
     beft::TYPE,
     glora::TYPE,
     hira::TYPE,
+    gralora::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
