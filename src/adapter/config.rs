@@ -154,19 +154,6 @@ impl LoraConfig {
             }
         }
         let is_set = |field: &str| v.get(field).is_some_and(|x| !x.is_null());
-        let non_empty = |x: &Value| match x {
-            Value::Object(o) => !o.is_empty(),
-            Value::Array(a) => !a.is_empty(),
-            Value::Null | Value::Bool(false) => false,
-            _ => true,
-        };
-        if v.get("trainable_token_indices").is_some_and(non_empty) {
-            return Err(fail(
-                "\"trainable_token_indices\" is set: the adapter also trains single rows of an embedding \
-                 (TrainableTokens), which lorastream does not merge yet. Nothing was written."
-                    .into(),
-            ));
-        }
         let mica = v
             .get("init_lora_weights")
             .and_then(|i| i.as_str())

@@ -124,6 +124,7 @@ impl Adapter {
         let mut parts: Vec<(String, Parts)> = Vec::new();
         let mut replacements = Vec::new();
         let mut training_only = Vec::new();
+        let mut tokens: Vec<tuners::SavedModule> = Vec::new();
         for t in files.weights.tensors {
             let rel = t.name.strip_prefix(SAVED_PREFIX).ok_or_else(|| {
                 Error::tensor(
@@ -156,6 +157,15 @@ impl Adapter {
                     ));
                 }
                 training_only.push(t);
+                continue;
+            }
+            if let Some(module) = rel.strip_suffix(tuners::trainable_tokens::LORA_SUFFIX) {
+                // trainable_token_indices: rows of an embedding, merged by the
+                // TrainableTokens row replacement beside the LoRA modules.
+                tokens.push(tuners::SavedModule {
+                    name: module.to_string(),
+                    parts: [(tuners::trainable_tokens::PART.to_string(), t)].into(),
+                });
                 continue;
             }
             match classify(&rel) {
@@ -256,17 +266,25 @@ impl Adapter {
                 scale,
             });
         }
-        if modules.is_empty() && replacements.is_empty() {
+        if modules.is_empty() && replacements.is_empty() && tokens.is_empty() {
             return Err(Error::format(&weights_path, "adapter holds no tensors"));
         }
+        let tuner = lora_tokens(
+            &files.config,
+            &files.config_path,
+            &weights_path,
+            &tokens,
+            &modules,
+            &replacements,
+        )?;
         Ok(Adapter {
             dir: dir.to_path_buf(),
             config,
             modules,
             replacements,
             training_only,
-            tuner: None,
-            tuned: Vec::new(),
+            tuner,
+            tuned: tokens,
             shared: Default::default(),
             weight: None,
         })
@@ -291,6 +309,63 @@ impl Adapter {
     pub fn module(&self, name: &str) -> Option<&LoraModule> {
         self.modules.iter().find(|m| m.name == name)
     }
+}
+
+/// The TrainableTokens part of a LoRA adapter (`trainable_token_indices`): its saved rows
+/// (`tokens`) checked against the config, and refused where the order in which PEFT applies
+/// them and another change to the same weight is not in the files.
+fn lora_tokens(
+    config: &serde_json::Value,
+    config_path: &Path,
+    weights_path: &Path,
+    tokens: &[tuners::SavedModule],
+    modules: &[LoraModule],
+    replacements: &[Replacement],
+) -> Result<Option<Box<dyn tuners::Tuner>>> {
+    let field = config
+        .get("trainable_token_indices")
+        .filter(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        .filter(|v| v.as_object().is_none_or(|o| !o.is_empty()));
+    let Some(field) = field else {
+        return match tokens.first().and_then(|m| m.parts.values().next()) {
+            Some(t) => Err(Error::tensor(
+                weights_path,
+                &t.name,
+                "is a trainable-tokens delta, but adapter_config.json has no trainable_token_indices                  (which rows it replaces)",
+            )),
+            None => Ok(None),
+        };
+    };
+    if tokens.is_empty() {
+        return Err(Error::format(
+            weights_path,
+            "adapter_config.json sets trainable_token_indices, but the adapter holds no              '<module>.token_adapter.trainable_tokens_delta' (incomplete adapter)",
+        ));
+    }
+    for m in tokens {
+        let weight = format!("{}.weight", m.name);
+        let clash = modules
+            .iter()
+            .any(|l| l.name == m.name)
+            .then(|| format!("a LoRA on '{}'", m.name))
+            .or_else(|| {
+                replacements
+                    .iter()
+                    .find(|r| r.base_key == weight)
+                    .map(|r| format!("a full copy '{}'", r.saved_key))
+            });
+        if let Some(other) = clash {
+            let t = m.parts.values().next().map_or("", |t| t.name.as_str());
+            return Err(Error::tensor(
+                weights_path,
+                t,
+                format!(
+                    "replaces rows of '{weight}', which {other} also changes; the order PEFT applies them in                      is not in the files, so lorastream does not merge both"
+                ),
+            ));
+        }
+    }
+    tuners::trainable_tokens::lora_token_tuner(field, config_path).map(Some)
 }
 
 /// Opens an adapter of a non-LoRA tuner: its tuner file reads the config and says what
@@ -488,6 +563,83 @@ fn classify(rel: &str) -> Option<(&str, Part)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn f32_entry(name: &str, shape: &[usize]) -> TensorEntry {
+        let n: usize = shape.iter().product();
+        TensorEntry::in_memory(
+            Path::new("a"),
+            name,
+            crate::dtype::Dtype::F32,
+            shape.to_vec(),
+            &vec![0u8; n * 4],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn lora_trainable_tokens_need_their_config_and_refuse_a_second_change() {
+        let cfg = serde_json::json!({"trainable_token_indices": {"emb": [0, 1]}});
+        let p = Path::new("adapter_config.json");
+        let w = Path::new("adapter_model.safetensors");
+        let tokens = vec![tuners::SavedModule {
+            name: "emb".into(),
+            parts: [(
+                tuners::trainable_tokens::PART.to_string(),
+                f32_entry(
+                    "base_model.model.emb.token_adapter.trainable_tokens_delta",
+                    &[2, 4],
+                ),
+            )]
+            .into(),
+        }];
+        let t = lora_tokens(&cfg, p, w, &tokens, &[], &[]).unwrap().unwrap();
+        assert_eq!(t.name(), "LoRA trainable tokens");
+        // Saved rows without the config field, and the field without saved rows.
+        let e = lora_tokens(&serde_json::json!({}), p, w, &tokens, &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("token_adapter.trainable_tokens_delta")
+                && e.contains("no trainable_token_indices"),
+            "{e}"
+        );
+        let e = lora_tokens(&cfg, p, w, &[], &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("incomplete adapter"), "{e}");
+        assert!(
+            lora_tokens(&serde_json::json!({}), p, w, &[], &[], &[])
+                .unwrap()
+                .is_none()
+        );
+        // A LoRA on the same embedding: which PEFT applies first is not in the files.
+        let lora = LoraModule {
+            name: "emb".into(),
+            a: f32_entry("base_model.model.emb.lora_embedding_A", &[1, 3]),
+            b: f32_entry("base_model.model.emb.lora_embedding_B", &[4, 1]),
+            b_bias: None,
+            magnitude: None,
+            embedding: true,
+            r: 1,
+            scale: 1.0,
+        };
+        let e = lora_tokens(&cfg, p, w, &tokens, &[lora], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("emb.weight") && e.contains("a LoRA on 'emb'"),
+            "{e}"
+        );
+        let copy = Replacement {
+            base_key: "emb.weight".into(),
+            saved_key: "emb.weight".into(),
+            tensor: f32_entry("base_model.model.emb.weight", &[3, 4]),
+        };
+        let e = lora_tokens(&cfg, p, w, &tokens, &[], &[copy])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a full copy 'emb.weight'"), "{e}");
+    }
 
     #[test]
     fn classifies_saved_keys() {

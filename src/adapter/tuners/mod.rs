@@ -34,6 +34,8 @@ pub mod fourierft;
 pub mod frod;
 pub mod glora;
 pub mod hra;
+pub mod gralora;
+pub mod hira;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod loha;
@@ -202,6 +204,8 @@ pub const TUNER_TYPES: &[TunerType] = &[
     peanut::TYPE,
     boft::TYPE,
     road::TYPE,
+    hira::TYPE,
+    gralora::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters), and

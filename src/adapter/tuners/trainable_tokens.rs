@@ -40,8 +40,68 @@ pub const PART: &str = "trainable_tokens_delta";
 
 #[derive(Debug)]
 struct TrainableTokens {
-    token_indices: Vec<usize>,
+    indices: Indices,
+    name: &'static str,
 }
+
+/// Which rows each module replaces.
+#[derive(Debug)]
+enum Indices {
+    /// Every saved module (TRAINABLE_TOKENS' `token_indices`; a LoRA config's list form,
+    /// which PEFT applies to the input embedding).
+    All(Vec<usize>),
+    /// A LoRA config's `trainable_token_indices` dict: module name (suffix) -> indices.
+    PerModule(Vec<(String, Vec<usize>)>),
+}
+
+impl TrainableTokens {
+    fn indices_of(&self, weights: &Path, m: &SavedModule) -> Result<&[usize]> {
+        match &self.indices {
+            Indices::All(v) => Ok(v),
+            Indices::PerModule(map) => map
+                .iter()
+                .find(|(k, _)| m.name == *k || m.name.ends_with(&format!(".{k}")))
+                .map(|(_, v)| v.as_slice())
+                .ok_or_else(|| {
+                    Error::format(
+                        weights,
+                        format!(
+                            "module '{}' has trainable tokens, but adapter_config.json's trainable_token_indices                              names only {:?}",
+                            m.name,
+                            map.iter().map(|(k, _)| k).collect::<Vec<_>>()
+                        ),
+                    )
+                }),
+        }
+    }
+}
+
+/// The part of a LoRA adapter that trains rows of embeddings (`trainable_token_indices`,
+/// saved as `<module>.token_adapter.trainable_tokens_delta`): a tuner the plan runs beside
+/// the LoRA modules. `v` is that config field (a list, or a dict of module -> list).
+pub fn lora_token_tuner(v: &Value, path: &Path) -> Result<Box<dyn Tuner>> {
+    let what = "trainable_token_indices";
+    let indices = match v {
+        Value::Object(o) => Indices::PerModule(
+            o.iter()
+                .map(|(k, x)| {
+                    Ok((
+                        k.clone(),
+                        token_indices(x, path, &format!("{what}['{k}']"))?,
+                    ))
+                })
+                .collect::<Result<_>>()?,
+        ),
+        other => Indices::All(token_indices(other, path, what)?),
+    };
+    Ok(Box::new(TrainableTokens {
+        indices,
+        name: "LoRA trainable tokens",
+    }))
+}
+
+/// The saved key suffix of a LoRA adapter's trainable tokens (after the module name).
+pub const LORA_SUFFIX: &str = ".token_adapter.trainable_tokens_delta";
 
 /// Reads a list of token indices (`token_indices`, or one entry of a LoRA config's
 /// `trainable_token_indices`), refusing what PEFT's `index_copy` cannot settle: negative
@@ -78,7 +138,8 @@ fn open(v: &Value, path: &Path) -> Result<Box<dyn Tuner>> {
         )
     })?;
     Ok(Box::new(TrainableTokens {
-        token_indices: token_indices(raw, path, "token_indices")?,
+        indices: Indices::All(token_indices(raw, path, "token_indices")?),
+        name: "TrainableTokens",
     }))
 }
 
@@ -135,11 +196,14 @@ pub fn replace_rows(
 
 impl Tuner for TrainableTokens {
     fn name(&self) -> &'static str {
-        "TrainableTokens"
+        self.name
     }
 
     fn classify<'k>(&self, rel: &'k str) -> SavedKey<'k> {
-        match rel.strip_suffix(".trainable_tokens_delta") {
+        match rel
+            .strip_suffix(LORA_SUFFIX)
+            .or_else(|| rel.strip_suffix(".trainable_tokens_delta"))
+        {
             Some(module) => SavedKey::Part { module, part: PART },
             None => SavedKey::Full,
         }
@@ -161,9 +225,10 @@ impl Tuner for TrainableTokens {
     ) -> Result<Vec<Change>> {
         let delta = m.part(weights, PART)?;
         let w = &base.weight.entry;
+        let indices = self.indices_of(weights, m)?;
         Ok(vec![Change {
             target: w.name.clone(),
-            change: Arc::new(replace_rows(weights, delta, &self.token_indices, w)?),
+            change: Arc::new(replace_rows(weights, delta, indices, w)?.reported_as(self.name)),
         }])
     }
 }
@@ -254,7 +319,8 @@ mod tests {
 
     fn setup(indices: &[usize], delta: &[f32], dshape: &[usize]) -> (TrainableTokens, SavedModule) {
         let t = TrainableTokens {
-            token_indices: indices.to_vec(),
+            indices: Indices::All(indices.to_vec()),
+            name: "TrainableTokens",
         };
         let m = SavedModule {
             name: "emb".into(),
@@ -336,5 +402,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("token_indices") && e.contains("-1"), "{e}");
+    }
+
+    #[test]
+    fn lora_indices_per_module_by_name_suffix() {
+        let p = Path::new("adapter_config.json");
+        let t = lora_token_tuner(&serde_json::json!({"embed_tokens": [2, 0]}), p).unwrap();
+        assert_eq!(t.name(), "LoRA trainable tokens");
+        assert_eq!(
+            t.classify("model.embed_tokens.token_adapter.trainable_tokens_delta"),
+            SavedKey::Part {
+                module: "model.embed_tokens",
+                part: PART
+            }
+        );
+        let w = entry(
+            "model.embed_tokens.weight",
+            Dtype::F32,
+            &[3, 1],
+            &[1., 2., 3.],
+        );
+        let base = ModuleBase {
+            weight: BaseTensor {
+                entry: w.clone(),
+                transposed: false,
+            },
+            bias: None,
+        };
+        let mut m = SavedModule {
+            name: "model.embed_tokens".into(),
+            parts: [(PART.to_string(), entry("d", Dtype::F32, &[2, 1], &[7., 9.]))].into(),
+        };
+        let ch = t
+            .changes(Path::new("a"), &m, &BTreeMap::new(), &base)
+            .unwrap();
+        assert_eq!(ch[0].change.tuner(), "LoRA trainable tokens");
+        assert_eq!(run_in_memory(&*ch[0].change, &w, 2).unwrap(), [9., 2., 7.]);
+        // A module the dict does not name is refused, naming what it does name.
+        m.name = "model.other".into();
+        let e = t
+            .changes(Path::new("a"), &m, &BTreeMap::new(), &base)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model.other") && e.contains("embed_tokens"),
+            "{e}"
+        );
     }
 }
