@@ -25,6 +25,7 @@
 //! Which tuners exist is [`TUNER_TYPES`]; PEFT types that cannot be merged at all (prompt
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
+pub mod c3a;
 pub mod delora;
 pub mod fourierft;
 pub mod ia3;
@@ -160,6 +161,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
     delora::TYPE,
     miss::TYPE,
     fourierft::TYPE,
+    c3a::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
