@@ -31,6 +31,7 @@ pub mod fourierft;
 pub mod ia3;
 pub mod miss;
 pub mod shira;
+pub mod waveft;
 
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
@@ -162,6 +163,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
     miss::TYPE,
     fourierft::TYPE,
     c3a::TYPE,
+    waveft::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
