@@ -162,7 +162,7 @@ impl Tuner for FourierFt {
 }
 
 /// The first `n` entries of torch's `randperm(total, generator=manual_seed(seed))`.
-fn torch_randperm_prefix(total: usize, n: usize, seed: u64) -> Vec<usize> {
+pub(super) fn torch_randperm_prefix(total: usize, n: usize, seed: u64) -> Vec<usize> {
     let mut g = Mt19937::new(seed as u32);
     let mut moved: HashMap<usize, usize> = HashMap::new();
     let mut out = Vec::with_capacity(n);

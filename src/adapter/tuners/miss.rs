@@ -75,9 +75,15 @@ impl Miss {
         let s = block.shape.as_slice();
         match (self.kind, s) {
             (Kind::Default, [r, o]) if *r > 0 && *o == out && *r <= inp => Ok(()),
-            (Kind::Mini, [r, m]) if *r > 0 && *m > 0 && out % m == 0 && *r <= inp => Ok(()),
+            (Kind::Mini, [r, m]) if *r > 0 && *m > 0 && out.is_multiple_of(*m) && *r <= inp => {
+                Ok(())
+            }
             (Kind::Bat, [n, r, r2])
-                if *r > 0 && r == r2 && out % r == 0 && inp % r == 0 && *n == out / r =>
+                if *r > 0
+                    && r == r2
+                    && out.is_multiple_of(*r)
+                    && inp.is_multiple_of(*r)
+                    && *n == out / r =>
             {
                 Ok(())
             }
@@ -204,7 +210,7 @@ impl TensorChange for Block {
             (_, [r, w]) => (*r, *w),
             _ => (0, 0),
         };
-        if r == 0 || base.cols % if self.kind == Kind::Bat { r } else { 1 } != 0 {
+        if r == 0 || (self.kind == Kind::Bat && !base.cols.is_multiple_of(r)) {
             return Err(Error::Internal(format!(
                 "MiSS block {s:?} for '{}' ({} x {})",
                 base.base.name, base.rows, base.cols

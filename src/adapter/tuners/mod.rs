@@ -29,6 +29,7 @@ pub mod adalora;
 pub mod beft;
 pub mod boft;
 pub mod deft;
+pub mod c3a;
 pub mod delora;
 pub mod fourierft;
 pub mod frod;
@@ -52,6 +53,7 @@ pub mod torch_mm;
 pub mod trainable_tokens;
 pub mod vblora;
 pub mod vera;
+pub mod waveft;
 
 use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
@@ -206,6 +208,8 @@ pub const TUNER_TYPES: &[TunerType] = &[
     road::TYPE,
     hira::TYPE,
     gralora::TYPE,
+    c3a::TYPE,
+    waveft::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters), and
