@@ -28,15 +28,15 @@
 pub mod adalora;
 pub mod beft;
 pub mod boft;
-pub mod deft;
 pub mod c3a;
+pub mod deft;
 pub mod delora;
 pub mod fourierft;
 pub mod frod;
 pub mod glora;
-pub mod hra;
 pub mod gralora;
 pub mod hira;
+pub mod hra;
 pub mod ia3;
 pub mod ln_tuning;
 pub mod loha;
