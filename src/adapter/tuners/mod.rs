@@ -26,6 +26,7 @@
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
 pub mod ia3;
+pub mod pvera;
 pub mod randlora;
 pub mod torch_mm;
 pub mod vblora;
@@ -154,7 +155,13 @@ pub struct TunerType {
 }
 
 /// Every tuner lorastream merges besides LoRA.
-pub const TUNER_TYPES: &[TunerType] = &[ia3::TYPE, vera::TYPE, vblora::TYPE, randlora::TYPE];
+pub const TUNER_TYPES: &[TunerType] = &[
+    ia3::TYPE,
+    vera::TYPE,
+    vblora::TYPE,
+    randlora::TYPE,
+    pvera::TYPE,
+];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
