@@ -28,6 +28,7 @@
 pub mod ia3;
 pub mod pvera;
 pub mod randlora;
+pub mod tinylora;
 pub mod torch_mm;
 pub mod vblora;
 pub mod vera;
@@ -161,6 +162,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
     vblora::TYPE,
     randlora::TYPE,
     pvera::TYPE,
+    tinylora::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
