@@ -30,6 +30,7 @@ pub mod pvera;
 pub mod randlora;
 pub mod tinylora;
 pub mod torch_mm;
+pub mod unilora;
 pub mod vblora;
 pub mod vera;
 
@@ -163,6 +164,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
     randlora::TYPE,
     pvera::TYPE,
     tinylora::TYPE,
+    unilora::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters).
