@@ -80,7 +80,9 @@ def test_manifests():
         assert sum(bool(c.get("pth")) for c in m["cases"]) <= 1, t
         for c in m["cases"]:
             assert c["peft_type"] == m["peft_type"] and c["tuner"] == t, c["name"]
-            assert c["lorastream"] == ("merge" if m["lorastream_merges"] and not c.get("refuse") else "refuse"), c["name"]
+            # rows PEFT merges but lorastream refuses by name (LORASTREAM_REFUSES) stay refusals
+            merges = m["lorastream_merges"] and not c.get("refuse") and not c.get("lorastream_refuses")
+            assert c["lorastream"] == ("merge" if merges else "refuse"), c["name"]
             assert fx(c, c["base"]).is_dir(), c["name"]
             for lora in c["loras"]:
                 cfg = json.loads((fx(c, lora) / "adapter_config.json").read_text())
