@@ -46,11 +46,15 @@ pub mod oft;
 pub mod osf;
 pub mod peanut;
 pub mod psoft;
+pub mod pvera;
+pub mod randlora;
 pub mod road;
 pub mod shira;
 pub mod supertuning;
+pub mod tinylora;
 pub mod torch_mm;
 pub mod trainable_tokens;
+pub mod unilora;
 pub mod vblora;
 pub mod vera;
 pub mod waveft;
@@ -210,6 +214,10 @@ pub const TUNER_TYPES: &[TunerType] = &[
     gralora::TYPE,
     c3a::TYPE,
     waveft::TYPE,
+    randlora::TYPE,
+    pvera::TYPE,
+    tinylora::TYPE,
+    unilora::TYPE,
 ];
 
 /// PEFT types without a merge (they do not change weights, or route between adapters), and
