@@ -100,7 +100,7 @@ enum Command {
         #[command(flatten)]
         opts: OutputArgs,
     },
-    /// Merge PEFT LoRA adapters into base weights (or keep them unmerged) and write one checkpoint.
+    /// Merge PEFT adapters (LoRA and every other PEFT tuner with a merge) into base weights, or keep them unmerged, and write one checkpoint.
     ///
     /// A component is an optional NAME with a base and/or adapters; every output key of
     /// component NAME is "NAME." + its key. `--lora NAME=DIR` applies to `--base NAME=PATH`;
@@ -119,6 +119,10 @@ enum Command {
     /// fan_in_fan_out flag; what nothing settles is refused. With --keep-lora the output
     /// holds the keys of PEFT's `PeftModel.state_dict()` instead (…lora_A.default.weight,
     /// …base_layer.weight), adapter tensors in f32 as PEFT holds them.
+    ///
+    /// Other tuners (peft_type LOHA, LOKR, IA3, OFT, BOFT, HRA, VERA, ADALORA, FOURIERFT,
+    /// ... — the README's list) merge exactly as PEFT's merge_and_unload() does, band by
+    /// band on the CPU; options whose merge cannot be reproduced are refused by name.
     #[command(
         after_help = "Example (XTuner LLaVA, continue the released LoRA training):\n  \
         lorastream merge --lora llm=R/llm_adapter --lora visual_encoder=R/visual_encoder_adapter \\\n    \
