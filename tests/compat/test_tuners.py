@@ -168,3 +168,28 @@ def test_tuner_refuse(mrun, tmp_path, case):
     names = case.get("stderr_one_of") or [case["peft_type"]]
     assert any(s.lower() in low for s in names), f"stderr (paths removed) names none of {names}:\n{stripped}"
     assert listing(out_dir) == [], f"output left behind: {listing(out_dir)}"
+
+
+# --------------------------------------------------------------------------------------
+# --keep-lora (PeftModel.from_pretrained(base, adapter).state_dict(), unmerged)
+# --------------------------------------------------------------------------------------
+
+KEEP = [c for c in MERGE if c.get("keep_lora")]
+
+
+@pytest.mark.parametrize("case", KEEP, ids=ids(KEEP))
+def test_tuner_keep_lora(mrun, tmp_path, case):
+    """`merge --keep-lora` writes exactly PEFT's state_dict: same keys, dtypes, shapes, bits. The
+    expected file stores a tensor PEFT holds under several names (VeRA's projections) once; every
+    alias must hold the same values."""
+    out = tmp_path / "out.safetensors"
+    mrun(merge_args(case, out) + ["--keep-lora"])
+    got = load_file(str(out))
+    exp = load_file(str(fx(case, case["keep_lora"]["expected"])))
+    for alias, canonical in case["keep_lora"]["aliases"].items():
+        exp[alias] = exp[canonical]
+    assert sorted(got) == sorted(exp), f"missing {sorted(set(exp) - set(got))}, extra {sorted(set(got) - set(exp))}"
+    for k, v in exp.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, (k, got[k].dtype, v.dtype, got[k].shape, v.shape)
+        assert torch.equal(got[k].view(torch.uint8) if v.dtype.is_floating_point else got[k],
+                           v.view(torch.uint8) if v.dtype.is_floating_point else v), k
