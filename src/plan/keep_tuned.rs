@@ -9,8 +9,6 @@
 //! Beyond it, per tuner (all observed in real PEFT 0.21.2 state_dicts, see
 //! `fixtures/tuner_matrix/<tuner>/expected_keep_lora/`):
 //!
-//! - saved parts that are no tensors of the loaded model: SHiRA's `shira_indices` (PEFT
-//!   keeps them in a plain dict of the layer) are left out;
 //! - shared tensors (VeRA's `vera_A`/`vera_B`, VB-LoRA's `vblora_vector_bank`) live on the
 //!   tuner model (`base_model.<name>.default`) and every adapted layer holds the same dict
 //!   (`base_model.model.<module>.<name>.default`): one tensor under all those names;
@@ -26,10 +24,32 @@ use crate::error::{Error, Result};
 use crate::source::TensorEntry;
 use std::collections::BTreeMap;
 
+/// Tuners (by display name) refused although known, with the reason.
+const REFUSED: &[(&str, &str)] = &[(
+    "SHiRA",
+    "PeftModel.state_dict() has no shira_indices (PEFT keeps the sparse positions in a plain dict \
+     of the layer, filled from the adapter file at load), so the unmerged output would lose them",
+)];
+
 /// Tuners (by display name) whose `--keep-lora` output is checked against PEFT's
-/// state_dict, with the saved parts that are not in it.
-const CHECKED: &[(&str, &[&str])] = &[
-    ("IA3", &[]),
+/// state_dict (fixtures/tuner_matrix/<tuner>/expected_keep_lora/).
+const CHECKED: &[&str] = &[
+    "IA3",
+    "LoHa",
+    "LoKr",
+    "OFT",
+    "HRA",
+    "VeRA",
+    "VB-LoRA",
+    "DeLoRA",
+    "MiSS",
+    "FourierFT",
+    "TrainableTokens",
+    "LN Tuning",
+    "BEFT",
+    "GLoRA",
+    "Super-Tuning",
+    "DEFT",
 ];
 
 /// A tensor of the output: its `state_dict()` key and where its values come from.
@@ -55,7 +75,14 @@ pub fn kept_tuner(ad: &Adapter) -> Result<KeptTuner> {
     let Some(tuner) = ad.tuner.as_ref() else {
         return Ok(KeptTuner::default());
     };
-    let Some((_, dropped)) = CHECKED.iter().find(|(n, _)| *n == tuner.name()) else {
+    if let Some((_, why)) = REFUSED.iter().find(|(n, _)| *n == tuner.name()) {
+        return Err(Error::Plan(format!(
+            "adapter {}: --keep-lora does not write {} adapters: {why}; merge it instead",
+            ad.dir.display(),
+            tuner.name()
+        )));
+    }
+    if !CHECKED.contains(&tuner.name()) {
         return Err(Error::Plan(format!(
             "adapter {}: --keep-lora does not write {} adapters (their PeftModel.state_dict() is not \
              checked against PEFT: PEFT may create tensors at load that the adapter file lacks); merge \
@@ -76,10 +103,7 @@ pub fn kept_tuner(ad: &Adapter) -> Result<KeptTuner> {
     for m in &ad.tuned {
         let prefix = format!("{SAVED_PREFIX}{}.", m.name);
         let mut kept = Vec::new();
-        for (part, t) in &m.parts {
-            if dropped.contains(&part.as_str()) {
-                continue;
-            }
+        for t in m.parts.values() {
             let rest = t.name.strip_prefix(&prefix).ok_or_else(|| {
                 Error::tensor(
                     t.file.path(),
@@ -151,21 +175,32 @@ mod tests {
     }
 
     #[test]
-    fn every_checked_tuner_exists() {
-        // A renamed tuner would silently fall out of --keep-lora: the names must be real.
-        let names: Vec<&str> = crate::adapter::tuners::TUNER_TYPES
-            .iter()
-            .filter_map(|t| {
-                let cfg = serde_json::json!({"peft_type": t.peft_type, "target_modules": ["x"]});
-                (t.open)(&cfg, std::path::Path::new("adapter_config.json"))
-                    .ok()
-                    .map(|tu| tu.name())
-            })
-            .collect();
-        for (n, _) in CHECKED {
+    fn every_listed_tuner_exists() {
+        // A renamed tuner would silently fall out of --keep-lora: the names must be real. The
+        // tuner fixtures' configs open every tuner (each needs its own config fields).
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/tuner_matrix");
+        let mut names = std::collections::BTreeSet::new();
+        for tuner in std::fs::read_dir(&root).expect("fixtures/tuner_matrix") {
+            let adapters = tuner.expect("entry").path().join("adapters");
+            let Ok(dirs) = std::fs::read_dir(&adapters) else {
+                continue;
+            };
+            for d in dirs {
+                let path = d.expect("entry").path().join("adapter_config.json");
+                let text = std::fs::read_to_string(&path).expect("adapter_config.json");
+                let cfg: serde_json::Value = serde_json::from_str(&text).expect("json");
+                let pt = cfg["peft_type"].as_str().expect("peft_type");
+                if let Some(kind) = crate::adapter::tuners::tuner_type(pt)
+                    && let Ok(t) = (kind.open)(&cfg, &path)
+                {
+                    names.insert(t.name());
+                }
+            }
+        }
+        for n in CHECKED.iter().chain(REFUSED.iter().map(|(n, _)| n)) {
             assert!(
                 names.contains(n),
-                "{n} is not the name of a tuner that opens"
+                "{n} is not the name of a tuner ({names:?})"
             );
         }
     }

@@ -174,7 +174,28 @@ def test_tuner_refuse(mrun, tmp_path, case):
 # --keep-lora (PeftModel.from_pretrained(base, adapter).state_dict(), unmerged)
 # --------------------------------------------------------------------------------------
 
-KEEP = [c for c in MERGE if c.get("keep_lora")]
+# Tuners whose --keep-lora lorastream refuses by name although PEFT has a state_dict: the reason
+# and a word stderr must hold.
+KEEP_REFUSED = {"shira": "shira_indices"}
+KEEP = [c for c in MERGE if c.get("keep_lora") and c["tuner"] not in KEEP_REFUSED]
+KEEP_REFUSE = [c for c in MERGE if c.get("keep_lora") and c["tuner"] in KEEP_REFUSED]
+
+
+def keep_expected(case):
+    """PEFT's state_dict with every alias key filled in from the tensor stored for it."""
+    exp = load_file(str(fx(case, case["keep_lora"]["expected"])))
+    for alias, canonical in case["keep_lora"]["aliases"].items():
+        exp[alias] = exp[canonical]
+    return exp
+
+
+def assert_same_tensors(got, exp, what):
+    assert sorted(got) == sorted(exp), f"{what}: missing {sorted(set(exp) - set(got))}, extra {sorted(set(got) - set(exp))}"
+    for k, v in exp.items():
+        g = got[k]
+        assert g.dtype == v.dtype and g.shape == v.shape, (what, k, g.dtype, v.dtype, g.shape, v.shape)
+        assert torch.equal(g.view(torch.uint8) if v.dtype.is_floating_point else g,
+                           v.view(torch.uint8) if v.dtype.is_floating_point else v), (what, k)
 
 
 @pytest.mark.parametrize("case", KEEP, ids=ids(KEEP))
@@ -184,12 +205,32 @@ def test_tuner_keep_lora(mrun, tmp_path, case):
     alias must hold the same values."""
     out = tmp_path / "out.safetensors"
     mrun(merge_args(case, out) + ["--keep-lora"])
-    got = load_file(str(out))
-    exp = load_file(str(fx(case, case["keep_lora"]["expected"])))
-    for alias, canonical in case["keep_lora"]["aliases"].items():
-        exp[alias] = exp[canonical]
-    assert sorted(got) == sorted(exp), f"missing {sorted(set(exp) - set(got))}, extra {sorted(set(got) - set(exp))}"
-    for k, v in exp.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape, (k, got[k].dtype, v.dtype, got[k].shape, v.shape)
-        assert torch.equal(got[k].view(torch.uint8) if v.dtype.is_floating_point else got[k],
-                           v.view(torch.uint8) if v.dtype.is_floating_point else v), k
+    assert_same_tensors(load_file(str(out)), keep_expected(case), cid(case))
+
+
+@pytest.mark.parametrize("case", KEEP, ids=ids(KEEP))
+def test_tuner_keep_lora_without_base(mrun, tmp_path, case):
+    """Without --base, --keep-lora writes the adapter's part of PEFT's state_dict: every key that
+    does not come from the base model (its own tensors, `base_layer`, `original_module`)."""
+    out = tmp_path / "out.safetensors"
+    args = ["merge", "--out", out, "--keep-lora"] + [a for lora in case["loras"] for a in ("--lora", fx(case, lora))]
+    mrun(args)
+    base = set(load_file(str(fx(case, case["base"]) / "model.safetensors")))
+    exp = keep_expected(case)
+
+    def from_base(k):
+        k = k.removeprefix("base_model.model.")
+        return k in base or k.replace(".base_layer.", ".") in base or k.replace(".original_module.", ".") in base
+
+    assert_same_tensors(load_file(str(out)), {k: v for k, v in exp.items() if not from_base(k)}, cid(case))
+
+
+@pytest.mark.parametrize("case", KEEP_REFUSE, ids=ids(KEEP_REFUSE))
+def test_tuner_keep_lora_refused(mrun, tmp_path, case):
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    out = out_dir / "out.safetensors"
+    p = mrun(merge_args(case, out) + ["--keep-lora"], expect_rc=None)
+    assert p.returncode == 1, p.stderr
+    assert "--keep-lora" in p.stderr and KEEP_REFUSED[case["tuner"]] in p.stderr, p.stderr
+    assert listing(out_dir) == [], f"output left behind: {listing(out_dir)}"
