@@ -12,7 +12,10 @@
 //! - shared tensors (VeRA's `vera_A`/`vera_B`, VB-LoRA's `vblora_vector_bank`) live on the
 //!   tuner model (`base_model.<name>.default`) and every adapted layer holds the same dict
 //!   (`base_model.model.<module>.<name>.default`): one tensor under all those names;
-//! - float adapter tensors are f32 (PEFT upcasts the adapter on load), others as saved.
+//! - float adapter tensors are f32 (PEFT upcasts the adapter on load), others as saved;
+//!   except parts PEFT makes in the base layer's dtype and loads the saved values into
+//!   (rounded, as `copy_` rounds): LN Tuning's `ln_tuning_layers` (a copy of the norm layer)
+//!   and GLoRA's `zeros` buffers. Without a base those keep their saved dtype.
 //!
 //! A tuner whose state_dict has not been compared with PEFT's is refused by name: PEFT may
 //! create tensors at load that are not in the adapter file (regenerated projections, bases,
@@ -71,7 +74,8 @@ pub struct KeptTuner {
 
 /// The adapter's tensors under their `PeftModel.state_dict()` names, or a refusal naming
 /// the tuner when its state_dict is not known to follow these rules.
-pub fn kept_tuner(ad: &Adapter) -> Result<KeptTuner> {
+/// `base_dtype`: the dtype of a base tensor by key, when there is a base.
+pub fn kept_tuner(ad: &Adapter, base_dtype: &dyn Fn(&str) -> Option<Dtype>) -> Result<KeptTuner> {
     let Some(tuner) = ad.tuner.as_ref() else {
         return Ok(KeptTuner::default());
     };
@@ -111,10 +115,14 @@ pub fn kept_tuner(ad: &Adapter) -> Result<KeptTuner> {
                     format!("is a part of module '{}' but not named under it", m.name),
                 )
             })?;
+            let dtype = match in_base_dtype(tuner.name(), &m.name, rest) {
+                Some(key) => base_dtype(&key).unwrap_or(t.dtype),
+                None => dtype_of(t),
+            };
             kept.push(Kept {
                 name: format!("{prefix}{}", with_adapter_name(rest)),
                 tensor: t.clone(),
-                dtype: dtype_of(t),
+                dtype,
             });
         }
         for (name, t) in &ad.shared {
@@ -150,6 +158,20 @@ fn shared(t: &TensorEntry, name: String) -> Result<Kept> {
     })
 }
 
+/// The base tensor whose dtype PEFT gives the part `rest` of `module` (observed in PEFT
+/// 0.21.2 with f16 and bf16 bases: not upcast like the other adapter tensors), if any.
+fn in_base_dtype(tuner: &str, module: &str, rest: &str) -> Option<String> {
+    match tuner {
+        // A deep copy of the norm layer: `ln_tuning_layers.weight` is like `module.weight`.
+        "LN Tuning" => rest
+            .strip_prefix("ln_tuning_layers.")
+            .map(|p| format!("{module}.{p}")),
+        // The zero buffers of a path set to "none" are made like the layer's weight.
+        "GLoRA" if rest.ends_with(".zeros") => Some(format!("{module}.weight")),
+        _ => None,
+    }
+}
+
 /// `ia3_l` → `ia3_l.default`, `oft_R.weight` → `oft_R.default.weight`,
 /// `glora_A.Xd` → `glora_A.default.Xd`: the adapter name after the dict's own name.
 fn with_adapter_name(rest: &str) -> String {
@@ -162,6 +184,20 @@ fn with_adapter_name(rest: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parts_made_like_the_base_layer() {
+        assert_eq!(
+            in_base_dtype("LN Tuning", "ln0", "ln_tuning_layers.bias").as_deref(),
+            Some("ln0.bias")
+        );
+        assert_eq!(
+            in_base_dtype("GLoRA", "lin0", "glora_A.zeros").as_deref(),
+            Some("lin0.weight")
+        );
+        assert_eq!(in_base_dtype("GLoRA", "lin0", "glora_A.Xd"), None);
+        assert_eq!(in_base_dtype("IA3", "lin0", "ia3_l"), None);
+    }
 
     #[test]
     fn adapter_name_goes_after_the_dict() {

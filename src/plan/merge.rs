@@ -876,7 +876,11 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
         .map(|r| (r.base_key.as_str(), &r.tensor))
         .collect();
     // A non-LoRA tuner's tensors under their state_dict names (or its refusal).
-    let kept = super::keep_tuned::kept_tuner(ad)?;
+    let base_dtype = |key: &str| {
+        let base = c.base.as_ref()?;
+        base.tensors.iter().find(|t| t.name == key).map(|t| t.dtype)
+    };
+    let kept = super::keep_tuned::kept_tuner(ad, &base_dtype)?;
     let targeted: HashSet<&str> = ad
         .modules
         .iter()
