@@ -1220,15 +1220,6 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
             }
             return Ok(());
         }
-        [one] if one.tuner.is_some() => {
-            return Err(Error::Plan(format!(
-                "adapter {} (component {}): --keep-lora does not write {} adapters yet (their \
-                 PeftModel.state_dict() names are not checked against PEFT); merge it instead",
-                one.dir.display(),
-                c.label(),
-                one.kind()
-            )));
-        }
         [one]
             if !one.training_only.is_empty()
                 || !one.config.target_parameters.is_empty()
@@ -1262,7 +1253,18 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
         .iter()
         .map(|r| (r.base_key.as_str(), &r.tensor))
         .collect();
-    let targeted: HashSet<&str> = ad.modules.iter().map(|m| m.name.as_str()).collect();
+    // A non-LoRA tuner's tensors under their state_dict names (or its refusal).
+    let base_dtype = |key: &str| {
+        let base = c.base.as_ref()?;
+        base.tensors.iter().find(|t| t.name == key).map(|t| t.dtype)
+    };
+    let kept = super::keep_tuned::kept_tuner(ad, &base_dtype)?;
+    let targeted: HashSet<&str> = ad
+        .modules
+        .iter()
+        .map(|m| m.name.as_str())
+        .chain(kept.modules.keys().map(String::as_str))
+        .collect();
     // Adapter tensors are f32 in PeftModel.state_dict() (PEFT upcasts them on load).
     let adapter_dtype = |t: &TensorEntry| {
         s.dtype.apply(if t.dtype.is_float() {
@@ -1319,6 +1321,9 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
                         if let Some(m) = ad.module(module) {
                             push_lora(jobs, m);
                         }
+                        for k in kept.modules.get(module).into_iter().flatten() {
+                            push(jobs, k.name.clone(), &k.tensor, s.dtype.apply(k.dtype));
+                        }
                     }
                 } else if !module.is_empty() && ad.config.saves_module(module) {
                     push(
@@ -1344,6 +1349,9 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
             for m in &ad.modules {
                 push_lora(jobs, m);
             }
+            for k in kept.modules.values().flatten() {
+                push(jobs, k.name.clone(), &k.tensor, s.dtype.apply(k.dtype));
+            }
             for r in &ad.replacements {
                 let (module, param) = r
                     .base_key
@@ -1359,6 +1367,9 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
                 push(jobs, name, &r.tensor, s.dtype.apply(r.tensor.dtype));
             }
         }
+    }
+    for k in &kept.model_level {
+        push(jobs, k.name.clone(), &k.tensor, s.dtype.apply(k.dtype));
     }
     Ok(())
 }

@@ -168,3 +168,98 @@ def test_tuner_refuse(mrun, tmp_path, case):
     names = case.get("stderr_one_of") or [case["peft_type"]]
     assert any(s.lower() in low for s in names), f"stderr (paths removed) names none of {names}:\n{stripped}"
     assert listing(out_dir) == [], f"output left behind: {listing(out_dir)}"
+
+
+# --------------------------------------------------------------------------------------
+# --keep-lora (PeftModel.from_pretrained(base, adapter).state_dict(), unmerged)
+# --------------------------------------------------------------------------------------
+
+# Tuners whose --keep-lora output lorastream writes (src/plan/keep_tuned.rs CHECKED); every other
+# tuner with expected_keep_lora fixtures must be refused by name: for the reason in KEEP_REFUSED
+# (a word stderr must hold), or because its state_dict is not checked against PEFT yet (a tuner
+# added later: listing it in both places turns on the bit-exact comparison).
+KEEP_WRITTEN = {"ia3", "loha", "lokr", "oft", "hra", "vera", "vblora", "delora", "miss", "fourierft",
+                "trainable_tokens", "ln_tuning", "beft", "glora", "supertuning", "deft"}
+KEEP_REFUSED = {"shira": "shira_indices"}
+KEEP_NOT_CHECKED = "not checked against PEFT"
+KEEP = [c for c in MERGE if c.get("keep_lora") and c["tuner"] in KEEP_WRITTEN]
+KEEP_REFUSE = [c for c in MERGE if c.get("keep_lora") and c["tuner"] not in KEEP_WRITTEN]
+
+
+def keep_expected(case):
+    """PEFT's state_dict with every alias key filled in from the tensor stored for it."""
+    exp = load_file(str(fx(case, case["keep_lora"]["expected"])))
+    for alias, canonical in case["keep_lora"]["aliases"].items():
+        exp[alias] = exp[canonical]
+    return exp
+
+
+def assert_same_tensors(got, exp, what):
+    assert sorted(got) == sorted(exp), f"{what}: missing {sorted(set(exp) - set(got))}, extra {sorted(set(got) - set(exp))}"
+    for k, v in exp.items():
+        g = got[k]
+        assert g.dtype == v.dtype and g.shape == v.shape, (what, k, g.dtype, v.dtype, g.shape, v.shape)
+        assert torch.equal(g.view(torch.uint8) if v.dtype.is_floating_point else g,
+                           v.view(torch.uint8) if v.dtype.is_floating_point else v), (what, k)
+
+
+@pytest.mark.parametrize("case", KEEP, ids=ids(KEEP))
+def test_tuner_keep_lora(mrun, tmp_path, case):
+    """`merge --keep-lora` writes exactly PEFT's state_dict: same keys, dtypes, shapes, bits. The
+    expected file stores a tensor PEFT holds under several names (VeRA's projections) once; every
+    alias must hold the same values."""
+    out = tmp_path / "out.safetensors"
+    mrun(merge_args(case, out) + ["--keep-lora"])
+    assert_same_tensors(load_file(str(out)), keep_expected(case), cid(case))
+
+
+KEEP_F32 = [c for c in KEEP if c["base_dtype"] == "f32"]
+
+
+@pytest.mark.parametrize("case", KEEP_F32, ids=ids(KEEP_F32))
+def test_tuner_keep_lora_without_base(mrun, tmp_path, case):
+    """Without --base, --keep-lora writes the adapter's part of PEFT's state_dict: every key that
+    does not come from the base model (its own tensors, `base_layer`, `original_module`). Checked
+    against the f32 base's state_dict: with no base, what PEFT makes in the base's dtype (LN
+    Tuning's layer copies, modules_to_save) keeps the saved dtype, here f32 like the f32 base."""
+    out = tmp_path / "out.safetensors"
+    args = ["merge", "--out", out, "--keep-lora"] + [a for lora in case["loras"] for a in ("--lora", fx(case, lora))]
+    mrun(args)
+    base = set(load_file(str(fx(case, case["base"]) / "model.safetensors")))
+    exp = keep_expected(case)
+
+    def from_base(k):
+        k = k.removeprefix("base_model.model.")
+        return k in base or k.replace(".base_layer.", ".") in base or k.replace(".original_module.", ".") in base
+
+    assert_same_tensors(load_file(str(out)), {k: v for k, v in exp.items() if not from_base(k)}, cid(case))
+
+
+@pytest.mark.parametrize("case", KEEP_REFUSE, ids=ids(KEEP_REFUSE))
+def test_tuner_keep_lora_refused(mrun, tmp_path, case):
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    out = out_dir / "out.safetensors"
+    p = mrun(merge_args(case, out) + ["--keep-lora"], expect_rc=None)
+    assert p.returncode == 1, p.stderr
+    assert "--keep-lora" in p.stderr and KEEP_REFUSED.get(case["tuner"], KEEP_NOT_CHECKED) in p.stderr, p.stderr
+    assert listing(out_dir) == [], f"output left behind: {listing(out_dir)}"
+
+
+KEEP_BY_NAME = [c for c in WITH_EXPECTED if c.get("keep_lora") and c["lorastream"] == "refuse" and c.get("stderr_one_of")]
+
+
+@pytest.mark.parametrize("with_base", [True, False], ids=["base", "adapter_only"])
+@pytest.mark.parametrize("case", KEEP_BY_NAME, ids=ids(KEEP_BY_NAME))
+def test_tuner_keep_lora_option_refused(mrun, tmp_path, case, with_base):
+    """An option lorastream refuses by name for merging (VeRA's save_projection=False: projections
+    regenerated at load; DEFT's qr) is refused under --keep-lora too, with or without a base."""
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    out = out_dir / "out.safetensors"
+    args = merge_args(case, out) if with_base else ["merge", "--out", out] + [
+        a for lora in case["loras"] for a in ("--lora", fx(case, lora))]
+    p = mrun(args + ["--keep-lora"], expect_rc=None)
+    assert p.returncode == 1, p.stderr
+    assert any(s.lower() in p.stderr.lower() for s in case["stderr_one_of"]), p.stderr
+    assert listing(out_dir) == [], f"output left behind: {listing(out_dir)}"
