@@ -53,6 +53,15 @@ const CHECKED: &[&str] = &[
     "GLoRA",
     "Super-Tuning",
     "DEFT",
+    "BOFT",
+    "RoAd",
+    "PVeRA",
+    "UniLoRA",
+    "C3A",
+    "WaveFT",
+    "GraLoRA",
+    "HiRA",
+    "PEANuT",
 ];
 
 /// A tensor of the output: its `state_dict()` key and where its values come from.
