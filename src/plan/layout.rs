@@ -169,9 +169,10 @@ impl LayoutEvidence {
             Architecture::Unknown(why) => unknown = Some(why.clone()),
         }
         let Some((first, by)) = said.first() else {
+            // Square LoRA weights, and tuners whose saved parts fit either way (FourierFT).
             return Err(format!(
-                "it is square, so its shapes cannot tell nn.Linear ([out, in]) from transformers' \
-                 Conv1D ([in, out]), and {}",
+                "its shapes cannot tell nn.Linear ([out, in]) from transformers' Conv1D ([in, out]) \
+                 (the adapter's tensors fit both), and {}",
                 unknown.unwrap_or_default()
             ));
         };
