@@ -200,14 +200,7 @@ impl LoraConfig {
         let alpha_pattern = patterns(v.get("alpha_pattern"), path, "alpha_pattern", |x| {
             x.as_f64()
         })?;
-        let modules_to_save = match v.get("modules_to_save") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|m| m.as_str().map(String::from))
-                .collect(),
-            Some(Value::String(s)) => vec![s.clone()],
-            _ => Vec::new(),
-        };
+        let modules_to_save = string_list(v.get("modules_to_save"));
         let target_parameters = match v.get("target_parameters") {
             Some(Value::Array(a)) => a
                 .iter()
@@ -235,14 +228,7 @@ impl LoraConfig {
     /// adapter of another tuner; the LoRA fields are neutral (that adapter has no LoRA
     /// modules) and the tuner's own fields are read by its file in `tuners/`.
     pub fn common_fields(v: &Value, path: &Path) -> Result<LoraConfig> {
-        let modules_to_save = match v.get("modules_to_save") {
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|m| m.as_str().map(String::from))
-                .collect(),
-            Some(Value::String(s)) => vec![s.clone()],
-            _ => Vec::new(),
-        };
+        let modules_to_save = string_list(v.get("modules_to_save"));
         Ok(LoraConfig {
             path: path.to_path_buf(),
             r: 1,
@@ -317,17 +303,21 @@ impl LoraConfig {
     }
 }
 
+/// A config field PEFT accepts as a list of names or one name (`modules_to_save`,
+/// `target_modules_bd_a`); anything else is no names.
+fn string_list(v: Option<&Value>) -> Vec<String> {
+    match v {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect(),
+        Some(Value::String(s)) => vec![s.clone()],
+        _ => Vec::new(),
+    }
+}
+
 fn bdlora(v: &Value) -> std::result::Result<BdLora, String> {
-    let list = |k: &str| -> Vec<String> {
-        match v.get(k) {
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|x| x.as_str().map(String::from))
-                .collect(),
-            Some(Value::String(s)) => vec![s.clone()],
-            _ => Vec::new(),
-        }
-    };
+    let list = |k: &str| string_list(v.get(k));
     let nblocks = v
         .get("nblocks")
         .and_then(Value::as_u64)

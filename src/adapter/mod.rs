@@ -55,6 +55,33 @@ pub struct Replacement {
     pub tensor: TensorEntry,
 }
 
+impl Replacement {
+    /// A full tensor saved under `rel` (prefix removed): it replaces the base tensor of the
+    /// same name less PEFT's `.base_layer.` wrapper.
+    fn saved(rel: String, tensor: TensorEntry) -> Replacement {
+        Replacement {
+            base_key: rel.replace(".base_layer.", "."),
+            saved_key: rel,
+            tensor,
+        }
+    }
+}
+
+/// A saved adapter key less PEFT's `base_model.model.` prefix; an error naming the tensor
+/// for a key without it.
+fn saved_rel(weights: &Path, t: &TensorEntry) -> Result<String> {
+    t.name
+        .strip_prefix(SAVED_PREFIX)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            Error::tensor(
+                weights,
+                &t.name,
+                format!("adapter key does not start with '{SAVED_PREFIX}' (not saved by PEFT's save_pretrained?)"),
+            )
+        })
+}
+
 /// One loaded adapter folder.
 #[derive(Debug)]
 pub struct Adapter {
@@ -126,14 +153,7 @@ impl Adapter {
         let mut training_only = Vec::new();
         let mut tokens: Vec<tuners::SavedModule> = Vec::new();
         for t in files.weights.tensors {
-            let rel = t.name.strip_prefix(SAVED_PREFIX).ok_or_else(|| {
-                Error::tensor(
-                    &weights_path,
-                    &t.name,
-                    format!("adapter key does not start with '{SAVED_PREFIX}' (not saved by PEFT's save_pretrained?)"),
-                )
-            })?;
-            let rel = rel.to_string();
+            let rel = saved_rel(&weights_path, &t)?;
             if let Some(variant) = variant_key(&rel) {
                 let wanted = match variant {
                     "VeLoRA" => config.variant == Variant::Velora,
@@ -189,14 +209,7 @@ impl Adapter {
                     }
                     *slot = Some(t);
                 }
-                None => {
-                    let base_key = rel.replace(".base_layer.", ".");
-                    replacements.push(Replacement {
-                        base_key,
-                        saved_key: rel,
-                        tensor: t,
-                    });
-                }
+                None => replacements.push(Replacement::saved(rel, t)),
             }
         }
         let mut modules = Vec::with_capacity(parts.len());
@@ -422,14 +435,7 @@ fn open_tuned(dir: &Path, files: source::AdapterFiles, peft_type: String) -> Res
                 }
             }
         }
-        let rel = t.name.strip_prefix(SAVED_PREFIX).ok_or_else(|| {
-            Error::tensor(
-                &weights_path,
-                &t.name,
-                format!("adapter key does not start with '{SAVED_PREFIX}' (not saved by PEFT's save_pretrained?)"),
-            )
-        })?;
-        let rel = rel.to_string();
+        let rel = saved_rel(&weights_path, &t)?;
         match tuner.classify(&rel) {
             tuners::SavedKey::Part { module, part } => {
                 let (module, part) = (module.to_string(), part.to_string());
@@ -448,14 +454,7 @@ fn open_tuned(dir: &Path, files: source::AdapterFiles, peft_type: String) -> Res
             tuners::SavedKey::Shared(name) => {
                 shared.insert(name.to_string(), t);
             }
-            tuners::SavedKey::Full => {
-                let base_key = rel.replace(".base_layer.", ".");
-                replacements.push(Replacement {
-                    base_key,
-                    saved_key: rel,
-                    tensor: t,
-                });
-            }
+            tuners::SavedKey::Full => replacements.push(Replacement::saved(rel, t)),
         }
     }
     if tuned.is_empty() && replacements.is_empty() {

@@ -24,18 +24,19 @@ pub struct AdapterCoverage {
 /// Per component, per adapter (command-line order).
 pub type Coverage = Vec<Vec<AdapterCoverage>>;
 
-/// Every tensor an adapter holds, with the base key it is meant for.
-fn adapter_tensors(ad: &Adapter) -> Vec<(&TensorEntry, String)> {
+/// Every tensor an adapter holds, with the base key it is meant for and whether several
+/// output tensors may use it: a tuner's parts may change the weight and the bias (IA3,
+/// RoAd) and its shared tensors serve every module — the tuner file decides where each
+/// goes. A LoRA part or a full copy is used once (or by tied outputs of one storage).
+fn adapter_tensors(ad: &Adapter) -> Vec<(&TensorEntry, String, bool)> {
     let mut out = Vec::new();
-    // A tuner's parts may change the weight and the bias (IA3, RoAd), and its shared
-    // tensors serve every module: see `shared_use`.
     for m in &ad.tuned {
         for t in m.parts.values() {
-            out.push((t, format!("{}.weight", m.name)));
+            out.push((t, format!("{}.weight", m.name), true));
         }
     }
     for (name, t) in &ad.shared {
-        out.push((t, name.clone()));
+        out.push((t, name.clone(), true));
     }
     for m in &ad.modules {
         let parts = [
@@ -48,12 +49,12 @@ fn adapter_tensors(ad: &Adapter) -> Vec<(&TensorEntry, String)> {
             if let Some(t) = t {
                 // lora_B.bias lands on the bias, the other parts on the weight.
                 let target = if i == 2 { "bias" } else { "weight" };
-                out.push((t, format!("{}.{target}", m.name)));
+                out.push((t, format!("{}.{target}", m.name), false));
             }
         }
     }
     for r in &ad.replacements {
-        out.push((&r.tensor, r.base_key.clone()));
+        out.push((&r.tensor, r.base_key.clone(), false));
     }
     out
 }
@@ -108,7 +109,7 @@ fn uses(components: &[Component], jobs: &[Job]) -> HashMap<Key, Vec<usize>> {
     let mut uses: HashMap<Key, Vec<usize>> = HashMap::new();
     for (ci, c) in components.iter().enumerate() {
         for ad in &c.adapters {
-            for (t, _) in adapter_tensors(ad) {
+            for (t, _, _) in adapter_tensors(ad) {
                 uses.entry(key(ci, t)).or_default();
             }
         }
@@ -140,7 +141,9 @@ pub fn count(components: &[Component], jobs: &[Job]) -> Coverage {
                         tensors: all.len(),
                         used: all
                             .iter()
-                            .filter(|(t, _)| uses.get(&key(ci, t)).is_some_and(|u| !u.is_empty()))
+                            .filter(|(t, _, _)| {
+                                uses.get(&key(ci, t)).is_some_and(|u| !u.is_empty())
+                            })
                             .count(),
                     }
                 })
@@ -158,11 +161,11 @@ pub fn check(components: &[Component], settings: &MergeSettings, jobs: &[Job]) -
         for ad in &c.adapters {
             let all = adapter_tensors(ad);
             let mut unused: Vec<(&TensorEntry, &String)> = Vec::new();
-            for (t, target) in &all {
+            for (t, target, repeats) in &all {
                 let u = uses.get(&key(ci, t)).map_or(&[][..], Vec::as_slice);
                 match u {
                     [] => unused.push((t, target)),
-                    _ if shared_use(ad, t) => {}
+                    _ if *repeats => {}
                     [first, rest @ ..] => {
                         let base = jobs[*first].source_tensor();
                         if let Some(other) = rest
@@ -213,13 +216,6 @@ pub fn check(components: &[Component], settings: &MergeSettings, jobs: &[Job]) -
         }
     }
     Ok(())
-}
-
-/// Whether `t` is a tuner's part or shared tensor, which its tuner may apply to several
-/// base tensors (weight and bias, every module): the tuner file decides where each goes.
-fn shared_use(ad: &Adapter, t: &TensorEntry) -> bool {
-    let same = |o: &TensorEntry| o.name == t.name && o.file.path() == t.file.path();
-    ad.shared.values().any(same) || ad.tuned.iter().any(|m| m.parts.values().any(same))
 }
 
 fn prefixed(c: &Component, k: &str) -> String {
