@@ -722,7 +722,32 @@ fn tuned_steps(
                 .get(format!("{}.bias", m.name).as_str())
                 .map(|b| (*b).clone()),
         };
-        for ch in tuner.changes(ad.weights_path(), m, &ad.shared, &module_base)? {
+        let changes = tuner.changes(ad.weights_path(), m, &ad.shared, &module_base)?;
+        // A change that reads another base tensor's stored value (GLoRA's bias: W @ C)
+        // would read it before an earlier adapter's change to it, where PEFT reads it after.
+        for ch in &changes {
+            if let Some(read) = ch.change.reads_base()
+                && steps.get(&read.name).is_some_and(|s| !s.is_empty())
+            {
+                return Err(Error::tensor(
+                    ad.weights_path(),
+                    &ch.change
+                        .inputs()
+                        .first()
+                        .map_or(m.name.clone(), |t| t.name.clone()),
+                    format!(
+                        "{} changes '{}' from the value of '{}', which an earlier adapter of this \
+                         component changes too; lorastream reads the stored '{}', PEFT the merged one. \
+                         Merge the earlier adapters into a new base first, then this one",
+                        tuner.name(),
+                        ch.target,
+                        read.name,
+                        read.name
+                    ),
+                ));
+            }
+        }
+        for ch in changes {
             if !by_name.contains_key(ch.target.as_str()) {
                 return Err(Error::Internal(format!(
                     "{} module '{}' changes '{}', which the base does not hold",

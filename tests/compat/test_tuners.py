@@ -266,3 +266,22 @@ def test_tuner_keep_lora_option_refused(mrun, tmp_path, case, with_base):
     names = case["stderr_one_of"] + ([] if case["tuner"] in KEEP_WRITTEN else [KEEP_NOT_CHECKED])
     assert any(s.lower() in p.stderr.lower() for s in names), p.stderr
     assert listing(out_dir) == [], f"output left behind: {listing(out_dir)}"
+
+
+def test_glora_bias_after_another_adapter_is_refused(mrun, tmp_path):
+    """GLoRA's bias merge reads W (b + b*D + E + W@C). After an earlier adapter changed W, PEFT
+    reads the merged W and lorastream would read the stored one: refused, nothing written; the
+    other order (GLoRA first) merges."""
+    base = REPO / "fixtures" / "tuner_matrix" / "glora" / "bases" / "mlp_f32"
+    glora = REPO / "fixtures" / "tuner_matrix" / "glora" / "adapters" / "vanilla_mlp_1_glora"
+    lora = REPO / "fixtures" / "peft_matrix" / "adapters" / "vanilla_mlp_1_lora"
+    out_dir = tmp_path / "o"
+    out_dir.mkdir()
+    out = out_dir / "out.safetensors"
+    common = ["merge", "--base", base, "--out", out, "--no-fan-in-fan-out", "."]
+    p = mrun(common + ["--lora", lora, "--lora", glora], expect_rc=None)
+    assert p.returncode == 1, p.stderr
+    assert "lin0.bias" in p.stderr and "lin0.weight" in p.stderr and "earlier adapter" in p.stderr, p.stderr
+    assert listing(out_dir) == [], f"output left behind: {listing(out_dir)}"
+    mrun(common + ["--lora", glora, "--lora", lora], expect_rc=0)
+    assert listing(out_dir) == ["out.safetensors"]

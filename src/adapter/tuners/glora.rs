@@ -444,6 +444,10 @@ impl TensorChange for BiasChange {
     fn effect(&self) -> Effect {
         Effect::Delta
     }
+    // PEFT's bias merge reads the weight as it is before this adapter's merge.
+    fn reads_base(&self) -> Option<&TensorEntry> {
+        Some(&self.weight)
+    }
     fn inputs(&self) -> Vec<&TensorEntry> {
         let mut v = self.c.inputs();
         v.extend(self.d.inputs());

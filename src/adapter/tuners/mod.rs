@@ -275,6 +275,12 @@ pub trait TensorChange: Send + Sync + fmt::Debug {
     fn effect(&self) -> Effect;
     /// Every saved tensor it reads (released after the tensor, used for coverage).
     fn inputs(&self) -> Vec<&TensorEntry>;
+    /// Another base tensor whose *stored* value the change reads (GLoRA's bias reads the
+    /// weight): the plan refuses the change when an earlier adapter changes that tensor,
+    /// since PEFT would read the value after that adapter's merge.
+    fn reads_base(&self) -> Option<&TensorEntry> {
+        None
+    }
     /// Rows that must stay in one band (a band starts at a multiple of it and holds whole
     /// blocks): 1 unless the change mixes rows.
     fn row_block(&self) -> usize {
