@@ -731,7 +731,7 @@ fn tuned_steps(
             {
                 return Err(Error::tensor(
                     ad.weights_path(),
-                    &ch.change
+                    ch.change
                         .inputs()
                         .first()
                         .map_or(m.name.clone(), |t| t.name.clone()),
