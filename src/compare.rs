@@ -223,14 +223,16 @@ pub fn read_elements<'b>(
         ));
     }
     match &t.data {
-        TensorData::Contiguous { .. } => match t.read_into(e0 * es, n * es, buf) {
-            Some(r) => Ok(&buf.as_slice()[r?]),
-            None => Err(Error::tensor(
-                t.file.path(),
-                &t.name,
-                "internal: not contiguous",
-            )),
-        },
+        TensorData::Contiguous { .. } | TensorData::Decoded { .. } => {
+            match t.read_into(e0 * es, n * es, buf) {
+                Some(r) => Ok(&buf.as_slice()[r?]),
+                None => Err(Error::tensor(
+                    t.file.path(),
+                    &t.name,
+                    "internal: not contiguous",
+                )),
+            }
+        }
         TensorData::Strided {
             base,
             offset,

@@ -60,6 +60,10 @@ pub fn row_view(t: &TensorEntry, i: usize) -> Option<TensorEntry> {
             offset: offset + i * strides.first()?,
             strides: strides.clone(),
         },
+        TensorData::Decoded { decoder, offset } => TensorData::Decoded {
+            decoder: decoder.clone(),
+            offset: offset + i * (t.numel() / rows),
+        },
     };
     Some(TensorEntry {
         shape,
@@ -91,6 +95,8 @@ fn column_view(t: &TensorEntry, i: usize) -> Option<TensorEntry> {
             offset: offset + i * strides.get(1)?,
             strides: strides.clone(),
         },
+        // Only adapter factors are viewed by column, and no adapter format is decoded.
+        TensorData::Decoded { .. } => return None,
     };
     Some(TensorEntry {
         shape: vec![rows, 1],

@@ -93,6 +93,16 @@ fn same_storage(a: &TensorEntry, b: &TensorEntry) -> bool {
                 strides: st2,
             },
         ) => b1 == b2 && o1 == o2 && st1 == st2,
+        (
+            TensorData::Decoded {
+                decoder: d1,
+                offset: o1,
+            },
+            TensorData::Decoded {
+                decoder: d2,
+                offset: o2,
+            },
+        ) => std::sync::Arc::ptr_eq(d1, d2) && o1 == o2,
         _ => false,
     };
     data_eq && a.file.path() == b.file.path() && a.shape == b.shape

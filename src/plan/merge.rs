@@ -82,6 +82,12 @@ fn footprint(t: &TensorEntry) -> Option<(usize, usize, usize)> {
                     .sum::<usize>();
             Some((file, base + offset * es, base + (last + 1) * es))
         }
+        // Elements of the decoder's tensor: two entries overlap when they view the same
+        // decoder's elements.
+        TensorData::Decoded { decoder, offset } => {
+            let id = Arc::as_ptr(decoder) as *const () as usize;
+            Some((id, *offset, offset + t.numel()))
+        }
     }
 }
 
@@ -94,6 +100,9 @@ fn view_key(t: &TensorEntry) -> String {
             offset,
             strides,
         } => format!("s{base}:{offset}:{strides:?}"),
+        TensorData::Decoded { decoder, offset } => {
+            format!("d{:x}:{offset}", Arc::as_ptr(decoder) as *const () as usize)
+        }
     };
     format!(
         "{:x}/{data}/{}/{:?}",

@@ -211,6 +211,25 @@ fn page_size() -> usize {
     if p > 0 { p as usize } else { 4096 }
 }
 
+/// Computes a tensor's elements from a stored form that is not the elements themselves:
+/// quantized blocks with their scales, packed integers, a format's own encoding. A source
+/// that reads such a format validates everything up front (sizes, the scales' shapes,
+/// every field its decoding reads) when it opens the file, so decoding cannot fail and
+/// the rest of the program sees an ordinary tensor of the entry's dtype and shape, read
+/// a band at a time like any other.
+pub trait Decode: Send + Sync + std::fmt::Debug {
+    /// Writes the entry-dtype bytes of logical elements `[from, from + n)` (row-major),
+    /// `n = out.len() / dtype size`, into `out`. The range is inside the tensor.
+    fn decode_into(&self, from: usize, out: &mut [u8]);
+    /// What is stored, for `inspect` and messages (e.g. `float8_e4m3fn, 128x128 block scales`).
+    fn stored_form(&self) -> String;
+    /// Bytes the stored form occupies in its files.
+    fn stored_bytes(&self) -> u64;
+    /// The file ranges decoding reads, `(file, start, len)`: read ahead and released with
+    /// the tensor.
+    fn stored_ranges(&self) -> Vec<(Arc<MappedFile>, usize, usize)>;
+}
+
 /// Where a tensor's elements are inside its file.
 #[derive(Clone, Debug)]
 pub enum TensorData {
@@ -223,6 +242,12 @@ pub enum TensorData {
         base: usize,
         offset: usize,
         strides: Vec<usize>,
+    },
+    /// Computed by `decoder` from a stored form (see [`Decode`]); element `i` of this
+    /// entry is element `offset + i` of the decoder's tensor (row views of it).
+    Decoded {
+        decoder: Arc<dyn Decode>,
+        offset: usize,
     },
 }
 
@@ -283,7 +308,7 @@ impl TensorEntry {
             TensorData::Contiguous { start, len } => {
                 Cow::Borrowed(&self.file.bytes()[*start..*start + *len])
             }
-            TensorData::Strided { .. } => {
+            TensorData::Strided { .. } | TensorData::Decoded { .. } => {
                 let mut out = Vec::new();
                 self.gather(0, self.numel(), &mut out);
                 Cow::Owned(out)
@@ -306,6 +331,12 @@ impl TensorEntry {
             TensorData::Contiguous { start, .. } => {
                 let at = start + from * es;
                 out.extend_from_slice(&all[at..at + n * es]);
+                return;
+            }
+            TensorData::Decoded { decoder, offset } => {
+                let at = out.len();
+                out.resize(at + n * es, 0);
+                decoder.decode_into(offset + from, &mut out[at..]);
                 return;
             }
             TensorData::Strided {
@@ -361,19 +392,36 @@ impl TensorEntry {
     pub fn contiguous_range(&self) -> Option<(usize, usize)> {
         match self.data {
             TensorData::Contiguous { start, len } => Some((start, len)),
-            TensorData::Strided { .. } => None,
+            TensorData::Strided { .. } | TensorData::Decoded { .. } => None,
         }
     }
 
     /// Reads bytes `[from, from + len)` of a contiguous tensor into `buf` (see
-    /// [`MappedFile::read_at`]) and returns where in `buf` they are; None for strided
-    /// views, which are read through [`TensorEntry::bytes`].
+    /// [`MappedFile::read_at`]) and returns where in `buf` they are; a decoded tensor is
+    /// decoded into `buf` (whole elements only); None for strided views, which are read
+    /// through [`TensorEntry::bytes`].
     pub fn read_into(
         &self,
         from: usize,
         len: usize,
         buf: &mut AlignedBuf,
     ) -> Option<Result<std::ops::Range<usize>>> {
+        if let TensorData::Decoded { decoder, offset } = &self.data {
+            let es = self.dtype.size();
+            if !from.is_multiple_of(es)
+                || !len.is_multiple_of(es)
+                || from.checked_add(len).is_none_or(|end| end > self.nbytes())
+            {
+                return Some(Err(Error::tensor(
+                    self.file.path(),
+                    &self.name,
+                    "internal: decoded read not on whole elements inside the tensor",
+                )));
+            }
+            buf.reserve(len);
+            decoder.decode_into(offset + from / es, &mut buf.as_mut_slice()[..len]);
+            return Some(Ok(0..len));
+        }
         let (start, n) = self.contiguous_range()?;
         if from.checked_add(len).is_none_or(|end| end > n) {
             return Some(Err(Error::tensor(
@@ -389,15 +437,29 @@ impl TensorEntry {
 
     /// Starts reading the first `len` bytes of the tensor ahead of use.
     pub fn prefetch(&self, len: usize) {
-        if let TensorData::Contiguous { start, len: n } = self.data {
-            self.file.prefetch(start, n.min(len));
+        match &self.data {
+            TensorData::Contiguous { start, len: n } => self.file.prefetch(*start, (*n).min(len)),
+            // The same share of every stored range (quantized data and its scales).
+            TensorData::Decoded { decoder, .. } => {
+                let share = len as f64 / self.nbytes().max(1) as f64;
+                for (f, start, n) in decoder.stored_ranges() {
+                    f.prefetch(start, ((n as f64 * share).ceil() as usize).min(n));
+                }
+            }
+            TensorData::Strided { .. } => {}
         }
     }
 
     /// Tells the kernel the tensor's pages are no longer needed.
     pub fn release(&self) {
-        if let TensorData::Contiguous { start, len } = self.data {
-            self.file.release(start, len);
+        match &self.data {
+            TensorData::Contiguous { start, len } => self.file.release(*start, *len),
+            TensorData::Decoded { decoder, .. } => {
+                for (f, start, n) in decoder.stored_ranges() {
+                    f.release(start, n);
+                }
+            }
+            TensorData::Strided { .. } => {}
         }
     }
 }
@@ -562,5 +624,71 @@ mod read_tests {
             assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{mode:?}");
             assert!(f.read_at(0, data.len() + 1, &mut buf).is_err());
         }
+    }
+
+    /// Element i decodes to the f32 value `i + bias`, read from a one-byte stored form.
+    #[derive(Debug)]
+    struct Counting {
+        file: Arc<MappedFile>,
+        bias: f32,
+    }
+
+    impl Decode for Counting {
+        fn decode_into(&self, from: usize, out: &mut [u8]) {
+            for (k, e) in out.chunks_exact_mut(4).enumerate() {
+                e.copy_from_slice(&((from + k) as f32 + self.bias).to_le_bytes());
+            }
+        }
+        fn stored_form(&self) -> String {
+            "counting".into()
+        }
+        fn stored_bytes(&self) -> u64 {
+            1
+        }
+        fn stored_ranges(&self) -> Vec<(Arc<MappedFile>, usize, usize)> {
+            vec![(self.file.clone(), 0, 1)]
+        }
+    }
+
+    #[test]
+    fn decoded_tensors_read_like_stored_ones() {
+        let file = MappedFile::from_bytes(Path::new("q.bin"), &[7]).unwrap();
+        let t = TensorEntry {
+            name: "w".into(),
+            dtype: Dtype::F32,
+            shape: vec![3, 5],
+            file: file.clone(),
+            data: TensorData::Decoded {
+                decoder: Arc::new(Counting { file, bias: 0.5 }),
+                offset: 0,
+            },
+        };
+        let f32s = |b: &[u8]| -> Vec<f32> {
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect()
+        };
+        let all: Vec<f32> = (0..15).map(|i| i as f32 + 0.5).collect();
+        assert_eq!(f32s(&t.bytes()), all);
+        assert!(t.contiguous_range().is_none());
+        let mut out = vec![9u8];
+        t.gather(4, 3, &mut out);
+        assert_eq!(out[0], 9);
+        assert_eq!(f32s(&out[1..]), all[4..7]);
+        // Past the end: only what is there.
+        out.clear();
+        t.gather(13, 10, &mut out);
+        assert_eq!(f32s(&out), all[13..]);
+        let mut buf = AlignedBuf::default();
+        let r = t.read_into(20, 20, &mut buf).unwrap().unwrap();
+        assert_eq!(f32s(&buf.as_slice()[r]), all[5..10]);
+        assert!(t.read_into(2, 4, &mut buf).unwrap().is_err());
+        assert!(t.read_into(40, 40, &mut buf).unwrap().is_err());
+        // A row view decodes its own row.
+        let row = crate::compute::rows::row_view(&t, 2).unwrap();
+        assert_eq!(row.shape, vec![1, 5]);
+        assert_eq!(f32s(&row.bytes()), all[10..15]);
+        t.prefetch(8);
+        t.release();
     }
 }
