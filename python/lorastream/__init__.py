@@ -259,7 +259,8 @@ def merge(
 
     Args:
         out: ``.pth``/``.pt``/``.bin``, ``.safetensors``, or a folder ending in ``/``
-            (HF sharded safetensors).
+            (HF sharded safetensors; give a folder as a ``str``: a ``pathlib.Path`` drops
+            the trailing ``/``).
         base: the base weights: a path (file, ``*.index.json`` or HF folder), or
             ``{component: path}`` (``--base NAME=PATH``).
         lora: a PEFT adapter folder; a list of them (merged in order, or with ``combine``
