@@ -22,6 +22,9 @@ key=$(git ls-files -co --exclude-standard -- Cargo.toml Cargo.lock src bindings/
 wheels="$tdir/wheels-$key"
 if ! compgen -G "$wheels/lorastream-*.whl" >/dev/null; then
   rm -rf "$tdir"/wheels-*
+  # Linted only when it is rebuilt: CI pays for it only when the bindings may have changed.
+  (cd bindings/python && CARGO_TARGET_DIR="$tdir" PYO3_PYTHON="$PY" \
+    cargo clippy --release --all-targets --quiet -- -D warnings)
   CARGO_TARGET_DIR="$tdir" "$PY" -m maturin build --release --quiet --out "$wheels.tmp" >&2
   mv "$wheels.tmp" "$wheels"
 fi
