@@ -6,6 +6,10 @@
 //! the report or `"error"`, `"exit_code"`), so scripts read one shape. Every print goes
 //! through a locked handle with its error handled: a reader that closes stdout early
 //! (`| head`) ends the command quietly instead of a panic.
+//!
+//! The Python package compiles this same file into its extension (bindings/python, with
+//! `#[path]`): its `lorastream` command calls [`cli_main`], its API [`parse`] and [`run`]
+//! with `--json` among the arguments. Those stay `pub(crate)` and free of process exits.
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lorastream::adapter::combine::{COMBINATION_TYPES, CombinationType, Combine, MajoritySign};

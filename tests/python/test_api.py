@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -402,3 +403,37 @@ def test_the_installed_command_ends_on_ctrl_c_like_the_cli(tmp_path, big_base):
     assert json.loads(stdout)["error"]["kind"] == "interrupted"
     assert "interrupted by SIGINT" in stderr
     assert list(out_dir.iterdir()) == []
+
+
+def stderr_on_a_terminal(code: str) -> str:
+    """What `python -c code` writes on stderr when stderr is a terminal (a pty)."""
+    import pty
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=slave, stdout=subprocess.DEVNULL)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the child closed its end
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=60) == 0, b"".join(chunks)
+    return b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_the_progress_bar_is_drawn_on_a_terminal_unless_turned_off(tmp_path, big_base, progress):
+    code = (
+        "import lorastream; lorastream.convert({!r}, {!r}, dtype='f16', progress={})".format(
+            str(big_base), str(tmp_path / "c.safetensors"), progress
+        )
+    )
+    text = stderr_on_a_terminal(code)
+    # The bar's "{bytes}/{total_bytes}": the total is the output's size, 192 MiB and change.
+    drawn = re.search(r"MiB/192\.\d\d MiB", text) is not None
+    assert drawn == progress, text[-2000:]
