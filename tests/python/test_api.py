@@ -309,8 +309,7 @@ def sigint_once_writing(folder: Path, pid: int | None = None, timeout: float = 6
     def watch():
         end = time.monotonic() + timeout
         while time.monotonic() < end and not any(folder.iterdir()):
-            time.sleep(0.005)
-        time.sleep(0.05)
+            time.sleep(0.002)
         os.kill(pid or os.getpid(), signal.SIGINT)
 
     t = threading.Thread(target=watch, daemon=True)
