@@ -8,9 +8,12 @@
 #      by torch.load (weights_only, mmap) and safetensors, merges compared with PEFT's
 #      merge_and_unload, XTuner's LLaVA layout. Their Python venv is created once and cached
 #      in ~/.cache/lorastream (scripts/python-env.sh).
+#   4. the Python package (tests/python/run.sh): the wheel built with maturin and tested
+#      through its API against the binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --check
+cargo fmt --check --manifest-path bindings/python/Cargo.toml
 cargo clippy --release --all-targets -- -D warnings
 cargo build --release
 # libnvrtc from PyPI (no GPU or CUDA toolkit needed) so the kernel-compile tests run in CI.
@@ -25,3 +28,5 @@ PY=$(scripts/python-env.sh)
 export LORASTREAM_BIN="$PWD/target/release/lorastream" LORASTREAM_REQUIRE_MERGE=1 \
   LORASTREAM_REQUIRE_XTUNER=1 PYTHONUNBUFFERED=1
 "$PY" -m pytest tests/compat -q -p no:cacheprovider
+# The Python package: wheel (rebuilt only when its inputs change), its own venv, API tests.
+tests/python/run.sh

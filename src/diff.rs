@@ -47,6 +47,7 @@ pub fn diff(a: &Path, b: &Path, exact: bool) -> Result<DiffReport> {
     let mut only_in_a = Vec::new();
     let (mut compared, mut elements) = (0, 0);
     for ta in &ca.tensors {
+        crate::cancel::check()?;
         let Some(tb) = in_b.get(ta.name.as_str()) else {
             only_in_a.push(ta.name.clone());
             continue;

@@ -15,6 +15,7 @@
 //! - [`direct_io`] is the plumbing for reading and writing around the page cache.
 
 pub mod adapter;
+pub mod cancel;
 pub mod checkpoint_files;
 pub mod compare;
 pub mod compute;

@@ -6,6 +6,10 @@
 //! the report or `"error"`, `"exit_code"`), so scripts read one shape. Every print goes
 //! through a locked handle with its error handled: a reader that closes stdout early
 //! (`| head`) ends the command quietly instead of a panic.
+//!
+//! The Python package compiles this same file into its extension (bindings/python, with
+//! `#[path]`): its `lorastream` command calls [`cli_main`], its API [`parse`] and [`run`]
+//! with `--json` among the arguments. Those stay `pub(crate)` and free of process exits.
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use lorastream::adapter::combine::{COMBINATION_TYPES, CombinationType, Combine, MajoritySign};
@@ -21,6 +25,7 @@ use lorastream::verify::{self, VerifyOptions};
 use lorastream::{Error, diff, inspect};
 use regex::Regex;
 use serde::Serialize;
+use std::ffi::OsString;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,7 +44,7 @@ use std::process::ExitCode;
                   \"tensor\"}, \"exit_code\"}; error kinds: usage, not_found, io, input, plan, device, \
                   internal, interrupted."
 )]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Command,
 }
@@ -265,6 +270,9 @@ struct OutputArgs {
     /// No progress bar, notes or summary: only errors (and, with --json, the JSON object).
     #[arg(short, long, conflicts_with = "verbose")]
     quiet: bool,
+    /// Draw the progress bar (on a terminal) also with --json.
+    #[arg(long, conflicts_with = "quiet")]
+    progress: bool,
     /// Also print one line per tensor as it is written: key, merged or copied, dtype,
     /// shape, size, time taken (with --dry-run: every planned tensor).
     #[arg(short, long)]
@@ -499,15 +507,15 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 /// What a finished command leaves: the text for stdout (a report, or one JSON object)
 /// and the exit code.
-struct Done {
-    stdout: String,
-    code: u8,
+pub(crate) struct Done {
+    pub(crate) stdout: String,
+    pub(crate) code: u8,
 }
 
 /// A failed command: the error and the exit code it ends with (verify and diff: 2).
-struct Failed {
-    error: Error,
-    code: u8,
+pub(crate) struct Failed {
+    pub(crate) error: Error,
+    pub(crate) code: u8,
 }
 
 impl From<Error> for Failed {
@@ -581,7 +589,7 @@ fn check_shard_size(out: &std::path::Path, shard_size_given: bool) -> Result<(),
 }
 
 /// Runs the command.
-fn run(
+pub(crate) fn run(
     cli: Cli,
     component_order: Vec<Option<String>>,
     shard_size_given: bool,
@@ -624,7 +632,7 @@ fn run(
                     overwrite: out.overwrite,
                 },
                 reads: read_mode(out.buffered_io),
-                progress: !out.json && !out.quiet,
+                progress: (!out.json || out.progress) && !out.quiet,
                 notify: (!out.quiet).then_some(note_line as fn(&str)),
                 trace: (out.verbose && !out.quiet).then_some(trace_line as fn(&str)),
                 no_copy_files: out.no_copy_files,
@@ -688,7 +696,7 @@ fn run(
                 },
                 reads: read_mode(output.buffered_io),
                 dry_run,
-                progress: !json && !quiet,
+                progress: (!json || output.progress) && !quiet,
                 notify: (!quiet).then_some(note_line as fn(&str)),
                 trace: (output.verbose && !quiet).then_some(trace_line as fn(&str)),
                 no_copy_files: output.no_copy_files,
@@ -846,12 +854,12 @@ fn component_order(matches: &clap::ArgMatches) -> Vec<Option<String>> {
     order
 }
 
-/// Whether `--json` is on the command line (before a `--`), for errors found before the
-/// arguments are parsed into a command.
-fn json_on_command_line() -> bool {
-    std::env::args_os()
+/// Whether `--json` is on the command line `args` (before a `--`), for errors found
+/// before the arguments are parsed into a command.
+fn json_on_command_line(args: &[OsString]) -> bool {
+    args.iter()
         .skip(1)
-        .take_while(|a| a != "--")
+        .take_while(|a| *a != "--")
         .any(|a| a == "--json")
 }
 
@@ -870,55 +878,71 @@ fn print_stdout(text: &str, code: u8) -> u8 {
     }
 }
 
+/// The one-line message of a clap usage error, as the `--json` failure object gives it.
+pub(crate) fn usage_message(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    text.lines()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("error: ")
+        .trim()
+        .to_string()
+}
+
 /// A clap error (bad arguments, or --help/--version, which clap reports the same way).
-fn clap_failure(e: clap::Error) -> ExitCode {
+fn clap_failure(e: clap::Error, args: &[OsString]) -> u8 {
     let _ = e.print();
     if !e.use_stderr() {
         // --help or --version: printed on stdout, success.
-        return ExitCode::from(e.exit_code().clamp(0, 255) as u8);
+        return e.exit_code().clamp(0, 255) as u8;
     }
     let code = 2;
-    if json_on_command_line() {
-        let text = e.render().to_string();
-        let message = text
-            .lines()
-            .next()
-            .unwrap_or("")
-            .trim_start_matches("error: ")
-            .trim();
-        let v = lorastream::error::failure_json("usage", message, None, None, code);
-        return ExitCode::from(print_stdout(&format!("{v}\n"), code));
+    if json_on_command_line(args) {
+        let v = lorastream::error::failure_json("usage", &usage_message(&e), None, None, code);
+        return print_stdout(&format!("{v}\n"), code);
     }
-    ExitCode::from(code)
+    code
 }
 
-fn main() -> ExitCode {
-    lorastream::sink::install_interrupt_cleanup();
-    let matches = match Cli::command().try_get_matches() {
-        Ok(m) => m,
-        Err(e) => return clap_failure(e),
-    };
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(c) => c,
-        Err(e) => return clap_failure(e),
-    };
-    let json = wants_json(&cli.command);
-    lorastream::error::set_json_output(json);
-    match run(
+/// Parses the command line `args` (the program name first) into the command, the order
+/// its components are named in and whether --shard-size was given.
+pub(crate) fn parse(args: &[OsString]) -> Result<(Cli, Vec<Option<String>>, bool), clap::Error> {
+    let matches = Cli::command().try_get_matches_from(args)?;
+    let cli = Cli::from_arg_matches(&matches)?;
+    Ok((
         cli,
         component_order(&matches),
         given(&matches, "shard_size"),
-    ) {
-        Ok(Done { stdout, code }) => ExitCode::from(print_stdout(&stdout, code)),
+    ))
+}
+
+/// The whole command for `args` (the program name first): parses, runs, prints, returns
+/// the exit code. `main` minus the signal handlers, which the caller installs; also the
+/// entry point of the Python package's `lorastream` command.
+pub(crate) fn cli_main(args: &[OsString]) -> u8 {
+    let (cli, order, shard_size_given) = match parse(args) {
+        Ok(p) => p,
+        Err(e) => return clap_failure(e, args),
+    };
+    let json = wants_json(&cli.command);
+    lorastream::error::set_json_output(json);
+    match run(cli, order, shard_size_given) {
+        Ok(Done { stdout, code }) => print_stdout(&stdout, code),
         Err(Failed { error, code }) => {
             say(&format!("error: {error}"));
             if json {
                 let text = format!("{}\n", error.to_json(code));
-                return ExitCode::from(print_stdout(&text, code));
+                return print_stdout(&text, code);
             }
-            ExitCode::from(code)
+            code
         }
     }
+}
+
+fn main() -> ExitCode {
+    lorastream::sink::install_interrupt_cleanup();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    ExitCode::from(cli_main(&args))
 }
 
 #[cfg(test)]

@@ -424,6 +424,8 @@ struct QueueSink {
 
 impl QueueSink {
     fn send(&mut self, p: Piece) -> Result<()> {
+        // The producer (reading, computing) stops at its next piece once a run is cancelled.
+        crate::cancel::check()?;
         // A closed queue means the writer stopped on an error, which `write_pipelined` reports.
         self.tx
             .send(p)
@@ -484,6 +486,8 @@ pub fn write_pipelined(
         let writer = scope.spawn(move || -> Result<bool> {
             let mut sink = sink;
             for piece in rx {
+                // Checked here too: a writer busy with a big piece stops at the next one.
+                crate::cancel::check()?;
                 match piece {
                     Piece::Begin(t) => sink.begin(&t)?,
                     Piece::Tie(t, to) => sink.tie(&t, to)?,

@@ -1,0 +1,444 @@
+"""lorastream: merge PEFT adapters into model weights and convert checkpoints by streaming
+tensors (PyTorch zip ``.pth``/``.bin``, safetensors, HF sharded folders), never holding the
+model in memory.
+
+The functions here run the ``lorastream`` command line's own code inside this process (a
+Rust extension; the GIL is released while it works) and return the report its ``--json``
+option prints, as a dict, without the ``"ok"`` and ``"exit_code"`` entries. Every keyword
+argument is the command-line flag of the same name (``keep_lora`` is ``--keep-lora``), with
+the same defaults, checks and outputs: a merge written here is byte for byte the one the
+command writes for the same arguments.
+
+Failures raise :class:`LorastreamError` (``kind``, ``message``, ``file``, ``tensor``, as in
+the command's JSON failure object); outputs appear whole or not at all. Ctrl-C
+(KeyboardInterrupt) stops a run, removes its unfinished output and is then raised.
+
+The ``lorastream`` command installed with the package is the same command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from . import _lorastream
+
+__version__: str = _lorastream.__version__
+
+#: Every ``LorastreamError.kind``, with what it means.
+KINDS: Dict[str, str] = dict(_lorastream.KINDS)
+
+PathLike = Union[str, "os.PathLike[str]"]
+#: An adapter: its folder (or a file in it), optionally with its ``--combine`` weight.
+Adapter = Union[PathLike, Tuple[PathLike, float]]
+#: ``base=``: one path, or ``{component: path}``.
+Bases = Union[PathLike, Mapping[str, PathLike]]
+#: ``lora=``: one adapter, a list merged in order, or ``{component: adapter or list}``.
+Loras = Union[Adapter, Sequence[Adapter], Mapping[str, Union[Adapter, Sequence[Adapter]]]]
+#: ``rename=``: ``"REGEX=REPLACEMENT"`` strings or ``(regex, replacement)`` pairs.
+Renames = Iterable[Union[str, Tuple[str, str]]]
+
+__all__ = [
+    "KINDS",
+    "LorastreamError",
+    "__version__",
+    "convert",
+    "diff",
+    "inspect",
+    "main",
+    "merge",
+    "verify",
+]
+
+
+class LorastreamError(Exception):
+    """A run that failed, as the command's ``--json`` failure object reports it.
+
+    Attributes:
+        kind: one of :data:`KINDS` (``"usage"``, ``"not_found"``, ``"io"``, ``"input"``,
+            ``"plan"``, ``"device"``, ``"internal"``, ``"interrupted"``).
+        message: the error line the command prints (also ``str(err)``).
+        file: the file the error concerns, or None.
+        tensor: the tensor the error concerns, or None.
+        exit_code: the command's exit status for it (2 usage; verify/diff: 2 always).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        kind: str = "internal",
+        file: Optional[str] = None,
+        tensor: Optional[str] = None,
+        exit_code: int = 1,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind
+        self.file = file
+        self.tensor = tensor
+        self.exit_code = exit_code
+
+    def __reduce__(self):  # keeps the attributes through pickling (multiprocessing)
+        return (
+            type(self),
+            (self.message, self.kind, self.file, self.tensor, self.exit_code),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"LorastreamError({self.message!r}, kind={self.kind!r}, file={self.file!r}, "
+            f"tensor={self.tensor!r})"
+        )
+
+
+def _path(p: PathLike) -> str:
+    # os.fsdecode keeps undecodable bytes (surrogateescape); the extension encodes them back.
+    return os.fsdecode(os.fspath(p))
+
+
+def _run(command: str, flags: List[str], positionals: Sequence[PathLike] = ()) -> Dict[str, Any]:
+    # Flags as --name=value, positionals after "--": no value (a path starting with '-')
+    # can be read as a flag.
+    args = ["lorastream", command, *flags, "--json", "--", *map(_path, positionals)]
+    ok, text = _lorastream.run(args)
+    obj = json.loads(text)
+    if not ok:
+        err = obj.get("error", {})
+        raise LorastreamError(
+            err.get("message", text),
+            kind=err.get("kind", "internal"),
+            file=err.get("file"),
+            tensor=err.get("tensor"),
+            exit_code=obj.get("exit_code", 1),
+        )
+    obj.pop("ok", None)
+    obj.pop("exit_code", None)
+    return obj
+
+
+def _is_adapter_pair(x: Any) -> bool:
+    return (
+        isinstance(x, tuple)
+        and len(x) == 2
+        and isinstance(x[1], (int, float))
+        and not isinstance(x[1], bool)
+    )
+
+
+def _adapter_spec(x: Adapter) -> str:
+    if _is_adapter_pair(x):
+        path, weight = x  # type: ignore[misc]
+        return f"{_path(path)}:{float(weight)!r}"
+    return _path(x)  # type: ignore[arg-type]
+
+
+def _adapters(x: Union[Adapter, Sequence[Adapter]]) -> List[str]:
+    if isinstance(x, (str, os.PathLike)) or _is_adapter_pair(x):
+        return [_adapter_spec(x)]  # type: ignore[arg-type]
+    return [_adapter_spec(a) for a in x]  # type: ignore[union-attr]
+
+
+def _component_flags(base: Optional[Bases], lora: Optional[Loras]) -> List[str]:
+    # The command's --base [NAME=]PATH and --lora [NAME=]DIR[:WEIGHT]. Components are
+    # ordered as first named: base's, then lora's.
+    flags: List[str] = []
+    if base is not None:
+        if isinstance(base, Mapping):
+            flags += [f"--base={name}={_path(p)}" for name, p in base.items()]
+        else:
+            flags.append(f"--base={_path(base)}")
+    if lora is not None:
+        if isinstance(lora, Mapping):
+            for name, adapters in lora.items():
+                flags += [f"--lora={name}={a}" for a in _adapters(adapters)]
+        else:
+            flags += [f"--lora={a}" for a in _adapters(lora)]
+    return flags
+
+
+def _repeat(flag: str, values: Iterable[str]) -> List[str]:
+    if isinstance(values, str):
+        values = [values]
+    return [f"--{flag}={v}" for v in values]
+
+
+def _renames(rename: Renames) -> List[str]:
+    # A bare string is one rule; otherwise each item is a rule or a (regex, replacement) pair.
+    rules = [rename] if isinstance(rename, str) else list(rename)
+    return [f"--rename={r if isinstance(r, str) else f'{r[0]}={r[1]}'}" for r in rules]
+
+
+def _flag(name: str, on: bool) -> List[str]:
+    return [f"--{name}"] if on else []
+
+
+def _value(name: str, value: Any) -> List[str]:
+    return [] if value is None else [f"--{name}={value}"]
+
+
+def _output_flags(
+    dtype: str,
+    rename: Renames,
+    exclude: Iterable[str],
+    shard_size: Union[int, str, None],
+    buffered_io: bool,
+    overwrite: bool,
+    no_copy_files: bool,
+    progress: bool,
+    quiet: bool,
+) -> List[str]:
+    return [
+        f"--dtype={dtype}",
+        *_renames(rename),
+        *_repeat("exclude", exclude),
+        *_value("shard-size", shard_size),
+        *_flag("buffered-io", buffered_io),
+        *_flag("overwrite", overwrite),
+        *_flag("no-copy-files", no_copy_files),
+        # --quiet: no bar and no notes; --progress: the bar (on a terminal) despite --json.
+        *(["--quiet"] if quiet else _flag("progress", progress)),
+    ]
+
+
+def _merge_flags(
+    base: Optional[Bases],
+    lora: Optional[Loras],
+    keep_lora: bool,
+    threads: Optional[int],
+    device: str,
+    fan_in_fan_out: Iterable[str],
+    no_fan_in_fan_out: Iterable[str],
+    combine: Optional[str],
+    density: Optional[float],
+    majority_sign_method: str,
+) -> List[str]:
+    return [
+        *_component_flags(base, lora),
+        *_flag("keep-lora", keep_lora),
+        *_value("threads", threads),
+        f"--device={device}",
+        *_repeat("fan-in-fan-out", fan_in_fan_out),
+        *_repeat("no-fan-in-fan-out", no_fan_in_fan_out),
+        *_value("combine", combine),
+        *_value("density", None if density is None else repr(float(density))),
+        f"--majority-sign-method={majority_sign_method}",
+    ]
+
+
+def merge(
+    out: PathLike,
+    base: Optional[Bases] = None,
+    lora: Optional[Loras] = None,
+    *,
+    keep_lora: bool = False,
+    dtype: str = "keep",
+    rename: Renames = (),
+    exclude: Iterable[str] = (),
+    expect_keys_from: Optional[PathLike] = None,
+    allow_missing_keys: bool = False,
+    allow_non_finite: bool = False,
+    threads: Optional[int] = None,
+    device: str = "auto",
+    shard_size: Union[int, str, None] = None,
+    dry_run: bool = False,
+    combine: Optional[str] = None,
+    density: Optional[float] = None,
+    majority_sign_method: str = "total",
+    fan_in_fan_out: Iterable[str] = (),
+    no_fan_in_fan_out: Iterable[str] = (),
+    buffered_io: bool = False,
+    overwrite: bool = False,
+    no_copy_files: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+) -> Dict[str, Any]:
+    """Merges PEFT adapters into base weights (or keeps them unmerged) and writes ``out``:
+    ``lorastream merge``.
+
+    Args:
+        out: ``.pth``/``.pt``/``.bin``, ``.safetensors``, or a folder ending in ``/``
+            (HF sharded safetensors; give a folder as a ``str``: a ``pathlib.Path`` drops
+            the trailing ``/``).
+        base: the base weights: a path (file, ``*.index.json`` or HF folder), or
+            ``{component: path}`` (``--base NAME=PATH``).
+        lora: a PEFT adapter folder; a list of them (merged in order, or with ``combine``
+            as one weighted combination: give ``(path, weight)`` pairs); or
+            ``{component: adapter or list}`` (``--lora NAME=DIR[:WEIGHT]``). Components
+            appear in the output in the order first named: ``base``'s, then ``lora``'s.
+        keep_lora: write the adapters unmerged, keyed as ``PeftModel.state_dict()``.
+        dtype: ``"keep"``, ``"bf16"``, ``"f16"`` or ``"f32"``.
+        rename: ``"REGEX=REPLACEMENT"`` rules (or ``(regex, replacement)`` pairs), in order.
+        exclude: regexes of final keys to leave out.
+        expect_keys_from: fail unless the output keys are exactly this reference's
+            (a checkpoint, or a ``.txt`` with one key per line).
+        threads: CPU worker threads (default: all cores).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        shard_size: largest shard of a folder output, bytes or ``"5GB"``-style.
+        dry_run: run every check, write nothing; the report lists the plan.
+        progress: draw a progress bar on stderr when it is a terminal.
+        quiet: print nothing (no bar, no notes; notes stay in the report).
+
+    The other arguments are the command's flags of the same name (``lorastream merge
+    --help``).
+
+    Returns:
+        The ``--json`` report: ``output``, ``format``, ``dry_run``, ``device``, ``tensors``,
+        ``merged``, ``bytes``, ``seconds``, ``peak_rss_bytes``, ``components``, ``notes``
+        (and ``plan`` for a dry run).
+
+    Raises:
+        LorastreamError: the run failed; nothing was written.
+    """
+    flags = [
+        f"--out={_path(out)}",
+        *_merge_flags(
+            base,
+            lora,
+            keep_lora,
+            threads,
+            device,
+            fan_in_fan_out,
+            no_fan_in_fan_out,
+            combine,
+            density,
+            majority_sign_method,
+        ),
+        *_value("expect-keys-from", None if expect_keys_from is None else _path(expect_keys_from)),
+        *_flag("allow-missing-keys", allow_missing_keys),
+        *_flag("allow-non-finite", allow_non_finite),
+        *_flag("dry-run", dry_run),
+        *_output_flags(
+            dtype, rename, exclude, shard_size, buffered_io, overwrite, no_copy_files, progress, quiet
+        ),
+    ]
+    return _run("merge", flags)
+
+
+def convert(
+    input: PathLike,
+    output: PathLike,
+    *,
+    dtype: str = "keep",
+    rename: Renames = (),
+    exclude: Iterable[str] = (),
+    shard_size: Union[int, str, None] = None,
+    allow_empty: bool = False,
+    buffered_io: bool = False,
+    overwrite: bool = False,
+    no_copy_files: bool = False,
+    progress: bool = True,
+    quiet: bool = False,
+) -> Dict[str, Any]:
+    """Rewrites a checkpoint in another format, dtype or naming: ``lorastream convert``.
+
+    The output format follows ``output``'s name (``.pth``/``.bin``, ``.safetensors``, or a
+    folder ending in ``/``). Arguments as for :func:`merge`; ``allow_empty`` writes an
+    output even when the input holds no tensors.
+
+    Returns:
+        The ``--json`` report: ``output``, ``format``, ``tensors``, ``merged`` (0),
+        ``bytes``, ``seconds``, ``peak_rss_bytes``, ``notes``.
+
+    Raises:
+        LorastreamError: the run failed; nothing was written.
+    """
+    flags = [
+        *_flag("allow-empty", allow_empty),
+        *_output_flags(
+            dtype, rename, exclude, shard_size, buffered_io, overwrite, no_copy_files, progress, quiet
+        ),
+    ]
+    return _run("convert", flags, [input, output])
+
+
+def inspect(path: PathLike) -> Dict[str, Any]:
+    """Lists every tensor of a checkpoint (and describes a PEFT adapter folder):
+    ``lorastream inspect --json``.
+
+    Raises:
+        LorastreamError: the checkpoint cannot be read.
+    """
+    return _run("inspect", [], [path])
+
+
+def verify(
+    out: PathLike,
+    base: Optional[Bases] = None,
+    lora: Optional[Loras] = None,
+    *,
+    keep_lora: bool = False,
+    dtype: str = "keep",
+    rename: Renames = (),
+    exclude: Iterable[str] = (),
+    threads: Optional[int] = None,
+    device: str = "auto",
+    combine: Optional[str] = None,
+    density: Optional[float] = None,
+    majority_sign_method: str = "total",
+    fan_in_fan_out: Iterable[str] = (),
+    no_fan_in_fan_out: Iterable[str] = (),
+    buffered_io: bool = False,
+    exact: bool = False,
+    max_ulp: Optional[int] = None,
+    sample: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Checks an existing merge output against a recomputed merge, writing nothing:
+    ``lorastream verify``. Takes the merge's arguments (see :func:`merge`).
+
+    Args:
+        exact: compare bit for bit instead of within the merge's tolerance.
+        max_ulp: accept at most this many ulp in every float element.
+        sample: check only this many rows of every tensor.
+
+    Returns:
+        The ``--json`` report; ``report["matches"]`` says whether ``out`` matches.
+
+    Raises:
+        LorastreamError: the check could not be made (``exit_code`` 2).
+    """
+    flags = [
+        *_merge_flags(
+            base,
+            lora,
+            keep_lora,
+            threads,
+            device,
+            fan_in_fan_out,
+            no_fan_in_fan_out,
+            combine,
+            density,
+            majority_sign_method,
+        ),
+        f"--dtype={dtype}",
+        *_renames(rename),
+        *_repeat("exclude", exclude),
+        *_flag("buffered-io", buffered_io),
+        *_flag("exact", exact),
+        *_value("max-ulp", max_ulp),
+        *_value("sample", sample),
+    ]
+    return _run("verify", flags, [out])
+
+
+def diff(a: PathLike, b: PathLike, *, exact: bool = False) -> Dict[str, Any]:
+    """Compares two checkpoints tensor by tensor: ``lorastream diff --json``.
+
+    Returns:
+        The report; ``report["identical"]`` says whether they are.
+
+    Raises:
+        LorastreamError: an input cannot be read (``exit_code`` 2).
+    """
+    return _run("diff", _flag("exact", exact), [a, b])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``lorastream`` command: runs ``argv`` (default ``sys.argv[1:]``) exactly as the
+    command line does, printing what it prints, and returns its exit code. Like the command,
+    it ends the process on Ctrl-C (exit code 130, unfinished output removed)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return _lorastream.main(["lorastream", *args])

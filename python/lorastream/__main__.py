@@ -1,0 +1,7 @@
+"""``python -m lorastream``: the lorastream command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
