@@ -504,7 +504,9 @@ mod tests {
             }
         }
         assert!(covered.iter().all(|&c| c == 1), "{covered:?}");
-        assert_eq!(plans[1].shards[0].name, "model-00001-of-00005.safetensors");
+        // 4+5+6 | 7+8 | 9+10 | 11 | 12 | 13
+        assert_eq!(plans[1].shards[0].name, "model-00001-of-00006.safetensors");
+        assert_eq!(plans[1].shards[1].tensors, 3..5);
         // Other inputs, another count of parts: another fingerprint.
         let other = PartPlan::new(&plan, 20, Part { index: 0, count: 3 }, "y").unwrap();
         assert_ne!(other.fingerprint, plans[0].fingerprint);
@@ -512,6 +514,6 @@ mod tests {
         assert_ne!(two.fingerprint, plans[0].fingerprint);
         let r = plans[2].report();
         assert_eq!(r.bytes, plans[2].mine().map(|s| s.bytes).sum::<u64>());
-        assert_eq!(r.shards_total, 5);
+        assert_eq!(r.shards_total, 6);
     }
 }
