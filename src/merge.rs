@@ -387,7 +387,14 @@ pub fn merge_into(
         }
         // A run that computes nothing walks its copies and ties without a backend.
         let backend: &dyn DeltaBackend = backend.as_deref().unwrap_or(&NoDeltas);
-        let bar = progress_bar(opts.progress, plan_out.iter().map(|t| t.nbytes()).sum());
+        // The bytes this run writes (a part skips the others' tensors).
+        let to_write = plan_out
+            .iter()
+            .zip(&produce)
+            .filter(|(_, p)| **p != Produce::Skip)
+            .map(|(t, _)| t.nbytes())
+            .sum();
+        let bar = progress_bar(opts.progress, to_write);
         write_pipelined(sink, |sink| {
             // Tied jobs the sink stores as views of an earlier one are not computed.
             let shares = sink.shares_storage();

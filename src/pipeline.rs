@@ -285,7 +285,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
         Some(p) => sink::create_part(output, &plan, &opts.sink, &side, p)?,
         None => sink::create_with(output, &plan, &opts.sink, &side)?,
     };
-    let bar = progress_bar(opts.progress, plan.iter().map(|t| t.nbytes()).sum());
+    let to_write = plan
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| writes.as_ref().is_none_or(|w| w[*i]))
+        .map(|(_, t)| t.nbytes())
+        .sum();
+    let bar = progress_bar(opts.progress, to_write);
     let dtypes: Vec<Dtype> = plan.iter().map(|o| o.dtype).collect();
     let ties = crate::plan::merge::tied_copies(&sources, &dtypes);
     write_pipelined(out, |out| {
