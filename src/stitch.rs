@@ -287,3 +287,75 @@ pub fn stitch(out: &Path) -> Result<StitchReport> {
         seconds: start.elapsed().as_secs_f64(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::Dtype;
+    use crate::partition::{Part, PartPlan};
+    use crate::sink::{OutTensor, PartWriter, SinkOptions, TensorSink};
+
+    fn plan() -> Vec<OutTensor> {
+        (0..4)
+            .map(|i| OutTensor {
+                name: format!("w{i}"),
+                dtype: Dtype::U8,
+                shape: vec![64],
+            })
+            .collect()
+    }
+
+    /// Writes part `k` of `n` of `plan()` in shards of `shard` bytes into `dir`.
+    fn write_part(dir: &Path, shard: u64, k: usize, n: usize) {
+        let full = plan();
+        let p = PartPlan::new(&full, shard, Part { index: k, count: n }, "t").unwrap();
+        let writes = p.writes(full.len());
+        let opts = SinkOptions {
+            shard_size: shard,
+            direct_io: false,
+            overwrite: false,
+        };
+        let mut w = Box::new(PartWriter::create(dir, &full, &opts, &[], p).unwrap());
+        for (i, t) in full.iter().enumerate().filter(|(i, _)| writes[*i]) {
+            w.begin(t).unwrap();
+            w.write(&[i as u8; 64]).unwrap();
+            w.end().unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    #[test]
+    fn parts_without_shards_still_count_and_a_missing_one_is_named() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        // One shard, three parts: parts 1 and 2 write only their manifests.
+        write_part(&dir, 1 << 20, 0, 3);
+        write_part(&dir, 1 << 20, 2, 3);
+        let e = stitch(&dir).unwrap_err().to_string();
+        assert!(e.contains("part 1/3 has not finished"), "{e}");
+        write_part(&dir, 1 << 20, 1, 3);
+        let r = stitch(&dir).unwrap();
+        assert_eq!((r.parts, r.shards, r.tensors, r.bytes), (3, 1, 4, 256));
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(INDEX)).unwrap()).unwrap();
+        let shard = "model-00001-of-00001.safetensors";
+        assert_eq!(index["weight_map"]["w3"], shard);
+        assert!(!dir.join(PARTS_DIR).exists());
+    }
+
+    #[test]
+    fn a_manifest_that_is_not_what_its_name_says_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        write_part(&dir, 100, 0, 2);
+        write_part(&dir, 100, 1, 2);
+        let meta = dir.join(PARTS_DIR);
+        std::fs::rename(
+            meta.join(manifest_name(1, 2)),
+            meta.join(manifest_name(0, 2)),
+        )
+        .unwrap();
+        let e = stitch(&dir).unwrap_err().to_string();
+        assert!(e.contains("says it is part 1/2"), "{e}");
+    }
+}
