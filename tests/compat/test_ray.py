@@ -94,6 +94,12 @@ class KillFirstWriter(threading.Thread):
                     except OSError:
                         continue  # already done with that shard
                     ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                    try:
+                        parent = Path(f"/proc/{ppid}/cmdline").read_bytes()
+                    except OSError:
+                        continue
+                    if b"ray" not in parent:
+                        continue  # not run by a Ray worker: never kill anything else
                     os.kill(ppid, signal.SIGKILL)  # the Ray worker: a lost worker
                     try:
                         os.kill(pid, signal.SIGKILL)
@@ -107,12 +113,17 @@ class KillFirstWriter(threading.Thread):
 @pytest.fixture(scope="module")
 def cluster():
     # Workers import the driver module by name, as on a real cluster with it installed.
+    old = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "contrib" / "ray"), os.environ.get("PYTHONPATH", "")]
+        p for p in [str(REPO / "contrib" / "ray"), old] if p
     )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+    if old is None:
+        os.environ.pop("PYTHONPATH", None)
+    else:
+        os.environ["PYTHONPATH"] = old
 
 
 def test_ray_parts_with_a_killed_and_retried_part_stitch_to_the_single_runs_bytes(
