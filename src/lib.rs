@@ -26,10 +26,12 @@ pub mod error;
 pub mod inspect;
 pub mod merge;
 pub mod natural;
+pub mod partition;
 pub mod pipeline;
 pub mod plan;
 pub mod sink;
 pub mod source;
+pub mod stitch;
 pub mod verify;
 
 pub use dtype::Dtype;

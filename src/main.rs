@@ -213,6 +213,28 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Join the parts of a partitioned folder output (--part K/N) into the finished folder.
+    ///
+    /// Checks that the manifests of all N parts are in DIR/.lorastream/, that they describe
+    /// one plan (same inputs, options, --shard-size and N), that each part wrote the shards
+    /// the plan deals it, and that every shard has the size and SHA-256 its manifest
+    /// records; then moves the config and tokenizer files beside the shards, writes
+    /// model.safetensors.index.json and removes DIR/.lorastream/. The result is byte for byte
+    /// what a single run with the same options writes. Missing or inconsistent parts: exit 1,
+    /// naming them (rerun those parts, then stitch again); nothing is changed.
+    #[command(after_help = "Example (4 parts, on any machines sharing out/):
+          lorastream merge --base B/ --lora A/ --out out/ --part 0/4   # … and 1/4, 2/4, 3/4
+          lorastream stitch out/")]
+    Stitch {
+        /// The output folder the parts were written into.
+        dir: PathBuf,
+        /// Print one JSON object on stdout: the report or the failure.
+        #[arg(long)]
+        json: bool,
+        /// No summary line: only errors (and, with --json, the JSON object).
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Compare two checkpoints tensor by tensor (any readable formats), like diff(1).
     ///
     /// Reports keys only in A or only in B, dtype and shape changes, and for tensors of
@@ -285,6 +307,20 @@ struct OutputArgs {
     /// tokenizer, code) into a folder output: weights only.
     #[arg(long)]
     no_copy_files: bool,
+    /// Write only part K of N (0 <= K < N) of a folder output: every part plans the same
+    /// shards as a single run and writes its share (balanced by bytes), plus a manifest in
+    /// OUT/.lorastream/; `lorastream stitch OUT/` then joins them into exactly the single
+    /// run's folder. `auto`: K and N from a Slurm job array (SLURM_ARRAY_TASK_ID,
+    /// SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_MIN) or a Kubernetes Indexed Job
+    /// (JOB_COMPLETION_INDEX with LORASTREAM_PARTS).
+    #[arg(long, value_name = "K/N|auto")]
+    part: Option<String>,
+}
+
+/// `--part`: K/N, or `auto` from the scheduler's variables.
+fn part_of(spec: Option<&str>) -> Result<Option<lorastream::partition::Part>, Error> {
+    spec.map(|s| lorastream::partition::Part::parse(s, |k| std::env::var(k).ok()))
+        .transpose()
 }
 
 /// How square 2-D weights are laid out, where the base's own description does not say:
@@ -549,6 +585,45 @@ fn ok_json(report: &impl Serialize, code: u8) -> String {
     format!("{}\n", serde_json::Value::Object(out))
 }
 
+/// For a `--part` run, the summary: what this part writes (the report's totals are the
+/// whole output's). False (nothing printed) for other runs.
+fn part_line(
+    part: Option<&lorastream::partition::PartReport>,
+    out: &str,
+    dry_run: bool,
+    seconds: f64,
+) -> bool {
+    let Some(p) = part else {
+        return false;
+    };
+    let names: Vec<&str> = p.shards.iter().map(|s| s.name.as_str()).collect();
+    let (verb, then) = if dry_run {
+        ("would write", String::new())
+    } else {
+        (
+            "wrote",
+            format!(" in {seconds:.2}s; once every part is done: lorastream stitch OUT"),
+        )
+    };
+    say(&format!(
+        "part {}/{} of OUT {verb} {} of {} shards ({}), {} tensors, {}{}",
+        p.part,
+        p.parts,
+        names.len(),
+        p.shards_total,
+        if names.is_empty() {
+            "none: more parts than shards".to_string()
+        } else {
+            names.join(", ")
+        },
+        p.tensors,
+        size(p.bytes),
+        then
+    )
+    .replace("OUT", out));
+    true
+}
+
 /// "12.3 GiB", as the progress bar counts.
 fn size(bytes: u64) -> String {
     indicatif::HumanBytes(bytes).to_string()
@@ -559,7 +634,8 @@ fn wants_json(c: &Command) -> bool {
     match c {
         Command::Inspect { json, .. }
         | Command::Verify { json, .. }
-        | Command::Diff { json, .. } => *json,
+        | Command::Diff { json, .. }
+        | Command::Stitch { json, .. } => *json,
         Command::Convert { opts, .. } => opts.json,
         Command::Merge { output, .. } => output.json,
     }
@@ -637,12 +713,14 @@ pub(crate) fn run(
                 trace: (out.verbose && !out.quiet).then_some(trace_line as fn(&str)),
                 no_copy_files: out.no_copy_files,
                 allow_empty,
+                part: part_of(out.part.as_deref())?,
             };
             let report = pipeline::convert(&input, &output, &opts)?;
             if out.json {
                 return done(ok_json(&report, 0));
             }
-            if !out.quiet {
+            if !out.quiet && !part_line(report.part.as_ref(), &report.output, false, report.seconds)
+            {
                 say(&format!(
                     "wrote {} ({} tensors, {}) in {:.2}s, peak RSS {} MB",
                     report.output,
@@ -700,6 +778,7 @@ pub(crate) fn run(
                 notify: (!quiet).then_some(note_line as fn(&str)),
                 trace: (output.verbose && !quiet).then_some(trace_line as fn(&str)),
                 no_copy_files: output.no_copy_files,
+                part: part_of(output.part.as_deref())?,
             };
             let r = lorastream::merge::merge(&out, &opts)?;
             if json {
@@ -737,7 +816,9 @@ pub(crate) fn run(
                     say(line.trim_start_matches(", "));
                 }
             }
-            if r.dry_run {
+            if part_line(r.part.as_ref(), &r.output, r.dry_run, r.seconds) {
+                // The part's own line; the totals are the whole output's.
+            } else if r.dry_run {
                 say(&format!(
                     "dry run: would write {} ({} tensors, {} merged, {}), device {}",
                     r.output,
@@ -818,6 +899,24 @@ pub(crate) fn run(
                 stdout: r.to_text(),
                 code,
             })
+        }
+        Command::Stitch { dir, json, quiet } => {
+            let r = lorastream::stitch::stitch(&dir)?;
+            if json {
+                return done(ok_json(&r, 0));
+            }
+            if !quiet {
+                say(&format!(
+                    "stitched {} ({} parts, {} shards, {} tensors, {}) in {:.2}s",
+                    r.output,
+                    r.parts,
+                    r.shards,
+                    r.tensors,
+                    size(r.bytes),
+                    r.seconds
+                ));
+            }
+            done(String::new())
         }
         Command::Diff { a, b, exact, json } => {
             let r = diff::diff(&a, &b, exact).map_err(|error| Failed { error, code: 2 })?;

@@ -78,6 +78,8 @@ pub struct MergeOptions {
     pub notify: Option<fn(&str)>,
     /// Told one line per tensor as it is written, with how long it took (`--verbose`).
     pub trace: Option<fn(&str)>,
+    /// `--part K/N`: write only part K of a folder output (see [`crate::partition`]).
+    pub part: Option<crate::partition::Part>,
 }
 
 /// One adapter of a component: its folder and how many of its tensors the output uses
@@ -116,6 +118,9 @@ pub struct MergeReport {
     /// Dry runs: every output tensor, where it comes from and what is applied to it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan: Option<Vec<PlannedTensor>>,
+    /// `--part K/N`: this part's shards and bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part: Option<crate::partition::PartReport>,
 }
 
 /// Splits `NAME=PATH` (NAME: letters, digits, `_`, `-`, `.`, not starting with a digit);
@@ -257,6 +262,9 @@ fn backend(opts: &MergeOptions) -> Result<(Box<dyn DeltaBackend>, Option<String>
 
 /// Plans, checks and (unless dry-run) writes the merged checkpoint.
 pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
+    if let Some(part) = opts.part {
+        return crate::partition::merge_part(out, opts, part);
+    }
     let format = sink::OutputFormat::from_path(out)?;
     sink::check_output(out, &opts.sink)?;
     let (side, note) = if format == sink::OutputFormat::ShardedSafetensors && !opts.no_copy_files {
@@ -379,7 +387,14 @@ pub fn merge_into(
         }
         // A run that computes nothing walks its copies and ties without a backend.
         let backend: &dyn DeltaBackend = backend.as_deref().unwrap_or(&NoDeltas);
-        let bar = progress_bar(opts.progress, plan_out.iter().map(|t| t.nbytes()).sum());
+        // The bytes this run writes (a part skips the others' tensors).
+        let to_write = plan_out
+            .iter()
+            .zip(&produce)
+            .filter(|(_, p)| **p != Produce::Skip)
+            .map(|(t, _)| t.nbytes())
+            .sum();
+        let bar = progress_bar(opts.progress, to_write);
         write_pipelined(sink, |sink| {
             // Tied jobs the sink stores as views of an earlier one are not computed.
             let shares = sink.shares_storage();
@@ -460,6 +475,7 @@ pub fn merge_into(
         components,
         notes,
         plan: opts.dry_run.then(|| describe(&jobs)),
+        part: None,
     })
 }
 

@@ -39,6 +39,8 @@ pub struct ConvertOptions {
     pub no_copy_files: bool,
     /// `--allow-empty`: an input without tensors gives an empty output instead of an error.
     pub allow_empty: bool,
+    /// `--part K/N`: write only part K of a folder output (see [`crate::partition`]).
+    pub part: Option<crate::partition::Part>,
 }
 
 /// What a finished job reports (`--json`).
@@ -54,6 +56,9 @@ pub struct Report {
     pub peak_rss_bytes: u64,
     /// Things worth a line to a person (rename or exclude rules that matched nothing).
     pub notes: Vec<String>,
+    /// `--part K/N`: this part's shards and bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub part: Option<crate::partition::PartReport>,
 }
 
 /// Why an input without tensors is refused, naming what it held instead.
@@ -222,7 +227,11 @@ pub fn merge_side_files(
 pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Report> {
     let start = Instant::now();
     let format = sink::OutputFormat::from_path(output)?;
-    sink::check_output(output, &opts.sink)?;
+    match opts.part {
+        // The other parts' shards are expected there: checked once the plan is known.
+        Some(_) => sink::check_part_output(output)?,
+        None => sink::check_output(output, &opts.sink)?,
+    }
     let ckpt = source::open(input)?;
     ckpt.set_read_mode(opts.reads);
     if ckpt.tensors.is_empty() && !opts.allow_empty {
@@ -251,7 +260,19 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
             .zip(&sources)
             .map(|(o, t)| (o.name.as_str(), t.name.as_str())),
     )?;
-    let (side, note) = if format == sink::OutputFormat::ShardedSafetensors && !opts.no_copy_files {
+    let part_plan = match opts.part {
+        Some(part) => Some(crate::partition::convert_plan(
+            input, output, &plan, opts, part,
+        )?),
+        None => None,
+    };
+    let writes = part_plan.as_ref().map(|p| p.writes(plan.len()));
+    // Of the parts, part 0 copies the files beside the weights.
+    let side_files_here = opts.part.is_none_or(|p| p.index == 0);
+    let (side, note) = if format == sink::OutputFormat::ShardedSafetensors
+        && !opts.no_copy_files
+        && side_files_here
+    {
         model_side_files(input, opts.dtype, output, opts.sink.overwrite)?
     } else {
         (Vec::new(), None)
@@ -259,14 +280,28 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
     if let (Some(n), Some(notify)) = (&note, opts.notify) {
         notify(n);
     }
-    let out = sink::create_with(output, &plan, &opts.sink, &side)?;
-    let bar = progress_bar(opts.progress, plan.iter().map(|t| t.nbytes()).sum());
+    let part_report = part_plan.as_ref().map(|p| p.report());
+    let out = match part_plan {
+        Some(p) => sink::create_part(output, &plan, &opts.sink, &side, p)?,
+        None => sink::create_with(output, &plan, &opts.sink, &side)?,
+    };
+    let to_write = plan
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| writes.as_ref().is_none_or(|w| w[*i]))
+        .map(|(_, t)| t.nbytes())
+        .sum();
+    let bar = progress_bar(opts.progress, to_write);
     let dtypes: Vec<Dtype> = plan.iter().map(|o| o.dtype).collect();
     let ties = crate::plan::merge::tied_copies(&sources, &dtypes);
     write_pipelined(out, |out| {
         // Tied weights (one storage in the input) stay one storage where the format can.
         let shares = out.shares_storage();
         for (i, (t, o)) in sources.iter().zip(&plan).enumerate() {
+            // Another part's tensor: not read at all.
+            if writes.as_ref().is_some_and(|w| !w[i]) {
+                continue;
+            }
             if let (Some(to), true) = (ties[i], shares) {
                 out.tie(o, to)?;
                 bar.inc(o.nbytes());
@@ -304,6 +339,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
         seconds: start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
         notes: notes.into_iter().chain(note).collect(),
+        part: part_report,
     })
 }
 

@@ -8,19 +8,27 @@
 mod atomic;
 mod compare;
 mod direct_file;
+mod parts;
 mod pickle_writer;
 mod preflight;
 mod safetensors;
 mod sharded;
 mod torch_zip;
 
+pub(crate) use atomic::sync_dir;
 pub use atomic::{TempOutput, install_interrupt_cleanup};
 pub use compare::{CompareSink, Expected};
 pub use direct_file::DirectFileWriter;
+pub(crate) use parts::foreign_weight_files;
+pub use parts::{
+    LayoutEntry, MANIFEST_FORMAT, Manifest, PARTS_DIR, PartWriter, STAGED_FILES, WrittenFile,
+    WrittenShard, check_part_folder, manifest_name, sha256_file,
+};
 pub use pickle_writer::{PickledTensor, state_dict_pickle};
 pub use preflight::preflight;
 pub use safetensors::SafetensorsWriter;
-pub use sharded::{ShardedSafetensorsWriter, check_output_folder};
+pub(crate) use sharded::{INDEX, index_text};
+pub use sharded::{ShardedSafetensorsWriter, check_output_folder, split as split_shards};
 pub use torch_zip::TorchZipWriter;
 
 use crate::direct_io::AlignedBuf;
@@ -270,6 +278,41 @@ pub fn create_with(
             dest, plan, opts, side_files,
         )?),
     })
+}
+
+/// Opens part `plan.part` of the folder output `out` (see [`PartWriter`]); `out` must be
+/// a folder output (a path ending in '/', or an existing folder).
+pub fn create_part(
+    out: &Path,
+    full: &[OutTensor],
+    opts: &SinkOptions,
+    side_files: &[SideFile],
+    plan: crate::partition::PartPlan,
+) -> Result<Box<dyn TensorSink>> {
+    check_part_output(out)?;
+    Ok(Box::new(PartWriter::create(
+        dest_of(out),
+        full,
+        opts,
+        side_files,
+        plan,
+    )?))
+}
+
+/// `--part` writes a sharded folder: any other output is a usage error.
+pub fn check_part_output(out: &Path) -> Result<()> {
+    if OutputFormat::from_path(out)? != OutputFormat::ShardedSafetensors {
+        return Err(Error::Usage(format!(
+            "--part writes shards of a folder output, and {} is one file; name a folder ending              in '/'",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// `out` without a trailing '/' (the folder a folder output is).
+pub fn folder_of(out: &Path) -> &Path {
+    dest_of(out)
 }
 
 /// Tracks a writer's position in its plan and checks the call order and byte counts.

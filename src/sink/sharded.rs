@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const INDEX: &str = "model.safetensors.index.json";
+pub(crate) const INDEX: &str = "model.safetensors.index.json";
 
 /// Where the files go.
 enum Place {
@@ -94,7 +94,7 @@ pub fn check_output_folder(dest: &Path, overwrite: bool) -> Result<()> {
 }
 
 /// Writes side file `f` at `path` (JSON keys replaced when asked) and fsyncs it.
-fn write_side_file(f: &SideFile, path: &Path, shown: &Path) -> Result<()> {
+pub(super) fn write_side_file(f: &SideFile, path: &Path, shown: &Path) -> Result<()> {
     if f.set.is_empty() {
         std::fs::copy(&f.source, path).map_err(|e| Error::io(&f.source, e))?;
     } else {
@@ -113,6 +113,24 @@ fn write_side_file(f: &SideFile, path: &Path, shown: &Path) -> Result<()> {
         std::fs::write(path, out + "\n").map_err(|e| Error::io(shown, e))?;
     }
     sync_file(path)
+}
+
+/// The text of `model.safetensors.index.json` for tensors `entries` (tensor, shard) in
+/// plan order and `total` tensor bytes, as `save_pretrained` lays it out. One function for
+/// the single run and `stitch`, so a stitched folder is byte for byte a single run's.
+pub(crate) fn index_text<'a>(
+    entries: impl IntoIterator<Item = (&'a str, &'a str)>,
+    total: u64,
+    shown: &Path,
+) -> Result<String> {
+    let mut weight_map = serde_json::Map::new();
+    for (tensor, shard) in entries {
+        weight_map.insert(tensor.to_string(), shard.into());
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+    let text =
+        serde_json::to_string_pretty(&index).map_err(|e| Error::format(shown, e.to_string()))?;
+    Ok(text + "\n")
 }
 
 /// Splits `plan` into shards of at most `limit` bytes each (a tensor over the limit alone).
@@ -170,7 +188,7 @@ impl ShardedSafetensorsWriter {
             .enumerate()
             .map(|(i, p)| {
                 shard_of.extend(std::iter::repeat_n(i, p.len()));
-                (format!("model-{:05}-of-{:05}.safetensors", i + 1, n), p)
+                (crate::partition::shard_name(i, n), p)
             })
             .collect();
         let mut w = ShardedSafetensorsWriter {
@@ -303,20 +321,15 @@ impl TensorSink for ShardedSafetensorsWriter {
         if let Some((_, w)) = self.current.take() {
             w.close()?;
         }
-        let mut weight_map = serde_json::Map::new();
-        for (name, plan) in &self.shards {
-            for t in plan {
-                weight_map.insert(t.name.clone(), name.clone().into());
-            }
-        }
+        let entries = self
+            .shards
+            .iter()
+            .flat_map(|(name, plan)| plan.iter().map(move |t| (t.name.as_str(), name.as_str())));
         let total: u64 = self.cursor.plan().iter().map(|t| t.nbytes()).sum();
-        let index =
-            serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         let shown = self.dest.join(INDEX);
-        let text = serde_json::to_string_pretty(&index)
-            .map_err(|e| Error::format(&shown, e.to_string()))?;
+        let text = index_text(entries, total, &shown)?;
         self.create_file(INDEX, |p| {
-            std::fs::write(p, text + "\n").map_err(|e| Error::io(&shown, e))?;
+            std::fs::write(p, text).map_err(|e| Error::io(&shown, e))?;
             sync_file(p)
         })?;
         self.put_in_place()
