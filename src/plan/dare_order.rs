@@ -1,0 +1,172 @@
+//! DARE's random stream over a whole model: where each module's masks start in torch's
+//! CPU stream after `torch.manual_seed(--seed)`, so that each module can draw its own
+//! masks when it is merged (streaming: no mask is held; one 2.5 KB state per module).
+//!
+//! PEFT's `add_weighted_adapter` first injects the new adapter into every module (each
+//! `update_layer` builds `nn.Linear(in, r)` and `nn.Linear(r, out)`, whose init draws, then
+//! kaiming-inits A again when `init_lora_weights` is true), then walks
+//! `model.named_modules()` and draws each module's masks in turn (see
+//! `adapter::combine`). The first part only needs the total; the second needs the model's
+//! module order, which a safetensors file (keys sorted) does not record. It is taken from
+//! `--module-order FILE`, or from a single-file pickle base (`torch.save(state_dict)` keeps
+//! `state_dict()` order, which is `named_modules()` order); otherwise DARE is refused.
+
+use super::component::Component;
+use crate::adapter::combine::{Combine, CombinedLora};
+use crate::adapter::torch_rng::{TorchRng, uniform_draws};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::source::{Checkpoint, SourceFormat};
+use std::collections::HashMap;
+
+/// Gives every combined module (`(base key, change)`) its stream state. `init` is the
+/// first adapter's `init_lora_weights` (PEFT copies its config into the new adapter).
+pub(super) fn plan_streams(
+    spec: &Combine,
+    c: &Component,
+    base: &Checkpoint,
+    init: &str,
+    new_rank: usize,
+    built: &mut [(String, CombinedLora)],
+) -> Result<()> {
+    let name = spec.kind.name();
+    let Some(seed) = spec.seed else {
+        return Err(Error::Usage(format!("--combine {name} needs --seed N")));
+    };
+    if let Some(label) = &c.name {
+        return Err(Error::Plan(format!(
+            "component {label}: --combine {name} over a component of a multi-model folder: the order \
+             in which each component's add_weighted_adapter ran on torch's one random stream is not \
+             recorded; combine a single model"
+        )));
+    }
+    // The new adapter's init draws per module: A twice (nn.Linear, kaiming) or once.
+    let a_inits: u64 = match init {
+        "true" => 2,
+        "false" => 1,
+        other => {
+            return Err(Error::Plan(format!(
+                "--combine {name}: the first adapter's init_lora_weights is {other}; the new adapter \
+                 PEFT builds with it draws from torch's stream in a way lorastream does not count \
+                 (it does for true and false)"
+            )));
+        }
+    };
+    let r = new_rank as u64;
+    let mut init_total = 0u64;
+    let mut mask_draws = Vec::with_capacity(built.len());
+    for (_, m) in built.iter() {
+        let p0 = &m.parts[0];
+        let plain = !m.embedding
+            && m.parts
+                .iter()
+                .all(|p| p.a.shape.len() == 2 && p.b.shape.len() == 2);
+        if !plain {
+            return Err(Error::tensor(
+                &m.weights,
+                &p0.a.name,
+                format!(
+                    "module '{}': --combine {name} on an Embedding or a convolution: the new adapter's \
+                     init there draws from torch's stream in a way lorastream does not reproduce; DARE \
+                     is done for Linear and Conv1D modules",
+                    m.module
+                ),
+            ));
+        }
+        let (k, out) = (p0.a.shape[1] as u64, p0.b.shape[0] as u64);
+        init_total += uniform_draws(Dtype::F32, a_inits * r * k + out * r);
+        mask_draws.push(if spec.kind.is_pruned_svd() {
+            m.parts.len() as u64 * out * k
+        } else {
+            m.parts
+                .iter()
+                .map(|p| (p.a.numel() + p.b.numel()) as u64)
+                .sum()
+        });
+    }
+    let positions = positions(spec, base, built)?;
+    let mut order: Vec<usize> = (0..built.len()).collect();
+    order.sort_by_key(|&i| positions[i]);
+    let mut rng = TorchRng::manual_seed(seed);
+    rng.skip(init_total);
+    for i in order {
+        built[i].1.dare_rng = Some(rng.clone());
+        rng.skip(mask_draws[i]);
+    }
+    Ok(())
+}
+
+/// Each module's place in `named_modules()` order (comparable numbers).
+fn positions(
+    spec: &Combine,
+    base: &Checkpoint,
+    built: &[(String, CombinedLora)],
+) -> Result<Vec<usize>> {
+    let name = spec.kind.name();
+    if let Some(path) = &spec.module_order {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let mut at: HashMap<&str, usize> = HashMap::new();
+        for (i, line) in text.lines().enumerate() {
+            let Some(word) = line.split_whitespace().next() else {
+                continue;
+            };
+            let word = word.strip_prefix("base_model.model.").unwrap_or(word);
+            at.entry(word).or_insert(i);
+        }
+        let missing: Vec<&str> = built
+            .iter()
+            .map(|(_, m)| m.module.as_str())
+            .filter(|m| !at.contains_key(m))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "--module-order does not list {} of the combined modules ({}{}); it must name \
+                     every one, as model.named_modules() does",
+                    missing.len(),
+                    missing
+                        .iter()
+                        .take(5)
+                        .copied()
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if missing.len() > 5 { ", …" } else { "" }
+                ),
+            ));
+        }
+        return Ok(built.iter().map(|(_, m)| at[m.module.as_str()]).collect());
+    }
+    let pickle = matches!(
+        base.format,
+        SourceFormat::TorchZip | SourceFormat::TorchLegacy
+    ) && base.files.len() == 1;
+    if !pickle {
+        return Err(Error::Plan(format!(
+            "--combine {name}: PEFT draws the masks module by module in model.named_modules() order, \
+             which the base {} ({}) does not record; give --module-order FILE listing the model's \
+             module names in that order (e.g. print(\"\\n\".join(n for n, _ in model.named_modules()))), \
+             or a single-file pickle base (.bin/.pth), which keeps state_dict() order",
+            base.path.display(),
+            if base.files.len() > 1 {
+                "several files"
+            } else {
+                "safetensors keeps its keys sorted"
+            }
+        )));
+    }
+    let at: HashMap<&str, usize> = base
+        .tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.as_str(), i))
+        .collect();
+    built
+        .iter()
+        .map(|(key, m)| {
+            at.get(key.as_str()).copied().ok_or_else(|| {
+                Error::Internal(format!("module '{}': base key {key} not found", m.module))
+            })
+        })
+        .collect()
+}
