@@ -360,8 +360,9 @@ struct CombineArgs {
     /// and Conv1D modules only.
     #[arg(long, value_name = "TYPE", value_parser = parse_combination)]
     combine: Option<CombinationType>,
-    /// The fraction of values kept by ties / magnitude_prune and their _svd forms (0..1;
-    /// >= 1 prunes nothing).
+    /// The fraction of values kept by ties / magnitude_prune / dare_* and their _svd forms
+    /// (0..1; >= 1 prunes nothing; dare_* keeps each value with this probability and
+    /// divides the kept ones by it).
     #[arg(long, value_name = "FRACTION")]
     density: Option<f64>,
     /// How ties elects each value's sign: total (sum of the values) or frequency (count).
@@ -372,9 +373,10 @@ struct CombineArgs {
     #[arg(long, value_name = "N")]
     seed: Option<u64>,
     /// dare_*: a text file of the model's module names in model.named_modules() order, one
-    /// a line (names as the adapter saves them, without "base_model.model."; other lines are
-    /// ignored). Settles the order PEFT draws the masks in, which a safetensors base does not
-    /// record; a single-file pickle base (.bin/.pth, state_dict order) settles it without.
+    /// a line (the first word of each line, a leading "base_model.model." dropped; it must
+    /// list every combined module, other names are ignored). Settles the order PEFT draws
+    /// the masks in, which a safetensors base does not record; a single-file pickle base
+    /// (.bin/.pth, state_dict order) settles it without this.
     #[arg(long, value_name = "FILE")]
     module_order: Option<PathBuf>,
 }

@@ -96,6 +96,20 @@ pub(super) fn plan_streams(
     Ok(())
 }
 
+/// `--module-order`'s text: each line's first word (a leading `base_model.model.`, as a
+/// `PeftModel` prints its modules, dropped) → its line; a repeated name keeps its first.
+fn parse_order(text: &str) -> HashMap<&str, usize> {
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let Some(word) = line.split_whitespace().next() else {
+            continue;
+        };
+        let word = word.strip_prefix("base_model.model.").unwrap_or(word);
+        at.entry(word).or_insert(i);
+    }
+    at
+}
+
 /// Each module's place in `named_modules()` order (comparable numbers).
 fn positions(
     spec: &Combine,
@@ -105,14 +119,7 @@ fn positions(
     let name = spec.kind.name();
     if let Some(path) = &spec.module_order {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let mut at: HashMap<&str, usize> = HashMap::new();
-        for (i, line) in text.lines().enumerate() {
-            let Some(word) = line.split_whitespace().next() else {
-                continue;
-            };
-            let word = word.strip_prefix("base_model.model.").unwrap_or(word);
-            at.entry(word).or_insert(i);
-        }
+        let at = parse_order(&text);
         let missing: Vec<&str> = built
             .iter()
             .map(|(_, m)| m.module.as_str())
@@ -169,4 +176,20 @@ fn positions(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_order_reads_the_first_word_of_each_line() {
+        // As print(model) / named_modules() with types, from a PeftModel or the bare model.
+        let text =
+            "\nbase_model.model.zin  Linear\nblocks\nblocks.0.q\n  blocks.0.up Conv1D\nzin\n";
+        let at = parse_order(text);
+        assert!(at["zin"] < at["blocks.0.q"] && at["blocks.0.q"] < at["blocks.0.up"]);
+        assert_eq!(at["zin"], 1, "the first occurrence counts");
+        assert!(!at.contains_key("Linear") && !at.contains_key(""));
+    }
 }
