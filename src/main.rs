@@ -356,8 +356,8 @@ struct CombineArgs {
     /// one differs by about 1e-6 absolute on f32 weights; pruned SVD forms for modules up
     /// to 1024 on their shorter side). dare_linear, dare_ties, dare_linear_svd and
     /// dare_ties_svd prune at random with PEFT's exact masks given --seed and the model's
-    /// module order (--module-order, or a pickle .bin/.pth base, which keeps it); Linear
-    /// and Conv1D modules only.
+    /// module order (--module-order, or a pickle .bin/.pth base, which keeps it); Linear,
+    /// Conv1D and Embedding modules (convolutions refused).
     #[arg(long, value_name = "TYPE", value_parser = parse_combination)]
     combine: Option<CombinationType>,
     /// The fraction of values kept by ties / magnitude_prune / dare_* and their _svd forms

@@ -38,7 +38,7 @@
 //!   `init_lora_weights` is true), then the modules draw in `model.named_modules()` order,
 //!   per module every adapter's lora_A in the given order, then every lora_B (the `_svd`
 //!   forms: every adapter's ΔW, as `get_delta_weight` returns it, `[in, out]` for
-//!   fan_in_fan_out). The planner settles that order (`--module-order`, or the base's own
+//!   fan_in_fan_out and Embeddings). The planner settles that order (`--module-order`, or the base's own
 //!   pickle order) and gives each module the stream's state where its masks start
 //!   ([`CombinedLora::dare_rng`]).
 //!

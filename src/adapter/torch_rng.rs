@@ -147,10 +147,41 @@ impl BernoulliP {
     }
 }
 
-/// How many outputs `uniform_` (and so `nn.init.kaiming_uniform_`) uses on `n` elements
-/// of `dtype`.
-pub fn uniform_draws(dtype: Dtype, n: u64) -> u64 {
-    if dtype == Dtype::F64 { 2 * n } else { n }
+/// The outputs torch's init calls use up, counted as they run (their values are not
+/// needed, only where the stream stands after them).
+#[derive(Clone, Debug, Default)]
+pub struct DrawCount {
+    pub total: u64,
+    /// `normal_distribution<double>` keeps the second sample of each Box-Muller pair
+    /// (`next_double_normal_sample`, cleared by `manual_seed`) for its next call.
+    pub cached_normal: bool,
+}
+
+impl DrawCount {
+    /// `uniform_` (and so `kaiming_uniform_`, `nn.Linear`'s init) on `n` elements of
+    /// `dtype`: one output each, two for double.
+    pub fn uniform(&mut self, dtype: Dtype, n: u64) {
+        self.total += if dtype == Dtype::F64 { 2 * n } else { n };
+    }
+
+    /// `normal_` (and `randn`) of `n` contiguous f32 elements: from 16 on
+    /// (`normal_fill`), a uniform per element plus 16 more when `n` is not a multiple of 16
+    /// (the last 16 are redrawn); below, serially with the double sampler: two `random64`
+    /// per pair, the second sample cached.
+    pub fn normal(&mut self, n: u64) {
+        if n >= 16 {
+            self.total += n + if n.is_multiple_of(16) { 0 } else { 16 };
+            return;
+        }
+        for _ in 0..n {
+            if self.cached_normal {
+                self.cached_normal = false;
+            } else {
+                self.total += 4;
+                self.cached_normal = true;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -201,8 +232,9 @@ mod tests {
     }
 
     /// Every mask torch drew in fixtures/torch_rng/bernoulli.json (several seeds, f32, f16,
-    /// bf16 and f64 probabilities, odd sizes, densities 0 and 1, masks after `uniform_` and
-    /// `nn.Linear` init, a mask of a transposed view, row-major) comes out the same.
+    /// bf16 and f64 probabilities, odd sizes, densities 0 and 1, masks after `uniform_`,
+    /// `nn.Linear` init and `randn` of both paths, a mask of a transposed view, row-major)
+    /// comes out the same.
     #[test]
     fn masks_equal_torchs() {
         let path = concat!(
@@ -212,9 +244,12 @@ mod tests {
         let text = std::fs::read_to_string(path).expect("fixture");
         let doc: Value = serde_json::from_str(&text).expect("json");
         let mut masks = 0;
+        let mut count = DrawCount::default();
+        let mut counted = 0u64;
         for case in doc["cases"].as_array().expect("cases") {
             let seed = case["seed"].as_u64().expect("seed");
             let mut rng = TorchRng::manual_seed(seed);
+            count.cached_normal = false; // manual_seed clears it
             let expected = case["expected"].as_array().expect("expected");
             for (call, want) in case["calls"]
                 .as_array()
@@ -233,7 +268,13 @@ mod tests {
                         None => c["n"].as_u64().expect("n"),
                     }
                 };
-                match call["op"].as_str().expect("op") {
+                let op = call["op"].as_str().expect("op");
+                if op == "bernoulli" {
+                    // What the calls before used up.
+                    rng.skip(count.total - counted);
+                    counted = count.total;
+                }
+                match op {
                     "bernoulli" => {
                         let p = BernoulliP::of(
                             dtype(call["dtype"].as_str().expect("dtype")),
@@ -247,11 +288,12 @@ mod tests {
                         );
                         masks += 1;
                     }
-                    "uniform" => rng.skip(uniform_draws(
-                        dtype(call["dtype"].as_str().expect("dtype")),
-                        n(call),
-                    )),
-                    "linear_init" => rng.skip(
+                    "uniform" => {
+                        count.uniform(dtype(call["dtype"].as_str().expect("dtype")), n(call))
+                    }
+                    "normal" => count.normal(n(call)),
+                    "linear_init" => count.uniform(
+                        Dtype::F32,
                         call["in"].as_u64().expect("in") * call["out"].as_u64().expect("out"),
                     ),
                     other => panic!("fixture op {other}"),

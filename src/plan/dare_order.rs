@@ -4,7 +4,8 @@
 //!
 //! PEFT's `add_weighted_adapter` first injects the new adapter into every module (each
 //! `update_layer` builds `nn.Linear(in, r)` and `nn.Linear(r, out)`, whose init draws, then
-//! kaiming-inits A again when `init_lora_weights` is true), then walks
+//! kaiming-inits A again when `init_lora_weights` is true; an Embedding draws `randn` for
+//! A and B, then `normal_` for B again), then walks
 //! `model.named_modules()` and draws each module's masks in turn (see
 //! `adapter::combine`). The first part only needs the total; the second needs the model's
 //! module order, which a safetensors file (keys sorted) does not record. It is taken from
@@ -13,7 +14,7 @@
 
 use super::component::Component;
 use crate::adapter::combine::{Combine, CombinedLora};
-use crate::adapter::torch_rng::{TorchRng, uniform_draws};
+use crate::adapter::torch_rng::{DrawCount, TorchRng};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::source::{Checkpoint, SourceFormat};
@@ -53,42 +54,53 @@ pub(super) fn plan_streams(
         }
     };
     let r = new_rank as u64;
-    let mut init_total = 0u64;
-    let mut mask_draws = Vec::with_capacity(built.len());
-    for (_, m) in built.iter() {
+    let positions = positions(spec, base, built)?;
+    let mut order: Vec<usize> = (0..built.len()).collect();
+    order.sort_by_key(|&i| positions[i]);
+    // The init, module by module in the same order (inject_adapter walks named_modules()
+    // too; the order matters only through the cache of torch's small normal_ draws).
+    let mut init = DrawCount::default();
+    let mut mask_draws = vec![0u64; built.len()];
+    for &i in &order {
+        let m = &built[i].1;
         let p0 = &m.parts[0];
-        let plain = !m.embedding
-            && m.parts
-                .iter()
-                .all(|p| p.a.shape.len() == 2 && p.b.shape.len() == 2);
-        if !plain {
+        if m.parts
+            .iter()
+            .any(|p| p.a.shape.len() != 2 || p.b.shape.len() != 2)
+        {
             return Err(Error::tensor(
                 &m.weights,
                 &p0.a.name,
                 format!(
-                    "module '{}': --combine {name} on an Embedding or a convolution: the new adapter's \
-                     init there draws from torch's stream in a way lorastream does not reproduce; DARE \
-                     is done for Linear and Conv1D modules",
+                    "module '{}': --combine {name} on a convolution: the new adapter's conv init \
+                     is not counted by lorastream; DARE is done for Linear, Conv1D and Embedding \
+                     modules",
                     m.module
                 ),
             ));
         }
         let (k, out) = (p0.a.shape[1] as u64, p0.b.shape[0] as u64);
-        init_total += uniform_draws(Dtype::F32, a_inits * r * k + out * r);
-        mask_draws.push(if spec.kind.is_pruned_svd() {
+        if m.embedding {
+            // torch.randn((r, V)), torch.randn((D, r)); init true: zeros_(A), normal_(B).
+            init.normal(r * k);
+            init.normal(out * r);
+            if a_inits == 2 {
+                init.normal(out * r);
+            }
+        } else {
+            init.uniform(Dtype::F32, a_inits * r * k + out * r);
+        }
+        mask_draws[i] = if spec.kind.is_pruned_svd() {
             m.parts.len() as u64 * out * k
         } else {
             m.parts
                 .iter()
                 .map(|p| (p.a.numel() + p.b.numel()) as u64)
                 .sum()
-        });
+        };
     }
-    let positions = positions(spec, base, built)?;
-    let mut order: Vec<usize> = (0..built.len()).collect();
-    order.sort_by_key(|&i| positions[i]);
     let mut rng = TorchRng::manual_seed(seed);
-    rng.skip(init_total);
+    rng.skip(init.total);
     for i in order {
         built[i].1.dare_rng = Some(rng.clone());
         rng.skip(mask_draws[i]);
