@@ -17,7 +17,7 @@ The SVD types are compared within an absolute 1e-6 on f32 bases (PEFT's own f32 
 1 ulp on 16-bit bases). DARE (`dare_linear`, `dare_ties`, and their `_svd` forms) must equal PEFT
 bit for bit (`_svd`: within the SVD tolerances) given `--seed` (PEFT's `torch.manual_seed` just
 before `add_weighted_adapter`) and the model's module order (`--module-order`, or a pickle base);
-without either it is refused, and on a model with an Embedding too (exit 1).
+without a seed it is refused (exit 2), without evidence of the order too (exit 1).
 
 Run: PY=$(scripts/python-env.sh); LORASTREAM_BIN=target/release/lorastream $PY -m pytest tests/compat/test_combos.py -q
 """
