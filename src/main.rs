@@ -398,17 +398,31 @@ struct CombineArgs {
     /// --density first (ties: majority sign by --majority-sign-method); svd, ties_svd and
     /// magnitude_prune_svd cut the combined delta to the largest rank (f64 SVD; PEFT's f32
     /// one differs by about 1e-6 absolute on f32 weights; pruned SVD forms for modules up
-    /// to 1024 on their shorter side). The dare_* types are refused (their random mask
-    /// comes from torch's RNG state, which no file records).
+    /// to 1024 on their shorter side). dare_linear, dare_ties, dare_linear_svd and
+    /// dare_ties_svd prune at random with PEFT's exact masks given --seed and the model's
+    /// module order (--module-order, or a pickle .bin/.pth base, which keeps it); Linear,
+    /// Conv1D and Embedding modules (convolutions refused).
     #[arg(long, value_name = "TYPE", value_parser = parse_combination)]
     combine: Option<CombinationType>,
-    /// The fraction of values kept by ties / magnitude_prune and their _svd forms (0..1;
-    /// >= 1 prunes nothing).
+    /// The fraction of values kept by ties / magnitude_prune / dare_* and their _svd forms
+    /// (0..1; >= 1 prunes nothing; dare_* keeps each value with this probability and
+    /// divides the kept ones by it).
     #[arg(long, value_name = "FRACTION")]
     density: Option<f64>,
     /// How ties elects each value's sign: total (sum of the values) or frequency (count).
     #[arg(long, value_name = "total|frequency", default_value = "total", value_parser = parse_majority)]
     majority_sign_method: MajoritySign,
+    /// dare_*: the seed of the torch.manual_seed(N) run just before add_weighted_adapter
+    /// (torch keeps its low 32 bits); the masks are torch's CPU bernoulli draws from there.
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// dare_*: a text file of the model's module names in model.named_modules() order, one
+    /// a line (the first word of each line, a leading "base_model.model." dropped; it must
+    /// list every combined module, other names are ignored). Settles the order PEFT draws
+    /// the masks in, which a safetensors base does not record; a single-file pickle base
+    /// (.bin/.pth, state_dict order) settles it without this.
+    #[arg(long, value_name = "FILE")]
+    module_order: Option<PathBuf>,
 }
 
 impl CombineArgs {
@@ -418,9 +432,17 @@ impl CombineArgs {
                 kind,
                 density: self.density,
                 majority: self.majority_sign_method,
+                seed: self.seed,
+                module_order: self.module_order.clone(),
             })),
-            None if self.density.is_some() => {
-                Err(Error::Usage("--density goes with --combine".into()).into())
+            None if self.density.is_some()
+                || self.seed.is_some()
+                || self.module_order.is_some() =>
+            {
+                Err(
+                    Error::Usage("--density, --seed and --module-order go with --combine".into())
+                        .into(),
+                )
             }
             None => Ok(None),
         }

@@ -28,15 +28,28 @@
 //!   largest rank by an f64 SVD of the full matrix (one-sided Jacobi; modules up to
 //!   [`MAX_FULL_SVD_DIM`] on their shorter side, larger ones refused by name).
 //!
-//! Refused: DARE (`dare_linear`, `dare_ties` and their SVD forms draw a mask with
-//! `torch.bernoulli` from torch's global RNG state, which no file records), a
-//! `magnitude_prune`/`ties` cut that falls between equal magnitudes (torch's `topk` picks
-//! among ties by its own order).
+//! - `dare_linear`, `dare_ties` (and their `_svd` forms on full ΔWs): as `linear` / `ties`,
+//!   but each tensor is first pruned at random and rescaled: `T·mask / f32(density)` with
+//!   `mask = torch.bernoulli(torch.full_like(T, density))`, drawn from torch's global CPU
+//!   stream. Given the seed of the `torch.manual_seed(seed)` run just before
+//!   `add_weighted_adapter` (`--seed`), the masks are PEFT's exactly ([`crate::adapter::torch_rng`]):
+//!   the stream first pays for the new adapter's init (`inject_adapter` builds every
+//!   module's `nn.Linear(in, r)` and `nn.Linear(r, out)`, then kaiming-inits A again when
+//!   `init_lora_weights` is true), then the modules draw in `model.named_modules()` order,
+//!   per module every adapter's lora_A in the given order, then every lora_B (the `_svd`
+//!   forms: every adapter's ΔW, as `get_delta_weight` returns it, `[in, out]` for
+//!   fan_in_fan_out and Embeddings). The planner settles that order (`--module-order`, or the base's own
+//!   pickle order) and gives each module the stream's state where its masks start
+//!   ([`CombinedLora::dare_rng`]).
+//!
+//! Refused: DARE without `--seed`, a `magnitude_prune`/`ties` cut that falls between equal
+//! magnitudes (torch's `topk` picks among ties by its own order).
 //!
 //! The change keeps the original factors as its inputs (so coverage sees every one used)
 //! and computes the new factors once per tensor in `prepare`; bands get ΔW's rows with
 //! `sgemm`, as the engine's own LoRA step does.
 
+use crate::adapter::torch_rng::{BernoulliP, TorchRng};
 use crate::adapter::tuners::{BandChange, BandSource, Effect, TensorChange, decode};
 use crate::dtype::{Dtype, round_through};
 use crate::error::{Error, Result};
@@ -44,8 +57,9 @@ use crate::source::TensorEntry;
 use std::path::PathBuf;
 
 /// `combination_type` of `add_weighted_adapter`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum CombinationType {
+    #[default]
     Linear,
     Cat,
     Ties,
@@ -93,6 +107,26 @@ impl CombinationType {
             CombinationType::Linear | CombinationType::Cat | CombinationType::Svd
         )
     }
+    /// DARE: pruned at random.
+    pub fn is_dare(self) -> bool {
+        matches!(
+            self,
+            CombinationType::DareLinear
+                | CombinationType::DareTies
+                | CombinationType::DareLinearSvd
+                | CombinationType::DareTiesSvd
+        )
+    }
+    /// Prunes and mixes full ΔWs, then cuts them by an SVD.
+    pub fn is_pruned_svd(self) -> bool {
+        matches!(
+            self,
+            CombinationType::TiesSvd
+                | CombinationType::MagnitudePruneSvd
+                | CombinationType::DareLinearSvd
+                | CombinationType::DareTiesSvd
+        )
+    }
 }
 
 /// `majority_sign_method`.
@@ -104,11 +138,15 @@ pub enum MajoritySign {
 }
 
 /// `--combine` with its options.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Combine {
     pub kind: CombinationType,
     pub density: Option<f64>,
     pub majority: MajoritySign,
+    /// `--seed`: DARE's `torch.manual_seed(seed)` just before `add_weighted_adapter`.
+    pub seed: Option<u64>,
+    /// `--module-order FILE`: the model's module names in `named_modules()` order (DARE).
+    pub module_order: Option<PathBuf>,
 }
 
 impl Combine {
@@ -121,18 +159,10 @@ impl Combine {
             self.kind
         };
         let name = self.kind.name();
-        match kind {
-            CombinationType::DareLinear
-            | CombinationType::DareTies
-            | CombinationType::DareLinearSvd
-            | CombinationType::DareTiesSvd => {
-                return Err(Error::Usage(format!(
-                    "--combine {name}: DARE prunes at random (torch.bernoulli with torch's global RNG \
-                     state at the time of add_weighted_adapter), which no file records, so its result \
-                     cannot be reproduced; use ties, magnitude_prune, linear or cat"
-                )));
-            }
-            _ => {}
+        if !self.kind.is_dare() && (self.seed.is_some() || self.module_order.is_some()) {
+            return Err(Error::Usage(format!(
+                "--seed and --module-order go with the random (dare_*) combinations, not --combine {name}"
+            )));
         }
         if kind.uses_density() {
             match self.density {
@@ -149,11 +179,34 @@ impl Combine {
                 _ => {}
             }
         }
+        if kind.is_dare() && self.density.is_some_and(|d| d < 1.0) {
+            if self.seed.is_none() {
+                return Err(Error::Usage(format!(
+                    "--combine {name} prunes at random (torch.bernoulli from torch's global RNG): \
+                     give --seed N, the seed of the torch.manual_seed(N) run just before \
+                     add_weighted_adapter, to reproduce PEFT's masks"
+                )));
+            }
+            if self.density == Some(0.0) {
+                return Err(Error::Usage(format!(
+                    "--combine {name} --density 0 keeps nothing and divides by 0: PEFT's result is \
+                     NaN everywhere"
+                )));
+            }
+        }
         Ok(Combine {
             kind,
             density: self.density,
             majority: self.majority,
+            seed: self.seed,
+            module_order: self.module_order.clone(),
         })
+    }
+
+    /// DARE that draws masks (density below 1: PEFT's `prune` returns the tensor as it is
+    /// otherwise, drawing nothing).
+    pub fn draws(&self) -> bool {
+        self.kind.is_dare() && self.density.is_some_and(|d| d < 1.0)
     }
 }
 
@@ -186,6 +239,8 @@ pub struct CombinedLora {
     /// For messages: the module and the first adapter's weights file.
     pub module: String,
     pub weights: PathBuf,
+    /// DARE: torch's stream where this module's masks start (see the module comment).
+    pub dare_rng: Option<TorchRng>,
 }
 
 impl CombinedLora {
@@ -195,6 +250,13 @@ impl CombinedLora {
 
     /// A' `[r', K]` and B' `[out, r']` (f32, before any rounding to the base dtype).
     fn factors(&self) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+        let mut rng = self.dare_rng.clone();
+        if self.how.draws() && rng.is_none() {
+            return Err(Error::Internal(format!(
+                "module '{}': DARE without its random stream",
+                self.module
+            )));
+        }
         let k_of = |t: &TensorEntry| t.numel() / t.shape.first().copied().unwrap_or(1).max(1);
         let out_of = |t: &TensorEntry| t.shape.first().copied().unwrap_or(0);
         let rank_of = |p: &Part| p.a.shape.first().copied().unwrap_or(0);
@@ -231,10 +293,7 @@ impl CombinedLora {
             let (a, b) = svd_factors(&self.parts, k, out, self.new_rank);
             return Ok((a, b, self.new_rank));
         }
-        if matches!(
-            self.how.kind,
-            CombinationType::TiesSvd | CombinationType::MagnitudePruneSvd
-        ) {
+        if self.how.kind.is_pruned_svd() {
             if out.min(k) > MAX_FULL_SVD_DIM {
                 return Err(self.refuse(format!(
                     "module '{}': --combine {} takes the SVD of the full {out} x {k} ΔW, which \
@@ -268,7 +327,9 @@ impl CombinedLora {
                 })
                 .collect();
             let weights: Vec<f32> = self.parts.iter().map(|p| p.weight as f32).collect();
-            let dw = self.mix(deltas, &weights, "ΔW")?;
+            // PEFT's ΔW of a fan_in_fan_out module is [in, out]: its mask runs that way.
+            let order = self.transposed.then_some(out);
+            let dw = self.mix(deltas, &weights, "ΔW", &mut rng, order)?;
             let (a, b) = full_svd_factors(&dw, out, k, self.new_rank);
             return Ok((a, b, self.new_rank));
         }
@@ -291,17 +352,44 @@ impl CombinedLora {
         }
         let a: Vec<Vec<f32>> = self.parts.iter().map(|p| decode(&p.a)).collect();
         let b: Vec<Vec<f32>> = self.parts.iter().map(|p| decode(&p.b)).collect();
-        Ok((self.mix(a, &wa, "lora_A")?, self.mix(b, &wb, "lora_B")?, r))
+        // Every adapter's A is masked before any B (the stream's order).
+        let a = self.mix(a, &wa, "lora_A", &mut rng, None)?;
+        let b = self.mix(b, &wb, "lora_B", &mut rng, None)?;
+        Ok((a, b, r))
     }
 
-    /// PEFT's task_arithmetic / magnitude_prune / ties over same-shaped tensors.
-    fn mix(&self, mut tensors: Vec<Vec<f32>>, weights: &[f32], what: &str) -> Result<Vec<f32>> {
+    /// PEFT's task_arithmetic / magnitude_prune / ties / dare_linear / dare_ties over
+    /// same-shaped tensors. DARE draws each tensor's mask from `rng` in turn, row-major, or
+    /// (`transposed_cols = Some(out)`, a `[out, k]` ΔW PEFT holds as `[k, out]`) down its
+    /// columns.
+    fn mix(
+        &self,
+        mut tensors: Vec<Vec<f32>>,
+        weights: &[f32],
+        what: &str,
+        rng: &mut Option<TorchRng>,
+        transposed_cols: Option<usize>,
+    ) -> Result<Vec<f32>> {
         // The SVD forms prune and elect like their plain forms (on full ΔWs).
         let kind = match self.how.kind {
             CombinationType::TiesSvd => CombinationType::Ties,
             CombinationType::MagnitudePruneSvd => CombinationType::MagnitudePrune,
+            CombinationType::DareLinearSvd => CombinationType::DareLinear,
+            CombinationType::DareTiesSvd => CombinationType::DareTies,
             k => k,
         };
+        if self.how.draws() {
+            let density = self.how.density.unwrap_or(1.0);
+            let Some(rng) = rng.as_mut() else {
+                return Err(Error::Internal(format!(
+                    "module '{}': DARE without its random stream",
+                    self.module
+                )));
+            };
+            for t in tensors.iter_mut() {
+                random_prune(t, density, rng, transposed_cols);
+            }
+        }
         if matches!(
             kind,
             CombinationType::Ties | CombinationType::MagnitudePrune
@@ -323,7 +411,7 @@ impl CombinedLora {
         }
         let n = tensors[0].len();
         let mut out = vec![0f32; n];
-        if kind == CombinationType::Ties {
+        if matches!(kind, CombinationType::Ties | CombinationType::DareTies) {
             for (i, o) in out.iter_mut().enumerate() {
                 let sm = match self.how.majority {
                     MajoritySign::Total => tensors.iter().map(|t| t[i]).fold(0.0, |a, x| a + x),
@@ -358,6 +446,30 @@ fn sign(x: f32) -> f32 {
         -1.0
     } else {
         x * 0.0
+    }
+}
+
+/// PEFT's random_pruning with rescale (DARE): `t·mask / f32(density)`, the mask drawn
+/// with `torch.bernoulli(torch.full_like(t, density))` (f32 `t`: PEFT holds the factors
+/// and ΔWs in f32) in row-major order of `t`, or, with `transposed_cols = Some(out)`, of
+/// `t`'s transpose (`t` is `[out, n/out]`).
+fn random_prune(t: &mut [f32], density: f64, rng: &mut TorchRng, transposed_cols: Option<usize>) {
+    let p = BernoulliP::of(Dtype::F32, density);
+    let d = density as f32;
+    let n = t.len();
+    let keep = |x: &mut f32, rng: &mut TorchRng| {
+        let m = if rng.bernoulli(p) { 1.0 } else { 0.0 };
+        *x = *x * m / d;
+    };
+    match transposed_cols {
+        Some(out) if out > 0 => {
+            let k = n / out;
+            for j in 0..n {
+                // Element j of the [k, out] view is ΔW[j % out][j / out].
+                keep(&mut t[(j % out) * k + j / out], rng);
+            }
+        }
+        _ => t.iter_mut().for_each(|x| keep(x, rng)),
     }
 }
 
@@ -696,7 +808,7 @@ mod tests {
             how: Combine {
                 kind,
                 density,
-                majority: MajoritySign::Total,
+                ..Default::default()
             },
             transposed,
             embedding: false,
@@ -704,6 +816,7 @@ mod tests {
             new_rank: 1,
             module: "m".into(),
             weights: "w".into(),
+            dare_rng: None,
         }
     }
 
@@ -818,7 +931,7 @@ mod tests {
         let c = combined(CombinationType::Ties, Some(1.0), false);
         let t = vec![vec![1.0, -2.0, 4.0], vec![-3.0, 1.0, 0.5]];
         // sums: -2 (→ -1), -1 (→ -1), 4.5 (→ +1); weights 1 and -1.
-        let got = c.mix(t, &[1.0, -1.0], "lora_A").unwrap();
+        let got = c.mix(t, &[1.0, -1.0], "lora_A", &mut None, None).unwrap();
         assert_eq!(got, vec![3.0, -2.0, (4.0 - 0.5) / 2.0]);
     }
 
@@ -832,26 +945,93 @@ mod tests {
     }
 
     #[test]
-    fn dare_and_svd_are_refused_by_name() {
-        for (name, needle) in [
-            ("dare_ties", "torch.bernoulli"),
-            ("dare_linear_svd", "random"),
-        ] {
-            let c = Combine {
+    fn dare_needs_a_seed_and_a_positive_density() {
+        for name in ["dare_ties", "dare_linear_svd"] {
+            let mut c = Combine {
                 kind: CombinationType::parse(name).unwrap(),
                 density: Some(0.5),
-                majority: MajoritySign::Total,
+                ..Default::default()
             };
             let e = c.effective(2).unwrap_err().to_string();
-            assert!(e.contains(name) && e.contains(needle), "{e}");
+            assert!(e.contains(name) && e.contains("--seed"), "{e}");
             // One adapter is always linear in PEFT.
             assert_eq!(c.effective(1).unwrap().kind, CombinationType::Linear);
+            c.seed = Some(3);
+            assert!(c.effective(2).unwrap().draws());
+            c.density = Some(0.0);
+            assert!(c.effective(2).unwrap_err().to_string().contains("NaN"));
+            // density >= 1: PEFT prunes nothing and draws nothing; no seed needed.
+            c.density = Some(1.0);
+            c.seed = None;
+            assert!(!c.effective(2).unwrap().draws());
         }
+        let seeded_ties = Combine {
+            kind: CombinationType::Ties,
+            density: Some(0.5),
+            seed: Some(1),
+            ..Default::default()
+        };
+        assert!(
+            seeded_ties
+                .effective(2)
+                .unwrap_err()
+                .to_string()
+                .contains("--seed")
+        );
         let no_density = Combine {
             kind: CombinationType::Ties,
             density: None,
-            majority: MajoritySign::Total,
+            ..Default::default()
         };
         assert!(no_density.effective(2).is_err());
+    }
+
+    #[test]
+    fn dare_masks_rescale_and_follow_the_stream() {
+        // The mask of a [2, 3] tensor (row-major) and of its [3, 2] transpose.
+        let mut rng = TorchRng::manual_seed(11);
+        let mut want = Vec::new();
+        for _ in 0..6 {
+            want.push(rng.bernoulli_f32(0.5f32));
+        }
+        let t: Vec<f32> = (1..=6).map(|x| x as f32).collect();
+        let mut got = t.clone();
+        random_prune(&mut got, 0.5, &mut TorchRng::manual_seed(11), None);
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, if w { t[i] / 0.5 } else { 0.0 }, "{i}");
+        }
+        let mut tr = t.clone();
+        random_prune(&mut tr, 0.5, &mut TorchRng::manual_seed(11), Some(2));
+        for (j, &kept) in want.iter().enumerate() {
+            // Element j of the [3, 2] view is t[(j % 2) * 3 + j / 2].
+            let at = (j % 2) * 3 + j / 2;
+            assert_eq!(tr[at], if kept { t[at] * 2.0 } else { 0.0 }, "{j}");
+        }
+        // A's masks come before B's: dare_linear of two adapters draws A1, A2, B1, B2.
+        let mut c = combined(CombinationType::DareLinear, Some(0.5), false);
+        c.dare_rng = Some(TorchRng::manual_seed(5));
+        let (a, b, _) = c.factors().unwrap();
+        let mut rng = TorchRng::manual_seed(5);
+        let mut draw = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| if rng.bernoulli_f32(0.5) { 1.0 } else { 0.0 })
+                .collect()
+        };
+        let (m_a1, m_a2, m_b1, m_b2) = (draw(3), draw(3), draw(2), draw(2));
+        let (a1, a2, b1, b2) = (
+            [1.0f32, -2.0, 4.0],
+            [-3.0f32, 1.0, 0.5],
+            [1.0f32, 2.0],
+            [-1.0f32, 4.0],
+        );
+        for i in 0..3 {
+            // weights for A: +1 and -1 (w·s = 1, -1)
+            let want = a1[i] * m_a1[i] / 0.5 - a2[i] * m_a2[i] / 0.5;
+            assert_eq!(a[i], want, "A {i}");
+        }
+        for o in 0..2 {
+            let want = b1[o] * m_b1[o] / 0.5 + b2[o] * m_b2[o] / 0.5;
+            assert_eq!(b[o], want, "B {o}");
+        }
     }
 }

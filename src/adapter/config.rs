@@ -25,6 +25,9 @@ pub struct LoraConfig {
     pub variant: Variant,
     /// `use_bdlora`: which modules' factors are block-diagonal.
     pub bdlora: Option<BdLora>,
+    /// `init_lora_weights` as written (`true` when absent, PEFT's default): how many random
+    /// draws a new adapter from this config costs (DARE's stream).
+    pub init_lora_weights: String,
 }
 
 /// BD-LoRA (`use_bdlora`): per module, A or B is block-diagonal with `nblocks` blocks,
@@ -221,6 +224,11 @@ impl LoraConfig {
             target_parameters,
             variant,
             bdlora,
+            init_lora_weights: match v.get("init_lora_weights") {
+                None | Some(Value::Null) => "true".into(),
+                Some(Value::String(s)) => s.clone(),
+                Some(other) => other.to_string(),
+            },
         })
     }
 
@@ -245,6 +253,7 @@ impl LoraConfig {
             target_parameters: Vec::new(),
             variant: Variant::Plain,
             bdlora: None,
+            init_lora_weights: "true".into(),
         })
     }
 

@@ -11,6 +11,7 @@
 pub mod combine;
 mod config;
 pub mod lora_experts;
+pub mod torch_rng;
 pub mod tuners;
 
 pub use config::{BdLora, BlockDiagonal, LoraConfig, Variant};

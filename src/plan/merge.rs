@@ -581,10 +581,7 @@ fn combined_steps(
     let ranks: Vec<usize> = c.adapters.iter().map(|a| a.config.max_rank()).collect();
     let new_rank = if how.kind == CombinationType::Cat {
         ranks.iter().sum()
-    } else if matches!(
-        how.kind,
-        CombinationType::Svd | CombinationType::TiesSvd | CombinationType::MagnitudePruneSvd
-    ) {
+    } else if how.kind == CombinationType::Svd || how.kind.is_pruned_svd() {
         // svd_rank=None: the largest rank.
         ranks.iter().copied().max().unwrap_or(0)
     } else if ranks.iter().all(|&r| r == ranks[0]) {
@@ -617,6 +614,7 @@ fn combined_steps(
         parameter: false,
     };
     let (mut unmatched, mut unsettled) = (Vec::new(), Vec::new());
+    let mut built: Vec<(String, CombinedLora)> = Vec::new();
     for name in names {
         let wkey = format!("{name}.weight");
         let Some(w) = by_name.get(wkey.as_str()) else {
@@ -652,10 +650,9 @@ fn combined_steps(
             });
         }
         let Some(layout) = layout else { continue };
-        steps
-            .entry(wkey)
-            .or_default()
-            .push(Step::Tuned(Arc::new(CombinedLora {
+        built.push((
+            wkey,
+            CombinedLora {
                 parts,
                 how: how.clone(),
                 transposed: layout == DeltaLayout::Transposed,
@@ -664,13 +661,25 @@ fn combined_steps(
                 new_rank,
                 module: name.to_string(),
                 weights: first.weights_path().to_path_buf(),
-            })));
+                dare_rng: None,
+            },
+        ));
     }
     if !unmatched.is_empty() {
         return Err(mismatch_error(c, first, base, &unmatched));
     }
     if !unsettled.is_empty() {
         return Err(unsettled_error(c, first, base, &unsettled));
+    }
+    if how.draws() {
+        let init = first.config.init_lora_weights.as_str();
+        super::dare_order::plan_streams(&how, c, base, init, new_rank, &mut built)?;
+    }
+    for (wkey, change) in built {
+        steps
+            .entry(wkey)
+            .or_default()
+            .push(Step::Tuned(Arc::new(change)));
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 pub mod checked;
 pub mod component;
 pub mod coverage;
+mod dare_order;
 pub mod keep_tuned;
 pub mod layout;
 pub mod merge;
