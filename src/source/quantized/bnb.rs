@@ -153,6 +153,9 @@ impl Decode for Bnb4 {
             }
             encode_f32(self.dtype, &vals[..n], chunk);
         }
+        // Front to back: the packed bytes just read leave resident memory now.
+        let n = out.len() / es;
+        self.packed.release(from / 2, n / 2);
     }
     fn stored_form(&self) -> String {
         format!(
@@ -200,6 +203,7 @@ impl Decode for Bnb8 {
             let v = (q[i] as i8 as f32) * self.scb.f32_at(i / self.cols) * INV127;
             e.copy_from_slice(&v.to_le_bytes());
         }
+        self.q.release(from, out.len() / 4);
     }
     fn stored_form(&self) -> String {
         "bitsandbytes int8 (LLM.int8 row scales SCB)".into()

@@ -32,6 +32,12 @@ pub(crate) fn e4m3fn_to_f32(b: u8) -> f32 {
     }
 }
 
+/// All 256 float8_e4m3fn values as f32.
+fn e4m3fn_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|b| e4m3fn_to_f32(b as u8)))
+}
+
 /// The config keys understood; any other is refused (it could change the decoding).
 const KNOWN_KEYS: [&str; 7] = [
     "quant_method",
@@ -115,6 +121,7 @@ impl Fp8Block {
 
 impl Decode for Fp8Block {
     fn decode_into(&self, from: usize, out: &mut [u8]) {
+        let lut = e4m3fn_table();
         let w = self.weight.bytes();
         let n = out.len() / 2;
         let per_mat = self.rows * self.cols;
@@ -123,16 +130,22 @@ impl Decode for Fp8Block {
         while k < n {
             let (mat, rem) = (i / per_mat, i % per_mat);
             let (r, c0) = (rem / self.cols, rem % self.cols);
-            // The rest of this row, or of the request.
-            let run = (self.cols - c0).min(n - k);
-            for j in 0..run {
-                let c = c0 + j;
-                let v = e4m3fn_to_f32(w[i + j]) * self.scale(mat, r, c);
-                out[(k + j) * 2..(k + j) * 2 + 2].copy_from_slice(&bf16_bits(v).to_le_bytes());
+            // The rest of this row's block of columns, or of the request: one scale.
+            let block_end = ((c0 / self.block.1 + 1) * self.block.1).min(self.cols);
+            let run = (block_end - c0).min(n - k);
+            let scale = self.scale(mat, r, c0);
+            for (o, &q) in out[k * 2..(k + run) * 2]
+                .chunks_exact_mut(2)
+                .zip(&w[i..i + run])
+            {
+                o.copy_from_slice(&bf16_bits(lut[q as usize] * scale).to_le_bytes());
             }
             i += run;
             k += run;
         }
+        // Decoding runs front to back: the stored bytes just read are not needed again
+        // soon, so they leave resident memory now rather than with the whole tensor.
+        self.weight.release(from, n);
     }
     fn stored_form(&self) -> String {
         format!(

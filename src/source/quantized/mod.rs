@@ -143,6 +143,14 @@ impl Stored {
     pub fn range(&self) -> (Arc<MappedFile>, usize, usize) {
         (self.file.clone(), self.start, self.len)
     }
+    /// Drops the resident map pages of bytes `[from, from + len)` of this tensor (see
+    /// [`MappedFile::release`]); touching them again reads them back.
+    pub fn release(&self, from: usize, len: usize) {
+        self.file.release(
+            self.start + from.min(self.len),
+            len.min(self.len - from.min(self.len)),
+        );
+    }
     /// Element `i` of an f32 tensor (bounds validated at open).
     pub fn f32_at(&self, i: usize) -> f32 {
         let b = &self.bytes()[i * 4..i * 4 + 4];
