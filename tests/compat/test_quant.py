@@ -201,3 +201,30 @@ def test_unknown_quantization_is_refused_by_name(run, out_dir, tmp_path):
     p = run(["convert", d / "model.safetensors", out_dir / "m.safetensors"], expect_rc=1)
     assert "weight_scale_inv" in p.stderr
     assert not (out_dir / "m.safetensors").exists()
+
+
+def test_fp8_partial_edge_blocks_follow_weight_dequant(run, tmp_path, out_dir):
+    """Shapes that are not multiples of the block (transformers' loader refuses them):
+    DeepSeek-V3's `weight_dequant` (inference/kernel.py, commit 0623163) runs a
+    cdiv(M, 128) × cdiv(N, 128) grid, masks the edges and computes `x.to(f32) * s` per
+    block, stored to bf16 (its default dtype) — written out here with torch."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    M, N, B = 200, 300, 128
+    w = (torch.randn(M, N, generator=g) * 100).to(torch.float8_e4m3fn)
+    s = torch.rand(-(-M // B), -(-N // B), generator=g) * 0.01
+    d = tmp_path / "edge"
+    d.mkdir()
+    save_file({"l.weight": w, "l.weight_scale_inv": s}, d / "model.safetensors")
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "llama",
+        "quantization_config": {"quant_method": "fp8", "weight_block_size": [B, B]},
+    }))
+    full = s.repeat_interleave(B, 0)[:M].repeat_interleave(B, 1)[:, :N]
+    want = (w.to(torch.float32) * full).to(torch.bfloat16)
+    out = out_dir / "m.safetensors"
+    run(["convert", d, out])
+    got = load_st(out)
+    assert sorted(got) == ["l.weight"]
+    assert bits_equal(got["l.weight"], want)
