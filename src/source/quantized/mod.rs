@@ -221,24 +221,27 @@ pub fn config_changes(given: &Path) -> Result<Vec<(String, Value)>> {
     Ok(vec![("quantization_config".to_string(), Value::Null)])
 }
 
-/// The torch dtype name of what the decoded weights of the base beside `given` are, when
-/// the method settles it without reading tensors: bf16 for fp8 and mxfp4 (bitsandbytes
-/// states each carry their own dtype, which its config's `torch_dtype` already names).
+/// The torch dtype name of the decoded weights of the quantized base at `given`, when
+/// they all have one (bf16 for fp8 and mxfp4; a bitsandbytes 4-bit state's own dtype; f32
+/// for int8): what a folder output's config.json should say. Reads the headers again.
 pub fn decoded_dtype_name(given: &Path) -> Result<Option<&'static str>> {
-    let Some((_, q)) = quantization_config(given)? else {
+    let ckpt = super::open(given)?;
+    let mut dtypes = ckpt.tensors.iter().filter_map(|t| match t.data {
+        TensorData::Decoded { .. } => Some(t.dtype),
+        _ => None,
+    });
+    let Some(first) = dtypes.next() else {
         return Ok(None);
     };
-    Ok(
-        match q
-            .get("quant_method")
-            .and_then(Value::as_str)
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            Some("fp8") | Some("mxfp4") => Some("bfloat16"),
-            _ => None,
-        },
-    )
+    if dtypes.any(|d| d != first) {
+        return Ok(None);
+    }
+    Ok(match first {
+        Dtype::BF16 => Some("bfloat16"),
+        Dtype::F16 => Some("float16"),
+        Dtype::F32 => Some("float32"),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
