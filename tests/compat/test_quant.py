@@ -228,3 +228,29 @@ def test_fp8_partial_edge_blocks_follow_weight_dequant(run, tmp_path, out_dir):
     got = load_st(out)
     assert sorted(got) == ["l.weight"]
     assert bits_equal(got["l.weight"], want)
+
+
+def test_merge_into_mxfp4_experts_is_peft(run, out_dir):
+    """A LoRA on gpt-oss expert parameters (target_parameters) merged into MXFP4 experts:
+    equal to PEFT's merge_and_unload on the model with the experts as
+    convert_moe_packed_tensors returns them ([experts, in, out])."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    base = FX / "mxfp4_gptoss"
+    sd = load_st(base / "model.safetensors")
+    ref = {}
+    for k, v in sd.items():
+        if k.endswith("_blocks"):
+            p = k[: -len("_blocks")]
+            ref[p] = convert_moe_packed_tensors(v, sd[p + "_scales"])
+        elif not k.endswith("_scales"):
+            ref[k] = v
+    want = peft_merged(ref, base, FX / "lora_gptoss", torch.bfloat16)
+    out = out_dir / "merged.safetensors"
+    p = run(["merge", "--base", base, "--lora", FX / "lora_gptoss", "--out", out])
+    got = load_st(out)
+    assert sorted(got) == sorted(want)
+    merged = [k for k in got if not bits_equal(got[k], ref[k])]
+    assert merged == ["model.layers.0.mlp.experts.gate_up_proj"], p.stderr
+    for k, e in want.items():
+        assert ulps_bf16(got[k], e) <= 1, k
