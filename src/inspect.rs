@@ -14,8 +14,14 @@ pub struct TensorSummary {
     pub name: String,
     pub dtype: &'static str,
     pub shape: Vec<usize>,
+    /// Bytes the tensor occupies in its files (for a quantized weight: its stored form,
+    /// blocks and scales together).
     pub bytes: u64,
     pub file: String,
+    /// For a weight decoded from a quantized form: what is stored (dtype and shape are the
+    /// dequantized tensor's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stored: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -116,12 +122,18 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
     let mut tensors: Vec<TensorSummary> = ckpt
         .tensors
         .iter()
-        .map(|t| TensorSummary {
-            name: t.name.clone(),
-            dtype: t.dtype.name(),
-            shape: t.shape.clone(),
-            bytes: t.nbytes() as u64,
-            file: t.file.path().display().to_string(),
+        .map(|t| {
+            let stored = source::quantized::stored_summary(t);
+            TensorSummary {
+                name: t.name.clone(),
+                dtype: t.dtype.name(),
+                shape: t.shape.clone(),
+                bytes: stored
+                    .as_ref()
+                    .map_or(t.nbytes() as u64, |(_, bytes)| *bytes),
+                file: t.file.path().display().to_string(),
+                stored: stored.map(|(form, _)| form),
+            }
         })
         .collect();
     tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
@@ -134,7 +146,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
             .map(|f| f.path().display().to_string())
             .collect(),
         total_tensors: tensors.len(),
-        total_bytes: ckpt.total_bytes(),
+        total_bytes: tensors.iter().map(|t| t.bytes).sum(),
         tensors,
         skipped: ckpt.skipped.clone(),
         adapter,
@@ -169,12 +181,15 @@ impl InspectReport {
             let shape = format!("{:?}", t.shape);
             let _ = writeln!(
                 s,
-                "{:<w$}  {:<11}  {:<20}  {:>14}  {}",
+                "{:<w$}  {:<11}  {:<20}  {:>14}  {}{}",
                 t.name,
                 t.dtype,
                 shape,
                 t.bytes,
-                short(&t.file)
+                short(&t.file),
+                t.stored
+                    .as_ref()
+                    .map_or(String::new(), |f| format!("  (stored: {f})"))
             );
         }
         let _ = writeln!(

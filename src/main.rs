@@ -90,7 +90,9 @@ enum Command {
     )]
     Convert {
         /// The checkpoint to read: a .safetensors file, a PyTorch .pth/.pt/.bin, a sharded
-        /// *.index.json or an HF model folder.
+        /// *.index.json or an HF model folder. A quantized model (config.json's
+        /// quantization_config: fp8 block-scaled, bitsandbytes 4-bit/8-bit, mxfp4) is read
+        /// dequantized, as its own library dequantizes it; other quantizations are refused.
         input: PathBuf,
         /// Where to write (the format follows the name, see above); or give it with -o/--out.
         #[arg(required_unless_present = "out_path", conflicts_with = "out_path")]
@@ -128,6 +130,11 @@ enum Command {
     /// Other tuners (peft_type LOHA, LOKR, IA3, OFT, BOFT, HRA, VERA, ADALORA, FOURIERFT,
     /// ... — the README's list) merge exactly as PEFT's merge_and_unload() does, band by
     /// band on the CPU; options whose merge cannot be reproduced are refused by name.
+    ///
+    /// A quantized --base (fp8 block-scaled, bitsandbytes nf4/fp4/int8, mxfp4; see the
+    /// README's "Quantized bases") is merged into its dequantized weights; the output holds
+    /// them dequantized (bf16 for fp8/mxfp4, the quant state's dtype for bitsandbytes, or
+    /// --dtype) and a folder output's config.json loses its quantization_config.
     #[command(
         after_help = "Example (XTuner LLaVA, continue the released LoRA training):\n  \
         lorastream merge --lora llm=R/llm_adapter --lora visual_encoder=R/visual_encoder_adapter \\\n    \

@@ -133,6 +133,29 @@ pub fn model_side_files(
             .map(|k| (k.to_string(), serde_json::Value::from(name)))
             .collect();
     }
+    // A dequantized base: config.json must no longer say the weights are quantized.
+    let dequantized = source::quantized::config_changes(base)?;
+    if !dequantized.is_empty() && cast_to.is_none() {
+        // The decoded weights' dtype (bf16 for fp8 and mxfp4; the state's for bitsandbytes)
+        // is what the output holds; say so when the config names another.
+        if let (Some(name), Some(cfg)) = (
+            source::quantized::decoded_dtype_name(base)?,
+            source::model_config(base)?,
+        ) {
+            let mut keys: Vec<&str> = ["torch_dtype", "dtype"]
+                .into_iter()
+                .filter(|k| cfg.json.get(*k).is_some())
+                .collect();
+            if keys.is_empty() {
+                keys.push("torch_dtype");
+            }
+            set.extend(
+                keys.into_iter()
+                    .map(|k| (k.to_string(), serde_json::Value::from(name))),
+            );
+        }
+    }
+    set.extend(dequantized);
     let mut names = Vec::new();
     let mut kept = Vec::new();
     let side: Vec<SideFile> = files
@@ -165,8 +188,14 @@ pub fn model_side_files(
         },
         base.display()
     );
-    if let (Some((k, v)), true) = (set.first(), names.iter().any(|n| n == "config.json")) {
-        note += &format!("; config.json {k} = {v}");
+    if names.iter().any(|n| n == "config.json") {
+        for (k, v) in &set {
+            if v.is_null() {
+                note += &format!("; config.json {k} removed (the weights are dequantized)");
+            } else {
+                note += &format!("; config.json {k} = {v}");
+            }
+        }
     }
     note += "; --no-copy-files leaves them out)";
     if !kept.is_empty() {

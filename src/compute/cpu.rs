@@ -182,22 +182,39 @@ fn internal(base: &TensorEntry, msg: &str) -> Error {
     Error::tensor(base.file.path(), &base.name, format!("internal: {msg}"))
 }
 
-/// A tensor's bytes with its dtype: borrowed from the map when contiguous.
+/// A tensor's bytes with its dtype: borrowed from the map when contiguous. A decoded
+/// tensor (a quantized base) is not decoded whole here: its bands are decoded when asked
+/// for, so memory stays a band.
 struct Bytes<'a> {
     data: Cow<'a, [u8]>,
     dtype: Dtype,
+    decoded: Option<&'a TensorEntry>,
 }
 
 impl<'a> Bytes<'a> {
     fn of(t: &'a TensorEntry) -> Bytes<'a> {
+        if matches!(t.data, crate::source::TensorData::Decoded { .. }) {
+            return Bytes {
+                data: Cow::Borrowed(&[]),
+                dtype: t.dtype,
+                decoded: Some(t),
+            };
+        }
         Bytes {
             data: t.bytes(),
             dtype: t.dtype,
+            decoded: None,
         }
     }
     /// Decodes elements [from, from+out.len()).
     fn decode(&self, from: usize, out: &mut [f32]) {
         let es = self.dtype.size();
+        if let Some(t) = self.decoded {
+            let mut piece = Vec::with_capacity(out.len() * es);
+            t.gather(from, out.len(), &mut piece);
+            decode_f32(self.dtype, &piece, out);
+            return;
+        }
         decode_f32(
             self.dtype,
             &self.data[from * es..(from + out.len()) * es],

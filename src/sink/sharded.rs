@@ -105,7 +105,12 @@ pub(super) fn write_side_file(f: &SideFile, path: &Path, shown: &Path) -> Result
             .as_object_mut()
             .ok_or_else(|| Error::format(&f.source, "not a JSON object"))?;
         for (k, v) in &f.set {
-            obj.insert(k.clone(), v.clone());
+            // A null removes the key (quantization_config of a dequantized base).
+            if v.is_null() {
+                obj.remove(k);
+            } else {
+                obj.insert(k.clone(), v.clone());
+            }
         }
         // Two-space indent and a final newline, as transformers writes config.json.
         let out =

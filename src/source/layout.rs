@@ -30,9 +30,14 @@ pub fn open(path: &Path) -> Result<Checkpoint> {
             return Ok(open_adapter(path)?.weights);
         }
         let file = model_file_in(path)?;
-        return open_file(&file, path);
+        let mut ckpt = open_file(&file, path)?;
+        super::quantized::apply(&mut ckpt)?;
+        return Ok(ckpt);
     }
-    open_file(path, path)
+    let mut ckpt = open_file(path, path)?;
+    // A quantized model's weights read as the tensors they stand for (or are refused).
+    super::quantized::apply(&mut ckpt)?;
+    Ok(ckpt)
 }
 
 /// Opens a PEFT adapter folder.

@@ -12,6 +12,7 @@ mod layout;
 mod legacy;
 mod model_config;
 pub mod pickle;
+pub mod quantized;
 mod safetensors;
 mod torch_zip;
 mod walk;
