@@ -87,7 +87,18 @@ impl CpuBackend {
     /// `LORASTREAM_CPU` names (scalar, avx2, avx512, neon; an error if this CPU cannot run
     /// it), else the best this CPU runs.
     pub fn new(threads: Option<usize>) -> Result<CpuBackend> {
-        let isa = Isa::from_env()?;
+        CpuBackend::with_isa(threads, Isa::from_env()?)
+    }
+
+    /// A backend on the given microkernel path (tests compare paths in one process); an
+    /// error if this CPU cannot run it.
+    pub fn with_isa(threads: Option<usize>, isa: Isa) -> Result<CpuBackend> {
+        if !isa.supported() {
+            return Err(Error::Device(format!(
+                "this CPU cannot run the {} path",
+                isa.name()
+            )));
+        }
         let threads = threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1);
