@@ -324,24 +324,31 @@ impl<'a> PreparedMerge<'a> {
                         Some(m) => Some(decoded(j, true, m)?),
                         None => None,
                     };
-                    let right = decoded(j, false, right_t)?;
                     // The plan checked the sizes (`CheckedMerge`); the length stays a
                     // hard guard here. R[k, j] is A[k, j] (Normal) or B[j, k] (Transposed).
-                    if right.len() != cols * l.r {
+                    if right_t.numel() != cols * l.r {
                         return Err(internal(base, "LoRA factor of another size"));
                     }
                     let (rs, cs) = match l.layout {
                         DeltaLayout::Normal => (cols, 1),
                         DeltaLayout::Transposed => (1, l.r),
                     };
-                    let src = Strided {
-                        data: Elems::F32(&right),
-                        base: 0,
-                        rs,
-                        cs,
+                    let pack = |data| {
+                        let src = Strided {
+                            data,
+                            base: 0,
+                            rs,
+                            cs,
+                        };
+                        PackedRight::pack(isa, &src, l.r, cols)
+                            .ok_or_else(|| internal(base, "LoRA factor of another size"))
                     };
-                    let right = PackedRight::pack(isa, &src, l.r, cols)
-                        .ok_or_else(|| internal(base, "LoRA factor of another size"))?;
+                    // Read ahead: decoded from the stored bytes as it is packed (no f32
+                    // copy of the whole factor besides the packed one).
+                    let right = match prefetched.and_then(|p| p.raw(j, false, right_t)) {
+                        Some(bytes) => pack(Elems::Stored(right_t.dtype, bytes))?,
+                        None => pack(Elems::F32(&decoded(j, false, right_t)?))?,
+                    };
                     Prepared::Lora {
                         left: Bytes::of(left_t),
                         right,
