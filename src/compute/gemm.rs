@@ -180,7 +180,8 @@ pub enum Elems<'a> {
 }
 
 impl Elems<'_> {
-    /// Calls `f(index, value)`-style packing with the dtype decided once, outside the loop.
+    /// dst[d] = element s, decoded to f32, for every (d, s) of `idx`; the dtype is matched
+    /// once, outside the loop. False (and `dst` partly written) when an index is out of range.
     fn pack(&self, idx: impl Iterator<Item = (usize, usize)>, dst: &mut [f32]) -> bool {
         fn run(
             idx: impl Iterator<Item = (usize, usize)>,
