@@ -6,10 +6,13 @@
 //   value  = decode(source)                          (W, or the last full replacement)
 //            rounded into the weight's dtype `wd`
 //   for each LoRA step:
-//     acc   = sum over k of L[i,k] * R[k,j]          (f32 FMA, k ascending, from 0; for
+//     acc   = sum over k of L[i,k] * R[k,j]          (one f32 FMA chain, k ascending, from +0:
+//                                                   acc = fma(L[i,k], R[k,j], acc); for
 //                                                   r > 256 one launch per 256 values of k,
-//                                                   acc = partial + running sum, as
-//                                                   matrixmultiply's sgemm adds its KC blocks)
+//                                                   each resuming the chain from the partial
+//                                                   the last one stored: the contract of
+//                                                   src/compute/gemm.rs, so CPU paths and GPU
+//                                                   give the same bits)
 //     d     = acc * scale                            (rounded to f32)
 //     d     = round_wd(d)       if round_delta_first (PEFT's plain Embedding merge)
 //     x     = value + d
@@ -208,8 +211,8 @@ struct LoraArgs {
     const void* in;     // value before the step (source dtype or f32 scratch); may equal out
     void* out;          // value after the step
     const float* colf;  // DoRA column factors (n values) or null
-    const float* part_in;  // running sum of earlier k blocks ([m][n] f32) or null
-    float* part_out;       // non-null: store acc (+ part_in) here and stop (more k blocks follow)
+    const float* part_in;  // the chain after earlier k blocks ([m][n] f32; acc starts there) or null
+    float* part_out;       // non-null: store acc here and stop (more k blocks follow)
     i64 ld_l;           // row stride of L^T (the tensor's rows)
     int m, n, k;
     int in_dt, out_dt, wd;
@@ -246,11 +249,7 @@ __device__ __forceinline__ void epilogue_half(const LoraArgs& a, const float* S,
         const i64 base = (i64)gi * a.n + gj;
         float s[4];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            s[q] = sp[q];
-            // C = AB(this block) + C(earlier blocks), like matrixmultiply's kc loop.
-            if (a.part_in != 0 && gj + q < a.n) s[q] = __fadd_rn(s[q], a.part_in[base + q]);
-        }
+        for (int q = 0; q < 4; ++q) s[q] = sp[q];
         if (a.part_out != 0) {
 #pragma unroll 1
             for (int q = 0; q < 4 && gj + q < a.n; ++q) a.part_out[base + q] = s[q];
@@ -285,11 +284,24 @@ __device__ __forceinline__ void lora_band(const LoraArgs& a) {
     const int i0 = blockIdx.y * BM;
     const int j0 = blockIdx.x * BN;
 
+    // The FMA chain starts at +0, or (a later k block) at the partial the last launch stored
+    // for the same element: one chain over all of k, whatever the blocking.
     float acc[8][8];
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+    if (a.part_in != 0) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int gi = i0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const int gj = j0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
+                if (gi < a.m && gj < a.n) acc[i][j] = a.part_in[(i64)gi * a.n + gj];
+            }
+        }
+    }
 
     // Thread t of slice element e = tid + p*NT loads row/column (e & 127) of k (e >> 7):
     // consecutive threads read consecutive addresses.

@@ -1,7 +1,7 @@
 //! The CPU backend: row bands of the weight, split across a thread pool, each band
-//! decoded to f32, updated with `matrixmultiply::sgemm` (a maintained, vectorised GEMM),
-//! rounded into the base dtype after every step (PEFT merges in place) and encoded to the
-//! output dtype. Memory is a few bands, never the whole tensor in f32. The rows come
+//! decoded to f32, updated with the LoRA delta of `gemm.rs` (own microkernels per ISA, one
+//! reduction order on every CPU and the GPU), rounded into the base dtype after every step
+//! (PEFT merges in place) and encoded to the output dtype. Memory is a few bands, never the whole tensor in f32. The rows come
 //! from `read_ahead.rs`, read a group ahead (and a tensor ahead) on helper threads.
 //! Merges come checked by the plan (`plan::checked`): dtypes and sizes are not checked
 //! again here.
@@ -12,6 +12,7 @@
 
 use super::DeltaBackend;
 use super::finite::{NonFinite, encode_checked};
+use super::gemm::{self, AlignedF32, Elems, Isa, PackedRight, Strided};
 use super::read_ahead::{
     GroupBuffers, GroupRanges, Prefetched, ReadAhead, Rows, decode_all, left_factor, read_group,
     right_factor, row_factors,
@@ -33,9 +34,9 @@ use std::time::Duration;
 /// f32 elements per band (per thread): 8 MB of values, and the same again for the delta.
 const BAND_ELEMS: usize = 2 << 20;
 
-/// Fewest rows per band: the GEMM packs the whole right operand (A, r × cols) once per
-/// band, so thin bands spend their time packing (measured with matrixmultiply at r=512,
-/// 14336 columns: 61 GFLOP/s at 73 rows, 85 at 292, 92 at 1024 on one core).
+/// Fewest rows per band: each band streams every packed panel of the right operand
+/// (A, r × cols, packed once per tensor) through the cache, so thin bands pay that
+/// traffic for few rows.
 const MIN_BAND_ROWS: usize = 256;
 
 /// Rows per band for a weight with `cols` columns. Very wide rows (a 3-D expert tensor
@@ -64,6 +65,8 @@ pub struct CpuBackend {
     scratch: Vec<Mutex<Scratch>>,
     /// Refuse merges that create inf/NaN (`finite.rs`); off with `--allow-non-finite`.
     check_non_finite: bool,
+    /// The microkernel path (`gemm.rs`): the best this CPU runs, or `LORASTREAM_CPU`.
+    isa: Isa,
 }
 
 /// What the CPU engine keeps from one merge to the next during a run.
@@ -80,8 +83,22 @@ pub(crate) struct CpuRun {
 }
 
 impl CpuBackend {
-    /// A backend with `threads` workers (None: one per core).
+    /// A backend with `threads` workers (None: one per core), on the microkernel path
+    /// `LORASTREAM_CPU` names (scalar, avx2, avx512, neon; an error if this CPU cannot run
+    /// it), else the best this CPU runs.
     pub fn new(threads: Option<usize>) -> Result<CpuBackend> {
+        CpuBackend::with_isa(threads, Isa::from_env()?)
+    }
+
+    /// A backend on the given microkernel path (tests compare paths in one process); an
+    /// error if this CPU cannot run it.
+    pub fn with_isa(threads: Option<usize>, isa: Isa) -> Result<CpuBackend> {
+        if !isa.supported() {
+            return Err(Error::Device(format!(
+                "this CPU cannot run the {} path",
+                isa.name()
+            )));
+        }
         let threads = threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1);
@@ -94,6 +111,7 @@ impl CpuBackend {
             threads,
             scratch: (0..threads).map(|_| Mutex::default()).collect(),
             check_non_finite: true,
+            isa,
         })
     }
 }
@@ -139,7 +157,7 @@ impl Engine for CpuBackend {
                 spare.take().unwrap_or_default(),
             ));
         }
-        let job = PreparedMerge::new(m, factor, &self.scratch, first.as_ref())?;
+        let job = PreparedMerge::new(m, factor, &self.scratch, first.as_ref(), self.isa)?;
         // The group read ahead becomes this merge's first group.
         let first_ranges = first.map(|p| {
             groups[0] = p.first;
@@ -163,7 +181,7 @@ impl DeltaBackend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("cpu ({} threads)", self.threads)
+        format!("cpu ({} threads, {})", self.threads, self.isa.name())
     }
 
     fn set_check_non_finite(&mut self, on: bool) {
@@ -228,8 +246,9 @@ enum Prepared<'a> {
     Lora {
         /// B [rows, r] (Normal) or A [r, rows] (Transposed): read per band.
         left: Bytes<'a>,
-        /// A as [r, cols] (Normal) or B as [cols, r] (Transposed), decoded once.
-        right: Vec<f32>,
+        /// A as [r, cols] (Normal) or B as [cols, r] (Transposed), decoded and packed
+        /// once per tensor for the microkernels.
+        right: PackedRight,
         r: usize,
         scale: f32,
         layout: DeltaLayout,
@@ -265,7 +284,10 @@ struct PreparedMerge<'a> {
 struct Scratch {
     value: Vec<f32>,
     delta: Vec<f32>,
-    left: Vec<f32>,
+    /// The band's left factor, packed for the microkernels.
+    left: AlignedF32,
+    /// A delta could not be computed (operands of another size than planned).
+    broken: bool,
 }
 
 impl<'a> PreparedMerge<'a> {
@@ -274,6 +296,7 @@ impl<'a> PreparedMerge<'a> {
         factor_buf: &mut AlignedBuf,
         scratch: &'a [Mutex<Scratch>],
         prefetched: Option<&Prefetched>,
+        isa: Isa,
     ) -> Result<PreparedMerge<'a>> {
         // Decoded from the bytes read ahead when they are there; else read now.
         let mut decoded = |j: usize, magnitude: bool, t: &TensorEntry| match prefetched
@@ -318,12 +341,31 @@ impl<'a> PreparedMerge<'a> {
                         Some(m) => Some(decoded(j, true, m)?),
                         None => None,
                     };
-                    let right = decoded(j, false, right_t)?;
-                    // The plan checked the sizes (`CheckedMerge`); sgemm in `delta` reads
-                    // `right` unchecked, so its length stays a hard guard here.
-                    if right.len() != cols * l.r {
+                    // The plan checked the sizes (`CheckedMerge`); the length stays a
+                    // hard guard here. R[k, j] is A[k, j] (Normal) or B[j, k] (Transposed).
+                    if right_t.numel() != cols * l.r {
                         return Err(internal(base, "LoRA factor of another size"));
                     }
+                    let (rs, cs) = match l.layout {
+                        DeltaLayout::Normal => (cols, 1),
+                        DeltaLayout::Transposed => (1, l.r),
+                    };
+                    let pack = |data| {
+                        let src = Strided {
+                            data,
+                            base: 0,
+                            rs,
+                            cs,
+                        };
+                        PackedRight::pack(isa, &src, l.r, cols)
+                            .ok_or_else(|| internal(base, "LoRA factor of another size"))
+                    };
+                    // Read ahead: decoded from the stored bytes as it is packed (no f32
+                    // copy of the whole factor besides the packed one).
+                    let right = match prefetched.and_then(|p| p.raw(j, false, right_t)) {
+                        Some(bytes) => pack(Elems::Stored(right_t.dtype, bytes))?,
+                        None => pack(Elems::F32(&decoded(j, false, right_t)?))?,
+                    };
                     Prepared::Lora {
                         left: Bytes::of(left_t),
                         right,
@@ -436,10 +478,12 @@ impl<'a> PreparedMerge<'a> {
                 let mut out = sink.buffer();
                 out.resize((g1 - g0) * self.cols * oes, 0u8);
                 let found = Mutex::new(NonFinite::default());
+                let broken = Mutex::new(false);
                 out.par_chunks_mut(band * self.cols * oes)
                     .enumerate()
                     .for_each(|(ci, chunk)| {
                         let mut scratch = self.scratch();
+                        scratch.broken = false;
                         let i0 = g0 + ci * band;
                         let i1 = (i0 + band).min(g1);
                         self.compute_band(
@@ -450,6 +494,10 @@ impl<'a> PreparedMerge<'a> {
                             last_round,
                             &mut scratch,
                         );
+                        if scratch.broken {
+                            *broken.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                            return;
+                        }
                         // The band's values are final here: checked as they are encoded.
                         let hits = encode_checked(out_dtype, &scratch.value, chunk, check);
                         if !hits.is_empty() {
@@ -458,7 +506,12 @@ impl<'a> PreparedMerge<'a> {
                         }
                     });
                 created.merge(found.into_inner().unwrap_or_else(|p| p.into_inner()));
-                let computed = if created.count == 0 {
+                let computed = if broken.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                    Err(internal(
+                        self.base,
+                        "LoRA factor of another size than planned",
+                    ))
+                } else if created.count == 0 {
                     sink.write_owned(out)
                 } else {
                     Ok(())
@@ -583,7 +636,9 @@ impl<'a> PreparedMerge<'a> {
             )
     }
 
-    /// scratch.delta = s·(B @ A) for rows [i0, i1) of step j (in stored orientation).
+    /// scratch.delta = s·(B @ A) for rows [i0, i1) of step j (in stored orientation), in
+    /// the reduction order of `gemm.rs`. The left factor is decoded from its stored bytes
+    /// as it is packed.
     fn delta(&self, j: usize, i0: usize, i1: usize, rows: &Rows<'_>, scratch: &mut Scratch) {
         let Prepared::Lora {
             left,
@@ -597,50 +652,46 @@ impl<'a> PreparedMerge<'a> {
             return;
         };
         let (m, k, n) = (i1 - i0, *r, self.cols);
-        scratch.left.resize(m * k, 0.0);
         scratch.delta.resize(m * n, 0.0);
-        // Strides (row, column) of the left [m, k] and right [k, n] operands.
-        let (lrs, lcs, rrs, rcs) = match layout {
-            DeltaLayout::Normal => {
-                match rows.left.get(j).copied().flatten() {
-                    Some(b) => {
-                        let es = left.dtype.size();
-                        let at = (i0 - rows.first) * k * es;
-                        decode_f32(left.dtype, &b[at..at + m * k * es], &mut scratch.left);
-                    }
-                    None => left.decode(i0 * k, &mut scratch.left),
-                }
-                (k as isize, 1, n as isize, 1)
-            }
-            DeltaLayout::Transposed => {
-                // A is [r, rows]: take columns i0..i1 of each of its r rows.
-                for kk in 0..k {
-                    left.decode(kk * self.rows + i0, &mut scratch.left[kk * m..(kk + 1) * m]);
-                }
-                (1, m as isize, 1, k as isize)
-            }
+        let src = match layout {
+            // B [rows, r]: rows i0..i1, from the group read ahead or the map.
+            DeltaLayout::Normal => match rows.left.get(j).copied().flatten() {
+                Some(b) => Strided {
+                    data: Elems::Stored(left.dtype, b),
+                    base: (i0 - rows.first) * k,
+                    rs: k,
+                    cs: 1,
+                },
+                None => Strided {
+                    data: Elems::Stored(left.dtype, &left.data),
+                    base: i0 * k,
+                    rs: k,
+                    cs: 1,
+                },
+            },
+            // A [r, rows]: columns i0..i1 of each of its r rows.
+            DeltaLayout::Transposed => Strided {
+                data: Elems::Stored(left.dtype, &left.data),
+                base: i0,
+                rs: 1,
+                cs: self.rows,
+            },
         };
-        // SAFETY: the operands hold m·k, k·n and m·n elements (`right`'s length checked in
-        // `new`, the others sized above) and the strides address exactly those ranges.
-        unsafe {
-            matrixmultiply::sgemm(
+        // PEFT computes (B @ A) * s: the kernel scales the finished f32 dot product, which
+        // rounds exactly like a separate multiply.
+        if right.k() != k
+            || !gemm::delta(
+                &src,
                 m,
-                k,
-                n,
-                // PEFT computes (B @ A) * s: the kernel scales the finished f32 dot
-                // product, which rounds exactly like a separate multiply.
+                right,
                 *scale,
-                scratch.left.as_ptr(),
-                lrs,
-                lcs,
-                right.as_ptr(),
-                rrs,
-                rcs,
-                0.0,
-                scratch.delta.as_mut_ptr(),
-                n as isize,
-                1,
-            );
+                &mut scratch.delta,
+                &mut scratch.left,
+            )
+        {
+            // Sizes were checked by the plan and in `new`: not reachable with a valid plan.
+            // `run` turns the mark into an error for the tensor (never a silent output).
+            scratch.broken = true;
         }
     }
 

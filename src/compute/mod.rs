@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod finite;
+pub mod gemm;
 mod read_ahead;
 pub mod rows;
 mod walk;
@@ -32,7 +33,7 @@ pub trait DeltaBackend: Send + Sync {
         sink: &mut dyn TensorSink,
         observer: &mut dyn FnMut(usize, Duration),
     ) -> Result<()>;
-    /// For messages and reports ("cpu (8 threads)").
+    /// For messages and reports ("cpu (8 threads, avx512)").
     fn describe(&self) -> String;
     /// Whether merges that create inf/NaN fail (default: on; see `finite.rs`). Every
     /// backend must implement it: one that ignored it would write such tensors silently.

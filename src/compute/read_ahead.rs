@@ -169,14 +169,18 @@ pub(super) struct Prefetched {
 impl Prefetched {
     /// Step j's right factor (`magnitude`: its DoRA magnitude) `t` as f32, when read ahead.
     pub(super) fn decode(&self, j: usize, magnitude: bool, t: &TensorEntry) -> Option<Vec<f32>> {
+        let bytes = self.raw(j, magnitude, t)?;
+        let mut v = vec![0f32; t.numel()];
+        decode_f32(t.dtype, bytes, &mut v);
+        Some(v)
+    }
+
+    /// The same bytes as stored (the CPU engine decodes them as it packs them).
+    pub(super) fn raw(&self, j: usize, magnitude: bool, t: &TensorEntry) -> Option<&[u8]> {
         let i = 2 * j + usize::from(magnitude);
         let at = self.whole.get(i)?.clone()?;
-        let bytes = &self.first.whole.get(i)?.as_slice()[at];
-        (bytes.len() == t.nbytes()).then(|| {
-            let mut v = vec![0f32; t.numel()];
-            decode_f32(t.dtype, bytes, &mut v);
-            v
-        })
+        let bytes = self.first.whole.get(i)?.as_slice().get(at)?;
+        (bytes.len() == t.nbytes()).then_some(bytes)
     }
 }
 

@@ -22,8 +22,9 @@ use std::collections::VecDeque;
 const TILE_M: usize = 128;
 const TILE_N: usize = 128;
 const THREADS: u32 = 256;
-/// Above this rank the delta is summed in blocks of 256 values of k, each block's partial
-/// sum added to the running one, as matrixmultiply's sgemm (the CPU path) does.
+/// Above this rank the delta is computed in launches of 256 values of k, each resuming
+/// the FMA chain from the partial the one before stored (the reduction order of
+/// `compute/gemm.rs`: one chain over k, so the block size does not enter the result).
 const KC: usize = 256;
 
 /// Arguments of `ls_factor_f32` (struct FactorArgs in merge.cu).

@@ -150,13 +150,9 @@ static std::vector<uint8_t> reference(const Case& c) {
         std::vector<float> x(v.size());
         for (int i = 0; i < m; ++i)
             for (int j = 0; j < n; ++j) {
+                // The contract of src/compute/gemm.rs: one FMA chain over k, ascending.
                 float acc = 0.0f;
-                for (int k0 = 0; k0 < s.r; k0 += 256) {
-                    float ab = 0.0f;
-                    for (int k = k0; k < std::min(s.r, k0 + 256); ++k)
-                        ab = std::fma(Lv(s, m, i, k), Rv(s, n, k, j), ab);
-                    acc = k0 == 0 ? ab : acc + ab;
-                }
+                for (int k = 0; k < s.r; ++k) acc = std::fma(Lv(s, m, i, k), Rv(s, n, k, j), acc);
                 float d = acc * s.scale;
                 if (s.rdf) d = rnd(c.wd, d);
                 x[(size_t)i * n + j] = v[(size_t)i * n + j] + d;
