@@ -208,6 +208,52 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a batch recipe: a TOML list of merge/convert jobs, resumable.
+    ///
+    /// Every key of a [[job]] is one of the command's own options, by its long name
+    /// (shard_size or shard-size for --shard-size; input/output for convert's positional
+    /// arguments; true/false for a flag, a list for a repeatable option), with shared
+    /// [defaults] ([defaults.merge], [defaults.convert]) and ${var} substitution ([vars],
+    /// --var, ${env.NAME}, ${recipe_dir}; each.VAR = [values] or { glob = "dir/*.bin" }
+    /// makes one job per value). Relative paths are relative to the recipe's folder. Every
+    /// job is checked by the command's own parser before anything runs. Each job runs as a
+    /// child `lorastream merge|convert ... --json`; once it succeeds, a record beside its
+    /// output (OUT.lorastream-job.json) notes the options and the inputs' paths, sizes and
+    /// modification times, and a re-run skips every job whose record still matches.
+    #[command(
+        after_help = "Exit codes: 0 every job ok or skipped, 1 a job failed (or was not \
+        run after one), 2 a bad recipe (nothing ran), 128+N stopped by signal N (forwarded \
+        to the running jobs, which remove their unfinished outputs).\n\n\
+        With --json: one JSON line per finished job ({\"job\", \"index\", \"command\", \
+        \"status\": ok|skipped|failed|interrupted, \"seconds\", \"exit_code\", \"report\": the \
+        job's own --json object}) and a summary line last ({\"ok\", \"recipe\", \"jobs\", \
+        \"succeeded\", \"skipped\", \"failed\", \"not_run\", ..., \"exit_code\"}).\n\n\
+        Examples:\n  lorastream run batch.toml --jobs 2 --keep-going\n  \
+        lorastream run batch.toml --var base=/models/llama --dry-run"
+    )]
+    Run {
+        /// The recipe (TOML): [vars], [defaults] and [[job]] tables (see the README).
+        recipe: PathBuf,
+        /// Run up to N jobs at a time (each is its own process; mind memory and disk).
+        #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: u16,
+        /// After a failed job, start the remaining jobs anyway (default: start no new job
+        /// after a failure; running ones finish).
+        #[arg(long)]
+        keep_going: bool,
+        /// List what would run and what would be skipped as complete, and why; run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run every job, also those whose record says they are complete.
+        #[arg(long)]
+        force: bool,
+        /// Set recipe variable NAME (overrides [vars]); repeatable.
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        /// JSON lines on stdout: one per finished job, the summary last.
+        #[arg(long)]
+        json: bool,
+    },
     /// Compare two checkpoints tensor by tensor (any readable formats), like diff(1).
     ///
     /// Reports keys only in A or only in B, dtype and shape changes, and for tensors of
@@ -554,6 +600,7 @@ fn wants_json(c: &Command) -> bool {
         | Command::Diff { json, .. } => *json,
         Command::Convert { opts, .. } => opts.json,
         Command::Merge { output, .. } => output.json,
+        Command::Run { json, .. } => *json,
     }
 }
 
@@ -811,6 +858,37 @@ fn run(
                 code,
             })
         }
+        Command::Run {
+            recipe,
+            jobs,
+            keep_going,
+            dry_run,
+            force,
+            vars,
+            json,
+        } => {
+            let recipe = lorastream::recipe::load(&recipe, &vars, &Cli::command())?;
+            let exe = std::env::current_exe().map_err(|e| {
+                Error::Internal(format!("cannot find this program's executable: {e}"))
+            })?;
+            let opts = lorastream::recipe::RunOptions {
+                jobs: usize::from(jobs),
+                keep_going,
+                dry_run,
+                force,
+                json,
+                exe,
+            };
+            // JSON lines go out as the jobs finish, not at the end.
+            let mut emit = |line: &str| {
+                print_stdout(&format!("{line}\n"), 0);
+            };
+            let summary = lorastream::recipe::run(&recipe, &opts, &mut emit);
+            Ok(Done {
+                stdout: String::new(),
+                code: summary.exit_code,
+            })
+        }
         Command::Diff { a, b, exact, json } => {
             let r = diff::diff(&a, &b, exact).map_err(|error| Failed { error, code: 2 })?;
             let code = u8::from(!r.identical);
@@ -893,7 +971,11 @@ fn clap_failure(e: clap::Error) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    lorastream::sink::install_interrupt_cleanup();
+    // `run` forwards stop signals to its jobs itself (recipe/runner.rs).
+    let is_run = std::env::args_os().nth(1).is_some_and(|a| a == "run");
+    if !is_run {
+        lorastream::sink::install_interrupt_cleanup();
+    }
     let matches = match Cli::command().try_get_matches() {
         Ok(m) => m,
         Err(e) => return clap_failure(e),
