@@ -482,6 +482,11 @@ fn finish(
     let stopped = !ok && code > 128 && STOP_SIGNALS.contains(&(code - 128));
     if ok {
         write_complete(job, r.inputs, &report);
+    } else if job.output_path.as_deref().is_some_and(|o| !o.exists())
+        && let Some(p) = record::path_of(job)
+    {
+        // A failed job leaves no output (outputs are atomic), so nothing to claim.
+        let _ = std::fs::remove_file(p);
     }
     let status = if ok {
         "ok"
