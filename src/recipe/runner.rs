@@ -163,7 +163,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, emit: &mut dyn FnMut(&str)) -> Su
     let stopper = Stopper::install();
     let mut interrupted = 0usize;
     loop {
-        let failed_any = state.iter().any(|s| *s == St::Failed);
+        let failed_any = state.contains(&St::Failed);
         let stopping = stopper.stopped() != 0 || (failed_any && !opts.keep_going);
         if !stopping {
             for i in 0..n {
