@@ -113,15 +113,19 @@ fn mkfifo(p: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
 }
 
-/// Whether some process has the named pipe open for reading (a held job still alive).
-fn fifo_has_reader(p: &Path) -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    // O_NONBLOCK write-open fails with ENXIO when no reader has the pipe open.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(p)
-        .is_ok()
+/// Whether the job held on the named pipe `held.safetensors` in `dir` is alive: a process
+/// of that folder with the pipe among its arguments (Linux /proc). The pipe itself is not
+/// probed: opening its other end, even for a moment, would let the job go on.
+fn held_job_alive(dir: &Path) -> bool {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        let p = e.path();
+        let Ok(cmd) = std::fs::read(p.join("cmdline")) else {
+            return false;
+        };
+        cmd.split(|&b| b == 0).any(|a| a == b"held.safetensors")
+            && std::fs::read_link(p.join("cwd")).is_ok_and(|c| c == dir)
+    })
 }
 
 /// Lets the job blocked on the pipe go on: it reads an empty input and fails.
@@ -268,7 +272,7 @@ output = "third.pth"
     wait_for("the second job to finish", Duration::from_secs(60), || {
         record_state(&quick).as_deref() == Some("complete")
     });
-    assert!(fifo_has_reader(&fifo), "the first job is still running");
+    assert!(held_job_alive(d.path()), "the first job is still running");
     release(&fifo);
     let o = child.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(1), "a job failed: {}", stderr(&o));
@@ -348,13 +352,13 @@ fn a_batch_killed_mid_way_resumes_at_the_first_unfinished_job() {
     let fifo = d.path().join("held.safetensors");
     let mut child = spawn(&["run", r, "--json"]);
     wait_for("job 4 to start", Duration::from_secs(60), || {
-        record_state(&outs[3]).as_deref() == Some("started") && fifo_has_reader(&fifo)
+        record_state(&outs[3]).as_deref() == Some("started") && held_job_alive(d.path())
     });
     child.kill().unwrap(); // SIGKILL: the runner cannot clean up or forward anything
     let _ = child.wait();
     // The held job dies with its runner (it gets SIGTERM), so nothing keeps writing.
     wait_for("the held job to end", Duration::from_secs(10), || {
-        !fifo_has_reader(&fifo)
+        !held_job_alive(d.path())
     });
     let before: Vec<(String, std::time::SystemTime)> =
         outs[..3].iter().map(|p| (digest(p), mtime(p))).collect();
@@ -398,10 +402,9 @@ fn a_batch_killed_mid_way_resumes_at_the_first_unfinished_job() {
 fn sigterm_is_forwarded_to_the_running_job_and_ends_the_batch() {
     let d = tempfile::tempdir().unwrap();
     let (recipe, outs) = six_job_recipe(d.path());
-    let fifo = d.path().join("held.safetensors");
     let child = spawn(&["run", recipe.to_str().unwrap(), "--json"]);
     wait_for("job 4 to start", Duration::from_secs(60), || {
-        fifo_has_reader(&fifo) && record_state(&outs[2]).as_deref() == Some("complete")
+        held_job_alive(d.path()) && record_state(&outs[2]).as_deref() == Some("complete")
     });
     // SAFETY: kill(2) on our own child.
     unsafe {
@@ -416,7 +419,7 @@ fn sigterm_is_forwarded_to_the_running_job_and_ends_the_batch() {
     assert_eq!(summary["interrupted"], "SIGTERM");
     assert_eq!(summary["not_run_jobs"], serde_json::json!(["j5", "j6"]));
     assert_eq!(summary["exit_code"], 143);
-    assert!(!fifo_has_reader(&fifo), "the job is gone");
+    assert!(!held_job_alive(d.path()), "the job is gone");
     assert!(!outs[3].exists());
 }
 
@@ -690,4 +693,62 @@ fn the_readme_example_recipes_run_on_the_fixtures() {
         digest(&d.path().join("pytorch_model-00001-of-00002.safetensors")),
         digest(&direct)
     );
+}
+
+#[test]
+fn a_job_reading_an_earlier_jobs_output_waits_for_it_and_skips_when_it_failed() {
+    let d = tempfile::tempdir().unwrap();
+    let recipe = d.path().join("r.toml");
+    let text = |lora: &str| {
+        format!(
+            r#"
+[[job]]
+name = "merge"
+command = "merge"
+base = "{}"
+lora = "{lora}"
+out = "m/"
+
+[[job]]
+name = "to-pth"
+command = "convert"
+input = "m/"
+output = "m.pth"
+"#,
+            fx("peft/bases/llama_f32")
+        )
+    };
+    write(&recipe, &text(&fx("peft/cases/llama_f32/adapter")));
+    let r = recipe.to_str().unwrap();
+    // --jobs 2, yet the convert starts only once the merged folder is there.
+    let o = run(&["run", r, "--jobs", "2", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (jobs, _) = json_lines(&o);
+    assert_eq!(
+        (status(&jobs, "merge"), status(&jobs, "to-pth")),
+        ("ok".into(), "ok".into())
+    );
+    assert_eq!(jobs["to-pth"]["report"]["tensors"], 21);
+    // The dry run of a changed first job says the second runs after it.
+    write(&recipe, &text(&fx("peft/cases/llama_rslora/adapter")));
+    let o = run(&["run", r, "--dry-run", "--json"]);
+    let (jobs, _) = json_lines(&o);
+    assert_eq!(status(&jobs, "to-pth"), "would_run");
+    assert!(
+        jobs["to-pth"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("'merge'")
+    );
+    // A failed first job: the second is not run, even with --keep-going.
+    write(
+        &recipe,
+        &text(&d.path().join("no-such-adapter").display().to_string()),
+    );
+    let o = run(&["run", r, "--jobs", "2", "--keep-going", "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let (jobs, summary) = json_lines(&o);
+    assert_eq!(status(&jobs, "merge"), "failed");
+    assert!(!jobs.contains_key("to-pth"));
+    assert_eq!(summary["not_run_jobs"], serde_json::json!(["to-pth"]));
 }
