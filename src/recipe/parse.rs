@@ -787,6 +787,74 @@ mod tests {
         assert!(v.expand("${env.LORASTREAM_SURELY_UNSET_VAR}").is_err());
     }
 
+    /// A command line with an option this module has never heard of (`--part`): recipes
+    /// take it by its long name, and jobs sharing one output get records of their own.
+    #[test]
+    fn options_come_from_the_command_definition() {
+        use clap::{Arg, ArgAction, Command};
+        let merge = Command::new("merge")
+            .arg(Arg::new("out").long("out").required(true))
+            .arg(Arg::new("loras").long("lora").action(ArgAction::Append))
+            .arg(Arg::new("part").long("part"))
+            .arg(
+                Arg::new("keep_lora")
+                    .long("keep-lora")
+                    .action(ArgAction::SetTrue),
+            );
+        let cli = Command::new("lorastream")
+            .subcommand(merge)
+            .subcommand(Command::new("convert").arg(Arg::new("input").required(true)));
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = dir.path().join("r.toml");
+        std::fs::write(
+            &recipe,
+            r#"
+[defaults.merge]
+keep-lora = true
+[[job]]
+name = "part-${k}"
+command = "merge"
+each.k = [0, 1]
+lora = ["a", "b:0.5"]
+part = "${k}/2"
+out = "o/"
+"#,
+        )
+        .unwrap();
+        let r = load(&recipe, &[], &cli).unwrap();
+        assert_eq!(r.jobs.len(), 2);
+        assert_eq!(
+            r.jobs[1].options,
+            [
+                "--keep-lora",
+                "--lora=a",
+                "--lora=b:0.5",
+                "--part=1/2",
+                "--out=o/"
+            ]
+        );
+        assert!(r.jobs.iter().all(|j| j.shared_output));
+        assert_eq!(
+            r.jobs[0].inputs,
+            [dir.path().join("a"), dir.path().join("b")]
+        );
+        let records: Vec<_> = r.jobs.iter().map(super::super::record::path_of).collect();
+        assert_ne!(records[0], records[1]);
+        assert!(
+            records[1]
+                .as_ref()
+                .unwrap()
+                .ends_with("o.part-1.lorastream-job.json")
+        );
+        std::fs::write(
+            &recipe,
+            "[[job]]\ncommand = \"merge\"\nout = \"o/\"\npart = [1]\n",
+        )
+        .unwrap();
+        let e = load(&recipe, &[], &cli).unwrap_err().to_string();
+        assert!(e.contains("'part'") && e.contains("not a list"), "{e}");
+    }
+
     #[test]
     fn wildcards_match_file_names() {
         assert!(wildcard("*.bin", "a.bin"));
