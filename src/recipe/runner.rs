@@ -480,7 +480,9 @@ fn finish(
         });
     let ok = code == 0 && report["ok"] == true;
     let stopped = !ok && code > 128 && STOP_SIGNALS.contains(&(code - 128));
-    if ok {
+    // A job that wrote nothing (`dry_run = true` in the job) has nothing to record.
+    let wrote = report["dry_run"] != true;
+    if ok && wrote {
         write_complete(job, r.inputs, &report);
     } else if job.output_path.as_deref().is_some_and(|o| !o.exists())
         && let Some(p) = record::path_of(job)
@@ -584,7 +586,12 @@ fn report_done(
     if status == "ok" {
         let wrote = match (report["output"].as_str(), report["tensors"].as_u64()) {
             (Some(o), Some(t)) => format!(
-                ": wrote {o} ({t} tensors, {})",
+                ": {} {o} ({t} tensors, {})",
+                if report["dry_run"] == true {
+                    "dry run, would write"
+                } else {
+                    "wrote"
+                },
                 size(report["bytes"].as_u64().unwrap_or(0))
             ),
             _ => String::new(),
