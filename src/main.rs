@@ -3,7 +3,8 @@
 //! library's `Error::Usage`), 128+N when a signal ends the run; `verify` and `diff` answer
 //! 0 same, 1 different, 2 cannot compare (as diff(1) does). With `--json` every outcome,
 //! failures and usage errors included, is exactly one JSON object on stdout (`"ok"`,
-//! the report or `"error"`, `"exit_code"`), so scripts read one shape. Every print goes
+//! the report or `"error"`, `"exit_code"`), so scripts read one shape (`run` prints JSON
+//! lines instead: one per finished job, the summary last; src/recipe/). Every print goes
 //! through a locked handle with its error handled: a reader that closes stdout early
 //! (`| head`) ends the command quietly instead of a panic.
 
