@@ -12,6 +12,7 @@
 //! - [`plan`] decides output names, dtypes and which tensors get which delta.
 //! - [`sink`] writes `.pth` and safetensors incrementally and atomically.
 //! - [`pipeline`] runs jobs (`convert`) and holds what jobs share.
+//! - [`recipe`] runs batch recipes (`lorastream run RECIPE.toml`): many jobs, resumable.
 //! - [`direct_io`] is the plumbing for reading and writing around the page cache.
 
 pub mod adapter;
@@ -29,6 +30,7 @@ pub mod natural;
 pub mod partition;
 pub mod pipeline;
 pub mod plan;
+pub mod recipe;
 pub mod sink;
 pub mod source;
 pub mod stitch;

@@ -3,7 +3,8 @@
 //! library's `Error::Usage`), 128+N when a signal ends the run; `verify` and `diff` answer
 //! 0 same, 1 different, 2 cannot compare (as diff(1) does). With `--json` every outcome,
 //! failures and usage errors included, is exactly one JSON object on stdout (`"ok"`,
-//! the report or `"error"`, `"exit_code"`), so scripts read one shape. Every print goes
+//! the report or `"error"`, `"exit_code"`), so scripts read one shape (`run` prints JSON
+//! lines instead: one per finished job, the summary last; src/recipe/). Every print goes
 //! through a locked handle with its error handled: a reader that closes stdout early
 //! (`| head`) ends the command quietly instead of a panic.
 //!
@@ -241,6 +242,52 @@ enum Command {
         /// No summary line: only errors (and, with --json, the JSON object).
         #[arg(short, long)]
         quiet: bool,
+    },
+    /// Run a batch recipe: a TOML list of merge/convert jobs, resumable.
+    ///
+    /// Every key of a [[job]] is one of the command's own options, by its long name
+    /// (shard_size or shard-size for --shard-size; input/output for convert's positional
+    /// arguments; true/false for a flag, a list for a repeatable option), with shared
+    /// [defaults] ([defaults.merge], [defaults.convert]) and ${var} substitution ([vars],
+    /// --var, ${env.NAME}, ${recipe_dir}; each.VAR = [values] or { glob = "dir/*.bin" }
+    /// makes one job per value). Relative paths are relative to the recipe's folder. Every
+    /// job is checked by the command's own parser before anything runs. Each job runs as a
+    /// child `lorastream merge|convert ... --json`; once it succeeds, a record beside its
+    /// output (OUT.lorastream-job.json) notes the options and the inputs' paths, sizes and
+    /// modification times, and a re-run skips every job whose record still matches.
+    #[command(
+        after_help = "Exit codes: 0 every job ok or skipped, 1 a job failed (or was not \
+        run after one), 2 a bad recipe (nothing ran), 128+N stopped by signal N (forwarded \
+        to the running jobs, which remove their unfinished outputs).\n\n\
+        With --json: one JSON line per finished job ({\"job\", \"index\", \"command\", \
+        \"status\": ok|skipped|failed|interrupted, \"seconds\", \"exit_code\", \"report\": the \
+        job's own --json object}) and a summary line last ({\"ok\", \"recipe\", \"jobs\", \
+        \"succeeded\", \"skipped\", \"failed\", \"not_run\", ..., \"exit_code\"}).\n\n\
+        Examples:\n  lorastream run batch.toml --jobs 2 --keep-going\n  \
+        lorastream run batch.toml --var base=/models/llama --dry-run"
+    )]
+    Run {
+        /// The recipe (TOML): [vars], [defaults] and [[job]] tables (see the README).
+        recipe: PathBuf,
+        /// Run up to N jobs at a time (each is its own process; mind memory and disk).
+        #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: u16,
+        /// After a failed job, start the remaining jobs anyway (default: start no new job
+        /// after a failure; running ones finish).
+        #[arg(long)]
+        keep_going: bool,
+        /// List what would run and what would be skipped as complete, and why; run nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run every job, also those whose record says they are complete.
+        #[arg(long)]
+        force: bool,
+        /// Set recipe variable NAME (overrides [vars]); repeatable.
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        /// JSON lines on stdout: one per finished job, the summary last.
+        #[arg(long)]
+        json: bool,
     },
     /// Compare two checkpoints tensor by tensor (any readable formats), like diff(1).
     ///
@@ -667,6 +714,7 @@ fn wants_json(c: &Command) -> bool {
         | Command::Stitch { json, .. } => *json,
         Command::Convert { opts, .. } => opts.json,
         Command::Merge { output, .. } => output.json,
+        Command::Run { json, .. } => *json,
     }
 }
 
@@ -947,6 +995,37 @@ pub(crate) fn run(
             }
             done(String::new())
         }
+        Command::Run {
+            recipe,
+            jobs,
+            keep_going,
+            dry_run,
+            force,
+            vars,
+            json,
+        } => {
+            let recipe = lorastream::recipe::load(&recipe, &vars, &Cli::command())?;
+            let exe = std::env::current_exe().map_err(|e| {
+                Error::Internal(format!("cannot find this program's executable: {e}"))
+            })?;
+            let opts = lorastream::recipe::RunOptions {
+                jobs: usize::from(jobs),
+                keep_going,
+                dry_run,
+                force,
+                json,
+                exe,
+            };
+            // JSON lines go out as the jobs finish, not at the end.
+            let mut emit = |line: &str| {
+                print_stdout(&format!("{line}\n"), 0);
+            };
+            let summary = lorastream::recipe::run(&recipe, &opts, &mut emit);
+            Ok(Done {
+                stdout: String::new(),
+                code: summary.exit_code,
+            })
+        }
         Command::Diff { a, b, exact, json } => {
             let r = diff::diff(&a, &b, exact).map_err(|error| Failed { error, code: 2 })?;
             let code = u8::from(!r.identical);
@@ -1067,9 +1146,18 @@ pub(crate) fn cli_main(args: &[OsString]) -> u8 {
     }
 }
 
+/// Installs the binary's stop-signal handlers (unfinished output removed, exit 128+N),
+/// except for `run`, which forwards stop signals to its jobs itself (recipe/runner.rs).
+pub(crate) fn install_signal_handlers(args: &[OsString]) {
+    let is_run = args.get(1).is_some_and(|a| a == "run");
+    if !is_run {
+        lorastream::sink::install_interrupt_cleanup();
+    }
+}
+
 fn main() -> ExitCode {
-    lorastream::sink::install_interrupt_cleanup();
     let args: Vec<OsString> = std::env::args_os().collect();
+    install_signal_handlers(&args);
     ExitCode::from(cli_main(&args))
 }
 

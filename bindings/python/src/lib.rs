@@ -101,7 +101,7 @@ fn run(py: Python<'_>, args: Vec<OsString>) -> PyResult<Outcome> {
 /// process with 130, as the binary does.
 #[pyfunction]
 fn main(py: Python<'_>, args: Vec<OsString>) -> u8 {
-    lorastream::sink::install_interrupt_cleanup();
+    cli::install_signal_handlers(&args);
     py.detach(|| cli::cli_main(&args))
 }
 
