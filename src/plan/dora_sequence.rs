@@ -466,8 +466,12 @@ mod tests {
     #[test]
     fn transposed_layout_is_the_transpose() {
         let (out, inn, r) = (3usize, 5usize, 2usize);
-        let w: Vec<f32> = (0..out * inn).map(|i| ((i * 7 % 11) as f32) - 5.0).collect();
-        let wt: Vec<f32> = (0..inn * out).map(|k| w[(k % out) * inn + k / out]).collect();
+        let w: Vec<f32> = (0..out * inn)
+            .map(|i| ((i * 7 % 11) as f32) - 5.0)
+            .collect();
+        let wt: Vec<f32> = (0..inn * out)
+            .map(|k| w[(k % out) * inn + k / out])
+            .collect();
         let a1: Vec<f32> = (0..r * inn).map(|i| (i % 3) as f32 - 1.0).collect();
         let b1: Vec<f32> = (0..out * r).map(|i| (i % 4) as f32 - 1.5).collect();
         let a2: Vec<f32> = (0..r * inn).map(|i| (i % 5) as f32 - 2.0).collect();
@@ -541,7 +545,10 @@ mod tests {
         };
         let seq = DoraSequence::new("w", vec![s(None), s(Some(&t[3]))]).unwrap();
         let e = run_in_memory(&seq, &t[0], 1).unwrap_err().to_string();
-        assert!(e.contains("'a'") || e.contains("a:") || e.contains(" a "), "{e}");
+        assert!(
+            e.contains("'a'") || e.contains("a:") || e.contains(" a "),
+            "{e}"
+        );
         assert!(e.contains("needs 3"), "{e}");
     }
 
