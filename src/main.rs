@@ -112,8 +112,8 @@ enum Command {
     ///
     /// A component is an optional NAME with a base and/or adapters; every output key of
     /// component NAME is "NAME." + its key. `--lora NAME=DIR` applies to `--base NAME=PATH`;
-    /// several --lora for one component merge one after another, in order (a DoRA adapter
-    /// after another adapter on the same weight is refused), or with --combine TYPE and
+    /// several --lora for one component merge one after another, in order (DoRA adapters
+    /// after other LoRA adapters as in one PeftModel: earlier ones unmerged for its norm), or with --combine TYPE and
     /// --lora DIR:WEIGHT as one weighted combination (PEFT's add_weighted_adapter).
     ///
     /// Default: merged: each targeted weight becomes W + s·ΔW with PEFT's semantics

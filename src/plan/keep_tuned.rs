@@ -12,6 +12,11 @@
 //! - shared tensors (VeRA's `vera_A`/`vera_B`, VB-LoRA's `vblora_vector_bank`) live on the
 //!   tuner model (`base_model.<name>.default`) and every adapted layer holds the same dict
 //!   (`base_model.model.<module>.<name>.default`): one tensor under all those names;
+//!   RandLoRA saves those bases again under each module (the same values: one name then);
+//!   TinyLoRA's shared vectors are a ParameterList (`tinylora_v.0` → `tinylora_v.default.0`);
+//! - AdaLoRA's `ranknum` is not saved: PEFT makes it `float(init_r)` in the base weight's
+//!   dtype (f32 in the state_dict, but 257 through bf16 is 256), and the factors of a module
+//!   `rank_pattern` rebuilds are the saved values rounded through the base weight's dtype;
 //! - float adapter tensors are f32 (PEFT upcasts the adapter on load), others as saved;
 //!   except parts PEFT makes in the base layer's dtype and loads the saved values into
 //!   (rounded, as `copy_` rounds): LN Tuning's `ln_tuning_layers` (a copy of the norm layer)
@@ -21,11 +26,15 @@
 //! create tensors at load that are not in the adapter file (regenerated projections, bases,
 //! internal buffers), and writing a state_dict without them would be silently wrong.
 
+use crate::adapter::tuners::decode;
 use crate::adapter::{Adapter, SAVED_PREFIX};
-use crate::dtype::Dtype;
+use crate::dtype::{Dtype, round_through};
 use crate::error::{Error, Result};
 use crate::source::TensorEntry;
 use std::collections::BTreeMap;
+
+/// Where PEFT keeps a tuner's shared tensors (`base_model.<name>` in the adapter file).
+const SAVED_PREFIX_MODEL: &str = "base_model.";
 
 /// Tuners (by display name) refused although known, with the reason.
 const REFUSED: &[(&str, &str)] = &[(
@@ -62,6 +71,9 @@ const CHECKED: &[&str] = &[
     "GraLoRA",
     "HiRA",
     "PEANuT",
+    "AdaLoRA",
+    "RandLoRA",
+    "TinyLoRA",
 ];
 
 /// A tensor of the output: its `state_dict()` key and where its values come from.
@@ -104,6 +116,18 @@ pub fn kept_tuner(ad: &Adapter, base_dtype: &dyn Fn(&str) -> Option<Dtype>) -> R
             tuner.name()
         )));
     };
+    // Several TinyLoRA vectors (weight_tying < 1): the merge refuses them (which module uses
+    // which follows the base model's module order), and so does --keep-lora, with or without
+    // a base, rather than write a state_dict whose merge would be refused.
+    if tuner.name() == "TinyLoRA" && ad.shared.len() > 1 {
+        return Err(Error::Plan(format!(
+            "adapter {}: --keep-lora does not write TinyLoRA adapters with {} vectors (weight_tying < 1 \
+             over several modules: which module uses which follows the base model's module order, \
+             which lorastream cannot see); only one shared vector is written",
+            ad.dir.display(),
+            ad.shared.len()
+        )));
+    }
     // PEFT upcasts a float adapter to f32 when it loads it (autocast_adapter_dtype).
     let dtype_of = |t: &TensorEntry| {
         if t.dtype.is_float() {
@@ -135,15 +159,84 @@ pub fn kept_tuner(ad: &Adapter, base_dtype: &dyn Fn(&str) -> Option<Dtype>) -> R
             });
         }
         for (name, t) in &ad.shared {
-            kept.push(shared(t, format!("{prefix}{name}.default"))?);
+            // RandLoRA saves the shared bases again under each module: PEFT's layer holds the
+            // one shared buffer, so the module's copy must be the same values (then it is
+            // that name already).
+            if let Some(copy) = m.parts.get(name.as_str()) {
+                if copy.shape != t.shape || copy.dtype != t.dtype || copy.bytes() != t.bytes() {
+                    return Err(Error::tensor(
+                        copy.file.path(),
+                        &copy.name,
+                        format!(
+                            "differs from the shared '{SAVED_PREFIX_MODEL}{name}'; PEFT's state_dict holds \
+                             one buffer under both names, which the file does not settle"
+                        ),
+                    ));
+                }
+                continue;
+            }
+            kept.push(shared(t, format!("{prefix}{}", with_adapter_name(name)))?);
         }
         out.modules.insert(m.name.clone(), kept);
     }
     for (name, t) in &ad.shared {
-        out.model_level
-            .push(shared(t, format!("base_model.{name}.default"))?);
+        out.model_level.push(shared(
+            t,
+            format!("base_model.{}", with_adapter_name(name)),
+        )?);
+    }
+    if tuner.name() == "AdaLoRA" {
+        adalora_state(ad, base_dtype, &mut out)?;
     }
     Ok(out)
+}
+
+/// AdaLoRA's state_dict beyond its saved tensors (see `adalora::state_dict_facts`): each
+/// module's `ranknum` (`float(init_r)` through the base weight's dtype, as f32), and on a
+/// 16-bit base the factors of a module `rank_pattern` rebuilds rounded to that dtype (as
+/// f32). Without a base the weight's dtype is unknown: the saved values are kept, as for
+/// the other parts PEFT makes in the base's dtype.
+fn adalora_state(
+    ad: &Adapter,
+    base_dtype: &dyn Fn(&str) -> Option<Dtype>,
+    out: &mut KeptTuner,
+) -> Result<()> {
+    let path = &ad.config.path;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(path, e.to_string()))?;
+    let (init_r, patterned) = crate::adapter::tuners::adalora::state_dict_facts(&v, path)?;
+    let f32_entry = |file: &std::path::Path, name: &str, shape: Vec<usize>, v: &[f32]| {
+        TensorEntry::in_memory(file, name, Dtype::F32, shape, bytemuck::cast_slice(v))
+    };
+    for (module, kept) in out.modules.iter_mut() {
+        let wdtype = base_dtype(&format!("{module}.weight"));
+        if let Some(wd) = wdtype.filter(|_| patterned.contains(module)) {
+            for k in kept.iter_mut() {
+                let mut v = decode(&k.tensor);
+                round_through(wd, &mut v);
+                // Same file and name: the adapter's tensor, only its values rounded.
+                k.tensor = f32_entry(
+                    k.tensor.file.path(),
+                    &k.tensor.name,
+                    k.tensor.shape.clone(),
+                    &v,
+                )?;
+                k.dtype = Dtype::F32;
+            }
+        }
+        let mut r = [init_r as f32];
+        if let Some(wd) = wdtype {
+            round_through(wd, &mut r);
+        }
+        let name = format!("{SAVED_PREFIX}{module}.ranknum.default");
+        kept.push(Kept {
+            tensor: f32_entry(ad.weights_path(), &name, vec![1], &r)?,
+            name,
+            dtype: Dtype::F32,
+        });
+    }
+    Ok(())
 }
 
 /// A shared tensor under one of its names. Only f32 ones: PEFT loads the saved values into
@@ -217,6 +310,8 @@ mod tests {
             "ln_tuning_layers.default.bias"
         );
         assert_eq!(with_adapter_name("glora_D.X"), "glora_D.default.X");
+        // A shared ParameterList (TinyLoRA's vectors) the same way.
+        assert_eq!(with_adapter_name("tinylora_v.0"), "tinylora_v.default.0");
     }
 
     #[test]

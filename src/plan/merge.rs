@@ -6,6 +6,7 @@
 
 use super::checked::CheckedJobs;
 pub use super::component::{Component, MergeSettings};
+use super::dora_sequence::DoraSequence;
 use super::layout::LayoutEvidence;
 use super::merge_types::{DeltaLayout, Job, JobSource, LoraStep, Step};
 use super::rename;
@@ -478,43 +479,138 @@ fn steps_for_base(
             return Err(unsettled_error(c, ad, base, &unsettled));
         }
     }
-    check_dora_after_merge(&steps)?;
+    dora_sequences(&mut steps)?;
     Ok(steps)
 }
 
-/// A DoRA adapter merged after another adapter on the same weight is refused: PEFT 0.21.2
-/// (`LoraLayer._unmerged_base_weight`) computes its norm on the weight with the earlier
-/// adapters *unmerged again* (subtracted, or divided out for DoRA, in the weight's dtype)
-/// and then replays their merges, so the result carries the roundings of that
-/// unmerge/re-merge round trip, which lorastream does not reproduce (merging in sequence
-/// on the merged weight would differ from PEFT everywhere, not by an ulp).
-fn check_dora_after_merge(steps: &HashMap<String, Vec<Step>>) -> Result<()> {
-    let mut keys: Vec<&String> = steps.keys().collect();
+/// A DoRA adapter merged after another LoRA adapter on the same weight: PEFT 0.21.2 takes
+/// its norm from the weight with the earlier adapters unmerged again and then replays their
+/// merges (`LoraLayer._unmerged_base_weight`). The LoRA steps from the first one to the
+/// last DoRA one become one change that does exactly that (`dora_sequence.rs`), and the
+/// `lora_B.bias` additions of those adapters go through the same unmerge/re-merge round
+/// trips. A DoRA step after other tuners' changes only (no LoRA before it) stays a plain
+/// DoRA step: its norm is of the weight as those changes left it, as in PEFT's mixed
+/// model, where the other tuner's layer is merged first.
+fn dora_sequences(steps: &mut HashMap<String, Vec<Step>>) -> Result<()> {
+    let mut keys: Vec<String> = steps.keys().cloned().collect();
     keys.sort();
     for key in keys {
-        let list = &steps[key];
-        for (i, st) in list.iter().enumerate().skip(1) {
-            let Step::Lora(l) = st else { continue };
-            let Some(mag) = &l.magnitude else { continue };
-            let earlier = list[..i]
-                .iter()
-                .any(|e| matches!(e, Step::Lora(_) | Step::Tuned(_)));
-            if earlier {
-                return Err(Error::tensor(
-                    mag.file.path(),
-                    &mag.name,
-                    format!(
-                        "is a DoRA adapter merged into '{key}' after another adapter on it; PEFT 0.21.2 \
-                         takes DoRA's norm from the weight with the earlier adapters unmerged again and \
-                         then replays their merges (LoraLayer._unmerged_base_weight), whose roundings \
-                         lorastream does not reproduce. Merge the DoRA adapter first (or alone) and the \
-                         others into that output"
-                    ),
-                ));
-            }
+        let list = &steps[&key];
+        let is_lora = |s: &Step| matches!(s, Step::Lora(_));
+        let is_dora = |s: &Step| matches!(s, Step::Lora(l) if l.magnitude.is_some());
+        let Some(first) = list.iter().position(is_lora) else {
+            continue;
+        };
+        let Some(last) = list.iter().rposition(is_dora).filter(|&l| l > first) else {
+            continue;
+        };
+        let run: Vec<LoraStep> = list[first..=last]
+            .iter()
+            .map(|s| match s {
+                Step::Lora(l) => Ok((**l).clone()),
+                _ => {
+                    let dora = list[..=last].iter().rev().find_map(|s| match s {
+                        Step::Lora(l) => l.magnitude.clone(),
+                        _ => None,
+                    });
+                    let (file, name) = dora
+                        .map(|m| (m.file.path().to_path_buf(), m.name))
+                        .unwrap_or_default();
+                    Err(Error::tensor(
+                        file,
+                        name,
+                        format!(
+                            "is a DoRA adapter merged into '{key}' after LoRA adapters with another \
+                             tuner's change between them; PEFT cannot hold that sequence in one model \
+                             (its mixed model nests the layers differently), so lorastream does not \
+                             guess its order. Merge the other tuner first, or in a separate run"
+                        ),
+                    ))
+                }
+            })
+            .collect::<Result<_>>()?;
+        let bkey = key.strip_suffix("weight").map(|p| format!("{p}bias"));
+        let bias_steps = match &bkey {
+            Some(bk) => sequence_bias(steps.get(bk.as_str()), &run, &key)?,
+            None => None,
+        };
+        let change = DoraSequence::new(&key, run)?;
+        if let (Some(bk), Some(b)) = (bkey, bias_steps) {
+            steps.insert(bk, b);
+        }
+        if let Some(list) = steps.get_mut(&key) {
+            list.splice(first..=last, [Step::Tuned(Arc::new(change))]);
         }
     }
     Ok(())
+}
+
+/// The bias steps of a DoRA sequence: each adapter's `lora_B.bias` is added when PEFT
+/// merges it and subtracted when PEFT unmerges it (`bias -= lora_B.bias · s`, rounded into
+/// the bias's dtype like every in-place step), in the order of the sequence's program.
+/// None when no adapter of the run has a `lora_B.bias` here.
+fn sequence_bias(
+    bias: Option<&Vec<Step>>,
+    run: &[LoraStep],
+    key: &str,
+) -> Result<Option<Vec<Step>>> {
+    let Some(list) = bias.filter(|l| !l.is_empty()) else {
+        return Ok(None);
+    };
+    // The bias of run step j: the AddBias saved next to its lora_B in the same file.
+    let mut of_step: Vec<Option<(TensorEntry, f32)>> = vec![None; run.len()];
+    let (mut rest, mut after) = (Vec::new(), Vec::new());
+    for s in list {
+        let found = match s {
+            Step::AddBias { bias, .. } => run.iter().enumerate().position(|(j, l)| {
+                of_step[j].is_none()
+                    && l.b.file.path() == bias.file.path()
+                    && l.b.name.strip_suffix("weight") == bias.name.strip_suffix("bias")
+            }),
+            _ => None,
+        };
+        match (found, s) {
+            (Some(j), Step::AddBias { bias, scale }) => of_step[j] = Some((bias.clone(), *scale)),
+            // The bias of a plain LoRA merged after the run: added after it, as before.
+            (None, Step::AddBias { .. }) => after.push(s.clone()),
+            _ => rest.push(s),
+        }
+    }
+    if of_step.iter().all(Option::is_none) {
+        return Ok(None);
+    }
+    if let Some(s) = rest.first() {
+        let t = s
+            .inputs()
+            .first()
+            .map(|t| (t.file.path().to_path_buf(), t.name.clone()));
+        let (file, name) = t.unwrap_or_default();
+        return Err(Error::tensor(
+            file,
+            name,
+            format!(
+                "changes the bias of '{key}', which a DoRA sequence of adapters also changes through                  lora_bias; lorastream does not interleave the two. Merge this adapter in a separate run"
+            ),
+        ));
+    }
+    let dora: Vec<bool> = run.iter().map(|l| l.magnitude.is_some()).collect();
+    let mut out = Vec::new();
+    for op in super::dora_sequence::program(&dora) {
+        use super::dora_sequence::Op;
+        let (j, sign) = match op {
+            Op::Add(j) | Op::DoraMerge { j, .. } => (j, 1.0f32),
+            Op::Sub(j) | Op::DoraUnmerge { j, .. } => (j, -1.0),
+            Op::Copy(_) | Op::Norm { .. } => continue,
+        };
+        if let Some((bias, scale)) = &of_step[j] {
+            out.push(Step::AddBias {
+                bias: bias.clone(),
+                scale: sign * scale,
+            });
+        }
+    }
+    out.extend(after);
+    Ok(Some(out))
 }
 
 /// `--combine`: the component's adapters as one weighted combination (PEFT's

@@ -7,6 +7,7 @@ pub mod checked;
 pub mod component;
 pub mod coverage;
 mod dare_order;
+pub mod dora_sequence;
 pub mod keep_tuned;
 pub mod layout;
 pub mod merge;

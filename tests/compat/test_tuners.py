@@ -180,7 +180,7 @@ def test_tuner_refuse(mrun, tmp_path, case):
 # added later: listing it in both places turns on the bit-exact comparison).
 KEEP_WRITTEN = {"boft", "road", "pvera", "unilora", "c3a", "waveft",
                 "gralora", "hira", "peanut", "ia3", "loha", "lokr", "oft", "hra", "vera", "vblora", "delora", "miss", "fourierft",
-                "trainable_tokens", "ln_tuning", "beft", "glora", "supertuning", "deft"}
+                "trainable_tokens", "ln_tuning", "beft", "glora", "supertuning", "deft", "adalora", "randlora", "tinylora"}
 KEEP_REFUSED = {"shira": "shira_indices"}
 KEEP_NOT_CHECKED = "not checked against PEFT"
 KEEP = [c for c in MERGE if c.get("keep_lora") and c["tuner"] in KEEP_WRITTEN]
@@ -212,6 +212,38 @@ def test_tuner_keep_lora(mrun, tmp_path, case):
     out = tmp_path / "out.safetensors"
     mrun(merge_args(case, out) + ["--keep-lora"])
     assert_same_tensors(load_file(str(out)), keep_expected(case), cid(case))
+
+
+# Tuners whose state_dict lorastream writes with tensors PEFT makes at load (AdaLoRA's ranknum,
+# its rank_pattern factors rounded through the base dtype) or with aliases of shared tensors
+# (RandLoRA's bases saved per module too, TinyLoRA's vector list): the output must also load back.
+LOADBACK = [c for c in KEEP if c["tuner"] in {"adalora", "randlora", "tinylora"}]
+
+
+@pytest.mark.parametrize("case", LOADBACK, ids=ids(LOADBACK))
+def test_tuner_keep_lora_loads_back(mrun, tmp_path, case):
+    """`merge --keep-lora` output loads into `PeftModel.from_pretrained(base, adapter)` with
+    `load_state_dict(strict=True)` (no key missing or unexpected, every shape right), and that
+    model's `merge_and_unload()` gives PEFT's merge bit for bit."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "fixtures"))
+    import make_tuner_matrix as mtm
+    from peft import PeftModel
+
+    if case["model"] not in mtm.mpm.CUSTOM:
+        pytest.skip(f"{case['model']} is not a custom model of the generator")
+    out = tmp_path / "out.safetensors"
+    mrun(merge_args(case, out) + ["--keep-lora"])
+    dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[case["base_dtype"]]
+    base = mtm.mpm.CUSTOM[case["model"]]().to(dt)
+    base.load_state_dict(load_file(str(fx(case, case["base"]) / "model.safetensors")))
+    pm = PeftModel.from_pretrained(base, str(fx(case, case["loras"][0])))
+    pm.load_state_dict(load_file(str(out)), strict=True)
+    merged = pm.merge_and_unload().state_dict()
+    exp = load_file(str(fx(case, case["expected"])))
+    for k, v in exp.items():
+        assert torch.equal(merged[k].view(torch.uint8), v.view(torch.uint8)), (cid(case), k)
 
 
 KEEP_F32 = [c for c in KEEP if c["base_dtype"] == "f32"]

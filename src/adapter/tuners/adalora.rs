@@ -51,6 +51,21 @@ struct AdaLora {
 }
 
 fn open(v: &Value, path: &Path) -> Result<Box<dyn Tuner>> {
+    Ok(Box::new(parse(v, path)?))
+}
+
+/// What `PeftModel.state_dict()` holds of an AdaLoRA adapter beyond its saved tensors
+/// (`--keep-lora`): `init_r`, the value of every module's `ranknum` (not saved; PEFT fills
+/// it with `float(init_r)` in a parameter made in the base weight's dtype), and the modules
+/// `rank_pattern` rebuilds on load (their parameters are made in the base weight's dtype and
+/// the saved values loaded into them, so on a 16-bit base their state_dict values are the
+/// saved ones rounded to it, then upcast to f32 like every adapter tensor).
+pub fn state_dict_facts(v: &Value, path: &Path) -> Result<(usize, Vec<String>)> {
+    let a = parse(v, path)?;
+    Ok((a.init_r, a.rank_pattern.into_keys().collect()))
+}
+
+fn parse(v: &Value, path: &Path) -> Result<AdaLora> {
     let fail = |msg: String| Error::format(path, msg);
     if v.get("use_dora").and_then(Value::as_bool) == Some(true) {
         return Err(fail(
@@ -115,11 +130,11 @@ fn open(v: &Value, path: &Path) -> Result<Box<dyn Tuner>> {
             )));
         }
     }
-    Ok(Box::new(AdaLora {
+    Ok(AdaLora {
         init_r,
         lora_alpha,
         rank_pattern,
-    }))
+    })
 }
 
 impl AdaLora {

@@ -26,6 +26,7 @@
 //! learning, routers) are [`NOT_MERGEABLE`], refused with PEFT's reason.
 
 pub mod adalora;
+pub mod adamss;
 pub mod beft;
 pub mod boft;
 pub mod c3a;
@@ -224,6 +225,7 @@ pub const TUNER_TYPES: &[TunerType] = &[
 /// tuners whose merge lorastream cannot reproduce (each file says why).
 pub const NOT_MERGEABLE: &[(&str, &str)] = &[
     osf::REFUSED,
+    adamss::REFUSED,
     psoft::REFUSED,
     frod::REFUSED,
     (
