@@ -277,6 +277,12 @@ struct OutputArgs {
     /// tokenizer, code) into a folder output: weights only.
     #[arg(long)]
     no_copy_files: bool,
+    /// For a .gguf output: the ggml type tensors of two or more dimensions are written in
+    /// (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1), encoded bit for bit as the gguf
+    /// package's gguf.quants.quantize does; 1-D tensors (norms, biases) keep their type.
+    /// Default: each tensor's stored type, its bytes copied as they are.
+    #[arg(long, value_name = "TYPE", value_parser = lorastream::gguf_job::parse_gguf_type)]
+    gguf_type: Option<lorastream::source::gguf::quants::GgmlType>,
 }
 
 /// How square 2-D weights are laid out, where the base's own description does not say:
@@ -630,7 +636,15 @@ fn run(
                 no_copy_files: out.no_copy_files,
                 allow_empty,
             };
-            let report = pipeline::convert(&input, &output, &opts)?;
+            let report = if lorastream::gguf_job::is_gguf_path(&output) {
+                lorastream::gguf_job::convert(&input, &output, &opts, out.gguf_type)?
+            } else if out.gguf_type.is_some() {
+                return Err(
+                    Error::Usage("--gguf-type applies to a .gguf output only".into()).into(),
+                );
+            } else {
+                pipeline::convert(&input, &output, &opts)?
+            };
             if out.json {
                 return done(ok_json(&report, 0));
             }
