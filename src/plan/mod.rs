@@ -6,6 +6,7 @@
 pub mod checked;
 pub mod component;
 pub mod coverage;
+pub mod gguf_names;
 pub mod keep_tuned;
 pub mod layout;
 pub mod merge;

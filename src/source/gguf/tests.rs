@@ -40,10 +40,14 @@ fn fixture_metadata_and_infos() {
         (GgmlType::Q4_K, vec![256, 5], 720)
     );
     assert_eq!(q4k.shape(), vec![5, 256]);
-    assert!(g.tensors.iter().all(|t| t.start % 32 == 0));
+    assert!(g.tensors.iter().all(|t| t.start.is_multiple_of(32)));
     let a = parse(ALIGNED, p()).unwrap();
     assert_eq!(a.alignment, 64);
-    assert!(a.tensors.iter().all(|t| (t.start - a.data_start) % 64 == 0));
+    assert!(
+        a.tensors
+            .iter()
+            .all(|t| (t.start - a.data_start).is_multiple_of(64))
+    );
 }
 
 /// Decoded bands, whatever their size and start, equal the reference values.
