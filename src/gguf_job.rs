@@ -55,6 +55,38 @@ pub fn header_of(file: &MappedFile, g: &GgufFile) -> GgufHeader {
     }
 }
 
+/// llama.cpp's `general.file_type` (`LlamaFileType`, "mostly T, except 1-D tensors") for
+/// an output whose tensors of two or more dimensions are all `to`.
+fn file_type_of(to: GgmlType) -> Option<u32> {
+    Some(match to {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q4_0 => 2,
+        GgmlType::Q4_1 => 3,
+        GgmlType::Q8_0 => 7,
+        GgmlType::Q5_0 => 8,
+        GgmlType::Q5_1 => 9,
+        GgmlType::BF16 => 32,
+        _ => return None,
+    })
+}
+
+/// `head` with `general.file_type` (when the input has it, as a UINT32) saying `to`: the
+/// value is patched in place, so every other metadata byte stays the input's.
+fn with_file_type(mut head: GgufHeader, g: &GgufFile, to: GgmlType) -> GgufHeader {
+    let kv = g
+        .kvs
+        .iter()
+        .find(|k| k.key == "general.file_type" && matches!(k.value, Value::U32(_)));
+    if let (Some(kv), Some(ft)) = (kv, file_type_of(to)) {
+        let at = kv.value_at - g.kv_bytes.start;
+        if let Some(b) = head.kv_bytes.get_mut(at..at + 4) {
+            b.copy_from_slice(&ft.to_le_bytes());
+        }
+    }
+    head
+}
+
 /// Streams tensor `t` of `file` into `out` as planned by `o`: a copy of its stored bytes,
 /// or its values (decoded where stored quantized) for the writer to encode.
 pub fn write_tensor(
@@ -137,7 +169,11 @@ pub fn convert(
             .zip(&sources)
             .map(|(o, t)| (o.name.as_str(), t.name.as_str())),
     )?;
-    let mut out = GgufWriter::create(output, &header_of(&file, &g), &plan, opts.sink.direct_io)?;
+    let mut head = header_of(&file, &g);
+    if let Some(to) = to {
+        head = with_file_type(head, &g, to);
+    }
+    let mut out = GgufWriter::create(output, &head, &plan, opts.sink.direct_io)?;
     let total: u64 = sources.iter().map(|t| t.nbytes as u64).sum();
     let bar = progress_bar(opts.progress, total);
     for (t, o) in sources.iter().zip(&plan) {

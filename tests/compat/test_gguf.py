@@ -91,6 +91,12 @@ def test_gguf_rewrite_is_byte_identical(run, tmp_path, fixtures_dir, name):
 def requant_source(path: Path) -> None:
     """2-D tensors of every decodable type with rows of a multiple of 256, and a 1-D norm."""
     rng = np.random.default_rng(5)
+    fx_metadata = fx.metadata
+
+    def metadata(w):
+        fx_metadata(w)
+        w.add_file_type(15)  # MOSTLY_Q4_K_M, say
+    fx.metadata = metadata
     items = [("norm.weight", rng.standard_normal(256).astype(np.float32), None),
              ("w.f32", rng.standard_normal((3, 256)).astype(np.float32), None),
              ("w.f16", rng.standard_normal((5, 256)).astype(np.float16), None),
@@ -99,7 +105,10 @@ def requant_source(path: Path) -> None:
         items.append((f"w.{q.name}", quants.quantize(rng.standard_normal((3, 256)).astype(np.float32), q), q))
     for q in fx.K_TYPES:
         items.append((f"w.{q.name}", fx.k_blocks(rng, q, 3, 256), q))
-    fx.write(path, items)
+    try:
+        fx.write(path, items)
+    finally:
+        fx.metadata = fx_metadata
 
 
 @pytest.mark.parametrize("target", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "BF16", "F32"])
@@ -112,7 +121,11 @@ def test_requantization_equals_gguf_quantize(run, tmp_path, target):
     want = reference(src)
     r_src = {t.name: t for t in GGUFReader(str(src)).tensors}
     r = GGUFReader(str(out))
-    assert [f.name for f in r.fields.values()] == [f.name for f in GGUFReader(str(src)).fields.values()]
+    fields = {f.name: f for f in r.fields.values()}
+    assert list(fields) == [f.name for f in GGUFReader(str(src)).fields.values()]
+    from gguf import LlamaFileType
+    ft = LlamaFileType.ALL_F32 if target == "F32" else LlamaFileType[f"MOSTLY_{target}"]
+    assert int(fields["general.file_type"].parts[-1][0]) == int(ft)
     for t in r.tensors:
         s = r_src[t.name]
         if len(s.shape) < 2:

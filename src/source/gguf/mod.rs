@@ -97,6 +97,8 @@ pub struct Kv {
     /// Value type id.
     pub ty: u32,
     pub value: Value,
+    /// Byte offset of the value in the file (after its type id).
+    pub value_at: usize,
 }
 
 /// One tensor info.
@@ -315,8 +317,14 @@ pub fn parse(b: &[u8], path: &std::path::Path) -> Result<GgufFile> {
             return Err(fail(format!("metadata key '{key}' appears twice")));
         }
         let ty = r.u32(&format!("type of '{key}'")).map_err(fail)?;
+        let value_at = r.at;
         let value = r.value(ty, &key, false).map_err(fail)?;
-        kvs.push(Kv { key, ty, value });
+        kvs.push(Kv {
+            key,
+            ty,
+            value,
+            value_at,
+        });
     }
     let kv_bytes = kv_start..r.at;
     let alignment = match kvs.iter().find(|k| k.key == "general.alignment") {
