@@ -103,8 +103,10 @@ def requant_source(path: Path) -> None:
              ("w.bf16", quants.quantize(rng.standard_normal((3, 256)).astype(np.float32), T.BF16), T.BF16)]
     for q in fx.SIMPLE:
         items.append((f"w.{q.name}", quants.quantize(rng.standard_normal((3, 256)).astype(np.float32), q), q))
-    for q in fx.K_TYPES:
+    for q in fx.K_TYPES + fx.IQ4_TYPES:
         items.append((f"w.{q.name}", fx.k_blocks(rng, q, 3, 256), q))
+    for q in fx.OTHER_QUANTIZED:
+        items.append((f"w.{q.name}", quants.quantize(rng.standard_normal((3, 256)).astype(np.float32), q), q))
     try:
         fx.write(path, items)
     finally:
@@ -162,7 +164,7 @@ def test_bad_gguf_inputs_fail_cleanly(run, tmp_path, fixtures_dir):
     bad = tmp_path / "cut.gguf"
     bad.write_bytes(data[: len(data) - 100])
     p = run(["convert", bad, tmp_path / "o.safetensors"], expect_rc=1)
-    assert "cut.gguf" in p.stderr and "k.q6_k" in p.stderr
+    assert "cut.gguf" in p.stderr and "x.iq4_xs" in p.stderr
     assert not (tmp_path / "o.safetensors").exists()
     # A GGUF output from a non-GGUF input, and --gguf-type for another output.
     st = tmp_path / "x.safetensors"

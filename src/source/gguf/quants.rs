@@ -126,7 +126,21 @@ impl GgmlType {
         use GgmlType::*;
         matches!(
             self,
-            Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | Q8_K
+            Q4_0 | Q4_1
+                | Q5_0
+                | Q5_1
+                | Q8_0
+                | Q2_K
+                | Q3_K
+                | Q4_K
+                | Q5_K
+                | Q6_K
+                | Q8_K
+                | IQ4_NL
+                | IQ4_XS
+                | TQ1_0
+                | TQ2_0
+                | MXFP4
         )
     }
     /// Whether this crate can write the type from f32 values (`--gguf-type`).
@@ -288,9 +302,85 @@ pub fn decode_block(ty: GgmlType, b: &[u8], out: &mut [f32]) {
                 out[j] = d * (b[4 + j] as i8) as f32;
             }
         }
+        // d: f16, qs: [u8; 16]; nibbles index IQ4_NL's non-linear table.
+        IQ4_NL => {
+            let d = f16_at(b, 0);
+            for j in 0..16 {
+                let q = b[2 + j];
+                out[j] = d * IQ4_NL_VALUES[(q & 0x0F) as usize] as f32;
+                out[j + 16] = d * IQ4_NL_VALUES[(q >> 4) as usize] as f32;
+            }
+        }
+        // d: f16, scales_h: u16 (2 bits per sub-block), scales_l: [u8; 4] (4 bits per
+        // sub-block), qs: [u8; 128]; eight sub-blocks of 32 with 6-bit scales minus 32.
+        IQ4_XS => {
+            let d = f16_at(b, 0);
+            let sh = u16::from_le_bytes([b[2], b[3]]);
+            for i in 0..8 {
+                let low = (b[4 + i / 2] >> (4 * (i % 2))) & 0x0F;
+                let high = ((sh >> (2 * i)) & 3) as u8;
+                let dl = d * (((low | (high << 4)) as i8) - 32) as f32;
+                for m in 0..16 {
+                    let q = b[8 + 16 * i + m];
+                    out[32 * i + m] = dl * IQ4_NL_VALUES[(q & 0x0F) as usize] as f32;
+                    out[32 * i + 16 + m] = dl * IQ4_NL_VALUES[(q >> 4) as usize] as f32;
+                }
+            }
+        }
+        // qs: [u8; 48] (five ternary digits per byte, scaled to 0..255), qh: [u8; 4] (four
+        // digits per byte), d: f16. Digit p of a byte v is ((v · 3^p mod 256) · 3) >> 8.
+        TQ1_0 => {
+            let d = f16_at(b, 52);
+            let digit = |v: u8, pow: u8| (((v.wrapping_mul(pow) as u16) * 3) >> 8) as i8 - 1;
+            const POW: [u8; 5] = [1, 3, 9, 27, 81];
+            for (p, &pow) in POW.iter().enumerate() {
+                for l in 0..32 {
+                    out[32 * p + l] = d * digit(b[l], pow) as f32;
+                }
+                for l in 0..16 {
+                    out[160 + 16 * p + l] = d * digit(b[32 + l], pow) as f32;
+                }
+            }
+            for (p, &pow) in POW[..4].iter().enumerate() {
+                for l in 0..4 {
+                    out[240 + 4 * p + l] = d * digit(b[48 + l], pow) as f32;
+                }
+            }
+        }
+        // qs: [u8; 64] (2 bits each, minus 1), d: f16.
+        TQ2_0 => {
+            let d = f16_at(b, 64);
+            for (k, o) in out.iter_mut().enumerate().take(QK_K) {
+                let (h, s, l) = (k / 128, (k / 32) % 4, k % 32);
+                let q = ((b[32 * h + l] >> (2 * s)) & 3) as i8 - 1;
+                *o = d * q as f32;
+            }
+        }
+        // e: u8 (an e8m0 scale, halved), qs: [u8; 16]; nibbles index doubled e2m1 values.
+        MXFP4 => {
+            let e = b[0] as u32;
+            let bits = if e < 2 {
+                0x0020_0000 << e
+            } else {
+                (e - 1) << 23
+            };
+            let d = f32::from_bits(bits);
+            for j in 0..16 {
+                let q = b[1 + j];
+                out[j] = d * MXFP4_VALUES[(q & 0x0F) as usize] as f32;
+                out[j + 16] = d * MXFP4_VALUES[(q >> 4) as usize] as f32;
+            }
+        }
         _ => {}
     }
 }
+
+/// IQ4_NL's (and IQ4_XS's) table of the 16 levels (`kvalues_iq4nl`).
+const IQ4_NL_VALUES: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+/// e2m1 values, doubled (`kvalues_mxfp4`).
+const MXFP4_VALUES: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
 /// The 8 scales and 8 mins of a Q4_K/Q5_K block, six bits each, packed in 12 bytes
 /// (`get_scale_min_k4`).
@@ -639,6 +729,78 @@ mod tests {
         for (k, v) in out.iter().enumerate() {
             let want = (0.5 * ((k / 16) as f32 - 8.0)) * (q(k) as f32 - 32.0);
             assert_eq!(*v, want, "{k}");
+        }
+    }
+
+    #[test]
+    fn iq4_and_mxfp4_blocks() {
+        let qs: Vec<u8> = (0..16u8).map(|j| j | ((15 - j) << 4)).collect();
+        let mut b = h(0.5).to_vec();
+        b.extend(&qs);
+        let mut out = [0f32; 256];
+        decode_block(GgmlType::IQ4_NL, &b, &mut out[..32]);
+        for j in 0..16 {
+            assert_eq!(out[j], 0.5 * IQ4_NL_VALUES[j] as f32);
+            assert_eq!(out[j + 16], 0.5 * IQ4_NL_VALUES[15 - j] as f32);
+        }
+        // MXFP4 with e = 128: d = 2^0 (the halving is in the doubled table).
+        let mut b = vec![128u8];
+        b.extend(&qs);
+        decode_block(GgmlType::MXFP4, &b, &mut out[..32]);
+        for j in 0..16 {
+            assert_eq!(out[j], MXFP4_VALUES[j] as f32);
+        }
+        // e = 0 and 1 are subnormal scales: 2^-127 and 2^-126 (0x00200000 << e).
+        b[0] = 1;
+        decode_block(GgmlType::MXFP4, &b, &mut out[..32]);
+        assert_eq!(out[1], f32::from_bits(0x0040_0000));
+        // IQ4_XS: sub-block i has scale (i + 33) - 32 = i + 1.
+        let mut b = h(1.0).to_vec();
+        let (mut sh, mut sl) = (0u16, [0u8; 4]);
+        for i in 0..8 {
+            let v = (i + 33) as u8;
+            sl[i / 2] |= (v & 0x0F) << (4 * (i % 2));
+            sh |= (((v >> 4) & 3) as u16) << (2 * i);
+        }
+        b.extend(sh.to_le_bytes());
+        b.extend(sl);
+        for _ in 0..8 {
+            b.extend(&qs);
+        }
+        decode_block(GgmlType::IQ4_XS, &b, &mut out);
+        for i in 0..8 {
+            for m in 0..16 {
+                assert_eq!(out[32 * i + m], (i + 1) as f32 * IQ4_NL_VALUES[m] as f32);
+            }
+        }
+    }
+
+    /// Ternary blocks: TQ2_0 stores q + 1 in two bits; TQ1_0 base-3 digits scaled to bytes.
+    #[test]
+    fn ternary_blocks() {
+        let mut b = vec![0u8; 66];
+        for l in 0..64 {
+            b[l] = 0b10_01_00_10; // s = 0..4: q + 1 = 2, 0, 1, 2
+        }
+        b[64..66].copy_from_slice(&h(0.5));
+        let mut out = [0f32; 256];
+        decode_block(GgmlType::TQ2_0, &b, &mut out);
+        for (k, v) in out.iter().enumerate() {
+            assert_eq!(*v, 0.5 * [1.0, -1.0, 0.0, 1.0][(k / 32) % 4], "{k}");
+        }
+        // TQ1_0: digits (2, 0, 1, 2, 1) make 2·81 + 0·27 + 1·9 + 2·3 + 1 = 178; stored as
+        // ceil(178 · 256 / 243).
+        let v = ((178u16 * 256).div_ceil(243)) as u8;
+        let mut b = vec![v; 52];
+        b.extend(h(1.0));
+        decode_block(GgmlType::TQ1_0, &b, &mut out);
+        let want = [2.0, 0.0, 1.0, 2.0, 1.0].map(|d: f32| d - 1.0);
+        for p in 0..5 {
+            assert_eq!(out[32 * p], want[p], "{p}");
+            assert_eq!(out[160 + 16 * p], want[p], "{p}");
+        }
+        for p in 0..4 {
+            assert_eq!(out[240 + 4 * p], want[p], "{p}");
         }
     }
 
