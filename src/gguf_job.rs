@@ -525,6 +525,14 @@ pub fn merge(out: &Path, opts: &MergeOptions, to: Option<GgmlType>) -> Result<Me
         })?;
         report.output = out.display().to_string();
         report.format = "gguf";
+        // The report names the adapter the user gave, not its renamed temporary copy.
+        for a in report
+            .components
+            .iter_mut()
+            .flat_map(|c| c.adapters.iter_mut())
+        {
+            a.path = lora.display().to_string();
+        }
         Ok(report)
     })();
     let _ = std::fs::remove_dir_all(&tmp);

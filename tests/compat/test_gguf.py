@@ -284,7 +284,10 @@ def test_merge_into_gguf_equals_converted_peft_merge(run, tiny_llama, tmp_path, 
     want_path = tmp_path / "want.gguf"
     hf_to_gguf(merged_state, cfg, want_path, qtype)
     out = tmp_path / "merged.gguf"
-    run(["merge", "--base", base, "--lora", d / "adapter", "--out", out, "-q"])
+    rep = json.loads(run(["merge", "--base", base, "--lora", d / "adapter", "--out", out, "--json"]).stdout)
+    assert rep["format"] == "gguf" and rep["merged"] == 12
+    assert rep["components"][0]["adapters"][0]["path"] == str(d / "adapter")
+    assert rep["components"][0]["adapters"][0]["used"] == rep["components"][0]["adapters"][0]["tensors"]
     got, want, src = GGUFReader(str(out)), GGUFReader(str(want_path)), GGUFReader(str(base))
     # All metadata kept, byte for byte.
     assert [(f.name, f.types, [bytes(p.tobytes()) for p in f.parts]) for f in got.fields.values()] == \
