@@ -87,6 +87,11 @@ enum Command {
              Repeatable; a pattern that matches no key is reported in a note")),
         mut_arg("verbose", |a| a.help(
             "Also print one line per tensor as it is written: key, dtype, shape, size, time taken")),
+        mut_arg("gguf_type", |a| a.help(
+            "For a .gguf output: the ggml type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) every \
+             tensor of two or more dimensions is re-encoded in, bit for bit as the gguf package's \
+             gguf.quants.quantize does; 1-D tensors (norms, biases) keep their type. Default: each \
+             tensor's stored type and bytes")),
         after_help = "Examples:\n  lorastream convert model.pth model.safetensors\n  \
         lorastream convert ckpt/ -o out/ --dtype bf16 --shard-size 2GB\n  \
         lorastream convert model.gguf model.safetensors\n  \
