@@ -185,14 +185,18 @@ def test_bad_gguf_inputs_fail_cleanly(run, tmp_path, fixtures_dir):
 # ---------------------------------------------------------------------------------------
 # merge into a GGUF: a tiny random Llama, a perturbed PEFT LoRA adapter, and the GGUF that
 # llama.cpp's convert_hf_to_gguf.py naming (gguf-py's tensor_mapping) and q/k permutation
-# (LlamaModel.permute, copied below) make of PEFT's merged model.
+# (LlamaModel.permute, restated below as an index map) make of PEFT's merged model.
 
 def llama_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute (ggml-org/llama.cpp), on numpy."""
-    if n_head_kv is not None and n_head != n_head_kv:
-        n_head = n_head_kv
-    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    """The q/k row order llama.cpp's convert_hf_to_gguf.py gives llama models
+    (`LlamaModel.permute`, ggml-org/llama.cpp): within each head (of n_head_kv heads when
+    that differs), the rows of the first and second halves are interleaved — GGUF row
+    2i + j of a head is HF row j·half + i. Written here as an index map."""
+    heads = n_head_kv if n_head_kv is not None and n_head_kv != n_head else n_head
+    rows = w.shape[0]
+    half = rows // heads // 2
+    order = [h * 2 * half + j * half + i for h in range(heads) for i in range(half) for j in range(2)]
+    return w[np.array(order)]
 
 
 def hf_to_gguf(state: dict, cfg, path: Path, qtype=None) -> None:
