@@ -20,7 +20,7 @@ fi
 secs=${FUZZ_SECONDS:-10}
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(safetensors torch_zip torch_pickle pickle adapter_config index folder)
+  targets=(safetensors torch_zip torch_pickle pickle adapter_config index folder gguf)
 fi
 dict_of() {
   case "$1" in

@@ -14,12 +14,10 @@ pub struct TensorSummary {
     pub name: String,
     pub dtype: &'static str,
     pub shape: Vec<usize>,
-    /// Bytes the tensor occupies in its files (for a quantized weight: its stored form,
-    /// blocks and scales together).
+    /// Bytes as stored (for a tensor decoded from a quantized form: the quantized size).
     pub bytes: u64,
     pub file: String,
-    /// For a weight decoded from a quantized form: what is stored (dtype and shape are the
-    /// dequantized tensor's).
+    /// How the tensor is stored when that is not its dtype, or (GGUF) its ggml type.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stored: Option<String>,
 }
@@ -38,6 +36,10 @@ pub struct InspectReport {
     /// For a PEFT adapter folder: the config fields that matter for a merge, plus `type`,
     /// `alpha`, `scale`, `targets` and `parameters` (see [`adapter_summary`]).
     pub adapter: Option<serde_json::Value>,
+    /// For a GGUF file: its metadata key/values in file order (arrays cut after 16 items,
+    /// with a count of the rest).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// The config fields shown for an adapter.
@@ -123,19 +125,32 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
         .tensors
         .iter()
         .map(|t| {
-            let stored = source::quantized::stored_summary(t);
+            let (bytes, stored) = match &t.data {
+                source::TensorData::Decoded { decoder, .. } => {
+                    (decoder.stored_bytes(), Some(decoder.stored_form()))
+                }
+                _ => (t.nbytes() as u64, None),
+            };
             TensorSummary {
                 name: t.name.clone(),
                 dtype: t.dtype.name(),
                 shape: t.shape.clone(),
-                bytes: stored
-                    .as_ref()
-                    .map_or(t.nbytes() as u64, |(_, bytes)| *bytes),
+                bytes,
                 file: t.file.path().display().to_string(),
-                stored: stored.map(|(form, _)| form),
+                stored,
             }
         })
         .collect();
+    let mut metadata = None;
+    if let (source::SourceFormat::Gguf, Some(f)) = (ckpt.format, ckpt.files.first()) {
+        let g = source::gguf::parse(f.bytes(), f.path())?;
+        metadata = Some(g.metadata_json(16));
+        for s in &mut tensors {
+            if let Some(t) = g.tensors.iter().find(|t| t.name == s.name) {
+                s.stored = Some(t.ty.name().to_string());
+            }
+        }
+    }
     tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     Ok(InspectReport {
         path: path.display().to_string(),
@@ -150,6 +165,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
         tensors,
         skipped: ckpt.skipped.clone(),
         adapter,
+        metadata,
     })
 }
 
@@ -172,24 +188,36 @@ impl InspectReport {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_else(|| f.to_string())
         };
+        // A "stored" column only when some tensor is stored in another form (GGUF types,
+        // quantized blocks).
+        let stored = self.tensors.iter().any(|t| t.stored.is_some());
+        let col = |v: Option<&str>| {
+            if stored {
+                format!("{:<11}  ", v.unwrap_or("-"))
+            } else {
+                String::new()
+            }
+        };
         let _ = writeln!(
             s,
-            "{:<w$}  {:<11}  {:<20}  {:>14}  file",
-            "name", "dtype", "shape", "bytes"
+            "{:<w$}  {:<11}  {}{:<20}  {:>14}  file",
+            "name",
+            "dtype",
+            col(Some("stored")),
+            "shape",
+            "bytes"
         );
         for t in &self.tensors {
             let shape = format!("{:?}", t.shape);
             let _ = writeln!(
                 s,
-                "{:<w$}  {:<11}  {:<20}  {:>14}  {}{}",
+                "{:<w$}  {:<11}  {}{:<20}  {:>14}  {}",
                 t.name,
                 t.dtype,
+                col(t.stored.as_deref()),
                 shape,
                 t.bytes,
-                short(&t.file),
-                t.stored
-                    .as_ref()
-                    .map_or(String::new(), |f| format!("  (stored: {f})"))
+                short(&t.file)
             );
         }
         let _ = writeln!(
@@ -207,6 +235,12 @@ impl InspectReport {
         }
         if let Some(a) = &self.adapter {
             let _ = write!(s, "{}", adapter_text(a));
+        }
+        if let Some(serde_json::Value::Object(m)) = &self.metadata {
+            let _ = writeln!(s, "metadata ({} keys):", m.len());
+            for (k, v) in m {
+                let _ = writeln!(s, "  {k} = {v}");
+            }
         }
         s
     }

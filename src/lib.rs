@@ -24,6 +24,7 @@ pub mod diff;
 pub mod direct_io;
 pub mod dtype;
 pub mod error;
+pub mod gguf_job;
 pub mod inspect;
 pub mod merge;
 pub mod natural;

@@ -56,10 +56,13 @@ enum Command {
     ///
     /// Tensors are listed in natural order (layers.2 before layers.10). For a PEFT adapter
     /// folder the adapter is described too: type (LoRA/DoRA), r, alpha, scale, targets,
-    /// parameter count, and the config fields that matter for a merge.
+    /// parameter count, and the config fields that matter for a merge. For a GGUF: each
+    /// tensor's ggml type (stored) and stored bytes, dtype f32 for quantized types (as they
+    /// are read, dequantized), and the metadata key/values.
     Inspect {
         /// The checkpoint to list: a .safetensors file, a PyTorch .pth/.pt/.bin, a sharded
-        /// *.index.json, an HF model folder (safetensors preferred) or a PEFT adapter folder.
+        /// *.index.json, an HF model folder (safetensors preferred), a PEFT adapter folder
+        /// or a .gguf.
         path: PathBuf,
         /// Print one JSON object instead of a table.
         #[arg(long)]
@@ -74,6 +77,10 @@ enum Command {
     /// Tensors anywhere in a .pth input (nested dicts, lists, objects) are named by their
     /// path joined with '.'; non-tensor entries are skipped; no tensors at all is an error.
     /// Every tensor is copied byte for byte unless --dtype casts it.
+    ///
+    /// A .gguf input is read with its names and row order; quantized tensors are
+    /// dequantized to f32 as the gguf package's gguf.quants does. A .gguf OUT needs a .gguf
+    /// input: metadata and tensors are copied byte for byte, or re-encoded with --gguf-type.
     #[command(
         mut_arg("dtype", |a| a.help(
             "Cast floating tensors (F64/F32/F16/BF16) with round-to-nearest-even; keep = each \
@@ -86,12 +93,19 @@ enum Command {
              Repeatable; a pattern that matches no key is reported in a note")),
         mut_arg("verbose", |a| a.help(
             "Also print one line per tensor as it is written: key, dtype, shape, size, time taken")),
+        mut_arg("gguf_type", |a| a.help(
+            "For a .gguf output: the ggml type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) every \
+             tensor of two or more dimensions is re-encoded in, bit for bit as the gguf package's \
+             gguf.quants.quantize does; 1-D tensors (norms, biases) keep their type. Default: each \
+             tensor's stored type and bytes")),
         after_help = "Examples:\n  lorastream convert model.pth model.safetensors\n  \
-        lorastream convert ckpt/ -o out/ --dtype bf16 --shard-size 2GB"
+        lorastream convert ckpt/ -o out/ --dtype bf16 --shard-size 2GB\n  \
+        lorastream convert model.gguf model.safetensors\n  \
+        lorastream convert model-f16.gguf model-q8.gguf --gguf-type Q8_0"
     )]
     Convert {
         /// The checkpoint to read: a .safetensors file, a PyTorch .pth/.pt/.bin, a sharded
-        /// *.index.json or an HF model folder. A quantized model (config.json's
+        /// *.index.json, an HF model folder or a .gguf. A quantized model (config.json's
         /// quantization_config: fp8 block-scaled, bitsandbytes 4-bit/8-bit, mxfp4) is read
         /// dequantized, as its own library dequantizes it; other quantizations are refused.
         input: PathBuf,
@@ -136,10 +150,18 @@ enum Command {
     /// README's "Quantized bases") is merged into its dequantized weights; the output holds
     /// them dequantized (bf16 for fp8/mxfp4, the quant state's dtype for bitsandbytes, or
     /// --dtype) and a folder output's config.json loses its quantization_config.
+    ///
+    /// A .gguf --out takes one .gguf --base and one plain LoRA adapter trained on the HF
+    /// model (llama, qwen2, qwen3, gemma architectures): modules renamed to the GGUF's
+    /// tensors (blk.N.attn_q, …), llama's q/k rows permuted as convert_hf_to_gguf.py
+    /// permutes them; merged tensors written in their stored type or --gguf-type, every
+    /// other tensor and all metadata copied as stored.
     #[command(
         after_help = "Example (XTuner LLaVA, continue the released LoRA training):\n  \
         lorastream merge --lora llm=R/llm_adapter --lora visual_encoder=R/visual_encoder_adapter \\\n    \
-        --base projector=R/projector --keep-lora --out llava.pth"
+        --base projector=R/projector --keep-lora --out llava.pth\n\
+        Example (GGUF):\n  \
+        lorastream merge --base model-f16.gguf --lora adapter/ --out merged-q8.gguf --gguf-type Q8_0"
     )]
     Merge {
         /// Output: .pth/.pt/.bin, .safetensors, or a folder ending in '/' (sharded).
@@ -369,6 +391,13 @@ struct OutputArgs {
     /// (JOB_COMPLETION_INDEX with LORASTREAM_PARTS).
     #[arg(long, value_name = "K/N|auto")]
     part: Option<String>,
+    /// For a .gguf output: the ggml type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) that
+    /// `convert` writes every tensor of two or more dimensions in (1-D tensors, norms and
+    /// biases, keep their type) and `merge` the merged tensors in, encoded bit for bit as
+    /// the gguf package's gguf.quants.quantize does. Default: each tensor's stored type
+    /// (copied tensors keep their bytes).
+    #[arg(long, value_name = "TYPE", value_parser = lorastream::gguf_job::parse_gguf_type)]
+    gguf_type: Option<lorastream::source::gguf::quants::GgmlType>,
 }
 
 /// `--part`: K/N, or `auto` from the scheduler's variables.
@@ -792,7 +821,15 @@ pub(crate) fn run(
                 allow_empty,
                 part: part_of(out.part.as_deref())?,
             };
-            let report = pipeline::convert(&input, &output, &opts)?;
+            let report = if lorastream::gguf_job::is_gguf_path(&output) {
+                lorastream::gguf_job::convert(&input, &output, &opts, out.gguf_type)?
+            } else if out.gguf_type.is_some() {
+                return Err(
+                    Error::Usage("--gguf-type applies to a .gguf output only".into()).into(),
+                );
+            } else {
+                pipeline::convert(&input, &output, &opts)?
+            };
             if out.json {
                 return done(ok_json(&report, 0));
             }
@@ -857,7 +894,15 @@ pub(crate) fn run(
                 no_copy_files: output.no_copy_files,
                 part: part_of(output.part.as_deref())?,
             };
-            let r = lorastream::merge::merge(&out, &opts)?;
+            let r = if lorastream::gguf_job::is_gguf_path(&out) {
+                lorastream::gguf_job::merge(&out, &opts, output.gguf_type)?
+            } else if output.gguf_type.is_some() {
+                return Err(
+                    Error::Usage("--gguf-type applies to a .gguf output only".into()).into(),
+                );
+            } else {
+                lorastream::merge::merge(&out, &opts)?
+            };
             if json {
                 return done(ok_json(&r, 0));
             }

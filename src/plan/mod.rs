@@ -8,6 +8,7 @@ pub mod component;
 pub mod coverage;
 mod dare_order;
 pub mod dora_sequence;
+pub mod gguf_names;
 pub mod keep_tuned;
 pub mod layout;
 pub mod merge;

@@ -8,6 +8,7 @@
 mod atomic;
 mod compare;
 mod direct_file;
+pub mod gguf;
 mod parts;
 mod pickle_writer;
 mod preflight;

@@ -1,7 +1,9 @@
 //! What a path is: one checkpoint file (sniffed by content), a sharded `*.index.json`, an
 //! HF model folder, or a PEFT adapter folder. Turns it into a [`Checkpoint`].
 
-use super::{Checkpoint, MappedFile, SourceFormat, TensorEntry, legacy, safetensors, torch_zip};
+use super::{
+    Checkpoint, MappedFile, SourceFormat, TensorEntry, gguf, legacy, safetensors, torch_zip,
+};
 use crate::error::{Error, Result};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -223,7 +225,16 @@ fn read_one(file: &std::sync::Arc<MappedFile>) -> Result<ReadOne> {
         let (t, s) = torch_zip::read(file)?;
         return Ok((SourceFormat::TorchZip, t, s));
     }
+    if gguf::looks_gguf(b) {
+        return Ok((SourceFormat::Gguf, gguf::read(file)?, Vec::new()));
+    }
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ext == "gguf" {
+        return Err(Error::format(
+            path,
+            "not a GGUF file (no GGUF magic; truncated or another format?)",
+        ));
+    }
     if ext != "safetensors" && legacy::looks_legacy(b) {
         let (t, s) = legacy::read(file)?;
         return Ok((SourceFormat::TorchLegacy, t, s));

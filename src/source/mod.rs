@@ -8,6 +8,7 @@
 //! are handed back with [`TensorEntry::release`], so resident memory stays flat however big
 //! the model is. Sources know nothing of plans or writers.
 
+pub mod gguf;
 mod layout;
 mod legacy;
 mod model_config;
@@ -472,6 +473,8 @@ pub enum SourceFormat {
     TorchZip,
     /// torch < 1.6 (or `_use_new_zipfile_serialization=False`): pickles, then raw storages.
     TorchLegacy,
+    /// llama.cpp's GGUF (one file: metadata, then tensors, many block-quantized).
+    Gguf,
 }
 
 impl SourceFormat {
@@ -480,6 +483,7 @@ impl SourceFormat {
             SourceFormat::Safetensors => "safetensors",
             SourceFormat::TorchZip => "torch-zip",
             SourceFormat::TorchLegacy => "torch-legacy",
+            SourceFormat::Gguf => "gguf",
         }
     }
 }
