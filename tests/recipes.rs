@@ -775,7 +775,9 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 /// `--part` inside a recipe: the example recipe's four jobs (`each.k = [0, 1, 2, 3]`,
 /// `part = "${k}/4"`) run at once into one folder, `stitch` joins them, and the folder is
 /// byte for byte a single `merge --out` run's with the same options. A re-run skips all
-/// four (one record each, beside the output) and leaves the stitched folder as it was.
+/// four (one record each, beside the output) and leaves the stitched folder as it was; a
+/// changed option is refused on the finished folder unless the job says `overwrite = true`,
+/// and then stitches into the new single run's bytes.
 #[test]
 fn parts_of_one_output_in_a_recipe_stitch_into_the_single_runs_bytes() {
     let d = tempfile::tempdir().unwrap();
@@ -861,4 +863,84 @@ fn parts_of_one_output_in_a_recipe_stitch_into_the_single_runs_bytes() {
         assert_eq!(status(&jobs, &format!("part-{k}")), "skipped");
     }
     assert!(tree(&merged) == expected, "the re-run changed the folder");
+
+    // A changed option reruns the parts, which find the finished output there: refused,
+    // naming --overwrite, folder unchanged. The runner adds no --overwrite of its own to
+    // jobs sharing an output (the parts would disagree on it, and stitch would refuse).
+    let o = run(&[
+        "run",
+        r,
+        "--var",
+        &out_var,
+        "--var",
+        "shard_size=8000",
+        "--jobs",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let (jobs, summary) = json_lines(&o);
+    assert_eq!(summary["failed"], 4, "{summary}");
+    for k in 0..4 {
+        let j = &jobs[&format!("part-{k}")];
+        assert_eq!(j["status"], "failed");
+        let msg = j["report"]["error"].to_string();
+        assert!(msg.contains("--overwrite"), "part-{k}: {msg}");
+    }
+    assert!(
+        tree(&merged) == expected,
+        "a refused part changed the folder"
+    );
+
+    // `overwrite = true` in the job gives every part --overwrite: the new plan's parts
+    // replace the old output at the stitch, again the single run's bytes.
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let text = text.replace(
+        "out = \"${out}/merged/\"",
+        "out = \"${out}/merged/\"\noverwrite = true",
+    );
+    assert!(text.contains("overwrite = true"));
+    let recipe2 = d.path().join("overwrite.toml");
+    write(&recipe2, &text);
+    let base_var = format!("base={}", fx("peft/bases/llama_f32"));
+    let adapter_var = format!("adapter={}", fx("peft/cases/llama_f32/adapter"));
+    let o = run(&[
+        "run",
+        recipe2.to_str().unwrap(),
+        "--var",
+        &out_var,
+        "--var",
+        &base_var,
+        "--var",
+        &adapter_var,
+        "--var",
+        "shard_size=8000",
+        "--jobs",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let st = run(&["stitch", &format!("{}/", merged.display()), "--json"]);
+    assert_eq!(st.status.code(), Some(0), "{}", stderr(&st));
+    let single8 = d.path().join("single8");
+    let m = run(&[
+        "merge",
+        "--base",
+        &fx("peft/bases/llama_f32"),
+        "--lora",
+        &fx("peft/cases/llama_f32/adapter"),
+        "--shard-size",
+        "8000",
+        "--out",
+        &format!("{}/", single8.display()),
+        "-q",
+    ]);
+    assert!(m.status.success(), "{}", stderr(&m));
+    let expected8 = tree(&single8);
+    assert_ne!(expected8, expected, "the new shard size changes the output");
+    assert!(
+        tree(&merged) == expected8,
+        "the overwritten output is not the new single run's bytes: {:?}",
+        tree(&merged).keys().collect::<Vec<_>>()
+    );
 }
