@@ -42,7 +42,7 @@ while [ $# -gt 0 ]; do
     --no-build) build=0 ;;
     --clean) clean=1 ;;
     --calm) calm=$2; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
