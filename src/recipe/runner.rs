@@ -1,7 +1,8 @@
 //! Running a recipe's jobs: each job is a child process of this same executable
-//! (`lorastream merge … --json`), run in the recipe's folder, one at a time or up to
-//! `--jobs N` at once, lowest index first; a job whose input is an earlier job's output
-//! waits for that job (and is not run when it failed).
+//! (`lorastream merge … --json`; a host whose executable is not lorastream, the Python
+//! package, names the program in `RunOptions`), run in the recipe's folder, one at a
+//! time or up to `--jobs N` at once, lowest index first; a job whose input is an earlier
+//! job's output waits for that job (and is not run when it failed).
 //!
 //! Children, not threads: every job gets the command line's own behaviour (its checks,
 //! its atomic outputs, its exit codes, its signal cleanup) and its own memory, and one
@@ -10,7 +11,9 @@
 //! and SIGQUIT go to every running child (each removes its unfinished output and exits
 //! 128+N), no new job starts, the runner waits for them, prints the summary and exits
 //! 128+N. A second signal kills the children outright. On Linux a child also gets
-//! SIGTERM when the runner itself dies (SIGKILL), so no orphan keeps writing.
+//! SIGTERM when the runner itself dies (SIGKILL), so no orphan keeps writing. A host that
+//! keeps its own signal handling (`catch_signals: false`) stops the run with
+//! `crate::cancel::request`, which the runner forwards to the jobs as a SIGINT.
 //!
 //! Resume records (see [`super::record`]) are written by the runner, not the children:
 //! `started` before a child starts, `complete` once it succeeded.

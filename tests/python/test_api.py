@@ -569,7 +569,7 @@ def cli_lines(*args: object, cwd: Path | None = None) -> tuple[int, list[dict]]:
 
 
 def write_recipe(folder: Path, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "out").mkdir(parents=True, exist_ok=True)
     path = folder / "r.toml"
     path.write_text(text)
     return path
@@ -600,6 +600,18 @@ def test_run_returns_the_cli_json_lines_and_writes_the_same_outputs(tmp_path):
     assert code == 0 and dry["dry_run"] and dry["would_run"] == 2
     assert [{k: v for k, v in j.items() if k != "command_line"} for j in dry["jobs"]] == [
         {k: v for k, v in j.items() if k != "command_line"} for j in lines[:-1]]
+
+
+def test_the_installed_commands_run_starts_its_jobs_as_lorastream(tmp_path):
+    # Its executable is the interpreter: the jobs must still be lorastream commands.
+    ours = write_recipe(tmp_path / "api", RECIPE)
+    theirs = write_recipe(tmp_path / "cli", RECIPE)
+    p = command("run", ours, "--var", "dtype=f16", "--json")
+    code, lines = cli_lines("run", theirs, "--var", "dtype=f16")
+    assert p.returncode == code == 0, p.stderr
+    got = [json.loads(line) for line in p.stdout.splitlines()]
+    assert job_lines(got[:-1]) == job_lines(lines[:-1])
+    assert tree(tmp_path / "api/out/c.safetensors") == tree(tmp_path / "cli/out/c.safetensors")
 
 
 FAILING = f"""
@@ -662,7 +674,6 @@ threads = 1
 device = "cpu"
 """)
     out_dir = tmp_path / "out"
-    out_dir.mkdir()
 
     def watch():
         # SIGINT once the job's temp output (not the runner's record) is there: the child

@@ -10,6 +10,12 @@
 //! KeyboardInterrupt it sets the library's cancel flag (`lorastream::cancel`), waits for
 //! the run to stop (its unfinished output is removed as on any error), clears the flag and
 //! raises the KeyboardInterrupt.
+//!
+//! Recipes (`run`): the jobs are child processes, and this process's executable is the
+//! Python interpreter, so the Python package passes the program that runs a job (the
+//! interpreter running this package's `lorastream` command). The runner installs no
+//! signal handlers here (Python keeps its own); the cancel flag reaches it instead and it
+//! sends SIGINT to the running jobs, which remove their unfinished output.
 
 // The binary's `main` and its printing are only used by `cli_main`; the rest of the file
 // is what `run` calls.
