@@ -770,11 +770,32 @@ fn check_shard_size(out: &std::path::Path, shard_size_given: bool) -> Result<(),
     }
 }
 
-/// Runs the command.
-pub(crate) fn run(
+/// How `run` (the recipe command) starts its jobs and where its JSON lines go. The
+/// binary runs its own executable, catches stop signals and prints each line as a job
+/// ends. In the Python package the executable is the interpreter, so it names the
+/// program that runs a job; its API also keeps Python's signal handling (it cancels
+/// through `lorastream::cancel`) and collects the lines.
+pub(crate) struct RecipeHost<'a> {
+    /// The jobs' program and the arguments before the job's command; None: this
+    /// executable.
+    pub(crate) program: Option<(PathBuf, Vec<OsString>)>,
+    /// Catch stop signals and forward them to the jobs.
+    pub(crate) catch_signals: bool,
+    pub(crate) emit: &'a mut dyn FnMut(&str),
+}
+
+/// The binary's host: prints each JSON line as it comes (as the jobs finish, not at the
+/// end) and catches stop signals.
+fn print_line(line: &str) {
+    print_stdout(&format!("{line}\n"), 0);
+}
+
+/// Runs the command; a recipe's jobs as `host` says.
+pub(crate) fn run_hosted(
     cli: Cli,
     component_order: Vec<Option<String>>,
     shard_size_given: bool,
+    host: &mut RecipeHost<'_>,
 ) -> Result<Done, Failed> {
     let done = |stdout: String| Ok(Done { stdout, code: 0 });
     match cli.command {
@@ -1050,9 +1071,15 @@ pub(crate) fn run(
             json,
         } => {
             let recipe = lorastream::recipe::load(&recipe, &vars, &Cli::command())?;
-            let exe = std::env::current_exe().map_err(|e| {
-                Error::Internal(format!("cannot find this program's executable: {e}"))
-            })?;
+            let (exe, exe_args) = match host.program.take() {
+                Some(program) => program,
+                None => {
+                    let exe = std::env::current_exe().map_err(|e| {
+                        Error::Internal(format!("cannot find this program's executable: {e}"))
+                    })?;
+                    (exe, Vec::new())
+                }
+            };
             let opts = lorastream::recipe::RunOptions {
                 jobs: usize::from(jobs),
                 keep_going,
@@ -1060,12 +1087,10 @@ pub(crate) fn run(
                 force,
                 json,
                 exe,
+                exe_args,
+                catch_signals: host.catch_signals,
             };
-            // JSON lines go out as the jobs finish, not at the end.
-            let mut emit = |line: &str| {
-                print_stdout(&format!("{line}\n"), 0);
-            };
-            let summary = lorastream::recipe::run(&recipe, &opts, &mut emit);
+            let summary = lorastream::recipe::run(&recipe, &opts, &mut *host.emit);
             Ok(Done {
                 stdout: String::new(),
                 code: summary.exit_code,
@@ -1171,14 +1196,21 @@ pub(crate) fn parse(args: &[OsString]) -> Result<(Cli, Vec<Option<String>>, bool
 /// The whole command for `args` (the program name first): parses, runs, prints, returns
 /// the exit code. `main` minus the signal handlers, which the caller installs; also the
 /// entry point of the Python package's `lorastream` command.
-pub(crate) fn cli_main(args: &[OsString]) -> u8 {
+/// `program`: what runs a recipe's jobs (None: this executable; see [`RecipeHost`]).
+pub(crate) fn cli_main(args: &[OsString], program: Option<(PathBuf, Vec<OsString>)>) -> u8 {
     let (cli, order, shard_size_given) = match parse(args) {
         Ok(p) => p,
         Err(e) => return clap_failure(e, args),
     };
     let json = wants_json(&cli.command);
     lorastream::error::set_json_output(json);
-    match run(cli, order, shard_size_given) {
+    let mut print = print_line;
+    let mut host = RecipeHost {
+        program,
+        catch_signals: true,
+        emit: &mut print,
+    };
+    match run_hosted(cli, order, shard_size_given, &mut host) {
         Ok(Done { stdout, code }) => print_stdout(&stdout, code),
         Err(Failed { error, code }) => {
             say(&format!("error: {error}"));
@@ -1203,7 +1235,7 @@ pub(crate) fn install_signal_handlers(args: &[OsString]) {
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
     install_signal_handlers(&args);
-    ExitCode::from(cli_main(&args))
+    ExitCode::from(cli_main(&args, None))
 }
 
 #[cfg(test)]

@@ -752,3 +752,195 @@ output = "m.pth"
     assert!(!jobs.contains_key("to-pth"));
     assert_eq!(summary["not_run_jobs"], serde_json::json!(["to-pth"]));
 }
+
+/// Every file under `dir` (relative path → bytes), dot files included: a partitioned
+/// output's `.lorastream/` manifests count until the stitch removes them.
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, at: &Path, m: &mut BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(at).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(root, &p, m);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                m.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    let mut m = BTreeMap::new();
+    walk(dir, dir, &mut m);
+    m
+}
+
+/// `--part` inside a recipe: the example recipe's four jobs (`each.k = [0, 1, 2, 3]`,
+/// `part = "${k}/4"`) run at once into one folder, `stitch` joins them, and the folder is
+/// byte for byte a single `merge --out` run's with the same options. A re-run skips all
+/// four (one record each, beside the output) and leaves the stitched folder as it was; a
+/// changed option is refused on the finished folder unless the job says `overwrite = true`,
+/// and then stitches into the new single run's bytes.
+#[test]
+fn parts_of_one_output_in_a_recipe_stitch_into_the_single_runs_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let recipe = root().join("examples/recipes/partitioned-merge.toml");
+    let r = recipe.to_str().unwrap();
+    let out_var = format!("out={}", d.path().display());
+    let merged = d.path().join("merged");
+
+    let o = run(&["run", r, "--var", &out_var, "--jobs", "4", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (jobs, summary) = json_lines(&o);
+    for k in 0..4 {
+        let name = format!("part-{k}");
+        assert_eq!(status(&jobs, &name), "ok", "{name}");
+        // The job ran as part k of 4 and wrote shards of its own.
+        let part = &jobs[&name]["report"]["part"];
+        assert_eq!(part["part"], k, "{name}: {}", jobs[&name]);
+        assert_eq!(part["parts"], 4, "{name}");
+        assert!(
+            !part["shards"].as_array().unwrap().is_empty(),
+            "{name} wrote no shard: {part}"
+        );
+        assert!(
+            d.path()
+                .join(format!("merged.{name}.lorastream-job.json"))
+                .is_file(),
+            "{name}: no record of its own"
+        );
+    }
+    assert_eq!(summary["succeeded"], 4);
+    // Before the stitch: four manifests, no index, no config.
+    let before = tree(&merged);
+    let manifests = before
+        .keys()
+        .filter(|k| k.starts_with(".lorastream/part-"))
+        .count();
+    assert_eq!(manifests, 4, "{:?}", before.keys().collect::<Vec<_>>());
+    assert!(!merged.join("model.safetensors.index.json").exists());
+
+    let st = run(&["stitch", &format!("{}/", merged.display()), "--json"]);
+    assert_eq!(st.status.code(), Some(0), "{}", stderr(&st));
+    let sr: Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(sr["parts"], 4);
+    let shards = sr["shards"].as_u64().unwrap();
+    assert!(shards >= 4, "only {shards} shards for 4 parts");
+
+    let single = d.path().join("single");
+    let m = run(&[
+        "merge",
+        "--base",
+        &fx("peft/bases/llama_f32"),
+        "--lora",
+        &fx("peft/cases/llama_f32/adapter"),
+        "--shard-size",
+        "5000",
+        "--out",
+        &format!("{}/", single.display()),
+        "-q",
+    ]);
+    assert!(m.status.success(), "{}", stderr(&m));
+    let expected = tree(&single);
+    let got = tree(&merged);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>(),
+        "the stitched folder's files"
+    );
+    assert!(
+        got == expected,
+        "4 parts from a recipe: not the single run's bytes"
+    );
+    assert_eq!(
+        expected.keys().filter(|k| k.starts_with("model-")).count() as u64,
+        shards
+    );
+
+    // Re-run: every part complete for the same inputs and options, nothing rewritten.
+    let o = run(&["run", r, "--var", &out_var, "--jobs", "4", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (jobs, summary) = json_lines(&o);
+    assert_eq!(summary["skipped"], 4, "{summary}");
+    for k in 0..4 {
+        assert_eq!(status(&jobs, &format!("part-{k}")), "skipped");
+    }
+    assert!(tree(&merged) == expected, "the re-run changed the folder");
+
+    // A changed option reruns the parts, which find the finished output there: refused,
+    // naming --overwrite, folder unchanged. The runner adds no --overwrite of its own to
+    // jobs sharing an output (the parts would disagree on it, and stitch would refuse).
+    let o = run(&[
+        "run",
+        r,
+        "--var",
+        &out_var,
+        "--var",
+        "shard_size=8000",
+        "--jobs",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let (jobs, summary) = json_lines(&o);
+    assert_eq!(summary["failed"], 4, "{summary}");
+    for k in 0..4 {
+        let j = &jobs[&format!("part-{k}")];
+        assert_eq!(j["status"], "failed");
+        let msg = j["report"]["error"].to_string();
+        assert!(msg.contains("--overwrite"), "part-{k}: {msg}");
+    }
+    assert!(
+        tree(&merged) == expected,
+        "a refused part changed the folder"
+    );
+
+    // `overwrite = true` in the job gives every part --overwrite: the new plan's parts
+    // replace the old output at the stitch, again the single run's bytes.
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let text = text.replace(
+        "out = \"${out}/merged/\"",
+        "out = \"${out}/merged/\"\noverwrite = true",
+    );
+    assert!(text.contains("overwrite = true"));
+    let recipe2 = d.path().join("overwrite.toml");
+    write(&recipe2, &text);
+    let base_var = format!("base={}", fx("peft/bases/llama_f32"));
+    let adapter_var = format!("adapter={}", fx("peft/cases/llama_f32/adapter"));
+    let o = run(&[
+        "run",
+        recipe2.to_str().unwrap(),
+        "--var",
+        &out_var,
+        "--var",
+        &base_var,
+        "--var",
+        &adapter_var,
+        "--var",
+        "shard_size=8000",
+        "--jobs",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let st = run(&["stitch", &format!("{}/", merged.display()), "--json"]);
+    assert_eq!(st.status.code(), Some(0), "{}", stderr(&st));
+    let single8 = d.path().join("single8");
+    let m = run(&[
+        "merge",
+        "--base",
+        &fx("peft/bases/llama_f32"),
+        "--lora",
+        &fx("peft/cases/llama_f32/adapter"),
+        "--shard-size",
+        "8000",
+        "--out",
+        &format!("{}/", single8.display()),
+        "-q",
+    ]);
+    assert!(m.status.success(), "{}", stderr(&m));
+    let expected8 = tree(&single8);
+    assert_ne!(expected8, expected, "the new shard size changes the output");
+    assert!(
+        tree(&merged) == expected8,
+        "the overwritten output is not the new single run's bytes: {:?}",
+        tree(&merged).keys().collect::<Vec<_>>()
+    );
+}

@@ -13,6 +13,9 @@ Failures raise :class:`LorastreamError` (``kind``, ``message``, ``file``, ``tens
 the command's JSON failure object); outputs appear whole or not at all. Ctrl-C
 (KeyboardInterrupt) stops a run, removes its unfinished output and is then raised.
 
+:func:`run` runs a recipe's jobs as child processes, as ``lorastream run`` does: each job
+is this package's ``lorastream`` command, started with this interpreter.
+
 The ``lorastream`` command installed with the package is the same command line.
 """
 
@@ -39,6 +42,8 @@ Bases = Union[PathLike, Mapping[str, PathLike]]
 Loras = Union[Adapter, Sequence[Adapter], Mapping[str, Union[Adapter, Sequence[Adapter]]]]
 #: ``rename=``: ``"REGEX=REPLACEMENT"`` strings or ``(regex, replacement)`` pairs.
 Renames = Iterable[Union[str, Tuple[str, str]]]
+#: ``part=``: ``"K/N"``, ``"auto"`` or ``(K, N)``.
+Part = Union[str, Tuple[int, int]]
 
 __all__ = [
     "KINDS",
@@ -49,6 +54,8 @@ __all__ = [
     "inspect",
     "main",
     "merge",
+    "run",
+    "stitch",
     "verify",
 ]
 
@@ -63,6 +70,8 @@ class LorastreamError(Exception):
         file: the file the error concerns, or None.
         tensor: the tensor the error concerns, or None.
         exit_code: the command's exit status for it (2 usage; verify/diff: 2 always).
+        report: for :func:`run`, a batch in which a job failed: what it would have
+            returned (the summary and every job's line); otherwise None.
     """
 
     def __init__(
@@ -72,6 +81,7 @@ class LorastreamError(Exception):
         file: Optional[str] = None,
         tensor: Optional[str] = None,
         exit_code: int = 1,
+        report: Optional[Dict[str, Any]] = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -79,11 +89,12 @@ class LorastreamError(Exception):
         self.file = file
         self.tensor = tensor
         self.exit_code = exit_code
+        self.report = report
 
     def __reduce__(self):  # keeps the attributes through pickling (multiprocessing)
         return (
             type(self),
-            (self.message, self.kind, self.file, self.tensor, self.exit_code),
+            (self.message, self.kind, self.file, self.tensor, self.exit_code, self.report),
         )
 
     def __repr__(self) -> str:
@@ -98,21 +109,41 @@ def _path(p: PathLike) -> str:
     return os.fsdecode(os.fspath(p))
 
 
-def _run(command: str, flags: List[str], positionals: Sequence[PathLike] = ()) -> Dict[str, Any]:
+def _job_program() -> Tuple[str, List[str]]:
+    # What runs a recipe's jobs: this interpreter running this very package (the one
+    # imported here, whatever sys.path a job's folder would give: its parent goes first),
+    # as the `lorastream` command. The process's own executable is the interpreter, so
+    # the runner cannot start itself as the command line does.
+    where = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        f"import sys; sys.path.insert(0, {where!r}); "
+        "from lorastream import main; sys.exit(main())"
+    )
+    return sys.executable, ["-c", code]
+
+
+def _failure(obj: Dict[str, Any], text: str) -> LorastreamError:
+    err = obj.get("error", {})
+    return LorastreamError(
+        err.get("message", text),
+        kind=err.get("kind", "internal"),
+        file=err.get("file"),
+        tensor=err.get("tensor"),
+        exit_code=obj.get("exit_code", 1),
+    )
+
+
+def _args(command: str, flags: List[str], positionals: Sequence[PathLike]) -> List[str]:
     # Flags as --name=value, positionals after "--": no value (a path starting with '-')
     # can be read as a flag.
-    args = ["lorastream", command, *flags, "--json", "--", *map(_path, positionals)]
-    ok, text = _lorastream.run(args)
+    return ["lorastream", command, *flags, "--json", "--", *map(_path, positionals)]
+
+
+def _run(command: str, flags: List[str], positionals: Sequence[PathLike] = ()) -> Dict[str, Any]:
+    ok, text = _lorastream.run(_args(command, flags, positionals))
     obj = json.loads(text)
     if not ok:
-        err = obj.get("error", {})
-        raise LorastreamError(
-            err.get("message", text),
-            kind=err.get("kind", "internal"),
-            file=err.get("file"),
-            tensor=err.get("tensor"),
-            exit_code=obj.get("exit_code", 1),
-        )
+        raise _failure(obj, text)
     obj.pop("ok", None)
     obj.pop("exit_code", None)
     return obj
@@ -178,6 +209,20 @@ def _value(name: str, value: Any) -> List[str]:
     return [] if value is None else [f"--{name}={value}"]
 
 
+def _part(part: Optional[Part]) -> List[str]:
+    if part is None:
+        return []
+    if isinstance(part, str):
+        return [f"--part={part}"]
+    if (
+        isinstance(part, tuple)
+        and len(part) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in part)
+    ):
+        return [f"--part={part[0]}/{part[1]}"]
+    raise TypeError(f"part must be 'K/N', 'auto' or a (K, N) pair of ints, not {part!r}")
+
+
 def _output_flags(
     dtype: str,
     rename: Renames,
@@ -188,6 +233,8 @@ def _output_flags(
     no_copy_files: bool,
     progress: bool,
     quiet: bool,
+    verbose: bool,
+    part: Optional[Part],
 ) -> List[str]:
     return [
         f"--dtype={dtype}",
@@ -197,6 +244,8 @@ def _output_flags(
         *_flag("buffered-io", buffered_io),
         *_flag("overwrite", overwrite),
         *_flag("no-copy-files", no_copy_files),
+        *_flag("verbose", verbose),
+        *_part(part),
         # --quiet: no bar and no notes; --progress: the bar (on a terminal) despite --json.
         *(["--quiet"] if quiet else _flag("progress", progress)),
     ]
@@ -213,6 +262,8 @@ def _merge_flags(
     combine: Optional[str],
     density: Optional[float],
     majority_sign_method: str,
+    seed: Optional[int],
+    module_order: Optional[PathLike],
 ) -> List[str]:
     return [
         *_component_flags(base, lora),
@@ -224,6 +275,8 @@ def _merge_flags(
         *_value("combine", combine),
         *_value("density", None if density is None else repr(float(density))),
         f"--majority-sign-method={majority_sign_method}",
+        *_value("seed", seed),
+        *_value("module-order", None if module_order is None else _path(module_order)),
     ]
 
 
@@ -246,6 +299,8 @@ def merge(
     combine: Optional[str] = None,
     density: Optional[float] = None,
     majority_sign_method: str = "total",
+    seed: Optional[int] = None,
+    module_order: Optional[PathLike] = None,
     fan_in_fan_out: Iterable[str] = (),
     no_fan_in_fan_out: Iterable[str] = (),
     buffered_io: bool = False,
@@ -253,6 +308,8 @@ def merge(
     no_copy_files: bool = False,
     progress: bool = True,
     quiet: bool = False,
+    verbose: bool = False,
+    part: Optional[Part] = None,
 ) -> Dict[str, Any]:
     """Merges PEFT adapters into base weights (or keeps them unmerged) and writes ``out``:
     ``lorastream merge``.
@@ -277,8 +334,16 @@ def merge(
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         shard_size: largest shard of a folder output, bytes or ``"5GB"``-style.
         dry_run: run every check, write nothing; the report lists the plan.
+        seed: ``dare_*`` combinations: the ``torch.manual_seed(N)`` run just before
+            PEFT's ``add_weighted_adapter`` (``--seed``).
+        module_order: ``dare_*``: a text file of the model's module names in
+            ``model.named_modules()`` order (``--module-order``).
         progress: draw a progress bar on stderr when it is a terminal.
         quiet: print nothing (no bar, no notes; notes stay in the report).
+        verbose: also print one line per tensor on stderr as it is written.
+        part: write only part K of N of a folder output (``"K/N"``, ``(K, N)``, or
+            ``"auto"`` from a Slurm job array or Kubernetes Indexed Job); :func:`stitch`
+            joins the N parts into exactly the single run's folder (``--part``).
 
     The other arguments are the command's flags of the same name (``lorastream merge
     --help``).
@@ -304,13 +369,25 @@ def merge(
             combine,
             density,
             majority_sign_method,
+            seed,
+            module_order,
         ),
         *_value("expect-keys-from", None if expect_keys_from is None else _path(expect_keys_from)),
         *_flag("allow-missing-keys", allow_missing_keys),
         *_flag("allow-non-finite", allow_non_finite),
         *_flag("dry-run", dry_run),
         *_output_flags(
-            dtype, rename, exclude, shard_size, buffered_io, overwrite, no_copy_files, progress, quiet
+            dtype,
+            rename,
+            exclude,
+            shard_size,
+            buffered_io,
+            overwrite,
+            no_copy_files,
+            progress,
+            quiet,
+            verbose,
+            part,
         ),
     ]
     return _run("merge", flags)
@@ -330,6 +407,8 @@ def convert(
     no_copy_files: bool = False,
     progress: bool = True,
     quiet: bool = False,
+    verbose: bool = False,
+    part: Optional[Part] = None,
 ) -> Dict[str, Any]:
     """Rewrites a checkpoint in another format, dtype or naming: ``lorastream convert``.
 
@@ -347,7 +426,17 @@ def convert(
     flags = [
         *_flag("allow-empty", allow_empty),
         *_output_flags(
-            dtype, rename, exclude, shard_size, buffered_io, overwrite, no_copy_files, progress, quiet
+            dtype,
+            rename,
+            exclude,
+            shard_size,
+            buffered_io,
+            overwrite,
+            no_copy_files,
+            progress,
+            quiet,
+            verbose,
+            part,
         ),
     ]
     return _run("convert", flags, [input, output])
@@ -377,6 +466,8 @@ def verify(
     combine: Optional[str] = None,
     density: Optional[float] = None,
     majority_sign_method: str = "total",
+    seed: Optional[int] = None,
+    module_order: Optional[PathLike] = None,
     fan_in_fan_out: Iterable[str] = (),
     no_fan_in_fan_out: Iterable[str] = (),
     buffered_io: bool = False,
@@ -410,6 +501,8 @@ def verify(
             combine,
             density,
             majority_sign_method,
+            seed,
+            module_order,
         ),
         f"--dtype={dtype}",
         *_renames(rename),
@@ -434,6 +527,111 @@ def diff(a: PathLike, b: PathLike, *, exact: bool = False) -> Dict[str, Any]:
     return _run("diff", _flag("exact", exact), [a, b])
 
 
+def stitch(dir: PathLike) -> Dict[str, Any]:
+    """Joins the parts of a partitioned folder output (``part="K/N"`` runs of
+    :func:`merge` or :func:`convert` into ``dir``) into the finished folder, byte for byte
+    what a single run writes: ``lorastream stitch``.
+
+    Returns:
+        The ``--json`` report: ``output``, ``parts``, ``shards``, ``tensors``, ``bytes``,
+        ``seconds``.
+
+    Raises:
+        LorastreamError: parts are missing or inconsistent (the message names them);
+            nothing was changed.
+    """
+    return _run("stitch", [], [dir])
+
+
+def _vars(vars: Union[Mapping[str, Any], Iterable[str], None]) -> List[str]:
+    if vars is None:
+        return []
+    if isinstance(vars, Mapping):
+        return [f"--var={k}={v}" for k, v in vars.items()]
+    return _repeat("var", vars)
+
+
+def run(
+    recipe: PathLike,
+    jobs: int = 1,
+    keep_going: bool = False,
+    dry_run: bool = False,
+    force: bool = False,
+    vars: Union[Mapping[str, Any], Iterable[str], None] = None,
+) -> Dict[str, Any]:
+    """Runs a recipe's jobs (a TOML file of merge/convert jobs): ``lorastream run``.
+
+    Each job is a child process (this interpreter running this package's ``lorastream``
+    command) in the recipe's folder; jobs already complete with the same inputs and
+    options are skipped unless ``force``. Ctrl-C (KeyboardInterrupt) sends SIGINT to the
+    running jobs (each removes its unfinished output), starts no other and is raised once
+    they have stopped.
+
+    Args:
+        jobs: jobs at a time (``--jobs``).
+        keep_going: after a failure, start the remaining jobs anyway.
+        dry_run: say what would run and what would be skipped; run nothing.
+        force: run every job, complete or not.
+        vars: the recipe's ``${NAME}`` values: ``{name: value}`` or ``"NAME=VALUE"``
+            strings (``--var``).
+
+    Returns:
+        The summary line of ``lorastream run --json`` (``recipe``, ``succeeded``,
+        ``skipped``, ``failed``, ``not_run``, ``failed_jobs``, ``not_run_jobs``,
+        ``seconds``; a dry run: ``dry_run``, ``would_run``, ``would_skip``) without
+        ``ok``/``exit_code``, where ``jobs`` is the list of the per-job JSON lines (each
+        with ``job``, ``index``, ``command``, ``status``, ``exit_code``, ``report``) in
+        the order they finished, and ``job_count`` is the recipe's number of jobs.
+
+    Raises:
+        LorastreamError: the recipe cannot be read or is invalid (no job ran), or, as the
+            command exits 1 then, a job failed or was not run: then ``kind``, ``file``
+            and ``tensor`` are the first failed job's, and ``report`` is what this
+            function would have returned (every job's line included).
+    """
+    flags = [
+        f"--jobs={int(jobs)}",
+        *_flag("keep-going", keep_going),
+        *_flag("dry-run", dry_run),
+        *_flag("force", force),
+        *_vars(vars),
+    ]
+    ok, text = _lorastream.run(_args("run", flags, [recipe]), _job_program())
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    summary = lines[-1] if lines else {}
+    if not ok and (len(lines) <= 1 and "error" in summary):
+        # Nothing ran: the recipe or the arguments were refused.
+        raise _failure(summary, text)
+    code = summary.pop("exit_code", 1)
+    summary.pop("ok", None)
+    summary["job_count"] = summary.get("jobs")
+    summary["jobs"] = lines[:-1]
+    if ok:
+        return summary
+    failed = [j for j in summary["jobs"] if j.get("status") not in ("ok", "skipped")]
+    err = failed[0]["report"].get("error", {}) if failed else {}
+    parts = []
+    if summary.get("failed"):
+        parts.append(f"{summary['failed']} failed ({', '.join(summary.get('failed_jobs', []))})")
+    if summary.get("not_run"):
+        parts.append(
+            f"{summary['not_run']} not run ({', '.join(summary.get('not_run_jobs', []))})"
+        )
+    message = f"{summary.get('recipe', _path(recipe))}: of {summary['job_count']} jobs, " + (
+        ", ".join(parts) or "not all succeeded"
+    )
+    if failed:
+        message += f"; job '{failed[0]['job']}': {err.get('message', 'failed')}"
+    raise LorastreamError(
+        message,
+        kind=err.get("kind", "internal"),
+        file=err.get("file"),
+        tensor=err.get("tensor"),
+        exit_code=code,
+        report=summary,
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The ``lorastream`` command: runs ``argv`` (default ``sys.argv[1:]``) exactly as the
     command line does, printing what it prints, and returns its exit code. Like the command,
@@ -441,4 +639,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     sys.stdout.flush()
     sys.stderr.flush()
-    return _lorastream.main(["lorastream", *args])
+    # `lorastream run`: the jobs are this package's command too, not the interpreter alone.
+    return _lorastream.main(["lorastream", *args], _job_program())

@@ -1,7 +1,8 @@
 //! Running a recipe's jobs: each job is a child process of this same executable
-//! (`lorastream merge … --json`), run in the recipe's folder, one at a time or up to
-//! `--jobs N` at once, lowest index first; a job whose input is an earlier job's output
-//! waits for that job (and is not run when it failed).
+//! (`lorastream merge … --json`; a host whose executable is not lorastream, the Python
+//! package, names the program in `RunOptions`), run in the recipe's folder, one at a
+//! time or up to `--jobs N` at once, lowest index first; a job whose input is an earlier
+//! job's output waits for that job (and is not run when it failed).
 //!
 //! Children, not threads: every job gets the command line's own behaviour (its checks,
 //! its atomic outputs, its exit codes, its signal cleanup) and its own memory, and one
@@ -10,7 +11,9 @@
 //! and SIGQUIT go to every running child (each removes its unfinished output and exits
 //! 128+N), no new job starts, the runner waits for them, prints the summary and exits
 //! 128+N. A second signal kills the children outright. On Linux a child also gets
-//! SIGTERM when the runner itself dies (SIGKILL), so no orphan keeps writing.
+//! SIGTERM when the runner itself dies (SIGKILL), so no orphan keeps writing. A host that
+//! keeps its own signal handling (`catch_signals: false`) stops the run with
+//! `crate::cancel::request`, which the runner forwards to the jobs as a SIGINT.
 //!
 //! Resume records (see [`super::record`]) are written by the runner, not the children:
 //! `started` before a child starts, `complete` once it succeeded.
@@ -41,6 +44,15 @@ pub struct RunOptions {
     pub json: bool,
     /// The program the jobs run (this executable).
     pub exe: PathBuf,
+    /// Arguments given to `exe` before the job's command. Empty for the command line; a
+    /// host whose executable is not lorastream (the Python package: the interpreter)
+    /// names the program here (`python -c …`).
+    pub exe_args: Vec<std::ffi::OsString>,
+    /// Catch SIGINT, SIGTERM, SIGHUP and SIGQUIT and forward them to the jobs (the
+    /// command line). A host that keeps its own signal handling (the Python package)
+    /// turns this off and stops a run through [`crate::cancel::request`] instead, which
+    /// the runner forwards to the jobs as SIGINT; either way it polls the cancel flag.
+    pub catch_signals: bool,
 }
 
 /// The end of a run.
@@ -90,7 +102,7 @@ struct Stopper {
 const STOP_SIGNALS: [i32; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
 impl Stopper {
-    fn install() -> Stopper {
+    fn install(catch_signals: bool) -> Stopper {
         let signal = Arc::new(AtomicI32::new(0));
         let count = Arc::new(AtomicUsize::new(0));
         let pids: Arc<Mutex<Vec<i32>>> = Arc::new(Mutex::new(Vec::new()));
@@ -100,6 +112,9 @@ impl Stopper {
             handle: None,
             thread: None,
         };
+        if !catch_signals {
+            return s;
+        }
         let Ok(mut signals) = signal_hook::iterator::Signals::new(STOP_SIGNALS) else {
             return s;
         };
@@ -127,6 +142,27 @@ impl Stopper {
 
     fn stopped(&self) -> i32 {
         self.signal.load(Ordering::SeqCst)
+    }
+
+    /// A cancel requested inside the process (`crate::cancel`) stops the run as a SIGINT
+    /// would: once, forwarded to every running job, no new job started.
+    fn poll_cancel(&self) {
+        if !crate::cancel::requested() || self.stopped() != 0 {
+            return;
+        }
+        let pids = self.pids.lock().unwrap_or_else(|p| p.into_inner());
+        if self
+            .signal
+            .compare_exchange(0, libc::SIGINT, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            for &pid in pids.iter() {
+                // SAFETY: kill(2) on a child not reaped yet (reaping takes this lock).
+                unsafe {
+                    libc::kill(pid, libc::SIGINT);
+                }
+            }
+        }
     }
 
     fn close(mut self) {
@@ -160,9 +196,10 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, emit: &mut dyn FnMut(&str)) -> Su
     let mut state = vec![St::Pending; n];
     let mut running: Vec<Running> = Vec::new();
     let mut finished = 0usize;
-    let stopper = Stopper::install();
+    let stopper = Stopper::install(opts.catch_signals);
     let mut interrupted = 0usize;
     loop {
+        stopper.poll_cancel();
         let failed_any = state.contains(&St::Failed);
         let stopping = stopper.stopped() != 0 || (failed_any && !opts.keep_going);
         if !stopping {
@@ -206,7 +243,7 @@ pub fn run(recipe: &Recipe, opts: &RunOptions, emit: &mut dyn FnMut(&str)) -> Su
                         finished += 1;
                         report_skip(job, &rec, finished, n, opts, emit);
                     }
-                    Verdict::Run(_) => match start(recipe, job, &stopper, &opts.exe) {
+                    Verdict::Run(_) => match start(recipe, job, &stopper, opts) {
                         Ok(r) => {
                             state[i] = St::Running;
                             running.push(r);
@@ -339,8 +376,9 @@ fn start(
     recipe: &Recipe,
     job: &Job,
     stopper: &Stopper,
-    exe: &std::path::Path,
+    opts: &RunOptions,
 ) -> Result<Running, String> {
+    let exe = opts.exe.as_path();
     let inputs = record::inputs_of(job).ok();
     let rec_path = record::path_of(job);
     let out_exists = job.output_path.as_deref().is_some_and(|o| o.exists());
@@ -372,7 +410,8 @@ fn start(
         extra.push("--overwrite");
     }
     let mut cmd = Command::new(exe);
-    cmd.arg(&job.command)
+    cmd.args(&opts.exe_args)
+        .arg(&job.command)
         .args(job.args(&extra))
         .current_dir(&recipe.dir)
         .stdin(Stdio::null())
