@@ -263,7 +263,7 @@ fn backend(opts: &MergeOptions) -> Result<(Box<dyn DeltaBackend>, Option<String>
 /// Plans, checks and (unless dry-run) writes the merged checkpoint.
 pub fn merge(out: &Path, opts: &MergeOptions) -> Result<MergeReport> {
     if let Some(part) = opts.part {
-        return crate::partition::merge_part(out, opts, part);
+        return merge_part(out, opts, part);
     }
     let format = sink::OutputFormat::from_path(out)?;
     sink::check_output(out, &opts.sink)?;
@@ -625,6 +625,88 @@ fn check_expected_keys(
     }
     msg.push_str("Nothing was written.");
     Err(Error::Plan(msg))
+}
+
+/// `merge --part K/N`: plans as every part does, checks the folder, and streams only this
+/// part's tensors (the others are not computed) into a [`crate::sink::PartWriter`]; part 0
+/// also stages the base folder's config and tokenizer files. With `dry_run` nothing is
+/// written; the report's `part` says what this part would write either way.
+fn merge_part(
+    out: &std::path::Path,
+    opts: &MergeOptions,
+    part: crate::partition::Part,
+) -> Result<MergeReport> {
+    use crate::sink;
+    let format = sink::OutputFormat::from_path(out)?;
+    sink::check_part_output(out)?;
+    let dir = sink::folder_of(out);
+    let (side, note) = if part.index == 0 && !opts.no_copy_files {
+        let names: Vec<_> = opts
+            .bases
+            .iter()
+            .chain(&opts.loras)
+            .map(|(n, _)| n)
+            .collect();
+        crate::pipeline::merge_side_files(
+            &opts.bases,
+            &names,
+            &opts.settings,
+            out,
+            opts.sink.overwrite,
+        )?
+    } else {
+        (Vec::new(), None)
+    };
+    // What fills the tensors, beyond their names, dtypes and shapes: the inputs (by file
+    // name) and the options that change values.
+    let named = |v: &[(Option<String>, std::path::PathBuf)]| -> Vec<(Option<String>, String)> {
+        v.iter()
+            .map(|(n, p)| (n.clone(), crate::partition::file_name_of(p)))
+            .collect()
+    };
+    let what = format!(
+        "merge bases={:?} loras={:?} weights={:?} settings={:?}",
+        named(&opts.bases),
+        named(&opts.loras),
+        opts.lora_weights,
+        opts.settings
+    );
+    let mut planned = None;
+    let mut report = merge_into(opts, |plan_out| {
+        let pp = crate::partition::PartPlan::new(plan_out, opts.sink.shard_size, part, &what)?;
+        sink::check_part_folder(dir, &pp, opts.sink.overwrite)?;
+        let writes = pp.writes(plan_out.len());
+        let mine: Vec<OutTensor> = plan_out
+            .iter()
+            .zip(&writes)
+            .filter(|(_, w)| **w)
+            .map(|(t, _)| t.clone())
+            .collect();
+        // The same checks for dry and real runs; the room this part needs.
+        sink::preflight(out, &mine)?;
+        planned = Some(pp.report());
+        if opts.dry_run {
+            return Ok(None);
+        }
+        let produce = writes
+            .iter()
+            .map(|&w| if w { Produce::All } else { Produce::Skip })
+            .collect();
+        Ok(Some(Target {
+            sink: sink::create_part(out, plan_out, &opts.sink, &side, pp)?,
+            produce,
+        }))
+    })?;
+    if let Some(n) = note.filter(|_| !opts.dry_run) {
+        if let Some(notify) = opts.notify {
+            notify(&n);
+        }
+        report.notes.push(n);
+    }
+    report.output = out.display().to_string();
+    report.format = format.name();
+    report.part = planned;
+    Ok(report)
 }
 
 #[cfg(test)]

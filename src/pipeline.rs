@@ -290,9 +290,7 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
             .map(|(o, t)| (o.name.as_str(), t.name.as_str())),
     )?;
     let part_plan = match opts.part {
-        Some(part) => Some(crate::partition::convert_plan(
-            input, output, &plan, opts, part,
-        )?),
+        Some(part) => Some(convert_plan(input, output, &plan, opts, part)?),
         None => None,
     };
     let writes = part_plan.as_ref().map(|p| p.writes(plan.len()));
@@ -614,6 +612,27 @@ pub fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
         bar.set_style(style);
     }
     bar
+}
+
+/// `convert --part K/N`: the part's plan for output tensors `plan` of `input`, after the
+/// folder check.
+fn convert_plan(
+    input: &std::path::Path,
+    output: &std::path::Path,
+    plan: &[OutTensor],
+    opts: &ConvertOptions,
+    part: crate::partition::Part,
+) -> Result<crate::partition::PartPlan> {
+    let what = format!(
+        "convert input={:?} dtype={:?} renames={:?} exclude={:?}",
+        crate::partition::file_name_of(input),
+        opts.dtype,
+        opts.renames,
+        opts.exclude
+    );
+    let pp = crate::partition::PartPlan::new(plan, opts.sink.shard_size, part, &what)?;
+    crate::sink::check_part_folder(crate::sink::folder_of(output), &pp, opts.sink.overwrite)?;
+    Ok(pp)
 }
 
 #[cfg(test)]

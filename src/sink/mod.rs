@@ -9,6 +9,7 @@ mod atomic;
 mod compare;
 mod direct_file;
 pub mod gguf;
+pub mod part_plan;
 mod parts;
 mod pickle_writer;
 mod preflight;
@@ -288,7 +289,7 @@ pub fn create_part(
     full: &[OutTensor],
     opts: &SinkOptions,
     side_files: &[SideFile],
-    plan: crate::partition::PartPlan,
+    plan: part_plan::PartPlan,
 ) -> Result<Box<dyn TensorSink>> {
     check_part_output(out)?;
     Ok(Box::new(PartWriter::create(

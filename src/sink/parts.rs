@@ -12,12 +12,12 @@
 //! model only once every part is in.
 
 use super::atomic::{TempOutput, sync_dir, sync_file};
+use super::part_plan::{PartPlan, ShardSpec, hex};
 use super::safetensors::SafetensorsWriter;
 use super::sharded::{INDEX, write_side_file};
 use super::{OutTensor, PlanCursor, SharedBytes, SideFile, SinkOptions, TensorSink};
 use crate::checkpoint_files::is_weight_file;
 use crate::error::{Error, Result};
-use crate::partition::{PartPlan, ShardSpec, hex};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use std::io::Read;
@@ -360,9 +360,9 @@ impl TensorSink for PartWriter {
 
 #[cfg(test)]
 mod tests {
+    use super::super::part_plan::Part;
     use super::*;
     use crate::dtype::Dtype;
-    use crate::partition::Part;
 
     fn plan() -> Vec<OutTensor> {
         (0..6)

@@ -193,7 +193,7 @@ impl ShardedSafetensorsWriter {
             .enumerate()
             .map(|(i, p)| {
                 shard_of.extend(std::iter::repeat_n(i, p.len()));
-                (crate::partition::shard_name(i, n), p)
+                (super::part_plan::shard_name(i, n), p)
             })
             .collect();
         let mut w = ShardedSafetensorsWriter {
