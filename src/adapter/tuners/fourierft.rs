@@ -163,13 +163,14 @@ impl Tuner for FourierFt {
 
 /// The first `n` entries of torch's `randperm(total, generator=manual_seed(seed))`.
 pub(super) fn torch_randperm_prefix(total: usize, n: usize, seed: u64) -> Vec<usize> {
-    let mut g = Mt19937::new(seed as u32);
+    // torch's CPU generator as `manual_seed(seed)` leaves it (the DARE masks use the same).
+    let mut g = crate::adapter::torch_rng::TorchRng::manual_seed(seed);
     let mut moved: HashMap<usize, usize> = HashMap::new();
     let mut out = Vec::with_capacity(n);
     for i in 0..n.min(total) {
         // torch stops one step early (i < total − 1); the last entry is then fixed.
         let z = if i + 1 < total {
-            (g.next() as usize) % (total - i)
+            (g.next_u32() as usize) % (total - i)
         } else {
             0
         };
@@ -180,41 +181,6 @@ pub(super) fn torch_randperm_prefix(total: usize, n: usize, seed: u64) -> Vec<us
         out.push(b);
     }
     out
-}
-
-/// MT19937 (32-bit), seeded as torch's CPU generator (`init_genrand`).
-struct Mt19937 {
-    mt: [u32; 624],
-    idx: usize,
-}
-
-impl Mt19937 {
-    fn new(seed: u32) -> Self {
-        let mut mt = [0u32; 624];
-        mt[0] = seed;
-        for i in 1..624 {
-            mt[i] = 1_812_433_253u32
-                .wrapping_mul(mt[i - 1] ^ (mt[i - 1] >> 30))
-                .wrapping_add(i as u32);
-        }
-        Mt19937 { mt, idx: 624 }
-    }
-    fn next(&mut self) -> u32 {
-        if self.idx >= 624 {
-            for i in 0..624 {
-                let y = (self.mt[i] & 0x8000_0000) | (self.mt[(i + 1) % 624] & 0x7fff_ffff);
-                let mag = if y & 1 == 1 { 0x9908_b0df } else { 0 };
-                self.mt[i] = self.mt[(i + 397) % 624] ^ (y >> 1) ^ mag;
-            }
-            self.idx = 0;
-        }
-        let mut y = self.mt[self.idx];
-        self.idx += 1;
-        y ^= y >> 11;
-        y ^= (y << 7) & 0x9d2c_5680;
-        y ^= (y << 15) & 0xefc6_0000;
-        y ^ (y >> 18)
-    }
 }
 
 #[derive(Debug)]
