@@ -107,58 +107,82 @@ impl Tuner for FourierFt {
         _shared: &BTreeMap<String, TensorEntry>,
         base: &ModuleBase,
     ) -> Result<Vec<Change>> {
-        let s = m.part(weights, "fourierft_spectrum")?;
-        check_float(weights, &[s])?;
+        let (s, out, inp) = spectrum_part(
+            weights,
+            m,
+            base,
+            "fourierft_spectrum",
+            "FourierFT",
+            "spectrum's",
+        )?;
         let w = &base.weight;
-        let shape = w.out_in_shape();
-        let [out, inp] = shape.as_slice() else {
-            return Err(bad_part(
-                weights,
-                s,
-                format!(
-                    "base '{}' has shape {:?}; PEFT's FourierFT adapts 2-D nn.Linear / Conv1D weights only",
-                    w.entry.name, w.entry.shape
-                ),
-            ));
-        };
-        let n = s.numel();
-        if s.shape.len() != 1 || n == 0 || n > out * inp {
-            return Err(bad_part(
-                weights,
-                s,
-                format!(
-                    "has shape {:?}; PEFT saves [n_frequency] with 0 < n_frequency <= out·in = {} for base '{}' {:?}",
-                    s.shape,
-                    out * inp,
-                    w.entry.name,
-                    w.entry.shape
-                ),
-            ));
-        }
-        if out * inp >= RANDPERM_SMALL {
-            return Err(bad_part(
-                weights,
-                s,
-                format!(
-                    "base '{}' has {} values; PEFT draws the spectrum's positions with torch.randperm, \
-                     whose algorithm lorastream reproduces below {RANDPERM_SMALL} values only",
-                    w.entry.name,
-                    out * inp
-                ),
-            ));
-        }
         Ok(vec![Change {
             target: w.entry.name.clone(),
             change: Arc::new(Spectrum {
                 spectrum: s.clone(),
-                out: *out,
-                inp: *inp,
+                out,
+                inp,
                 transposed: w.transposed,
                 seed: self.seed,
                 scaling: self.scaling,
             }),
         }])
     }
+}
+
+/// The checks FourierFT and WaveFT share: `part` is a 1-D float vector of
+/// 0 < n <= out·in values for a 2-D base small enough for the reproduced randperm.
+/// Returns the part and the base's (out, in). `tuner` and `what` ("spectrum's",
+/// "coefficients'") name them in messages.
+pub(super) fn spectrum_part<'m>(
+    weights: &Path,
+    m: &'m SavedModule,
+    base: &ModuleBase,
+    part: &str,
+    tuner: &str,
+    what: &str,
+) -> Result<(&'m TensorEntry, usize, usize)> {
+    let s = m.part(weights, part)?;
+    check_float(weights, &[s])?;
+    let w = &base.weight;
+    let shape = w.out_in_shape();
+    let [out, inp] = shape.as_slice() else {
+        return Err(bad_part(
+            weights,
+            s,
+            format!(
+                "base '{}' has shape {:?}; PEFT's {tuner} adapts 2-D nn.Linear / Conv1D weights only",
+                w.entry.name, w.entry.shape
+            ),
+        ));
+    };
+    let n = s.numel();
+    if s.shape.len() != 1 || n == 0 || n > out * inp {
+        return Err(bad_part(
+            weights,
+            s,
+            format!(
+                "has shape {:?}; PEFT saves [n_frequency] with 0 < n_frequency <= out·in = {} for base '{}' {:?}",
+                s.shape,
+                out * inp,
+                w.entry.name,
+                w.entry.shape
+            ),
+        ));
+    }
+    if out * inp >= RANDPERM_SMALL {
+        return Err(bad_part(
+            weights,
+            s,
+            format!(
+                "base '{}' has {} values; PEFT draws the {what} positions with torch.randperm, \
+                 whose algorithm lorastream reproduces below {RANDPERM_SMALL} values only",
+                w.entry.name,
+                out * inp
+            ),
+        ));
+    }
+    Ok((s, *out, *inp))
 }
 
 /// The first `n` entries of torch's `randperm(total, generator=manual_seed(seed))`.

@@ -20,10 +20,10 @@
 //! As for FourierFT the coefficients' count fits a weight either way round, so the layout
 //! of every weight is settled by the plan's evidence (`config.json` or the flags).
 
-use super::fourierft::torch_randperm_prefix;
+use super::fourierft::{spectrum_part, torch_randperm_prefix};
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    TunerType, decode,
 };
 use crate::error::{Error, Result};
 use crate::source::TensorEntry;
@@ -36,9 +36,6 @@ pub const TYPE: TunerType = TunerType {
     peft_type: "WAVEFT",
     open,
 };
-
-/// torch's small-n randperm limit (see fourierft.rs).
-const RANDPERM_SMALL: usize = (u32::MAX / 20) as usize;
 
 /// (family, padding rows, padding cols, rec_lo) from peft 0.21.2 `waveft/wavelet.py` and
 /// `constants.py` (coiflets already scaled by √2 as PEFT does).
@@ -161,52 +158,21 @@ impl Tuner for WaveFt {
         _shared: &BTreeMap<String, TensorEntry>,
         base: &ModuleBase,
     ) -> Result<Vec<Change>> {
-        let s = m.part(weights, "waveft_spectrum")?;
-        check_float(weights, &[s])?;
+        let (s, out, inp) = spectrum_part(
+            weights,
+            m,
+            base,
+            "waveft_spectrum",
+            "WaveFT",
+            "coefficients'",
+        )?;
         let w = &base.weight;
-        let shape = w.out_in_shape();
-        let [out, inp] = shape.as_slice() else {
-            return Err(bad_part(
-                weights,
-                s,
-                format!(
-                    "base '{}' has shape {:?}; PEFT's WaveFT adapts 2-D nn.Linear / Conv1D weights only",
-                    w.entry.name, w.entry.shape
-                ),
-            ));
-        };
-        let n = s.numel();
-        if s.shape.len() != 1 || n == 0 || n > out * inp {
-            return Err(bad_part(
-                weights,
-                s,
-                format!(
-                    "has shape {:?}; PEFT saves [n_frequency] with 0 < n_frequency <= out·in = {} for base '{}' {:?}",
-                    s.shape,
-                    out * inp,
-                    w.entry.name,
-                    w.entry.shape
-                ),
-            ));
-        }
-        if out * inp >= RANDPERM_SMALL {
-            return Err(bad_part(
-                weights,
-                s,
-                format!(
-                    "base '{}' has {} values; PEFT draws the coefficients' positions with torch.randperm, \
-                     whose algorithm lorastream reproduces below {RANDPERM_SMALL} values only",
-                    w.entry.name,
-                    out * inp
-                ),
-            ));
-        }
         Ok(vec![Change {
             target: w.entry.name.clone(),
             change: Arc::new(Coefficients {
                 spectrum: s.clone(),
-                out: *out,
-                inp: *inp,
+                out,
+                inp,
                 transposed: w.transposed,
                 seed: self.seed,
                 scaling: self.scaling,
