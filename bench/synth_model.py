@@ -35,6 +35,9 @@ import numpy as np
 # InternLM2-7B
 FULL = dict(hidden=4096, inter=14336, vocab=92544, heads=32, kv_heads=8, layers=32)
 
+# The Linear layers an adapter targets by default (--targets).
+DEFAULT_TARGETS = ["wqkv", "wo", "w1", "w2", "w3", "output"]
+
 CHUNK = 8 << 20  # fp16 elements written per write() (16 MB)
 
 
@@ -231,7 +234,7 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=FULL["kv_heads"])
     ap.add_argument("--r", type=int, default=512)
     ap.add_argument("--alpha", type=int, default=256)
-    ap.add_argument("--targets", default="wqkv,wo,w1,w2,w3,output")
+    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print a summary object")
     a = ap.parse_args()
