@@ -273,13 +273,16 @@ def main():
     results = Path(a.results) if a.results else (work / "RESULTS-quick.md" if a.quick else REPO / "bench/RESULTS-cpu.md")
     work.mkdir(parents=True, exist_ok=True)
 
-    # Room on disk: the largest base, its adapters, one output (merge, cp or dd) at a time,
-    # and with --peft the PEFT model's output and .pth; base layers are shared by hard links.
+    # Room on disk: the largest base (smaller bases share its layers by hard links), the
+    # adapters, and one output at a time: a merge, cp or dd of the largest base, or with
+    # --peft lorastream's output and PEFT's .pth of the PEFT-sized model.
     cfg = lambda l: dict(shape, layers=l)  # noqa: E731
     base_bytes = lambda l: sum(synth_model.numel(s) * 2 for _, ts in synth_model.shapes(cfg(l)) for _, s in ts)  # noqa: E731
     lora_bytes = lambda l, r: sum((o + i) * r * 2 for _, o, i in synth_model.targeted(cfg(l), synth_model.DEFAULT_TARGETS))  # noqa: E731
     big = max(layers + ([peft_layers] if run_peft else []))
-    need = base_bytes(big) * 2 + sum(lora_bytes(big, r) for r in ranks) + (3 * base_bytes(peft_layers) if run_peft else 0)
+    need = (base_bytes(big) + sum(lora_bytes(l, r) for l in layers for r in ranks)
+            + (lora_bytes(peft_layers, peft_r) if run_peft else 0)
+            + max(base_bytes(max(layers)), 2 * base_bytes(peft_layers) if run_peft else 0))
     free = shutil.disk_usage(work).free
     if need > free:
         raise SystemExit(f"error: {work}: needs about {need / 1e9:.1f} GB free, has {free / 1e9:.1f} GB "
