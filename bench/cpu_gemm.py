@@ -497,6 +497,7 @@ def main():
             for p in list(work.glob("base-L*")) + list(work.glob("lora-L*")) + [work / "pool"]:
                 shutil.rmtree(p, ignore_errors=True)
 
+    machine["busy_max_other_load"] = busy_share(recs)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.with_suffix(".json").write_text(json.dumps(recs, indent=1))
     results.write_text(report(recs, results, ranks))
@@ -514,6 +515,17 @@ def fmt(x, unit="", nd=2):
     return f"{x:.{nd}f}{unit}" if isinstance(x, float) else f"{x}{unit}"
 
 
+BUSY = 0.1  # other_load above which a measurement shared the machine
+
+
+def busy_share(recs):
+    """The most any timed command had to share the CPUs (other_load)."""
+    rs = [r for s in recs["sizes"] for r in list(s["io"].values()) + s["merge"]]
+    pe = recs.get("peft") or {}
+    rs += [pe[k] for k in ("lorastream", "peft") if pe.get(k)]
+    return max([r.get("other_load", 0) for r in rs] or [0])
+
+
 def report(recs, results, ranks):
     m = recs["machine"]
     g = recs["gemm"]
@@ -527,6 +539,11 @@ def report(recs, results, ranks):
     L.append(f"| memory total / available at start | {m['mem_total_bytes'] / 2**30:.1f} GiB / {m['mem_available_start_bytes'] / 2**30:.1f} GiB |")
     L.append(f"| page cache drop before cold runs | {'yes' if m['can_drop_caches'] else 'not permitted (cold = as found)'} |")
     L.append(f"| inputs | InternLM2-shaped (hidden {m['shape']['hidden']}, intermediate {m['shape']['inter']}, vocab {m['shape']['vocab']}), fp16, bench/synth_model.py{'; --quick' if m['quick'] else ''} |\n")
+    busy = busy_share(recs)
+    if busy > BUSY or m["loadavg_start"][0] > m["cores"] / 2:
+        L.append(f"**Busy machine**: other work used up to {busy:.2f} of the CPUs during a measurement "
+                 f"(load average {m['loadavg_start'][0]} at the start, {m['cores']} cores): these timings "
+                 "are not for publishing; rerun on a quiet machine.\n")
     if recs["errors"]:
         L.append("**Errors in this run** (the numbers below them are not to be trusted):\n")
         L += [f"- {e}" for e in recs["errors"]]
