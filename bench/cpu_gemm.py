@@ -7,6 +7,9 @@ run (issue 13). bench/README.md says how to read the report.
   $PY bench/cpu_gemm.py                               # 4 layers (3.3 GB), r=16 and r=512
   $PY bench/cpu_gemm.py --layers 4 32 --peft          # + full InternLM2-7B (15.5 GB) + PEFT at 8 layers
 
+On a quiet 2-core machine (this one, ~1.7 GB/s disk reads): the default run about 3 min,
+`--layers 4 32 --peft` about 10-12 min (32 layers ~5 min of it, PEFT ~2 min), 35 GB of disk.
+
 Measures, in this order, and writes one markdown report plus the raw records as JSON beside
 it (--results; --quick writes under --workdir, never into bench/):
 
@@ -270,6 +273,9 @@ def main():
     work = Path(a.workdir).resolve()
     if work == REPO or REPO in work.parents:
         ap.error(f"--workdir {work}: inside the repository; give a folder outside it (models are GBs)")
+    fs = subprocess.run(["stat", "-f", "-c", "%T", str(work if work.exists() else work.parent)], capture_output=True, text=True).stdout.strip()
+    if fs in ("tmpfs", "ramfs") and not a.quick:
+        ap.error(f"--workdir {work} is on {fs}: the I/O floors would measure memory; give a folder on the disk under test")
     results = Path(a.results) if a.results else (work / "RESULTS-quick.md" if a.quick else REPO / "bench/RESULTS-cpu.md")
     work.mkdir(parents=True, exist_ok=True)
 
@@ -291,7 +297,9 @@ def main():
     py = sys.executable
     drop_ok = drop_caches()
     machine = machine_info(drop_ok)
-    machine.update(quick=a.quick, shape=shape, bin=str(binary))
+    df = subprocess.run(["df", "-hP", str(work)], capture_output=True, text=True).stdout.splitlines()[-1:]
+    machine.update(quick=a.quick, shape=shape, bin=str(binary), workdir=str(work), workdir_fs=fs,
+                   workdir_disk=" ".join(df[0].split()[:2]) if df else None)
     recs = {"machine": machine, "gemm": {}, "gemm_end": {}, "sizes": [], "peft": None, "errors": []}
     if not drop_ok:
         log("note: cannot drop the page cache (not root): 'cold' runs read whatever is cached")
@@ -537,6 +545,7 @@ def report(recs, results, ranks):
     L.append(f"| lorastream | rev {m['lorastream_rev'][:12]}{' + uncommitted changes in src/' if m['lorastream_dirty'] else ''}; auto path expected: {m['expected_auto_isa']} |")
     L.append(f"| load average start → end | {' '.join(map(str, m['loadavg_start']))} → {' '.join(map(str, m.get('loadavg_end', [])))} |")
     L.append(f"| memory total / available at start | {m['mem_total_bytes'] / 2**30:.1f} GiB / {m['mem_available_start_bytes'] / 2**30:.1f} GiB |")
+    L.append(f"| disk under test | {m.get('workdir_disk')} ({m.get('workdir_fs')}), --workdir {m.get('workdir')} |")
     L.append(f"| page cache drop before cold runs | {'yes' if m['can_drop_caches'] else 'not permitted (cold = as found)'} |")
     L.append(f"| inputs | InternLM2-shaped (hidden {m['shape']['hidden']}, intermediate {m['shape']['inter']}, vocab {m['shape']['vocab']}), fp16, bench/synth_model.py{'; --quick' if m['quick'] else ''} |\n")
     busy = busy_share(recs)

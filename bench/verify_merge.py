@@ -203,7 +203,7 @@ def tree_hash(merged_dir):
 
 def compare_peft(pth, merged_dir, lora_dir):
     """PEFT's saved state dict vs lorastream's output: ulp distance on every targeted
-    tensor of the first and last layer, `output.weight`, and one untargeted tensor."""
+    tensor of the first and last layer, `output.weight`, and the smallest untargeted one."""
     import torch
 
     sd = torch.load(pth, map_location="cpu", mmap=True, weights_only=True)
@@ -212,7 +212,8 @@ def compare_peft(pth, merged_dir, lora_dir):
     mods = [m for m in pairs if m + ".weight" in merged.where]
     layers = sorted({m.split(".")[2] for m in mods if m.startswith("model.layers.")}, key=int)
     keep = [m for m in mods if not m.startswith("model.layers.") or m.split(".")[2] in (layers[:1] + layers[-1:])]
-    names = [m + ".weight" for m in keep] + [n for n in merged.names() if n[: -len(".weight")] not in pairs][:1]
+    untargeted = sorted((n for n in merged.names() if n[: -len(".weight")] not in pairs), key=lambda n: math.prod(merged.shape(n)))
+    names = [m + ".weight" for m in keep] + untargeted[:1]
     out, worst, exact, elems = [], 0, 0, 0
     for n in names:
         if n not in sd:
