@@ -463,6 +463,8 @@ def main():
                 dest = work / "merged-peft-cmp"
                 log(f"PEFT comparison, {l} layers r={r}: lorastream first")
                 pe["lorastream"] = lorastream(f"{l} layers r={r} lorastream (auto)", base, lora, "auto", dest, r, lora_flops(lora))
+                if pe["lorastream"]["rc"] != 0:
+                    err(f"PEFT comparison: lorastream failed (rc {pe['lorastream']['rc']}): {pe['lorastream'].get('stderr', '').strip()[-300:]}")
                 pth = work / "peft-merged.pth"
                 pth.unlink(missing_ok=True)
                 log("PEFT merge_and_unload + torch.save")
