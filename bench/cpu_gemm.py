@@ -96,15 +96,39 @@ def gnu_time():
 GNU_TIME = gnu_time()
 
 
+CALM = {"seconds": 0}  # --calm: how long to wait for a quiet CPU before each measurement
+
+
+def psi_avg10():
+    """CPU pressure, share of the last 10 s some task waited for a CPU (%), or None."""
+    try:
+        for line in open("/proc/pressure/cpu"):
+            if line.startswith("some"):
+                return float(line.split()[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return None
+
+
+def wait_calm():
+    """Waits up to CALM seconds for the CPU pressure to fall under 20 %; seconds waited."""
+    waited = 0
+    while waited < CALM["seconds"] and (psi_avg10() or 0) >= 20:
+        time.sleep(2)
+        waited += 2
+    return waited
+
+
 def measure(name, cmd, env=None, before=None, sync_path=None, cold=False):
     """Runs cmd; wall (up to `sync` of sync_path when given), user, sys, maxrss, load.
     cold: drop the page cache first (after `before`)."""
+    waited = wait_calm()
     if before:
         before()
     dropped = drop_caches() if cold else None
     e = dict(os.environ)
     e.update(env or {})
-    load1 = os.getloadavg()[0]
+    load1, psi0 = os.getloadavg()[0], psi_avg10()
     b0, t0 = busy_seconds(), time.perf_counter()
     # wait4: this command's own CPU time and peak RSS (RUSAGE_CHILDREN would give the
     # largest child so far, e.g. numpy's).
@@ -146,6 +170,8 @@ def measure(name, cmd, env=None, before=None, sync_path=None, cold=False):
         "loadavg1_before": round(load1, 2),
         "loadavg1_after": round(os.getloadavg()[0], 2),
         "cache_dropped": dropped,
+        "calm_wait_s": waited,
+        "cpu_psi_avg10_before": psi0,
     }
     if rc != 0:
         rec["stderr"] = errs[-2000:]
@@ -247,6 +273,8 @@ def main():
     ap.add_argument("--keep", action="store_true", help="keep the generated models (reused next time)")
     ap.add_argument("--no-hash", action="store_true", help="do not hash outputs (no cross-path check)")
     ap.add_argument("--gemm-seconds", type=float, help="length of each timed numpy batch (default 1)")
+    ap.add_argument("--calm", type=float, default=0, metavar="SECONDS",
+                    help="before each measurement wait up to SECONDS for the CPU pressure (PSI some avg10) to fall under 20%% (default 0)")
     ap.add_argument("--results", help="report path (default bench/RESULTS-cpu.md; --quick: WORKDIR/RESULTS-quick.md)")
     a = ap.parse_args()
 
@@ -294,6 +322,7 @@ def main():
         raise SystemExit(f"error: {work}: needs about {need / 1e9:.1f} GB free, has {free / 1e9:.1f} GB "
                          "(--workdir elsewhere, or fewer --layers)")
 
+    CALM["seconds"] = max(0.0, a.calm)
     py = sys.executable
     drop_ok = drop_caches()
     machine = machine_info(drop_ok)
