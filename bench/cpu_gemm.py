@@ -254,7 +254,8 @@ def machine_info(drop_ok):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", default=str(Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release/lorastream"),
+    default_bin = str(Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "release/lorastream")
+    ap.add_argument("--bin", default=default_bin,
                     help="the lorastream binary (default $CARGO_TARGET_DIR/release/lorastream)")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "lorastream-bench"),
                     help="generated models and outputs (default %(default)s); outside the repo")
@@ -298,6 +299,13 @@ def main():
     binary = Path(a.bin)
     if not os.access(binary, os.X_OK):
         ap.error(f"--bin {binary}: no executable there (cargo build --release, or pass --bin)")
+    # The build of this checkout, older than its sources, would measure other code (a --bin
+    # given elsewhere is taken as it is).
+    if a.bin == default_bin or binary.resolve().is_relative_to(REPO.resolve()):
+        srcs = [p for d in ("src", "kernels") for p in (REPO / d).rglob("*") if p.is_file()] + [REPO / "Cargo.toml"]
+        newest = max(srcs, key=lambda p: p.stat().st_mtime, default=None)
+        if newest and newest.stat().st_mtime > binary.stat().st_mtime:
+            ap.error(f"--bin {binary} is older than {newest.relative_to(REPO)}: cargo build --release first")
     work = Path(a.workdir).resolve()
     if work == REPO or REPO in work.parents:
         ap.error(f"--workdir {work}: inside the repository; give a folder outside it (models are GBs)")
@@ -327,7 +335,8 @@ def main():
     drop_ok = drop_caches()
     machine = machine_info(drop_ok)
     df = subprocess.run(["df", "-hP", str(work)], capture_output=True, text=True).stdout.splitlines()[-1:]
-    machine.update(quick=a.quick, shape=shape, bin=str(binary), workdir=str(work), workdir_fs=fs,
+    ver = subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.strip()
+    machine.update(quick=a.quick, shape=shape, bin=str(binary), bin_version=ver, workdir=str(work), workdir_fs=fs,
                    workdir_disk=" ".join(df[0].split()[:2]) if df else None)
     recs = {"machine": machine, "gemm": {}, "gemm_end": {}, "sizes": [], "peft": None, "errors": []}
     if not drop_ok:
@@ -573,7 +582,7 @@ def report(recs, results, ranks):
              "How to read each column: `bench/README.md`.\n")
     L.append("| what | value |\n| --- | --- |")
     L.append(f"| CPU | {m['cpu_model']} ({m['arch']}), {m['cores']} cores; flags: {' '.join(m['flags'])} |")
-    L.append(f"| lorastream | rev {m['lorastream_rev'][:12]}{' + uncommitted changes in src/' if m['lorastream_dirty'] else ''}; auto path expected: {m['expected_auto_isa']} |")
+    L.append(f"| lorastream | {m.get('bin_version') or m['bin']}, rev {m['lorastream_rev'][:12]}{' + uncommitted changes in src/' if m['lorastream_dirty'] else ''}; auto path expected: {m['expected_auto_isa']} |")
     L.append(f"| load average start → end | {' '.join(map(str, m['loadavg_start']))} → {' '.join(map(str, m.get('loadavg_end', [])))} |")
     L.append(f"| memory total / available at start | {m['mem_total_bytes'] / 2**30:.1f} GiB / {m['mem_available_start_bytes'] / 2**30:.1f} GiB |")
     L.append(f"| disk under test | {m.get('workdir_disk')} ({m.get('workdir_fs')}), --workdir {m.get('workdir')} |")
