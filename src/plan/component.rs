@@ -42,4 +42,7 @@ pub struct MergeSettings {
     /// `--combine`: each component's adapters become one weighted combination (PEFT's
     /// `add_weighted_adapter`), merged alone.
     pub combine: Option<crate::adapter::combine::Combine>,
+    /// A GGUF base: the adapters' HF module names are renamed to its tensors (and q/k rows
+    /// permuted) before planning (see `gguf_names`).
+    pub gguf: Option<super::gguf_names::GgufNaming>,
 }
