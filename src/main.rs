@@ -152,8 +152,8 @@ enum Command {
     /// --dtype) and a folder output's config.json loses its quantization_config.
     ///
     /// A .gguf --out takes one .gguf --base and one plain LoRA adapter trained on the HF
-    /// model (llama, qwen2, qwen3, gemma architectures): modules renamed to the GGUF's
-    /// tensors (blk.N.attn_q, …), llama's q/k rows permuted as convert_hf_to_gguf.py
+    /// model (architectures llama/Mistral, qwen2, qwen3, gemma, gemma2, gemma3): modules
+    /// renamed to the GGUF's tensors (blk.N.attn_q, …), llama's q/k rows permuted as convert_hf_to_gguf.py
     /// permutes them; merged tensors written in their stored type or --gguf-type, every
     /// other tensor and all metadata copied as stored.
     #[command(
