@@ -33,6 +33,9 @@ impl Component {
 pub struct MergeSettings {
     /// Keep the adapters unmerged, in `PeftModel.state_dict()` form.
     pub keep_lora: bool,
+    /// A GGUF base: the adapters' HF module names are renamed to its tensors (and q/k rows
+    /// permuted) before planning (see `gguf_names`).
+    pub gguf: Option<super::gguf_names::GgufNaming>,
     pub dtype: DtypeChoice,
     pub renames: Vec<RenameRule>,
     /// `--exclude`: final keys to leave out.
@@ -42,7 +45,4 @@ pub struct MergeSettings {
     /// `--combine`: each component's adapters become one weighted combination (PEFT's
     /// `add_weighted_adapter`), merged alone.
     pub combine: Option<crate::adapter::combine::Combine>,
-    /// A GGUF base: the adapters' HF module names are renamed to its tensors (and q/k rows
-    /// permuted) before planning (see `gguf_names`).
-    pub gguf: Option<super::gguf_names::GgufNaming>,
 }
