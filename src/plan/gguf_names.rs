@@ -20,8 +20,10 @@
 //!   q_norm/k_norm (Qwen3) are 1-D tensors no LoRA here touches.
 //! - `gemma`, `gemma2` (GemmaModel, Gemma2Model): `lm_head.weight` is skipped (never
 //!   written: llama.cpp uses token_embd as the output head); norms get +1.
-//! - `gemma3` (Gemma3Model): `language_model.` dropped from names, token_embd cut to the
-//!   tokenizer's vocabulary, norms +1; `output` written only when not tied.
+//! - `gemma3` (Gemma3Model, also for Gemma3ForConditionalGeneration): `language_model.`
+//!   dropped from names (so adapters of the multimodal model map too; vision modules go
+//!   to the mmproj file and are refused), token_embd cut to the tokenizer's vocabulary,
+//!   norms +1; `output` written only when not tied.
 //!
 //! So a LoRA on q/k/v/o/gate/up/down (and lm_head where the GGUF has `output.weight`)
 //! merges exactly; embedding LoRAs, lora_bias, DoRA and every other form are refused here
@@ -107,6 +109,17 @@ impl GgufNaming {
             permute_qk,
         })
     }
+}
+
+/// [`hf_module_to_gguf`] for architecture `arch`: Gemma3Model first drops every
+/// `language_model.` from the name (Gemma3ForConditionalGeneration's text model:
+/// `model.language_model.layers.N…` → `model.layers.N…`; its vision tower goes to the
+/// mmproj file, so those modules stay without a name).
+pub fn hf_module_to_gguf_in(arch: &str, module: &str) -> Option<String> {
+    if arch == "gemma3" {
+        return hf_module_to_gguf(&module.replace("language_model.", ""));
+    }
+    hf_module_to_gguf(module)
 }
 
 /// The GGUF tensor prefix of an HF module path (`model.layers.3.self_attn.q_proj` →
@@ -229,7 +242,7 @@ pub fn adapter_to_gguf(ad: &mut Adapter, naming: &GgufNaming, base: &Checkpoint)
                 m.name
             )));
         }
-        let g = hf_module_to_gguf(&m.name).ok_or_else(|| {
+        let g = hf_module_to_gguf_in(&naming.arch, &m.name).ok_or_else(|| {
             bad(format!(
                 "HF module '{}' has no GGUF tensor lorastream knows for architecture {} (it maps \
                  model.layers.N.self_attn.{{q,k,v,o}}_proj, model.layers.N.mlp.{{gate,up,down}}_proj and lm_head)",
@@ -315,6 +328,14 @@ mod tests {
         assert_eq!(hf_module_to_gguf("model.layers.x.mlp.up_proj"), None);
         assert_eq!(hf_module_to_gguf("model.layers.0.mlp.fc1"), None);
         assert_eq!(hf_module_to_gguf("model.embed_tokens"), None);
+        let mm = "model.language_model.layers.1.mlp.up_proj";
+        assert_eq!(
+            hf_module_to_gguf_in("gemma3", mm).as_deref(),
+            Some("blk.1.ffn_up")
+        );
+        assert_eq!(hf_module_to_gguf_in("qwen2", mm), None);
+        let vision = "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj";
+        assert_eq!(hf_module_to_gguf_in("gemma3", vision), None);
     }
 
     /// The map equals numpy's reshape/swapaxes/reshape on row indices: 2 heads of 6 rows.

@@ -62,6 +62,9 @@ class Case:
     lora: dict = field(default_factory=lambda: dict(r=4, lora_alpha=8, target_modules=LINEAR))
     n_targets: int = 2 * len(LINEAR)
 
+    # Builds the config instead of `config_kw` (the multimodal Gemma 3).
+    make_config: object = None
+
     def cls(self):
         import transformers
         return getattr(transformers, self.model)
@@ -70,13 +73,22 @@ class Case:
         import transformers
         common = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                       max_position_embeddings=64)
+        if self.make_config is not None:
+            return self.make_config(common)
         return getattr(transformers, self.config_class)(**{**common, **self.config_kw})
+
+    def text_config(self):
+        cfg = self.config()
+        return getattr(cfg, "text_config", None) or cfg
 
     def tensor_map(self):
         arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[self.gguf_arch]
-        return gguf.get_tensor_name_map(arch, self.config().num_hidden_layers)
+        return gguf.get_tensor_name_map(arch, self.text_config().num_hidden_layers)
 
     def skip(self, name: str) -> bool:
+        if self.gguf_arch == "gemma3" and name.startswith(
+                ("multi_modal_projector.", "vision_tower.", "multimodal_projector.", "vision_model.")):
+            return True  # Gemma3Model: vision tensors go to the mmproj file
         return self.gguf_arch in ("gemma", "gemma2") and name == "lm_head.weight"
 
     def gguf_name(self, name: str) -> str:
@@ -88,7 +100,7 @@ class Case:
 
     def reduce_tensor(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """The values the converter writes for HF tensor `name` (before the type)."""
-        cfg = self.config()
+        cfg = self.text_config()
         if self.gguf_arch == "llama":
             if name.endswith(("q_proj.weight", "q_proj.bias")):
                 t = llama_permute(t, cfg.num_attention_heads, cfg.num_attention_heads)
@@ -101,8 +113,10 @@ class Case:
     def targets(self, name: str) -> bool:
         """Whether the adapter changes HF weight `name`."""
         mods = self.lora["target_modules"]
-        return name.endswith(".weight") and any(name.endswith(f".{m}.weight") or name == f"{m}.weight"
-                                                for m in mods)
+        if isinstance(mods, str):  # a regex: the linear layers of the text model
+            mods = LINEAR
+        return not self.skip(name) and any(name.endswith(f".{m}.weight") or name == f"{m}.weight"
+                                           for m in mods)
 
 
 ARCHS = {c.key: c for c in [
@@ -128,6 +142,17 @@ ARCHS = {c.key: c for c in [
          dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32), seed=5),
     Case("gemma3", "gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig",
          dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32), seed=6),
+    # Gemma3ForConditionalGeneration (a SigLIP tower too): its text model converts as
+    # gemma3; the LoRA targets the text model's linear layers only.
+    Case("gemma3mm", "gemma3", "Gemma3ForConditionalGeneration", "Gemma3Config", {}, seed=7,
+         lora=dict(r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"),
+         make_config=lambda common: __import__("transformers").Gemma3Config(
+             text_config=__import__("transformers").Gemma3TextConfig(
+                 **common, num_attention_heads=4, num_key_value_heads=2, head_dim=32).to_dict(),
+             vision_config=__import__("transformers").SiglipVisionConfig(
+                 hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 image_size=28, patch_size=14).to_dict(),
+             mm_tokens_per_image=4, image_token_index=63, boi_token_index=61, eoi_token_index=62)),
 ]}
 
 
@@ -135,7 +160,7 @@ def hf_to_gguf(case: Case, state: dict, path, qtype, arch: str | None = None) ->
     """The reduction: `state` (HF names, f32, as save_pretrained wrote it) written as the
     GGUF convert_hf_to_gguf.py --outtype `qtype` makes; `arch` overrides
     general.architecture (to make GGUFs lorastream must refuse)."""
-    cfg = case.config()
+    cfg = case.text_config()
     w = GGUFWriter(str(path), arch or case.gguf_arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
