@@ -425,3 +425,24 @@ def test_merge_into_gguf_refusals(run, tiny, tmp_path, fixtures_dir):
     p = run(["merge", "--base", base, "--lora", d / "adapter", "--out", tmp_path / "y.gguf",
              "--dtype", "bf16"], expect_rc=2)
     assert not (tmp_path / "y.gguf").exists()
+
+
+def test_merge_into_gguf_refuses_vision_modules(run, tmp_path):
+    """A LoRA on Gemma3ForConditionalGeneration that also adapts the vision tower (whose
+    tensors the converter puts in the mmproj file, not this GGUF) is refused by module."""
+    import peft
+    case = ARCHS["gemma3mm"]
+    torch.manual_seed(8)
+    model = case.cls()(case.config()).float()
+    model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "adapter")
+    hf_to_gguf(case, hf_state(tmp_path / "base"), tmp_path / "base.gguf", T.F32)
+    p = run(["merge", "--base", tmp_path / "base.gguf", "--lora", tmp_path / "adapter",
+             "--out", tmp_path / "x.gguf"], expect_rc=1)
+    assert "vision_tower" in p.stderr and "q_proj" in p.stderr and "gemma3" in p.stderr, p.stderr
+    assert not (tmp_path / "x.gguf").exists()
