@@ -412,6 +412,21 @@ def test_merge_into_gguf_refusals(run, tiny, tmp_path, fixtures_dir):
         (bad / "adapter_config.json").write_text(json.dumps(c))
         p = run(["merge", "--base", base, "--lora", bad, "--out", tmp_path / "x.gguf"], expect_rc=None)
         assert p.returncode in (1, 2) and field in p.stderr, (field, p.stderr)
+    # Real PEFT adapters of forms the GGUF merge does not take: refused by module.
+    import peft
+    for kw, words in ((dict(lora_bias=True), ["lora_bias", "model.layers.0.self_attn.q_proj"]),
+                      (dict(target_modules=["q_proj", "embed_tokens"]), ["Embedding LoRA", "model.embed_tokens"])):
+        torch.manual_seed(0)
+        m = case.cls()(case.config()).float()
+        pm = peft.get_peft_model(m, peft.LoraConfig(**{**dict(r=2, lora_alpha=4, target_modules=["q_proj"]), **kw}))
+        with torch.no_grad():
+            for n, prm in pm.named_parameters():
+                if "lora_" in n:
+                    prm.copy_(torch.randn_like(prm) * 0.1)
+        ad = tmp_path / f"peft-{len(words[0])}"
+        pm.save_pretrained(ad, save_embedding_layers=False)
+        p = run(["merge", "--base", base, "--lora", ad, "--out", tmp_path / "x.gguf"], expect_rc=1)
+        assert all(w in p.stderr for w in words), (kw, p.stderr)
     # A module the table does not know names the HF module.
     bad = tmp_path / "renamed"
     shutil.copytree(d / "adapter", bad)
