@@ -3,6 +3,9 @@
 //! it: then its values (decoded as the source reads them) are encoded into the new type
 //! as `gguf.quants.quantize` does. A GGUF output needs a GGUF input: the metadata
 //! llama.cpp needs (architecture, hyperparameters, tokenizer) exists only there.
+//! `merge --base X.gguf --lora A --out Y.gguf`: the ordinary merge engine with the plan
+//! mapping the adapter's HF modules to the GGUF's tensors (`plan::gguf_names`), its merged
+//! tensors encoded into the GGUF writer and every other tensor copied as stored.
 
 use crate::error::{Error, Result};
 use crate::merge::{MergeOptions, MergeReport, Produce, Target, merge_into};
