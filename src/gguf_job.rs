@@ -3,6 +3,9 @@
 //! it: then its values (decoded as the source reads them) are encoded into the new type
 //! as `gguf.quants.quantize` does. A GGUF output needs a GGUF input: the metadata
 //! llama.cpp needs (architecture, hyperparameters, tokenizer) exists only there.
+//! `merge --base X.gguf --lora A --out Y.gguf`: the ordinary merge engine with the plan
+//! mapping the adapter's HF modules to the GGUF's tensors (`plan::gguf_names`), its merged
+//! tensors encoded into the GGUF writer and every other tensor copied as stored.
 
 use crate::error::{Error, Result};
 use crate::merge::{MergeOptions, MergeReport, Produce, Target, merge_into};
@@ -226,170 +229,6 @@ pub fn convert(
     })
 }
 
-/// The naming of base GGUF `g` (read from `path`): its architecture must be one whose HF
-/// names the table knows, with head counts when its q/k rows were permuted.
-pub fn naming(g: &GgufFile, path: &Path) -> Result<GgufNaming> {
-    let arch = g
-        .architecture()
-        .ok_or_else(|| Error::format(path, "GGUF has no general.architecture string"))?
-        .to_string();
-    if !gguf_names::ARCHS.contains(&arch.as_str()) {
-        return Err(Error::format(
-            path,
-            format!(
-                "merging a PEFT adapter into a GGUF of architecture '{arch}' is not supported: lorastream \
-                 knows the HF names of {} (other architectures name or reorder tensors differently)",
-                gguf_names::ARCHS.join(", ")
-            ),
-        ));
-    }
-    let count = |k: &str| -> Option<usize> {
-        match g.get(&format!("{arch}.attention.{k}"))? {
-            Value::U32(v) => Some(*v as usize),
-            Value::I32(v) if *v > 0 => Some(*v as usize),
-            Value::U64(v) => usize::try_from(*v).ok(),
-            _ => None,
-        }
-    };
-    let n_head = count("head_count").unwrap_or(0);
-    let n_head_kv = count("head_count_kv").unwrap_or(n_head);
-    let permute_qk = arch == "llama";
-    if permute_qk && n_head == 0 {
-        return Err(Error::format(
-            path,
-            format!("{arch}.attention.head_count is missing: the q/k row order cannot be known"),
-        ));
-    }
-    Ok(GgufNaming {
-        arch,
-        n_head,
-        n_head_kv,
-        permute_qk,
-    })
-}
-
-/// An adapter trained on the HF model, rewritten for the GGUF: every LoRA module renamed
-/// to its GGUF tensor and the rows of q/k `lora_B` permuted as the converter permuted the
-/// base's, written to `dir` (a PEFT adapter folder). Returns the GGUF tensors it targets.
-fn adapter_for_gguf(
-    lora: &Path,
-    naming: &GgufNaming,
-    dir: &Path,
-) -> Result<std::collections::HashSet<String>> {
-    let (lora_dir, _) = crate::source::adapter_dir(lora);
-    let files = crate::source::open_adapter(&lora_dir)?;
-    let cfg = &files.config;
-    let refuse = |what: &str| {
-        Err(Error::format(
-            &files.config_path,
-            format!(
-                "{what}: merging into a GGUF supports plain LoRA adapters (lora_A/lora_B on linear layers); \
-                 merge into the HF model instead and convert it"
-            ),
-        ))
-    };
-    let peft_type = cfg
-        .get("peft_type")
-        .and_then(|v| v.as_str())
-        .unwrap_or("LORA");
-    if !peft_type.eq_ignore_ascii_case("LORA") {
-        return refuse(&format!("peft_type {peft_type}"));
-    }
-    let truthy = |k: &str| {
-        cfg.get(k).is_some_and(|v| match v {
-            serde_json::Value::Bool(b) => *b,
-            serde_json::Value::Null => false,
-            serde_json::Value::Array(a) => !a.is_empty(),
-            serde_json::Value::Object(o) => !o.is_empty(),
-            serde_json::Value::String(s) => !s.is_empty(),
-            _ => true,
-        })
-    };
-    for k in [
-        "use_dora",
-        "lora_bias",
-        "fan_in_fan_out",
-        "modules_to_save",
-        "rank_pattern",
-        "alpha_pattern",
-        "target_parameters",
-    ] {
-        if truthy(k) {
-            return refuse(&format!("adapter_config.json sets {k}"));
-        }
-    }
-    let wpath = files.weights.path.clone();
-    let mut plan = Vec::new();
-    let mut data: Vec<Vec<u8>> = Vec::new();
-    let mut targets = std::collections::HashSet::new();
-    for t in &files.weights.tensors {
-        let bad = |m: String| Error::tensor(&wpath, &t.name, m);
-        let rel = t
-            .name
-            .strip_prefix("base_model.model.")
-            .ok_or_else(|| bad("is not a PEFT key (base_model.model.…)".into()))?;
-        let (module, part) = ["lora_A.weight", "lora_B.weight"]
-            .iter()
-            .find_map(|p| rel.strip_suffix(p).map(|m| (m.trim_end_matches('.'), *p)))
-            .ok_or_else(|| {
-                bad("is not a lora_A/lora_B weight; merging into a GGUF supports plain LoRA on linear layers".into())
-            })?;
-        let g = gguf_names::hf_module_to_gguf(module).ok_or_else(|| {
-            bad(format!(
-                "module '{module}' has no GGUF name lorastream knows for architecture {}",
-                naming.arch
-            ))
-        })?;
-        let mut bytes = t.bytes().into_owned();
-        if part == "lora_B.weight"
-            && let Some(heads) = gguf_names::permuted_heads(naming, &g)
-        {
-            let rows = t.shape.first().copied().unwrap_or(0);
-            let map = gguf_names::llama_permutation(rows, heads).ok_or_else(|| {
-                bad(format!(
-                    "{rows} rows do not split into {heads} heads of an even size, as llama.cpp's q/k permutation needs"
-                ))
-            })?;
-            let row = bytes.len() / rows.max(1);
-            let src = bytes.clone();
-            for (r, &from) in map.iter().enumerate() {
-                bytes[r * row..(r + 1) * row].copy_from_slice(&src[from * row..(from + 1) * row]);
-            }
-        }
-        targets.insert(format!("{g}.weight"));
-        plan.push(OutTensor {
-            name: format!("base_model.model.{g}.{part}"),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-        });
-        data.push(bytes);
-    }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut cfg = cfg.clone();
-    if let Some(o) = cfg.as_object_mut() {
-        // What the renamed adapter targets, as GGUF names (for anyone reading it).
-        let mut names: Vec<String> = targets
-            .iter()
-            .filter_map(|t| t.trim_end_matches(".weight").rsplit('.').next())
-            .map(str::to_string)
-            .collect();
-        names.sort();
-        names.dedup();
-        o.insert("target_modules".into(), serde_json::json!(names));
-    }
-    let cfg_path = dir.join("adapter_config.json");
-    std::fs::write(&cfg_path, cfg.to_string()).map_err(|e| Error::io(&cfg_path, e))?;
-    let wout = dir.join("adapter_model.safetensors");
-    let mut w = crate::sink::SafetensorsWriter::create(&wout, &plan, false)?;
-    for (o, b) in plan.iter().zip(&data) {
-        w.begin(o)?;
-        w.write(b)?;
-        w.end()?;
-    }
-    Box::new(w).finish()?;
-    Ok(targets)
-}
-
 /// Writes the merged tensors the engine streams into the GGUF writer and copies every
 /// other tensor from the base GGUF as stored, keeping the base's tensor order.
 struct MergedGguf {
@@ -443,10 +282,11 @@ impl TensorSink for MergedGguf {
 }
 
 /// `merge --base model.gguf --lora ADAPTER --out merged.gguf [--gguf-type T]`: the adapter
-/// (trained on the HF model) renamed and permuted for the GGUF, merged by the ordinary
-/// engine into the dequantized weights it targets, each written in `to` or, by default,
-/// its stored type (which must be one lorastream encodes); every other tensor and all
-/// metadata are copied as stored.
+/// (trained on the HF model) is planned against the GGUF's tensors — the plan renames its
+/// modules and permutes q/k rows (`plan::gguf_names`), nothing is written for it — and
+/// merged by the ordinary engine into the dequantized weights it targets, each written in
+/// `to` or, by default, its stored type (which must be one lorastream encodes); every
+/// other tensor and all metadata are copied as stored.
 pub fn merge(out: &Path, opts: &MergeOptions, to: Option<GgmlType>) -> Result<MergeReport> {
     refuse_part(opts.part.is_some())?;
     let [(None, base)] = &opts.bases[..] else {
@@ -471,92 +311,80 @@ pub fn merge(out: &Path, opts: &MergeOptions, to: Option<GgmlType>) -> Result<Me
             "--dtype does not apply to a GGUF output: use --gguf-type F32|F16|BF16|Q8_0|…".into(),
         ));
     }
+    let ckpt = crate::source::open(base)?;
+    if ckpt.format != SourceFormat::Gguf {
+        return Err(Error::Usage(format!(
+            "{}: a .gguf --out needs a .gguf --base (its metadata exists only there)",
+            base.display()
+        )));
+    }
     let (file, g) = gguf::open(base)?;
-    let naming = naming(&g, base)?;
-    let tmp = std::env::temp_dir().join(format!(
-        "lorastream-gguf-adapter-{}-{}",
-        std::process::id(),
-        start_nanos()
-    ));
-    let result = (|| {
-        let targets = adapter_for_gguf(lora, &naming, &tmp)?;
-        let mut o = opts.clone();
-        o.loras = vec![(None, tmp.clone())];
-        // GGUF weights are [out, in] (ne[0] = in), as nn.Linear: no layout is left open.
-        o.settings.layout.not_fan_in_fan_out =
-            vec![regex::Regex::new(".").map_err(|e| Error::Internal(format!("regex: {e}")))?];
-        let mut plan = Vec::new();
-        for t in &g.tensors {
-            let merged = targets.contains(&t.name);
-            let ty = if merged { to.unwrap_or(t.ty) } else { t.ty };
-            if merged && !ty.encodes() {
-                return Err(Error::tensor(
-                    base,
-                    &t.name,
-                    format!(
-                        "is stored as {ty}, which lorastream cannot write: choose --gguf-type {}",
-                        GgmlType::encodable_names()
-                    ),
-                ));
-            }
-            let input = if merged {
-                GgufInput::Values(gguf::entry(&file, t)?.dtype)
-            } else {
-                GgufInput::Stored
-            };
-            plan.push(GgufOut {
-                name: t.name.clone(),
-                ne: t.ne.clone(),
-                ty,
-                input,
-            });
+    let naming = GgufNaming::of(&g, base)?;
+    // Which GGUF tensors the merge changes decides their type and input in the header.
+    let targets = gguf_names::merged_tensors(
+        crate::adapter::Adapter::open(&crate::source::adapter_dir(lora).0)?,
+        &naming,
+        &ckpt,
+    )?;
+    let mut o = opts.clone();
+    o.settings.gguf = Some(naming);
+    // GGUF weights are [out, in] (ne[0] = in), as nn.Linear: no layout is left open.
+    o.settings.layout.not_fan_in_fan_out =
+        vec![regex::Regex::new(".").map_err(|e| Error::Internal(format!("regex: {e}")))?];
+    let mut plan = Vec::new();
+    for t in &g.tensors {
+        let merged = targets.contains(&t.name);
+        let ty = if merged { to.unwrap_or(t.ty) } else { t.ty };
+        if merged && !ty.encodes() {
+            return Err(Error::tensor(
+                base,
+                &t.name,
+                format!(
+                    "is stored as {ty}, which lorastream cannot write: choose --gguf-type {}",
+                    GgmlType::encodable_names()
+                ),
+            ));
         }
-        let head = header_of(&file, &g);
-        let mut report = merge_into(&o, |plan_out| {
-            if o.dry_run {
-                return Ok(None);
-            }
-            let writer = GgufWriter::create(out, &head, &plan, o.sink.direct_io)?;
-            let produce = plan_out
-                .iter()
-                .map(|p| {
-                    if targets.contains(&p.name) {
-                        Produce::All
-                    } else {
-                        Produce::Skip
-                    }
-                })
-                .collect();
-            Ok(Some(Target {
-                sink: Box::new(MergedGguf {
-                    writer,
-                    file: file.clone(),
-                    infos: g.tensors.clone(),
-                    plan: plan.clone(),
-                    next: 0,
-                }),
-                produce,
-            }))
-        })?;
-        report.output = out.display().to_string();
-        report.format = "gguf";
-        // The report names the adapter the user gave, not its renamed temporary copy.
-        for a in report
-            .components
-            .iter_mut()
-            .flat_map(|c| c.adapters.iter_mut())
-        {
-            a.path = lora.display().to_string();
+        let input = if merged {
+            GgufInput::Values(gguf::entry(&file, t)?.dtype)
+        } else {
+            GgufInput::Stored
+        };
+        plan.push(GgufOut {
+            name: t.name.clone(),
+            ne: t.ne.clone(),
+            ty,
+            input,
+        });
+    }
+    let head = header_of(&file, &g);
+    let mut report = merge_into(&o, |plan_out| {
+        if o.dry_run {
+            return Ok(None);
         }
-        Ok(report)
-    })();
-    let _ = std::fs::remove_dir_all(&tmp);
-    result
-}
-
-fn start_nanos() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
+        let writer = GgufWriter::create(out, &head, &plan, o.sink.direct_io)?;
+        let produce = plan_out
+            .iter()
+            .map(|p| {
+                if targets.contains(&p.name) {
+                    Produce::All
+                } else {
+                    Produce::Skip
+                }
+            })
+            .collect();
+        Ok(Some(Target {
+            sink: Box::new(MergedGguf {
+                writer,
+                file: file.clone(),
+                infos: g.tensors.clone(),
+                plan: plan.clone(),
+                next: 0,
+            }),
+            produce,
+        }))
+    })?;
+    report.output = out.display().to_string();
+    report.format = "gguf";
+    Ok(report)
 }

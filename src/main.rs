@@ -152,8 +152,8 @@ enum Command {
     /// --dtype) and a folder output's config.json loses its quantization_config.
     ///
     /// A .gguf --out takes one .gguf --base and one plain LoRA adapter trained on the HF
-    /// model (llama, qwen2, qwen3, gemma architectures): modules renamed to the GGUF's
-    /// tensors (blk.N.attn_q, …), llama's q/k rows permuted as convert_hf_to_gguf.py
+    /// model (architectures llama/Mistral, qwen2, qwen3, gemma, gemma2, gemma3): modules
+    /// renamed to the GGUF's tensors (blk.N.attn_q, …), llama's q/k rows permuted as convert_hf_to_gguf.py
     /// permutes them; merged tensors written in their stored type or --gguf-type, every
     /// other tensor and all metadata copied as stored.
     #[command(
@@ -891,6 +891,7 @@ pub(crate) fn run_hosted(
                 component_order,
                 settings: MergeSettings {
                     keep_lora,
+                    gguf: None,
                     dtype: output.dtype,
                     renames: output.renames,
                     exclude: output.exclude,
@@ -1010,6 +1011,7 @@ pub(crate) fn run_hosted(
                     component_order,
                     settings: MergeSettings {
                         keep_lora: merge.keep_lora,
+                        gguf: None,
                         dtype: merge.dtype,
                         renames: merge.renames,
                         exclude: merge.exclude,

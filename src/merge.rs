@@ -333,7 +333,10 @@ pub fn merge_into(
 ) -> Result<MergeReport> {
     let start = Instant::now();
     let mut notes = Vec::new();
-    let comps = open_components(opts, &mut notes)?;
+    let mut comps = open_components(opts, &mut notes)?;
+    if let Some(naming) = &opts.settings.gguf {
+        crate::plan::gguf_names::components_to_gguf(&mut comps, naming)?;
+    }
     let jobs = plan_with_notes(&comps, &opts.settings, &mut notes)?;
     if let Some(reference) = &opts.expect_keys_from {
         notes.extend(check_expected_keys(

@@ -33,6 +33,9 @@ impl Component {
 pub struct MergeSettings {
     /// Keep the adapters unmerged, in `PeftModel.state_dict()` form.
     pub keep_lora: bool,
+    /// A GGUF base: the adapters' HF module names are renamed to its tensors (and q/k rows
+    /// permuted) before planning (see `gguf_names`).
+    pub gguf: Option<super::gguf_names::GgufNaming>,
     pub dtype: DtypeChoice,
     pub renames: Vec<RenameRule>,
     /// `--exclude`: final keys to leave out.

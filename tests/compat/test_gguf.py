@@ -183,171 +183,281 @@ def test_bad_gguf_inputs_fail_cleanly(run, tmp_path, fixtures_dir):
 
 
 # ---------------------------------------------------------------------------------------
-# merge into a GGUF: a tiny random Llama, a perturbed PEFT LoRA adapter, and the GGUF that
-# llama.cpp's convert_hf_to_gguf.py naming (gguf-py's tensor_mapping) and q/k permutation
-# (LlamaModel.permute, restated below as an index map) make of PEFT's merged model.
+# merge into a GGUF: tiny random models of every architecture lorastream allows (made by
+# real transformers, fixed seeds), a PEFT LoRA on every linear layer with every lora tensor
+# perturbed, and the GGUF that convert_hf_to_gguf.py's reduction below makes of the base and
+# of PEFT's merge_and_unload() model. The merged GGUF is read back with GGUFReader.
 
-def llama_permute(w: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
-    """The q/k row order llama.cpp's convert_hf_to_gguf.py gives llama models
-    (`LlamaModel.permute`, ggml-org/llama.cpp): within each head (of n_head_kv heads when
-    that differs), the rows of the first and second halves are interleaved — GGUF row
-    2i + j of a head is HF row j·half + i. Written here as an index map."""
-    heads = n_head_kv if n_head_kv is not None and n_head_kv != n_head else n_head
-    rows = w.shape[0]
-    half = rows // heads // 2
-    order = [h * 2 * half + j * half + i for h in range(heads) for i in range(half) for j in range(2)]
-    return w[np.array(order)]
+from gguf_reduction import ARCHS, hf_to_gguf, llama_permute  # noqa: E402
+
+FLOAT_BITS = {T.F32: np.uint32, T.F16: np.uint16, T.BF16: np.uint16}
 
 
-def hf_to_gguf(state: dict, cfg, path: Path, qtype=None) -> None:
-    """What convert_hf_to_gguf.py does for a LlamaForCausalLM, reduced to tensors and the
-    metadata the merge needs: names by gguf-py's TensorNameMap, q/k rows permuted, 2-D
-    weights in `qtype` (gguf.quants.quantize) or F32, 1-D tensors F32."""
-    import gguf
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
-    w = GGUFWriter(str(path), "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_array("test.tokens", ["<s>", "a", "b"])
-    for name, t in state.items():
-        data = t.detach().float().numpy()
-        if name.endswith("q_proj.weight"):
-            data = llama_permute(data, cfg.num_attention_heads, cfg.num_attention_heads)
-        if name.endswith("k_proj.weight"):
-            data = llama_permute(data, cfg.num_attention_heads, cfg.num_key_value_heads)
-        new = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-        assert new is not None, name
-        if qtype is not None and data.ndim == 2:
-            w.add_tensor(new, quants.quantize(np.ascontiguousarray(data), qtype), raw_dtype=qtype)
-        else:
-            w.add_tensor(new, np.ascontiguousarray(data.astype(np.float32)))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+def ordered(bits: np.ndarray) -> np.ndarray:
+    """IEEE bit patterns as integers in the floats' order (adjacent floats differ by 1)."""
+    b = bits.astype(np.int64)
+    sign = 1 << (bits.dtype.itemsize * 8 - 1)
+    return np.where(b & sign, -(b & (sign - 1)), b)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    import peft
-    import transformers
-    d = tmp_path_factory.mktemp("llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg).float()
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                "gate_proj", "down_proj"])
-    pm = peft.get_peft_model(model, lcfg)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.1)
-    pm.save_pretrained(d / "adapter")
-    merged = pm.merge_and_unload()
-    merged_state = {k: v.clone() for k, v in merged.state_dict().items()}
-    return d, cfg, base_state, merged_state
+def ulps(a, b, qtype) -> np.ndarray:
+    """Per element, how many representable values of `qtype` lie between a and b."""
+    u = FLOAT_BITS[qtype]
+    x = np.frombuffer(np.asarray(a).tobytes(), dtype=u)
+    y = np.frombuffer(np.asarray(b).tobytes(), dtype=u)
+    return np.abs(ordered(x) - ordered(y))
 
 
-def peft_merge(cfg, state: dict, adapter: Path) -> dict:
-    """PEFT's merge_and_unload of `adapter` on a LlamaForCausalLM holding `state`."""
-    import peft
-    import transformers
-    model = transformers.LlamaForCausalLM(cfg).float()
-    model.load_state_dict(state)
-    merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    return {k: v.clone() for k, v in merged.state_dict().items()}
+def hf_state(model_dir: Path) -> dict:
+    """What convert_hf_to_gguf.py reads: the tensors save_pretrained wrote (a tied lm_head
+    is not among them)."""
+    return {k: v.float() for k, v in load_file(str(model_dir / "model.safetensors")).items()}
 
 
-def as_stored(state: dict, qtype) -> dict:
-    """The weights as a `qtype` GGUF holds them, dequantized (gguf.quants), in HF order:
-    quantization blocks run along rows, so they commute with the q/k row permutation."""
+def stored_values(case, state: dict, qtype) -> dict:
+    """The HF weights as a `qtype` GGUF holds them (gguf.quants round trip) for every tensor
+    the reduction writes in `qtype` (tensors it skips stay as they are): the base PEFT
+    merges into for the reference. Blocks run
+    along rows, so they commute with the q/k row permutation."""
     out = {}
     for k, v in state.items():
-        if v.ndim == 2:
-            x = quants.dequantize(quants.quantize(v.float().numpy(), qtype), qtype)
-            out[k] = torch.from_numpy(np.ascontiguousarray(x))
+        if v.ndim == 2 and not k.endswith("norm.weight") and not case.skip(k):
+            x = quants.dequantize(quants.quantize(v.numpy(), qtype), qtype)
+            out[k] = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         else:
             out[k] = v.clone()
     return out
 
 
-@pytest.mark.parametrize("qtype", [None, T.Q8_0])
-def test_merge_into_gguf_equals_converted_peft_merge(run, tiny_llama, tmp_path, qtype):
-    d, cfg, base_state, merged_state = tiny_llama
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def tiny(request, tmp_path_factory):
+    """(case, model class, config, base folder, adapter folder) for one architecture."""
+    import peft
+    case = ARCHS[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(case.seed)
+    model = case.cls()(case.config()).float()
+    model.save_pretrained(d / "base")
+    pm = peft.get_peft_model(model, peft.LoraConfig(**case.lora))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(d / "adapter")
+    return case, d
+
+
+def peft_merged(case, state: dict, base_dir: Path, adapter: Path, out: Path) -> dict:
+    """PEFT's merge_and_unload of `adapter` on the model holding `state` (saved names, as
+    in `base_dir`; from_pretrained maps them to the live model's), as saved."""
+    import shutil
+    import peft
+    from safetensors.torch import save_file
+    src = out.with_name(out.name + "-base")
+    src.mkdir()
+    shutil.copy(base_dir / "config.json", src / "config.json")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    model = case.cls().from_pretrained(src, dtype=torch.float32)
+    # Every saved tensor loaded as given: from_pretrained's own load report.
+    _, info = case.cls().from_pretrained(src, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    merged = peft.PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    merged.save_pretrained(out)
+    return hf_state(out)
+
+
+def targeted(case, state) -> set[str]:
+    """GGUF names of the weights the adapter changes."""
+    return {case.gguf_name(k) for k in state if case.targets(k)}
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0], ids=lambda q: q.name)
+def test_merge_into_gguf_equals_converted_peft_merge(run, tiny, tmp_path, qtype):
+    case, d = tiny
+    base_state = hf_state(d / "base")
     base = tmp_path / "base.gguf"
-    hf_to_gguf(base_state, cfg, base, qtype)
-    if qtype is not None:
-        # The reference merges into the weights as the quantized base holds them.
-        merged_state = peft_merge(cfg, as_stored(base_state, qtype), d / "adapter")
+    hf_to_gguf(case, base_state, base, qtype)
+    # The reference: PEFT merges into the weights as the GGUF holds them, and the
+    # converter's reduction writes the result in the same type.
+    merged_state = peft_merged(case, stored_values(case, base_state, qtype), d / "base", d / "adapter",
+                               tmp_path / "peft")
     want_path = tmp_path / "want.gguf"
-    hf_to_gguf(merged_state, cfg, want_path, qtype)
+    hf_to_gguf(case, merged_state, want_path, qtype)
     out = tmp_path / "merged.gguf"
-    rep = json.loads(run(["merge", "--base", base, "--lora", d / "adapter", "--out", out, "--json"]).stdout)
-    assert rep["format"] == "gguf" and rep["merged"] == 12
-    assert rep["components"][0]["adapters"][0]["path"] == str(d / "adapter")
-    assert rep["components"][0]["adapters"][0]["used"] == rep["components"][0]["adapters"][0]["tensors"]
+    rep = json.loads(run(["merge", "--base", base, "--lora", d / "adapter", "--out", out, "--json",
+                          "--device", "cpu"]).stdout)
+    names = targeted(case, base_state)
+    assert rep["format"] == "gguf" and rep["merged"] == len(names) == case.n_targets
+    a = rep["components"][0]["adapters"][0]
+    assert a["path"] == str(d / "adapter") and a["used"] == a["tensors"]
     got, want, src = GGUFReader(str(out)), GGUFReader(str(want_path)), GGUFReader(str(base))
     # All metadata kept, byte for byte.
     assert [(f.name, f.types, [bytes(p.tobytes()) for p in f.parts]) for f in got.fields.values()] == \
         [(f.name, f.types, [bytes(p.tobytes()) for p in f.parts]) for f in src.fields.values()]
     wt = {t.name: t for t in want.tensors}
     st = {t.name: t for t in src.tensors}
-    merged = 0
+    assert [t.name for t in got.tensors] == [t.name for t in src.tensors]
+    seen = set()
     for t in got.tensors:
         w = wt[t.name]
         assert t.tensor_type == w.tensor_type == st[t.name].tensor_type, t.name
-        if t.name in ("token_embd.weight", "output.weight") or t.name.endswith(("_norm.weight", ".ffn_up.weight")):
+        if t.name not in names:
             # Not targeted by the adapter: copied as stored.
-            assert np.asarray(t.data).tobytes() == np.asarray(w.data).tobytes(), t.name
+            assert np.asarray(t.data).tobytes() == np.asarray(st[t.name].data).tobytes(), t.name
             continue
-        merged += 1
-        g = quants.dequantize(np.asarray(t.data), t.tensor_type) if qtype else np.asarray(t.data)
-        e = quants.dequantize(np.asarray(w.data), w.tensor_type) if qtype else np.asarray(w.data)
-        if qtype is None:
-            # f32 merge of the same W + s·BA, summed in another order: within a few ulp.
-            np.testing.assert_allclose(g, e, rtol=2e-6, atol=2e-7, err_msg=t.name)
-        else:
-            # Re-quantized: identical blocks except where a value sits on a rounding edge.
-            same = (np.asarray(t.data).reshape(-1, 34) == np.asarray(w.data).reshape(-1, 34)).all(axis=1)
-            assert same.mean() > 0.97, (t.name, same.mean())
-            step = np.abs(e).max() / 127
-            assert np.abs(g - e).max() <= step * 1.01, t.name
-    # q, k, v, o, gate, down in each of 2 layers.
-    assert merged == 12
+        seen.add(t.name)
+        # The base is changed: the check below is not vacuous.
+        assert np.asarray(t.data).tobytes() != np.asarray(st[t.name].data).tobytes(), t.name
+        # Bit for bit what the converter writes of PEFT's merge (the CPU engine sums
+        # W + s·BA in torch's order); on a mismatch, by how many ulps.
+        if np.asarray(t.data).tobytes() != np.asarray(w.data).tobytes():
+            u = ulps(t.data, w.data, qtype) if qtype in FLOAT_BITS else None
+            pytest.fail(f"{t.name} ({qtype.name}) differs from the converted PEFT merge: "
+                        f"{None if u is None else (int(u.max()), float((u > 0).mean()))}")
+    assert seen == names
+    if qtype == T.Q8_0:
+        # Q8_0: the merged f32 values (--gguf-type F32 on the same base) equal PEFT's, and
+        # the Q8_0 output is exactly gguf.quants.quantize of them.
+        f32 = tmp_path / "merged-f32.gguf"
+        run(["merge", "--base", base, "--lora", d / "adapter", "--out", f32, "--gguf-type", "F32", "-q",
+             "--device", "cpu"])
+        vals = {t.name: np.asarray(t.data) for t in GGUFReader(str(f32)).tensors}
+        for t in got.tensors:
+            if t.name not in names:
+                continue
+            hf = next(k for k in merged_state if not case.skip(k) and case.gguf_name(k) == t.name)
+            ref = case.reduce_tensor(hf, merged_state[hf]).numpy()
+            assert vals[t.name].astype(np.float32).tobytes() == ref.astype(np.float32).tobytes(), \
+                (t.name, int(ulps(vals[t.name].astype(np.float32), ref.astype(np.float32), T.F32).max()))
+            assert np.asarray(t.data).tobytes() == quants.quantize(vals[t.name], T.Q8_0).tobytes(), t.name
 
 
-def test_merge_into_gguf_permutation_matters(run, tiny_llama, tmp_path):
-    """Without the q/k permutation the merged attn_q would differ: the comparison above is
-    sensitive to it (a check of the test, with the real reader)."""
-    d, cfg, base_state, merged_state = tiny_llama
-    q = merged_state["model.layers.0.self_attn.q_proj.weight"].numpy()
-    assert not np.array_equal(llama_permute(q, 4, 4), q)
+def test_merge_into_gguf_permutation_matters(tiny):
+    """The llama reduction's q/k permutation changes the rows (so the comparison above is
+    sensitive to it); the other architectures keep HF row order."""
+    case, d = tiny
+    key = next(k for k in hf_state(d / "base") if k.endswith("layers.0.self_attn.q_proj.weight"))
+    q = hf_state(d / "base")[key].numpy()
+    p = case.reduce_tensor(key, torch.from_numpy(q)).numpy()
+    assert np.array_equal(p, q) != (case.gguf_arch == "llama")
+    if case.gguf_arch == "llama":
+        assert np.array_equal(p, llama_permute(q, case.text_config().num_attention_heads, None))
 
 
-def test_merge_into_gguf_refusals(run, tiny_llama, tmp_path, fixtures_dir):
-    d, cfg, base_state, _ = tiny_llama
+def test_merge_into_gguf_lm_head(run, tmp_path):
+    """lm_head → output.weight where the GGUF has one (an untied llama); refused by name
+    where the converter wrote none (a tied Gemma: llama.cpp reads token_embd instead)."""
+    import peft
+    for key, expect_rc in (("llama", 0), ("gemma", 1)):
+        case = ARCHS[key]
+        d = tmp_path / key
+        torch.manual_seed(3)
+        model = case.cls()(case.config()).float()
+        model.save_pretrained(d / "base")
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lm_head", "v_proj"]))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        # Targeting lm_head, PEFT also saves lm_head's base weight unless told not to;
+        # merging into a GGUF refuses such copies (checked below).
+        pm.save_pretrained(d / "adapter", save_embedding_layers=False)
+        pm.save_pretrained(d / "with-copy")
+        base_state = hf_state(d / "base")
+        hf_to_gguf(case, base_state, d / "base.gguf", T.F32)
+        p = run(["merge", "--base", d / "base.gguf", "--lora", d / "with-copy", "--out", d / "c.gguf"],
+                expect_rc=1)
+        assert "lm_head.base_layer.weight" in p.stderr and "save_embedding_layers=False" in p.stderr, p.stderr
+        out = d / "merged.gguf"
+        p = run(["merge", "--base", d / "base.gguf", "--lora", d / "adapter", "--out", out, "--json",
+                 "--device", "cpu"], expect_rc=expect_rc)
+        if expect_rc:
+            assert "'lm_head'" in p.stderr and "'output.weight'" in p.stderr and "tied" in p.stderr, p.stderr
+            assert not out.exists()
+            continue
+        merged_state = peft_merged(case, base_state, d / "base", d / "adapter", d / "peft")
+        hf_to_gguf(case, merged_state, d / "want.gguf", T.F32)
+        got = {t.name: np.asarray(t.data) for t in GGUFReader(str(out)).tensors}
+        want = {t.name: np.asarray(t.data) for t in GGUFReader(str(d / "want.gguf")).tensors}
+        assert json.loads(p.stdout)["merged"] == 3
+        for name in ("output.weight", "blk.0.attn_v.weight", "blk.1.attn_v.weight"):
+            assert not np.array_equal(got[name], np.asarray(
+                {t.name: t.data for t in GGUFReader(str(d / "base.gguf")).tensors}[name])), name
+            assert got[name].tobytes() == want[name].tobytes(), (name, int(ulps(got[name], want[name], T.F32).max()))
+
+
+def test_merge_into_gguf_refusals(run, tiny, tmp_path, fixtures_dir):
+    import shutil
+    case, d = tiny
+    if case.key != "llama":
+        pytest.skip("one architecture is enough for the refusals")
     base = tmp_path / "base.gguf"
-    hf_to_gguf(base_state, cfg, base, None)
+    hf_to_gguf(case, hf_state(d / "base"), base, T.F32)
     # A llama GGUF without head counts: the q/k row order is unknown.
     p = run(["merge", "--base", fixtures_dir / "gguf" / "types.gguf", "--lora", d / "adapter",
              "--out", tmp_path / "x.gguf"], expect_rc=1)
     assert "head_count" in p.stderr
+    # An architecture outside the tested list is refused by name, listing the supported.
+    other = tmp_path / "phi3.gguf"
+    hf_to_gguf(case, hf_state(d / "base"), other, T.F32, arch="phi3")
+    p = run(["merge", "--base", other, "--lora", d / "adapter", "--out", tmp_path / "x.gguf"], expect_rc=1)
+    assert "'phi3'" in p.stderr and "llama, qwen2, qwen3, gemma, gemma2, gemma3" in p.stderr, p.stderr
     # Adapters other than plain LoRA are refused by the field that makes them so.
-    import shutil
-    dora = tmp_path / "dora"
-    shutil.copytree(d / "adapter", dora)
-    c = json.loads((dora / "adapter_config.json").read_text())
-    c["use_dora"] = True
-    (dora / "adapter_config.json").write_text(json.dumps(c))
-    p = run(["merge", "--base", base, "--lora", dora, "--out", tmp_path / "x.gguf"], expect_rc=1)
-    assert "use_dora" in p.stderr
+    for field, value in (("use_dora", True), ("modules_to_save", ["lm_head"]), ("fan_in_fan_out", True)):
+        bad = tmp_path / field
+        shutil.copytree(d / "adapter", bad)
+        c = json.loads((bad / "adapter_config.json").read_text())
+        c[field] = value
+        (bad / "adapter_config.json").write_text(json.dumps(c))
+        p = run(["merge", "--base", base, "--lora", bad, "--out", tmp_path / "x.gguf"], expect_rc=None)
+        assert p.returncode in (1, 2) and field in p.stderr, (field, p.stderr)
+    # Real PEFT adapters of forms the GGUF merge does not take: refused by module.
+    import peft
+    for kw, words in ((dict(lora_bias=True), ["lora_bias", "model.layers.0.self_attn.q_proj"]),
+                      (dict(target_modules=["q_proj", "embed_tokens"]), ["Embedding LoRA", "model.embed_tokens"])):
+        torch.manual_seed(0)
+        m = case.cls()(case.config()).float()
+        pm = peft.get_peft_model(m, peft.LoraConfig(**{**dict(r=2, lora_alpha=4, target_modules=["q_proj"]), **kw}))
+        with torch.no_grad():
+            for n, prm in pm.named_parameters():
+                if "lora_" in n:
+                    prm.copy_(torch.randn_like(prm) * 0.1)
+        ad = tmp_path / f"peft-{len(words[0])}"
+        pm.save_pretrained(ad, save_embedding_layers=False)
+        p = run(["merge", "--base", base, "--lora", ad, "--out", tmp_path / "x.gguf"], expect_rc=1)
+        assert all(w in p.stderr for w in words), (kw, p.stderr)
+    # A module the table does not know names the HF module.
+    bad = tmp_path / "renamed"
+    shutil.copytree(d / "adapter", bad)
+    w = load_file(str(bad / "adapter_model.safetensors"))
+    from safetensors.torch import save_file
+    save_file({k.replace("mlp.down_proj", "mlp.fc2"): v for k, v in w.items()},
+              str(bad / "adapter_model.safetensors"))
+    p = run(["merge", "--base", base, "--lora", bad, "--out", tmp_path / "x.gguf"], expect_rc=1)
+    assert "model.layers.0.mlp.fc2" in p.stderr and "llama" in p.stderr, p.stderr
     assert not (tmp_path / "x.gguf").exists()
     p = run(["merge", "--base", base, "--lora", d / "adapter", "--out", tmp_path / "y.gguf",
              "--dtype", "bf16"], expect_rc=2)
     assert not (tmp_path / "y.gguf").exists()
+
+
+def test_merge_into_gguf_refuses_vision_modules(run, tmp_path):
+    """A LoRA on Gemma3ForConditionalGeneration that also adapts the vision tower (whose
+    tensors the converter puts in the mmproj file, not this GGUF) is refused by module."""
+    import peft
+    case = ARCHS["gemma3mm"]
+    torch.manual_seed(8)
+    model = case.cls()(case.config()).float()
+    model.save_pretrained(tmp_path / "base")
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    pm.save_pretrained(tmp_path / "adapter")
+    hf_to_gguf(case, hf_state(tmp_path / "base"), tmp_path / "base.gguf", T.F32)
+    p = run(["merge", "--base", tmp_path / "base.gguf", "--lora", tmp_path / "adapter",
+             "--out", tmp_path / "x.gguf"], expect_rc=1)
+    assert "vision_tower" in p.stderr and "q_proj" in p.stderr and "gemma3" in p.stderr, p.stderr
+    assert not (tmp_path / "x.gguf").exists()
