@@ -408,3 +408,18 @@ def test_requantize_convert_keeps_the_fp8_layout(run, out_dir):
             assert bits_equal(got[k], v.to(torch.float32)), k
     assert "quantization_config" in json.loads((out / "config.json").read_text())
     AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+
+
+def test_requantize_pth_is_torch_loadable(run, out_dir):
+    """A .pth output holds the fp8 codes as torch.float8_e4m3fn storage: torch.load reads
+    the same tensors as the safetensors output."""
+    args = ["merge", "--base", FX / "fp8_block", "--lora", FX / "lora_llama128",
+            "--requantize", "fp8-block", "--out"]
+    run(args + [out_dir / "m.pth"])
+    run(args + [out_dir / "m.safetensors"])
+    pth = torch.load(out_dir / "m.pth", weights_only=True)
+    st = load_st(out_dir / "m.safetensors")
+    assert sorted(pth) == sorted(st)
+    assert pth["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
+    for k in st:
+        assert bits_equal(pth[k], st[k]), k
