@@ -491,7 +491,9 @@ pub fn merge_into(
         peak_rss_bytes: peak_rss_bytes(),
         components,
         notes,
-        plan: opts.dry_run.then(|| describe(&jobs)),
+        plan: opts
+            .dry_run
+            .then(|| crate::plan::requantize::describe(describe(&jobs), jobs.requantized())),
         part: None,
     })
 }

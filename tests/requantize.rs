@@ -120,6 +120,33 @@ fn merge_writes_the_base_layout_again() {
                 .collect()
         };
     assert_eq!(layout(&got), layout(&stored));
+    // A dry run plans exactly that layout.
+    let o = merge(
+        &format!("{}/", dir.path().join("dry").display()),
+        &["--requantize", "fp8-block", "--dry-run", "--json"],
+    );
+    ok(&o);
+    let rep: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut planned: Vec<(String, String, Vec<u64>)> = rep["plan"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let shape = p["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap())
+                .collect();
+            (
+                p["name"].as_str().unwrap().to_string(),
+                p["dtype"].as_str().unwrap().to_string(),
+                shape,
+            )
+        })
+        .collect();
+    planned.sort();
+    assert_eq!(planned, layout(&stored));
     // The adapter targets q_proj, v_proj and down_proj: those change, the rest is as stored.
     let merged = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"];
     for (k, (_, _, bytes)) in &stored {

@@ -146,11 +146,17 @@ impl<'a> Requantizer<'a> {
         if whole == 0 {
             return Ok(());
         }
-        c.vals.resize(whole / es, 0.0);
-        decode_f32(c.spec.input.dtype, &c.pending[..whole], &mut c.vals);
+        // One band of f32 at a time (not the whole piece): memory stays a band.
         let mut q = self.inner.buffer();
         q.resize(whole / es, 0);
-        quantize_band(&c.vals, c.cols, c.spec.block, &mut q, &mut c.scales);
+        c.vals.resize(band / es, 0.0);
+        for (src, dst) in c.pending[..whole]
+            .chunks_exact(band)
+            .zip(q.chunks_exact_mut(band / es))
+        {
+            decode_f32(c.spec.input.dtype, src, &mut c.vals);
+            quantize_band(&c.vals, c.cols, c.spec.block, dst, &mut c.scales);
+        }
         c.pending.drain(..whole);
         self.inner.write_owned(q)
     }

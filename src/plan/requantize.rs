@@ -230,3 +230,34 @@ pub fn convert_sources<'a>(
     }
     Ok(out)
 }
+
+/// The dry-run plan (`merge --dry-run --json`) as the sink would get it: each
+/// re-quantized weight as its fp8 tensor (`apply` says so), followed by its scales.
+pub fn describe(
+    planned: Vec<super::report::PlannedTensor>,
+    requant: &[Fp8Requant],
+) -> Vec<super::report::PlannedTensor> {
+    let mut out = Vec::with_capacity(planned.len() + requant.len());
+    for mut p in planned {
+        match requant.iter().find(|r| r.input.name == p.name) {
+            Some(r) => {
+                p.dtype = r.weight.dtype.to_string();
+                p.bytes = r.weight.nbytes();
+                p.apply = "merge+requantize";
+                let scales = super::report::PlannedTensor {
+                    name: r.scales.name.clone(),
+                    dtype: r.scales.dtype.to_string(),
+                    shape: r.scales.shape.clone(),
+                    bytes: r.scales.nbytes(),
+                    apply: "requantize",
+                    steps: Vec::new(),
+                    ..p.clone()
+                };
+                out.push(p);
+                out.push(scales);
+            }
+            None => out.push(p),
+        }
+    }
+    out
+}
