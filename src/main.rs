@@ -107,7 +107,8 @@ enum Command {
         /// The checkpoint to read: a .safetensors file, a PyTorch .pth/.pt/.bin, a sharded
         /// *.index.json, an HF model folder or a .gguf. A quantized model (config.json's
         /// quantization_config: fp8 block-scaled, bitsandbytes 4-bit/8-bit, mxfp4) is read
-        /// dequantized, as its own library dequantizes it; other quantizations are refused.
+        /// dequantized, as its own library dequantizes it, and written bf16 unless --dtype
+        /// (or kept FP8 with --requantize fp8-block); other quantizations are refused.
         input: PathBuf,
         /// Where to write (the format follows the name, see above); or give it with -o/--out.
         #[arg(required_unless_present = "out_path", conflicts_with = "out_path")]
