@@ -93,6 +93,11 @@ enum Command {
              Repeatable; a pattern that matches no key is reported in a note")),
         mut_arg("verbose", |a| a.help(
             "Also print one line per tensor as it is written: key, dtype, shape, size, time taken")),
+        mut_arg("requantize", |a| a.help(
+            "fp8-block: for an FP8 block-scaled input (quant_method \"fp8\"), keep its layout: \
+             every float8_e4m3fn weight and its X.weight_scale_inv copied as stored instead of \
+             dequantized, config.json keeping quantization_config; other tensors follow --dtype. \
+             Refused for an input without FP8 block-scaled weights, --part and .gguf outputs")),
         mut_arg("gguf_type", |a| a.help(
             "For a .gguf output: the ggml type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) every \
              tensor of two or more dimensions is re-encoded in, bit for bit as the gguf package's \
