@@ -348,7 +348,9 @@ pub fn merge_into(
     if let Some(notify) = opts.notify {
         notes.iter().for_each(|n| notify(n));
     }
-    let plan_out: Vec<OutTensor> = jobs.iter().map(|j| j.out.clone()).collect();
+    // What the sink holds: the jobs' outputs, with --requantize's merged weights as fp8
+    // weight + scales (plan/requantize.rs); `sink_index` maps jobs to it.
+    let (plan_out, sink_index) = crate::plan::requantize::sink_plan(&jobs, jobs.requantized());
     let target = target(&plan_out)?;
     if target.is_none()
         && let Some(trace) = opts.trace
@@ -385,14 +387,18 @@ pub fn merge_into(
     };
     let cover = coverage::count(&comps, &jobs);
     if let Some(Target { sink, produce }) = target {
-        if produce.len() != jobs.len() {
+        if produce.len() != plan_out.len() {
             return Err(Error::Internal("one Produce per planned tensor".into()));
         }
+        // One entry per job: a re-quantized weight's scales come with it (and --part,
+        // which could split them, is refused with --requantize).
+        let produce: Vec<Produce> = sink_index.iter().map(|&i| produce[i].clone()).collect();
         // A run that computes nothing walks its copies and ties without a backend.
         let backend: &dyn DeltaBackend = backend.as_deref().unwrap_or(&NoDeltas);
         // The bytes this run writes (a part skips the others' tensors).
-        let to_write = plan_out
+        let to_write = jobs
             .iter()
+            .map(|j| &j.out)
             .zip(&produce)
             .filter(|(_, p)| **p != Produce::Skip)
             .map(|(t, _)| t.nbytes())
@@ -421,6 +427,17 @@ pub fn merge_into(
                     Some((WorkItem { out: &j.out, task }, i))
                 })
                 .unzip();
+            let mut requantizer;
+            let sink: &mut dyn TensorSink = if jobs.requantized().is_empty() {
+                sink
+            } else {
+                requantizer = crate::compute::fp8_block::Requantizer::new(
+                    sink,
+                    jobs.requantized(),
+                    sink_index.clone(),
+                );
+                &mut requantizer
+            };
             backend.run(&work, sink, &mut |k, took| {
                 let j = &jobs[planned[k]];
                 bar.inc(j.out.nbytes());
@@ -470,14 +487,16 @@ pub fn merge_into(
         format: "",
         dry_run: opts.dry_run,
         device,
-        tensors: jobs.len(),
+        tensors: plan_out.len(),
         merged: jobs.iter().filter(|j| j.is_merged()).count(),
         bytes: plan_out.iter().map(|t| t.nbytes()).sum(),
         seconds: start.elapsed().as_secs_f64(),
         peak_rss_bytes: peak_rss_bytes(),
         components,
         notes,
-        plan: opts.dry_run.then(|| describe(&jobs)),
+        plan: opts
+            .dry_run
+            .then(|| crate::plan::requantize::describe(describe(&jobs), jobs.requantized())),
         part: None,
     })
 }
@@ -640,6 +659,12 @@ fn merge_part(
     part: crate::partition::Part,
 ) -> Result<MergeReport> {
     use crate::sink;
+    if opts.settings.requantize.is_some() {
+        return Err(Error::Usage(
+            "--requantize fp8-block does not go with --part (a weight and its scales must be              written by one run); merge in one run"
+                .into(),
+        ));
+    }
     let format = sink::OutputFormat::from_path(out)?;
     sink::check_part_output(out)?;
     let dir = sink::folder_of(out);

@@ -41,6 +41,9 @@ pub struct ConvertOptions {
     pub allow_empty: bool,
     /// `--part K/N`: write only part K of a folder output (see [`crate::partition`]).
     pub part: Option<crate::partition::Part>,
+    /// `--requantize fp8-block`: FP8 block-scaled weights written as stored (fp8 + scales)
+    /// instead of dequantized, config.json keeping its quantization_config.
+    pub requantize: Option<crate::plan::requantize::Requantize>,
 }
 
 /// What a finished job reports (`--json`).
@@ -102,12 +105,14 @@ fn torch_dtype_name(d: Dtype) -> Option<&'static str> {
 /// `torch_dtype`, which both transformers 4 and 5 read. A file of the same name already in
 /// the output folder `out` (a README of the repo it is a clone of) is kept unless
 /// `overwrite`. Also returns a note saying what was copied and kept; nothing (and no note)
-/// when `base` is not in a model folder.
+/// when `base` is not in a model folder. With `requantized` (`--requantize fp8-block`) the
+/// output is quantized as the base is, so its `quantization_config` stays.
 pub fn model_side_files(
     base: &Path,
     dtype: DtypeChoice,
     out: &Path,
     overwrite: bool,
+    requantized: bool,
 ) -> Result<(Vec<SideFile>, Option<String>)> {
     let files = source::model_folder_files(base)?;
     if files.is_empty() {
@@ -134,7 +139,11 @@ pub fn model_side_files(
             .collect();
     }
     // A dequantized base: config.json must no longer say the weights are quantized.
-    let dequantized = source::quantized::config_changes(base)?;
+    let dequantized = if requantized {
+        Vec::new()
+    } else {
+        source::quantized::config_changes(base)?
+    };
     if !dequantized.is_empty() && cast_to.is_none() {
         // The decoded weights' dtype (bf16 for fp8 and mxfp4; the state's for bitsandbytes)
         // is what the output holds; say so when the config names another.
@@ -248,7 +257,13 @@ pub fn merge_side_files(
             );
             Ok((Vec::new(), Some(note)))
         }
-        None => model_side_files(base, settings.dtype, out, overwrite),
+        None => model_side_files(
+            base,
+            settings.dtype,
+            out,
+            overwrite,
+            settings.requantize.is_some(),
+        ),
     }
 }
 
@@ -261,23 +276,45 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
         Some(_) => sink::check_part_output(output)?,
         None => sink::check_output(output, &opts.sink)?,
     }
+    if opts.requantize.is_some() && opts.part.is_some() {
+        return Err(Error::Usage(
+            "--requantize fp8-block does not go with --part (a weight and its scales must be \
+             written by one run); convert in one run"
+                .into(),
+        ));
+    }
     let ckpt = source::open(input)?;
     ckpt.set_read_mode(opts.reads);
     if ckpt.tensors.is_empty() && !opts.allow_empty {
         return Err(Error::format(input, no_tensors_message(&ckpt.skipped)));
     }
-    let (plan, sources): (Vec<OutTensor>, Vec<&TensorEntry>) = ckpt
+    let named = ckpt
         .tensors
         .iter()
-        .map(|t| {
+        .map(|t| (rename::apply(&opts.renames, &t.name), t))
+        .filter(|(name, _)| !rename::excluded(&opts.exclude, name));
+    // --requantize fp8-block: FP8 weights as stored, each followed by its scales.
+    let requantized = match opts.requantize {
+        Some(crate::plan::requantize::Requantize::Fp8Block) => {
+            crate::plan::requantize::convert_sources(named)?
+        }
+        None => named.map(|(n, t)| (n, t.clone(), false)).collect(),
+    };
+    let (plan, sources): (Vec<OutTensor>, Vec<&TensorEntry>) = requantized
+        .iter()
+        .map(|(name, t, as_stored)| {
             let o = OutTensor {
-                name: rename::apply(&opts.renames, &t.name),
-                dtype: opts.dtype.apply(t.dtype),
+                name: name.clone(),
+                // Stored fp8 weights and their f32 scales are copied as they are.
+                dtype: if *as_stored {
+                    t.dtype
+                } else {
+                    opts.dtype.apply_to(t)
+                },
                 shape: t.shape.clone(),
             };
             (o, t)
         })
-        .filter(|(o, _)| !rename::excluded(&opts.exclude, &o.name))
         .unzip();
     let keys: Vec<String> = ckpt.tensors.iter().map(|t| t.name.clone()).collect();
     let notes = rename::unused(&opts.renames, &opts.exclude, &keys);
@@ -300,7 +337,13 @@ pub fn convert(input: &Path, output: &Path, opts: &ConvertOptions) -> Result<Rep
         && !opts.no_copy_files
         && side_files_here
     {
-        model_side_files(input, opts.dtype, output, opts.sink.overwrite)?
+        model_side_files(
+            input,
+            opts.dtype,
+            output,
+            opts.sink.overwrite,
+            opts.requantize.is_some(),
+        )?
     } else {
         (Vec::new(), None)
     };

@@ -70,8 +70,9 @@ fn folder_outputs_drop_quantization_config() {
     let dir = tempfile::tempdir().unwrap();
     for (base, lora, dtype) in [
         ("fp8_block", Some("lora_llama128"), "bfloat16"),
-        // LLM.int8 dequantizes to f32: the config says so.
-        ("bnb_int8", None, "float32"),
+        // LLM.int8 dequantizes to f32, but quantized bases are written bf16 unless
+        // --dtype says otherwise: the config says so.
+        ("bnb_int8", None, "bfloat16"),
     ] {
         let out = dir.path().join(base);
         let out_s = format!("{}/", out.display());
@@ -95,8 +96,7 @@ fn folder_outputs_drop_quantization_config() {
         assert_eq!(cfg["dtype"], dtype, "{base}");
         let rep = inspect(&out);
         let q = tensor(&rep, "model.layers.0.self_attn.q_proj.weight");
-        let want = if base == "bnb_int8" { "F32" } else { "BF16" };
-        assert_eq!(q["dtype"], want, "{base}");
+        assert_eq!(q["dtype"], "BF16", "{base}");
         assert!(q.get("stored").is_none());
         assert!(
             rep["tensors"].as_array().unwrap().iter().all(|t| !t["name"]
@@ -106,6 +106,24 @@ fn folder_outputs_drop_quantization_config() {
                 && !t["name"].as_str().unwrap().ends_with("SCB"))
         );
     }
+}
+
+/// `--dtype f32` still gives the int8 weights' own f32 decoding (and says so).
+#[test]
+fn dtype_overrides_the_bf16_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("f32");
+    let out_s = format!("{}/", out.display());
+    let o = run(&[&"convert", &fx("bnb_int8"), &out_s, &"--dtype", &"f32"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "float32");
+    let rep = inspect(&out);
+    assert_eq!(
+        tensor(&rep, "model.layers.0.self_attn.q_proj.weight")["dtype"],
+        "F32"
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod finite;
+pub mod fp8_block;
 pub mod gemm;
 mod read_ahead;
 pub mod rows;

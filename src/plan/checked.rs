@@ -19,6 +19,8 @@ use crate::source::TensorEntry;
 #[derive(Clone, Debug)]
 pub struct CheckedJobs {
     jobs: Vec<Job>,
+    /// `--requantize fp8-block`: the merged jobs written FP8 block-scaled.
+    requantized: Vec<super::requantize::Fp8Requant>,
 }
 
 impl CheckedJobs {
@@ -30,7 +32,21 @@ impl CheckedJobs {
                 check_merge(base, steps, &j.out.name, j.out.dtype)?;
             }
         }
-        Ok(CheckedJobs { jobs })
+        Ok(CheckedJobs {
+            jobs,
+            requantized: Vec::new(),
+        })
+    }
+
+    /// The same jobs, with the merged ones `requantized` lists written FP8 block-scaled.
+    pub fn with_requantized(mut self, requantized: Vec<super::requantize::Fp8Requant>) -> Self {
+        self.requantized = requantized;
+        self
+    }
+
+    /// The merged jobs written FP8 block-scaled (`--requantize fp8-block`).
+    pub fn requantized(&self) -> &[super::requantize::Fp8Requant] {
+        &self.requantized
     }
 
     /// Job `i`'s merge, when it is one.

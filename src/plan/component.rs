@@ -45,4 +45,7 @@ pub struct MergeSettings {
     /// `--combine`: each component's adapters become one weighted combination (PEFT's
     /// `add_weighted_adapter`), merged alone.
     pub combine: Option<crate::adapter::combine::Combine>,
+    /// `--requantize fp8-block`: FP8 weights written FP8 block-scaled again (see
+    /// `plan/requantize.rs`).
+    pub requantize: Option<super::requantize::Requantize>,
 }

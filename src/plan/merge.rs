@@ -50,6 +50,15 @@ pub fn plan_with_notes(
     }
     notes.extend(rename::unused(&settings.renames, &settings.exclude, &keys));
     jobs.retain(|j| !rename::excluded(&settings.exclude, &j.out.name));
+    // --requantize fp8-block: which outputs are FP8 again (pass-through copies are jobs).
+    let requant = match settings.requantize {
+        Some(super::requantize::Requantize::Fp8Block) => {
+            let (expanded, requant) = super::requantize::expand(jobs, settings.keep_lora)?;
+            jobs = expanded;
+            requant
+        }
+        None => Vec::new(),
+    };
     let sources: Vec<String> = jobs.iter().map(describe_source).collect();
     rename::check_unique(
         jobs.iter()
@@ -58,7 +67,7 @@ pub fn plan_with_notes(
     )?;
     mark_ties(&mut jobs);
     super::coverage::check(components, settings, &jobs)?;
-    CheckedJobs::check(jobs)
+    CheckedJobs::check(jobs).map(|c| c.with_requantized(requant))
 }
 
 /// Where a tensor's bytes lie in its file: (file identity, first byte, end byte).
@@ -1331,7 +1340,7 @@ fn plan_merged(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Job>)
         jobs.push(Job {
             out: OutTensor {
                 name: t.name.clone(),
-                dtype: s.dtype.apply(t.dtype),
+                dtype: s.dtype.apply_to(t),
                 shape: t.shape.clone(),
             },
             source,
@@ -1451,7 +1460,7 @@ fn plan_keep_lora(ci: usize, c: &Component, s: &MergeSettings, jobs: &mut Vec<Jo
             for t in &base.tensors {
                 let (module, param) = t.name.rsplit_once('.').unwrap_or(("", t.name.as_str()));
                 let value = replacements.get(t.name.as_str()).copied().unwrap_or(t);
-                let base_dtype = s.dtype.apply(t.dtype);
+                let base_dtype = s.dtype.apply_to(t);
                 if targeted.contains(module) {
                     let name = format!("{SAVED_PREFIX}{module}.base_layer.{param}");
                     jobs.push(cast_job(ci, name, value, t, base_dtype));

@@ -15,6 +15,7 @@ pub mod merge;
 pub mod merge_types;
 pub mod rename;
 pub mod report;
+pub mod requantize;
 mod transformers_models;
 
 pub use rename::RenameRule;
@@ -37,6 +38,18 @@ impl DtypeChoice {
         match self {
             DtypeChoice::To(d) if stored.is_float() => d,
             _ => stored,
+        }
+    }
+
+    /// The output dtype of entry `t`: as [`DtypeChoice::apply`], except that under `keep`
+    /// a decoded quantized weight whose decoder names a default (bitsandbytes: bf16, the
+    /// quantized bases' default output dtype, whatever the quant state's dtype) takes it.
+    pub fn apply_to(self, t: &crate::source::TensorEntry) -> Dtype {
+        match (self, &t.data) {
+            (DtypeChoice::Keep, crate::source::TensorData::Decoded { decoder, .. }) => {
+                decoder.default_output_dtype().unwrap_or(t.dtype)
+            }
+            _ => self.apply(t.dtype),
         }
     }
 

@@ -16,7 +16,8 @@ pub struct PlannedTensor {
     pub dtype: String,
     pub shape: Vec<usize>,
     pub bytes: u64,
-    /// `copy` (bytes as stored), `cast` (stored bytes converted to `dtype`) or `merge`.
+    /// `copy` (bytes as stored), `cast` (stored bytes converted to `dtype`) or `merge`;
+    /// with `--requantize fp8-block` also `merge+requantize` and `requantize` (its scales).
     pub apply: &'static str,
     /// The merge steps, in order (empty for copy and cast).
     pub steps: Vec<PlannedStep>,

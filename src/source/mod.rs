@@ -230,6 +230,17 @@ pub trait Decode: Send + Sync + std::fmt::Debug {
     /// The file ranges decoding reads, `(file, start, len)`: read ahead and released with
     /// the tensor.
     fn stored_ranges(&self) -> Vec<(Arc<MappedFile>, usize, usize)>;
+    /// An FP8 block-scaled weight's stored entries (for `--requantize fp8-block`, which
+    /// passes unmerged ones through as stored); `None` for every other stored form.
+    fn fp8_block(&self) -> Option<&quantized::Fp8Parts> {
+        None
+    }
+    /// The dtype a floating output of this entry takes under `--dtype keep`, when it is
+    /// not the entry's own dtype (bf16 for bitsandbytes' weights: see
+    /// [`crate::plan::DtypeChoice::apply_to`]).
+    fn default_output_dtype(&self) -> Option<Dtype> {
+        None
+    }
 }
 
 /// Where a tensor's elements are inside its file.

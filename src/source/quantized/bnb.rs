@@ -15,6 +15,10 @@
 //! 8-bit (`Int8Params`, LLM.int8()): `X.weight` int8 with row scales `X.SCB` (f32) and
 //! `X.weight_format`; decoded as `int8_vectorwise_dequant`: `q · SCB[row] · (1/127)` in
 //! f32, giving f32 (what transformers' `dequantize` returns).
+//!
+//! Both decode in the state's own dtype (so a merge adds the delta to exactly the weight
+//! bitsandbytes dequantizes, as PEFT does), but their output defaults to bf16, the
+//! quantized bases' default output dtype (`default_output_dtype`); `--dtype` picks another.
 
 use super::{Stored, decoded_entry, replace};
 use crate::dtype::{Dtype, encode_f32};
@@ -175,6 +179,9 @@ impl Decode for Bnb4 {
     fn stored_ranges(&self) -> Vec<(Arc<MappedFile>, usize, usize)> {
         self.all().iter().map(|s| s.range()).collect()
     }
+    fn default_output_dtype(&self) -> Option<Dtype> {
+        Some(Dtype::BF16)
+    }
 }
 
 impl Bnb4 {
@@ -215,6 +222,9 @@ impl Decode for Bnb8 {
         let mut v = vec![self.q.range(), self.scb.range()];
         v.extend(self.format.iter().map(Stored::range));
         v
+    }
+    fn default_output_dtype(&self) -> Option<Dtype> {
+        Some(Dtype::BF16)
     }
 }
 

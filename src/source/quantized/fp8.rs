@@ -9,7 +9,7 @@
 use super::{Stored, decoded_entry, replace};
 use crate::dtype::{Dtype, bf16_bits};
 use crate::error::{Error, Result};
-use crate::source::{Checkpoint, Decode, MappedFile};
+use crate::source::{Checkpoint, Decode, MappedFile, TensorEntry};
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -97,11 +97,25 @@ fn block_size(path: &Path, q: &Value) -> Result<(usize, usize)> {
     }
 }
 
+/// The stored form of one decoded FP8 block-scaled weight, as `--requantize fp8-block`
+/// passes it through: the float8_e4m3fn weight and its f32 `weight_scale_inv` entries as
+/// the checkpoint stores them, and the block size they were read with.
+#[derive(Clone, Debug)]
+pub struct Fp8Parts {
+    pub weight: TensorEntry,
+    pub scales: TensorEntry,
+    pub block: (usize, usize),
+    /// `quantization_config.scale_fmt`, when set (e.g. "ue8m0").
+    pub scale_fmt: Option<String>,
+}
+
 /// One FP8 weight with its block scales.
 #[derive(Debug)]
 struct Fp8Block {
     weight: Stored,
     scales: Stored,
+    /// The two stored entries themselves (see [`Fp8Parts`]).
+    parts: Fp8Parts,
     /// Rows and columns of each matrix (the last two dimensions).
     rows: usize,
     cols: usize,
@@ -159,12 +173,20 @@ impl Decode for Fp8Block {
     fn stored_ranges(&self) -> Vec<(Arc<MappedFile>, usize, usize)> {
         vec![self.weight.range(), self.scales.range()]
     }
+    fn fp8_block(&self) -> Option<&Fp8Parts> {
+        Some(&self.parts)
+    }
 }
 
 /// Replaces every `X` + `X_scale_inv` pair by the bf16 `X`; refuses fp8 tensors without
 /// scales, scales without a weight, static activation scales and grids that do not fit.
 pub(super) fn apply(ckpt: &mut Checkpoint, cfg: &Path, q: &Value) -> Result<()> {
     let block = block_size(cfg, q)?;
+    let scale_fmt = q
+        .get("scale_fmt")
+        .and_then(Value::as_str)
+        .filter(|f| !f.is_empty())
+        .map(str::to_string);
     let by_name: HashMap<&str, usize> = ckpt
         .tensors
         .iter()
@@ -231,6 +253,12 @@ pub(super) fn apply(ckpt: &mut Checkpoint, cfg: &Path, q: &Value) -> Result<()> 
                 block,
                 srows: grid.0,
                 scols: grid.1,
+                parts: Fp8Parts {
+                    weight: w.clone(),
+                    scales: t.clone(),
+                    block,
+                    scale_fmt: scale_fmt.clone(),
+                },
             };
             decoded.insert(
                 w.name.clone(),

@@ -11,6 +11,10 @@ mod bnb;
 mod fp8;
 mod mxfp4;
 
+pub use fp8::Fp8Parts;
+#[cfg(test)]
+pub(crate) use fp8::e4m3fn_to_f32;
+
 use super::{Checkpoint, MappedFile, TensorData, TensorEntry};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -222,12 +226,13 @@ pub fn config_changes(given: &Path) -> Result<Vec<(String, Value)>> {
 }
 
 /// The torch dtype name of the decoded weights of the quantized base at `given`, when
-/// they all have one (bf16 for fp8 and mxfp4; a bitsandbytes 4-bit state's own dtype; f32
-/// for int8): what a folder output's config.json should say. Reads the headers again.
+/// they all have one (bf16 for fp8, mxfp4 and bitsandbytes, whose weights decode in the
+/// state's dtype but are written as bf16 under `--dtype keep`): what a folder output's
+/// config.json should say. Reads the headers again.
 pub fn decoded_dtype_name(given: &Path) -> Result<Option<&'static str>> {
     let ckpt = super::open(given)?;
-    let mut dtypes = ckpt.tensors.iter().filter_map(|t| match t.data {
-        TensorData::Decoded { .. } => Some(t.dtype),
+    let mut dtypes = ckpt.tensors.iter().filter_map(|t| match &t.data {
+        TensorData::Decoded { .. } => Some(crate::plan::DtypeChoice::Keep.apply_to(t)),
         _ => None,
     });
     let Some(first) = dtypes.next() else {
