@@ -615,9 +615,12 @@ mod tests {
         w
     }
 
+    type Tensor = (&'static str, &'static str, Vec<usize>, Vec<u8>);
+
     /// 16 inputs × 8 outputs at 4 bits, group 8, act-order g_idx, v1 zeros including a
     /// zero of 0 (so the v1 word offset borrows), decoded by hand.
     #[test]
+    #[allow(clippy::needless_range_loop)] // indices mirror the [group][output] layout
     fn gptq_v1_act_order_by_hand() {
         let dir = tempfile::tempdir().unwrap();
         config(
@@ -698,7 +701,7 @@ mod tests {
                     ("l.g_idx", "I32", vec![g], vec![0; g * 4]),
                 ]
             };
-        let cases: Vec<(&str, Vec<(&str, &str, Vec<usize>, Vec<u8>)>, &str)> = vec![
+        let cases: Vec<(&str, Vec<Tensor>, &str)> = vec![
             (
                 r#"{"quant_method": "gptq", "bits": 3}"#,
                 good(vec![2, 1], 16),
