@@ -202,26 +202,67 @@ fn word(s: &Stored, i: usize) -> u32 {
 }
 
 impl Packed {
-    /// The integer `q - z` and the scale index of element `(o, i)`.
-    fn code(&self, o: usize, i: usize) -> (i32, usize) {
+    /// Scale `k` of the scales tensor, widened to f32 (exact).
+    fn scale(&self, k: usize) -> f32 {
+        let es = self.scale_dtype.size();
+        let mut s = [0f32; 1];
+        decode_f32(
+            self.scale_dtype,
+            &self.scales.bytes()[k * es..(k + 1) * es],
+            &mut s,
+        );
+        s[0]
+    }
+
+    /// Pushes the f32 values `scale · (q - z)` of output row `o`, inputs `i0..i1`. Each
+    /// packed word and each group's scale and zero is read once per run of inputs
+    /// sharing it, not once per element.
+    fn row_into(&self, o: usize, i0: usize, i1: usize, vals: &mut Vec<f32>) {
         let maxq = (1u32 << self.bits) - 1;
         let pf = (32 / self.bits) as usize;
+        // (group, scale, zero) of the last group seen.
+        let mut cached: Option<(usize, f32, i32)> = None;
+        let mut group = |g: usize, zero: &dyn Fn(usize) -> u32| -> (f32, i32) {
+            match cached {
+                Some((cg, s, z)) if cg == g => (s, z),
+                _ => {
+                    let (s, z) = (self.scale(g * self.out_f + o), zero(g) as i32);
+                    cached = Some((g, s, z));
+                    (s, z)
+                }
+            }
+        };
         match &self.layout {
             Layout::Gptq { g_idx, zero_add } => {
-                let w = word(&self.qweight, (i / pf) * self.out_f + o);
-                let q = (w >> (self.bits * (i % pf) as u32)) & maxq;
-                let g = g_idx[i] as usize;
-                let zw = word(&self.qzeros, g * (self.out_f / pf) + o / pf).wrapping_add(*zero_add);
-                let z = (zw >> (self.bits * (o % pf) as u32)) & maxq;
-                (q as i32 - z as i32, g * self.out_f + o)
+                let zshift = self.bits * (o % pf) as u32;
+                let zero = |g: usize| {
+                    (word(&self.qzeros, g * (self.out_f / pf) + o / pf).wrapping_add(*zero_add)
+                        >> zshift)
+                        & maxq
+                };
+                let mut i = i0;
+                while i < i1 {
+                    // The inputs of one packed word.
+                    let w = word(&self.qweight, (i / pf) * self.out_f + o);
+                    let stop = ((i / pf + 1) * pf).min(i1);
+                    for (ii, &g) in g_idx.iter().enumerate().take(stop).skip(i) {
+                        let q = (w >> (self.bits * (ii % pf) as u32)) & maxq;
+                        let (s, z) = group(g as usize, &zero);
+                        // One rounding: the product is exact in f32 for f16/bf16 scales.
+                        vals.push(s * (q as i32 - z) as f32);
+                    }
+                    i = stop;
+                }
             }
             Layout::Awq { group_size } => {
                 let cols = self.out_f / 8;
                 let shift = 4 * AWQ_REVERSE_ORDER[o % 8];
-                let q = (word(&self.qweight, i * cols + o / 8) >> shift) & 0xF;
-                let g = i / group_size;
-                let z = (word(&self.qzeros, g * cols + o / 8) >> shift) & 0xF;
-                (q as i32 - z as i32, g * self.out_f + o)
+                let zero = |g: usize| (word(&self.qzeros, g * cols + o / 8) >> shift) & 0xF;
+                for i in i0..i1 {
+                    let q = (word(&self.qweight, i * cols + o / 8) >> shift) & 0xF;
+                    let (s, z) = group(i / group_size, &zero);
+                    vals.push(s * (q as i32 - z) as f32);
+                }
             }
         }
     }
@@ -231,21 +272,16 @@ impl Decode for Packed {
     fn decode_into(&self, from: usize, out: &mut [u8]) {
         let es = self.scale_dtype.size();
         let n = out.len() / es;
-        let sb = self.scales.bytes();
-        let mut vals = Vec::with_capacity(n.min(4096));
-        let mut s1 = [0f32; 1];
+        let mut vals = Vec::with_capacity(n.min(8192));
         let mut done = 0;
         while done < n {
             vals.clear();
-            let run = (n - done).min(4096);
-            for k in 0..run {
-                let e = from + done + k;
-                let (o, i) = (e / self.in_f, e % self.in_f);
-                let (d, si) = self.code(o, i);
-                decode_f32(self.scale_dtype, &sb[si * es..(si + 1) * es], &mut s1);
-                // One rounding: the product is exact in f32 for f16/bf16 scales.
-                vals.push(s1[0] * d as f32);
-            }
+            // Up to 8192 elements, whole rows or the part of one row the band holds.
+            let e = from + done;
+            let (o, i0) = (e / self.in_f, e % self.in_f);
+            let i1 = (i0 + (n - done).min(8192)).min(self.in_f);
+            self.row_into(o, i0, i1, &mut vals);
+            let run = vals.len();
             encode_f32(
                 self.scale_dtype,
                 &vals,
