@@ -1,8 +1,9 @@
 //! Fuzz target: folder layout. The input describes a small folder — entries
 //! `name \0 content \0`, at most 8, names cut to 64 bytes of `[A-Za-z0-9._-]` with at most
 //! one `/` (a `checkpoint-N/` subfolder, say) — where a content of `@st`, `@pth`, `@bin`,
-//! `@acfg` or `@cfg` stands for a real fixture file (a safetensors model, a torch zip, an
-//! adapter's .bin, an adapter_config.json, a model config.json). Every way the CLI reads
+//! `@acfg`, `@cfg`, `@gptq` or `@awq` stands for a real fixture file (a safetensors model, a
+//! torch zip, an adapter's .bin, an adapter_config.json, a model config.json, a GPTQ or AWQ
+//! packed model, whose config.json the seeds give inline). Every way the CLI reads
 //! a folder is tried on it: as a checkpoint, as an adapter, its config and side files, and
 //! each file in it as a checkpoint and as `--lora` path.
 #![no_main]
@@ -37,6 +38,8 @@ fn content(raw: &[u8]) -> &[u8] {
         b"@bin" => fixtures::ADAPTER_BIN,
         b"@acfg" => fixtures::ADAPTER_CONFIG,
         b"@cfg" => fixtures::CONFIG,
+        b"@gptq" => fixtures::GPTQ_ST,
+        b"@awq" => fixtures::AWQ_ST,
         other => other,
     }
 }

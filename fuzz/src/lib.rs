@@ -25,6 +25,10 @@ pub mod fixtures {
     pub const SHARD_BIN_2: &[u8] =
         include_bytes!("../../fixtures/io/sharded_bin/pytorch_model-00002-of-00002.bin");
     pub const CONFIG: &[u8] = include_bytes!("../../fixtures/io/sharded_st/config.json");
+    /// Packed-integer models (their configs are inline in the folder seeds).
+    pub const GPTQ_ST: &[u8] =
+        include_bytes!("../../fixtures/gptq_awq/gptq_v1_4bit_asym_act/model.safetensors");
+    pub const AWQ_ST: &[u8] = include_bytes!("../../fixtures/gptq_awq/awq_gemm/model.safetensors");
 }
 
 /// An empty folder of this process's own, emptied again on every call: under

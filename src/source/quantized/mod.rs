@@ -1,5 +1,5 @@
 //! Quantized checkpoints read as the tensors they stand for: FP8 block-scaled weights,
-//! bitsandbytes 4-bit / 8-bit, MXFP4 experts. Each format is recognised by its tensors and
+//! bitsandbytes 4-bit / 8-bit, MXFP4 experts, GPTQ and AWQ packed integers. Each format is recognised by its tensors and
 //! `config.json`'s `quantization_config`; everything its decoding reads is validated when
 //! the checkpoint is opened, and each quantized weight (with its scales and state tensors)
 //! becomes one ordinary entry of the dequantized dtype and shape, decoded band by band
@@ -7,8 +7,10 @@
 //! or a tensor a recognised format leaves unexplained, is refused by name: packed data is
 //! never passed on as if it were weights.
 
+mod awq;
 mod bnb;
 mod fp8;
+mod gptq;
 mod mxfp4;
 
 pub use fp8::Fp8Parts;
@@ -24,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The `quant_method`s decoded here.
-pub const DECODED_METHODS: [&str; 3] = ["fp8", "bitsandbytes", "mxfp4"];
+pub const DECODED_METHODS: [&str; 5] = ["fp8", "bitsandbytes", "mxfp4", "gptq", "awq"];
 
 /// What `config.json` beside `given` says about quantization: its path and
 /// `quantization_config`, when there is one.
@@ -61,6 +63,8 @@ pub(crate) fn apply(ckpt: &mut Checkpoint) -> Result<()> {
         (Some("fp8"), Some((path, q))) => fp8::apply(ckpt, path, q),
         (Some("bitsandbytes"), Some((path, q))) => bnb::apply(ckpt, Some((path, q))),
         (Some("mxfp4"), Some((path, q))) => mxfp4::apply(ckpt, path, q),
+        (Some("gptq"), Some((path, q))) => gptq::apply(ckpt, path, q),
+        (Some("awq"), Some((path, q))) => awq::apply(ckpt, path, q),
         (Some(other), Some((path, _))) => Err(Error::format(
             path,
             format!(
@@ -227,8 +231,8 @@ pub fn config_changes(given: &Path) -> Result<Vec<(String, Value)>> {
 
 /// The torch dtype name of the decoded weights of the quantized base at `given`, when
 /// they all have one (bf16 for fp8, mxfp4 and bitsandbytes, whose weights decode in the
-/// state's dtype but are written as bf16 under `--dtype keep`): what a folder output's
-/// config.json should say. Reads the headers again.
+/// state's dtype but are written as bf16 under `--dtype keep`; the scales' dtype, f16, for
+/// GPTQ and AWQ): what a folder output's config.json should say. Reads the headers again.
 pub fn decoded_dtype_name(given: &Path) -> Result<Option<&'static str>> {
     let ckpt = super::open(given)?;
     let mut dtypes = ckpt.tensors.iter().filter_map(|t| match &t.data {
