@@ -186,24 +186,30 @@ def test_blocks_the_reference_would_garble_are_refused(run, tmp_path, target, va
 
 
 def test_inspect_names_every_ggml_type(run, tmp_path):
-    """Every type GGUF can carry, decodable or not, is read and shown by name."""
+    """Every type gguf.quants can dequantize is read and shown by name (`stored`) with its
+    stored bytes; the two it cannot (Q8_1, Q1_0) are refused by tensor and type name."""
+    import json
     rng = np.random.default_rng(6)
+    undecodable = [T.Q8_1, T.Q1_0]
     items = []
     for q in T:
         bs, ts = GGML_QUANT_SIZES[q]
         n = max(256, bs) // bs
-        items.append((f"t.{q.name}", rng.integers(0, 256, size=(2, n * ts), dtype=np.uint8), q))
+        arr = rng.integers(0, 256, size=(2, n * ts), dtype=np.uint8)
+        if q in (T.F32, T.F16, T.BF16, T.F64, T.I8, T.I16, T.I32, T.I64):
+            arr = np.zeros((2, n * ts), np.uint8)  # plain types: values as stored
+        items.append((f"t.{q.name}", arr, q))
     src = tmp_path / "all.gguf"
-    fx.write(src, items)
-    import json
+    fx.write(src, [i for i in items if i[2] not in undecodable])
     info = json.loads(run(["inspect", src, "--json"]).stdout)
-    tensors = info["tensors"] if isinstance(info, dict) else info
-    if isinstance(tensors, dict):
-        tensors = [dict(v, name=k) for k, v in tensors.items()]
-    by_name = {t["name"]: t for t in tensors}
-    for q in T:
-        t = by_name[f"t.{q.name}"]
-        assert t["stored"] == q.name, t
-    # A type gguf.quants cannot dequantize is refused by name when its values are needed.
-    p = run(["convert", src, tmp_path / "o.safetensors"], expect_rc=1)
-    assert "Q8_1" in p.stderr or "Q1_0" in p.stderr, p.stderr
+    by_name = {t["name"]: t for t in info["tensors"]}
+    for name, arr, q in items:
+        if q in undecodable:
+            continue
+        t = by_name[name]
+        assert t["stored"] == q.name and t["bytes"] == arr.size, t
+    for q in undecodable:
+        bad = tmp_path / f"{q.name}.gguf"
+        fx.write(bad, [i for i in items if i[2] == q])
+        p = run(["inspect", bad], expect_rc=1)
+        assert f"t.{q.name}" in p.stderr and f"ggml type {q.name}" in p.stderr, p.stderr

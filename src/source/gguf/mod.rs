@@ -572,4 +572,6 @@ pub fn open(path: &std::path::Path) -> Result<(Arc<MappedFile>, GgufFile)> {
 }
 
 #[cfg(test)]
+mod quant_tests;
+#[cfg(test)]
 mod tests;

@@ -491,7 +491,8 @@ pub fn decode_block(ty: GgmlType, b: &[u8], out: &mut [f32]) {
                 };
                 let sc = (b[106 + k / 8] >> (4 * ((k / 4) % 2))) & 0x0F;
                 let db = d * (1 + 2 * sc) as f32;
-                let grid = (IQ3S_GRID[idx(2 * k)] as u64) | ((IQ3S_GRID[idx(2 * k + 1)] as u64) << 32);
+                let grid =
+                    (IQ3S_GRID[idx(2 * k)] as u64) | ((IQ3S_GRID[idx(2 * k + 1)] as u64) << 32);
                 put_grid8(&mut out[8 * k..], db, grid, b[74 + k]);
             }
         }
@@ -773,7 +774,10 @@ pub fn encode_block(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), Encod
         TQ1_0 | TQ2_0 => {
             let d = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             let id = reciprocal_or_zero(d);
-            let q: Vec<u8> = x.iter().map(|&v| (roundf(v * id) as i8 + 1) as u8).collect();
+            let q: Vec<u8> = x
+                .iter()
+                .map(|&v| (roundf(v * id) as i8 + 1) as u8)
+                .collect();
             if ty == TQ2_0 {
                 // qs[32h + l] holds elements 128h + 32s + l at bits 2s.
                 for h in 0..2 {
@@ -786,7 +790,7 @@ pub fn encode_block(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), Encod
             } else {
                 // Five (four for the last 16) base-3 digits per byte, most significant first,
                 // scaled to 0..255 by ceil(v · 256 / 243).
-                let byte = |v: u16| ((v * 256 + 242) / 243) as u8;
+                let byte = |v: u16| (v * 256).div_ceil(243) as u8;
                 for l in 0..32 {
                     out[l] = byte((0..5).map(|p| q[32 * p + l] as u16 * TQ_POW[p]).sum());
                 }
@@ -837,7 +841,11 @@ pub fn encode_block(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), Encod
 /// MXFP4's e8m0 scale, halved for the doubled e2m1 table (`ggml_e8m0_to_fp32_half`).
 fn e8m0_half(e: u8) -> f32 {
     let e = e as u32;
-    f32::from_bits(if e < 2 { 0x0020_0000 << e } else { (e - 1) << 23 })
+    f32::from_bits(if e < 2 {
+        0x0020_0000 << e
+    } else {
+        (e - 1) << 23
+    })
 }
 
 /// qh (bit j = fifth bit of element j, a little-endian u32) then qs (low nibbles of
