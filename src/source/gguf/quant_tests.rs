@@ -108,3 +108,34 @@ fn unwritable_types_say_why() {
     }
     assert!(!GgmlType::Q1_0.decodes() && !GgmlType::Q8_1.decodes());
 }
+
+/// Any bytes decode without a panic (every index into a table is masked to its size) and
+/// any finite values encode or are refused, for every type.
+#[test]
+fn random_bytes_and_values_never_panic() {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut out = [0f32; 256];
+    for id in 0..64 {
+        let Some(ty) = GgmlType::from_id(id) else {
+            continue;
+        };
+        let (bs, ts) = (ty.block_size(), ty.type_size());
+        for _ in 0..200 {
+            let b: Vec<u8> = (0..ts).map(|_| next() as u8).collect();
+            if ty.decodes() {
+                decode_block(ty, &b, &mut out[..bs]);
+            }
+            if ty.encodes() {
+                let x: Vec<f32> = (0..bs).map(|_| f32::from_bits(next() as u32)).collect();
+                let mut o = vec![0u8; ts];
+                let _ = encode_block(ty, &x, &mut o);
+            }
+        }
+    }
+}

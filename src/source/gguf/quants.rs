@@ -5,6 +5,18 @@
 //!
 //! Block layouts are ggml's `block_q*` structs (little-endian, packed): the field order in
 //! each decoder's comment is the byte order in the file.
+//!
+//! Decoded: every type gguf 0.19.0's `gguf.quants.dequantize` handles (the grid-based IQ
+//! types read their lattices from [`super::iq_grids`], generated from gguf-py's own tables
+//! by scripts/gen_iq_grids.py), plus Q8_K as ggml's `dequantize_row_q8_K`. Bit-exact
+//! includes NaN/inf scales: tests/compat/test_gguf_quants.py compares every element's bits
+//! over random blocks with edge-case scales. Encoded: every type `gguf.quants.quantize`
+//! implements (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, TQ1_0, TQ2_0, MXFP4), byte for
+//! byte as numpy computes it on x86-64, including where numpy's out-of-range float→int
+//! casts decide a byte (subnormal blocks; see `to_u8_clip` and MXFP4). Blocks whose
+//! reference bytes would decode to inf/NaN are refused ([`EncodeError`]). The K-quants and
+//! IQ types have no reference quantizer in gguf.quants, so they are not written
+//! ([`GgmlType::why_not_encoded`]); ggml's C quantizers were not ported.
 
 use super::iq_grids::*;
 use half::f16;
