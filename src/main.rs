@@ -99,7 +99,8 @@ enum Command {
              dequantized, config.json keeping quantization_config; other tensors follow --dtype. \
              Refused for an input without FP8 block-scaled weights, --part and .gguf outputs")),
         mut_arg("gguf_type", |a| a.help(
-            "For a .gguf output: the ggml type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) every \
+            "For a .gguf output: the ggml type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, \
+             TQ2_0, MXFP4) every \
              tensor of two or more dimensions is re-encoded in, bit for bit as the gguf package's \
              gguf.quants.quantize does; 1-D tensors (norms, biases) keep their type. Default: each \
              tensor's stored type and bytes")),
@@ -398,7 +399,8 @@ struct OutputArgs {
     /// (JOB_COMPLETION_INDEX with LORASTREAM_PARTS).
     #[arg(long, value_name = "K/N|auto")]
     part: Option<String>,
-    /// For a .gguf output: the ggml type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) that
+    /// For a .gguf output: the ggml type (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0,
+    /// TQ2_0, MXFP4) that
     /// `convert` writes every tensor of two or more dimensions in (1-D tensors, norms and
     /// biases, keep their type) and `merge` the merged tensors in, encoded bit for bit as
     /// the gguf package's gguf.quants.quantize does. Default: each tensor's stored type

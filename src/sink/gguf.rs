@@ -84,15 +84,7 @@ pub fn header_bytes(head: &GgufHeader, plan: &[GgufOut], path: &Path) -> Result<
     let mut offset = 0u64;
     for t in plan {
         if t.ty.block_size() > 1 && !t.ty.encodes() && t.input != GgufInput::Stored {
-            return Err(Error::tensor(
-                path,
-                &t.name,
-                format!(
-                    "lorastream cannot write ggml type {} (it writes {})",
-                    t.ty,
-                    GgmlType::encodable_names()
-                ),
-            ));
+            return Err(Error::tensor(path, &t.name, t.ty.why_not_encoded()));
         }
         let n = t.stored_bytes().ok_or_else(|| {
             Error::tensor(
@@ -243,12 +235,24 @@ impl TensorSink for GgufWriter {
             self.values.resize(n, 0.0);
             decode_f32(dtype, c, &mut self.values);
             encoded.resize(n / bs * ts, 0);
-            for (x, o) in self
+            let first = self.written / ts as u64;
+            for (i, (x, o)) in self
                 .values
                 .chunks_exact(bs)
                 .zip(encoded.chunks_exact_mut(ts))
+                .enumerate()
             {
-                quants::encode_block(t.ty, x, o);
+                quants::encode_block(t.ty, x, o).map_err(|e| {
+                    Error::tensor(
+                        &self.path,
+                        &t.name,
+                        format!(
+                            "block {} (elements from {}) {e}; write this tensor as F32, F16 or BF16 (--gguf-type)",
+                            first + i as u64,
+                            (first + i as u64) * bs as u64
+                        ),
+                    )
+                })?;
             }
             self.emit(&encoded)?;
         }

@@ -11,6 +11,8 @@
 //! Names and row order are the file's: no renaming, no undoing of llama.cpp's q/k row
 //! permutation.
 
+#[rustfmt::skip]
+mod iq_grids;
 pub mod quants;
 
 use super::{Decode, MappedFile, TensorData, TensorEntry};
@@ -532,10 +534,10 @@ pub fn entry(file: &Arc<MappedFile>, t: &TensorInfo) -> Result<TensorEntry> {
             file.path(),
             &t.name,
             format!(
-                "ggml type {} cannot be dequantized by lorastream (supported: F32, F16, BF16, F64, \
-                 I8-I64, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K, Q8_K, IQ4_NL, IQ4_XS, TQ1_0, TQ2_0, MXFP4); \
-                 a GGUF output copies it as stored",
-                t.ty
+                "ggml type {} cannot be dequantized by lorastream (gguf.quants has no dequantizer \
+                 for it; supported: F32, F16, BF16, F64, I8-I64, {}); a GGUF output copies it as stored",
+                t.ty,
+                GgmlType::decodable_names()
             ),
         ));
     };
@@ -569,5 +571,7 @@ pub fn open(path: &std::path::Path) -> Result<(Arc<MappedFile>, GgufFile)> {
     Ok((file, g))
 }
 
+#[cfg(test)]
+mod quant_tests;
 #[cfg(test)]
 mod tests;

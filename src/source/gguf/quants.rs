@@ -5,7 +5,20 @@
 //!
 //! Block layouts are ggml's `block_q*` structs (little-endian, packed): the field order in
 //! each decoder's comment is the byte order in the file.
+//!
+//! Decoded: every type gguf 0.19.0's `gguf.quants.dequantize` handles (the grid-based IQ
+//! types read their lattices from [`super::iq_grids`], generated from gguf-py's own tables
+//! by scripts/gen_iq_grids.py), plus Q8_K as ggml's `dequantize_row_q8_K`. Bit-exact
+//! includes NaN/inf scales: tests/compat/test_gguf_quants.py compares every element's bits
+//! over random blocks with edge-case scales. Encoded: every type `gguf.quants.quantize`
+//! implements (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, TQ1_0, TQ2_0, MXFP4), byte for
+//! byte as numpy computes it on x86-64, including where numpy's out-of-range float→int
+//! casts decide a byte (subnormal blocks; see `to_u8_clip` and MXFP4). Blocks whose
+//! reference bytes would decode to inf/NaN are refused ([`EncodeError`]). The K-quants and
+//! IQ types have no reference quantizer in gguf.quants, so they are not written
+//! ([`GgmlType::why_not_encoded`]); ggml's C quantizers were not ported.
 
+use super::iq_grids::*;
 use half::f16;
 
 /// Elements per super-block of the k-quants.
@@ -47,10 +60,12 @@ pub enum GgmlType {
     TQ1_0,
     TQ2_0,
     MXFP4,
+    NVFP4,
+    Q1_0,
 }
 
 /// (type, id, name, elements per block, bytes per block), as `GGML_QUANT_SIZES` says.
-const TYPES: [(GgmlType, u32, &str, usize, usize); 32] = {
+const TYPES: [(GgmlType, u32, &str, usize, usize); 34] = {
     use GgmlType::*;
     [
         (F32, 0, "F32", 1, 4),
@@ -85,6 +100,8 @@ const TYPES: [(GgmlType, u32, &str, usize, usize); 32] = {
         (TQ1_0, 34, "TQ1_0", 256, 54),
         (TQ2_0, 35, "TQ2_0", 256, 66),
         (MXFP4, 39, "MXFP4", 32, 17),
+        (NVFP4, 40, "NVFP4", 64, 36),
+        (Q1_0, 41, "Q1_0", 128, 18),
     ]
 };
 
@@ -136,17 +153,72 @@ impl GgmlType {
                 | Q5_K
                 | Q6_K
                 | Q8_K
+                | IQ2_XXS
+                | IQ2_XS
+                | IQ2_S
+                | IQ3_XXS
+                | IQ3_S
+                | IQ1_S
+                | IQ1_M
                 | IQ4_NL
                 | IQ4_XS
                 | TQ1_0
                 | TQ2_0
                 | MXFP4
+                | NVFP4
         )
     }
     /// Whether this crate can write the type from f32 values (`--gguf-type`).
     pub fn encodes(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0)
+        matches!(
+            self,
+            F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | TQ1_0 | TQ2_0 | MXFP4
+        )
+    }
+    /// Why lorastream does not write this type (for a type without [`GgmlType::encodes`]):
+    /// writes must be bit-identical to `gguf.quants.quantize`, and gguf 0.19.0 quantizes
+    /// only F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, TQ1_0, TQ2_0 and MXFP4.
+    pub fn why_not_encoded(self) -> String {
+        use GgmlType::*;
+        let alt = "write F16, BF16 or Q8_0 (--gguf-type) and re-quantize the result with \
+                   llama.cpp's llama-quantize";
+        match self {
+            Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => format!(
+                "{self} re-encoding: gguf.quants has no reference quantizer for it; llama.cpp's \
+                 quantize_row_{}_ref searches each sub-block's scale (and min) iteratively \
+                 (make_qx_quants/make_qkx2_quants) and llama-quantize adds importance-matrix \
+                 weights, so no output could be checked bit for bit: {alt}",
+                self.name().to_ascii_lowercase()
+            ),
+            IQ2_XXS | IQ2_XS | IQ2_S | IQ3_XXS | IQ3_S | IQ1_S | IQ1_M | IQ4_NL | IQ4_XS => {
+                format!(
+                    "{self} re-encoding: gguf.quants has no reference quantizer for it; llama.cpp \
+                     quantizes it by a weighted search over its grid or table (an importance \
+                     matrix is required for the smallest types): {alt}"
+                )
+            }
+            NVFP4 => format!(
+                "{self} re-encoding: gguf.quants has a dequantizer but no quantizer for it: {alt}"
+            ),
+            Q8_1 | Q8_K => format!(
+                "{self} is ggml's intermediate type for dot products, not a weight storage type: {alt}"
+            ),
+            Q1_0 => format!("{self}: gguf.quants can neither decode nor encode it: {alt}"),
+            _ => format!(
+                "{self} is not a --gguf-type target (lorastream writes {})",
+                GgmlType::encodable_names()
+            ),
+        }
+    }
+    /// The block-quantized types this crate dequantizes, for messages.
+    pub fn decodable_names() -> String {
+        TYPES
+            .iter()
+            .filter(|r| r.0.decodes())
+            .map(|r| r.2)
+            .collect::<Vec<_>>()
+            .join(", ")
     }
     /// The names `--gguf-type` accepts, for messages.
     pub fn encodable_names() -> String {
@@ -358,21 +430,183 @@ pub fn decode_block(ty: GgmlType, b: &[u8], out: &mut [f32]) {
         }
         // e: u8 (an e8m0 scale, halved), qs: [u8; 16]; nibbles index doubled e2m1 values.
         MXFP4 => {
-            let e = b[0] as u32;
-            let bits = if e < 2 {
-                0x0020_0000 << e
-            } else {
-                (e - 1) << 23
-            };
-            let d = f32::from_bits(bits);
+            let d = e8m0_half(b[0]);
             for j in 0..16 {
                 let q = b[1 + j];
                 out[j] = d * MXFP4_VALUES[(q & 0x0F) as usize] as f32;
                 out[j + 16] = d * MXFP4_VALUES[(q >> 4) as usize] as f32;
             }
         }
+        // d: f16, qs: [u32; 16] as 8 pairs (a, b) per 32 elements: byte l of a indexes
+        // the grid for elements 8l..8l+8, bits 7l..7l+7 of b index their sign pattern,
+        // b >> 28 is the 4-bit scale: (d · (0.5 + s)) · 0.25.
+        IQ2_XXS => {
+            let d = f16_at(b, 0);
+            for ib in 0..8 {
+                let a = u32_at(b, 2 + 8 * ib).to_le_bytes();
+                let s = u32_at(b, 6 + 8 * ib);
+                let db = d * (0.5 + (s >> 28) as f32) * 0.25;
+                for l in 0..4 {
+                    let grid = IQ2XXS_GRID[a[l] as usize];
+                    let signs = KSIGNS[((s >> (7 * l)) & 0x7F) as usize];
+                    put_grid8(&mut out[32 * ib + 8 * l..], db, grid, signs);
+                }
+            }
+        }
+        // d: f16, qs: [u16; 32] (9-bit grid index, 7-bit sign index), scales: [u8; 8]
+        // (a 4-bit scale per 16 elements, low nibble first).
+        IQ2_XS => {
+            let d = f16_at(b, 0);
+            for k in 0..32 {
+                let q = u16_at(b, 2 + 2 * k);
+                let sc = (b[66 + k / 4] >> (4 * ((k / 2) % 2))) & 0x0F;
+                let db = d * (0.5 + sc as f32) * 0.25;
+                let grid = IQ2XS_GRID[(q & 511) as usize];
+                put_grid8(&mut out[8 * k..], db, grid, KSIGNS[(q >> 9) as usize]);
+            }
+        }
+        // d: f16, qs: [u8; 32] (low 8 bits of the grid index), signs: [u8; 32] (one bit
+        // per element), qh: [u8; 8] (2 high index bits each for 4 groups), scales: [u8; 8].
+        IQ2_S => {
+            let d = f16_at(b, 0);
+            for k in 0..32 {
+                let hi = ((b[66 + k / 4] >> (2 * (k % 4))) & 3) as usize;
+                let idx = b[2 + k] as usize | (hi << 8);
+                let sc = (b[74 + k / 4] >> (4 * ((k / 2) % 2))) & 0x0F;
+                let db = d * (0.5 + sc as f32) * 0.25;
+                put_grid8(&mut out[8 * k..], db, IQ2S_GRID[idx], b[34 + k]);
+            }
+        }
+        // d: f16, qs: [u8; 64] (grid index per 4 elements), scales: [u32; 8] (per 32
+        // elements: four 7-bit sign indexes, then a 4-bit scale: (d · (0.5 + s)) · 0.5).
+        IQ3_XXS => {
+            let d = f16_at(b, 0);
+            for ib in 0..8 {
+                let s = u32_at(b, 66 + 4 * ib);
+                let db = d * (0.5 + (s >> 28) as f32) * 0.5;
+                for l in 0..4 {
+                    let signs = KSIGNS[((s >> (7 * l)) & 0x7F) as usize];
+                    let g = 32 * ib + 8 * l;
+                    let grid = (IQ3XXS_GRID[b[2 + g / 4] as usize] as u64)
+                        | ((IQ3XXS_GRID[b[2 + g / 4 + 1] as usize] as u64) << 32);
+                    put_grid8(&mut out[g..], db, grid, signs);
+                }
+            }
+        }
+        // d: f16, qs: [u8; 64], qh: [u8; 8] (ninth index bit), signs: [u8; 32], scales:
+        // [u8; 4] (a 4-bit scale per 32 elements: d · (1 + 2s)).
+        IQ3_S => {
+            let d = f16_at(b, 0);
+            for k in 0..32 {
+                let idx = |i: usize| {
+                    b[2 + i] as usize | ((((b[66 + i / 8] >> (i % 8)) & 1) as usize) << 8)
+                };
+                let sc = (b[106 + k / 8] >> (4 * ((k / 4) % 2))) & 0x0F;
+                let db = d * (1 + 2 * sc) as f32;
+                let grid =
+                    (IQ3S_GRID[idx(2 * k)] as u64) | ((IQ3S_GRID[idx(2 * k + 1)] as u64) << 32);
+                put_grid8(&mut out[8 * k..], db, grid, b[74 + k]);
+            }
+        }
+        // d: f16, qs: [u8; 32], qh: [u16; 8] (per 32 elements: four 3-bit high index
+        // parts, a 3-bit scale, the delta's sign): dl · (grid + ±delta), dl = d · (2s + 1).
+        IQ1_S => {
+            let d = f16_at(b, 0);
+            let delta = f32::from_bits(IQ1_DELTA_BITS);
+            for ib in 0..8 {
+                let qh = u16_at(b, 34 + 2 * ib);
+                let dl = d * (2 * ((qh >> 12) & 7) + 1) as f32;
+                let dv = if qh & 0x8000 == 0 { delta } else { -delta };
+                for l in 0..4 {
+                    let k = 4 * ib + l;
+                    let idx = b[2 + k] as usize | ((((qh >> (3 * l)) & 7) as usize) << 8);
+                    put_grid1(&mut out[8 * k..], dl, IQ1S_GRID[idx], dv);
+                }
+            }
+        }
+        // qs: [u8; 32], qh: [u8; 16] (a nibble per 8 elements: 3 high index bits and the
+        // delta's sign), scales: [u16; 4] (3-bit scales per 16 elements; the top nibbles of
+        // the four together are the f16 d).
+        IQ1_M => {
+            let sc = [0, 1, 2, 3].map(|i| u16_at(b, 48 + 2 * i));
+            let dbits = ((sc[0] & 0xF000) >> 12)
+                | ((sc[1] & 0xF000) >> 8)
+                | ((sc[2] & 0xF000) >> 4)
+                | (sc[3] & 0xF000);
+            let d = f16::from_bits(dbits).to_f32();
+            let delta = f32::from_bits(IQ1_DELTA_BITS);
+            for k in 0..32 {
+                let t = k / 2;
+                let dl = d * (2 * ((sc[t / 4] >> (3 * (t % 4))) & 7) + 1) as f32;
+                let nib = (b[32 + k / 2] >> (4 * (k % 2))) & 0x0F;
+                let idx = b[k] as usize | (((nib & 7) as usize) << 8);
+                let dv = if nib & 8 == 0 { delta } else { -delta };
+                put_grid1(&mut out[8 * k..], dl, IQ1S_GRID[idx], dv);
+            }
+        }
+        // d: [u8; 4] (unsigned e4m3 scales, one per 16 elements), qs: [u8; 32] (per 16
+        // elements 8 bytes: low nibbles are elements 0..8, high nibbles 8..16) indexing the
+        // doubled e2m1 values.
+        NVFP4 => {
+            for s in 0..4 {
+                let d = ue4m3_half(b[s]);
+                for m in 0..8 {
+                    let q = b[4 + 8 * s + m];
+                    out[16 * s + m] = d * MXFP4_VALUES[(q & 0x0F) as usize] as f32;
+                    out[16 * s + 8 + m] = d * MXFP4_VALUES[(q >> 4) as usize] as f32;
+                }
+            }
+        }
         _ => {}
     }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Eight elements of a grid row (byte j = element j): `(db · g_j) · ±1`, minus where bit j
+/// of `signs` is set, in gguf.quants' order of operations. The `· -1` is a negation except
+/// for NaN, which keeps its sign as the multiplication does (the compiler would otherwise
+/// turn `x · -1` into a sign flip).
+fn put_grid8(out: &mut [f32], db: f32, grid: u64, signs: u8) {
+    for (j, o) in out.iter_mut().enumerate().take(8) {
+        let v = db * ((grid >> (8 * j)) & 0xFF) as f32;
+        *o = if (signs >> j) & 1 == 0 || v.is_nan() {
+            v
+        } else {
+            -v
+        };
+    }
+}
+
+/// Eight elements of an IQ1 grid row (bytes are -1/0/1): `dl · (g_j + delta)`.
+fn put_grid1(out: &mut [f32], dl: f32, grid: u64, delta: f32) {
+    for (j, o) in out.iter_mut().enumerate().take(8) {
+        let g = ((grid >> (8 * j)) & 0xFF) as u8 as i8 as f32;
+        *o = dl * (g + delta);
+    }
+}
+
+/// NVFP4's unsigned e4m3 scale (bias 7), halved for the doubled e2m1 table, as
+/// `gguf.quants.NVFP4.ue4m3_to_fp32` computes it: bit 7 is ignored, 0 and 0x7F are 0.
+/// Every value is a small mantissa times a power of two, so this is exact.
+fn ue4m3_half(x: u8) -> f32 {
+    if x == 0 || x == 0x7F {
+        return 0.0;
+    }
+    let exp = ((x >> 3) & 0x0F) as i32;
+    let man = (x & 7) as f32;
+    let raw = if exp == 0 {
+        man * 2f32.powi(-9)
+    } else {
+        (1.0 + man / 8.0) * 2f32.powi(exp - 7)
+    };
+    raw * 0.5
 }
 
 /// IQ4_NL's (and IQ4_XS's) table of the 16 levels (`kvalues_iq4nl`).
@@ -395,8 +629,16 @@ fn scale_min_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
     (sc, mn)
 }
 
-/// numpy's `x.astype(np.float16)` (round to nearest even) as little-endian bytes.
+/// numpy's `x.astype(np.float16)` (round to nearest even) as little-endian bytes. A NaN
+/// keeps its sign and the top 10 bits of its payload, made nonzero when they are all zero
+/// (numpy's `npy_floatbits_to_halfbits`; the `half` crate would make it quiet).
 fn f16_bytes(x: f32) -> [u8; 2] {
+    if x.is_nan() {
+        let b = x.to_bits();
+        let m = ((b & 0x007f_ffff) >> 13) as u16;
+        let h = ((b >> 16) & 0x8000) as u16 | 0x7c00 | if m == 0 { 1 } else { m };
+        return h.to_le_bytes();
+    }
     f16::from_f32(x).to_bits().to_le_bytes()
 }
 
@@ -416,8 +658,13 @@ fn roundf(n: f32) -> f32 {
 }
 
 /// numpy's float → uint8 cast followed by `.clip(0, hi)` for the values quantizers make
-/// (non-negative, at most a little above `hi`).
+/// (at most a little above `hi`, or ±inf/NaN when a subnormal block's `1/d` overflows).
+/// numpy casts through a 32-bit int on x86-64, where ±inf and NaN become 0x80000000, whose
+/// low byte is 0 (such blocks store d = 0 in f16, so every q decodes alike).
 fn to_u8_clip(v: f32, hi: u8) -> u8 {
+    if !v.is_finite() {
+        return 0;
+    }
     (v as u8).min(hi)
 }
 
@@ -436,10 +683,42 @@ fn reciprocal_or_zero(d: f32) -> f32 {
     if d == 0.0 { 0.0 } else { 1.0 / d }
 }
 
+/// Why a block cannot be written in a block-quantized type. In each case
+/// `gguf.quants.quantize` (and ggml-quants.c) would still write bytes, but bytes that decode
+/// to inf/NaN or to values unrelated to the input, so lorastream refuses instead.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("holds a non-finite value ({0}), which {1} cannot store")]
+    NonFinite(f32, GgmlType),
+    #[error(
+        "needs a {1} scale of {0:e}, beyond f16's range (65504): the block would decode to inf/NaN"
+    )]
+    ScaleOverflow(f32, GgmlType),
+}
+
+/// The f16 scale bytes of `v`, refused when it rounds to inf.
+fn f16_scale(v: f32, ty: GgmlType) -> Result<[u8; 2], EncodeError> {
+    let h = f16::from_f32(v);
+    if h.is_infinite() {
+        return Err(EncodeError::ScaleOverflow(v, ty));
+    }
+    Ok(h.to_bits().to_le_bytes())
+}
+
+/// Elements of a TQ1_0 block in digit order, and their base-3 weights in a packed byte.
+const TQ_POW: [u16; 5] = [81, 27, 9, 3, 1];
+
 /// Encodes one block of `ty.block_size()` values `x` into `out` (`ty.type_size()` bytes),
-/// as `gguf.quants.quantize` does. Only for types with [`GgmlType::encodes`].
-pub fn encode_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
+/// as `gguf.quants.quantize` does. Only for types with [`GgmlType::encodes`]. The
+/// block-quantized types refuse what the reference would write as garbage
+/// ([`EncodeError`]); F32/F16/BF16 are plain casts and take any value.
+pub fn encode_block(ty: GgmlType, x: &[f32], out: &mut [u8]) -> Result<(), EncodeError> {
     use GgmlType::*;
+    if ty.block_size() > 1 {
+        if let Some(v) = x.iter().find(|v| !v.is_finite()) {
+            return Err(EncodeError::NonFinite(*v, ty));
+        }
+    }
     match ty {
         F32 => out.copy_from_slice(&x[0].to_le_bytes()),
         F16 => out.copy_from_slice(&f16_bytes(x[0])),
@@ -458,7 +737,7 @@ pub fn encode_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
             let d = amax / 127.0;
             let id = reciprocal_or_zero(d);
-            out[..2].copy_from_slice(&f16_bytes(d));
+            out[..2].copy_from_slice(&f16_scale(d, ty)?);
             for j in 0..32 {
                 out[2 + j] = (roundf(x[j] * id) as i8) as u8;
             }
@@ -466,7 +745,7 @@ pub fn encode_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
         Q4_0 => {
             let d = signed_absmax(x) / -8.0;
             let id = reciprocal_or_zero(d);
-            out[..2].copy_from_slice(&f16_bytes(d));
+            out[..2].copy_from_slice(&f16_scale(d, ty)?);
             for j in 0..16 {
                 let lo = to_u8_clip((x[j] * id + 8.5).trunc(), 15);
                 let hi = to_u8_clip((x[j + 16] * id + 8.5).trunc(), 15);
@@ -479,8 +758,8 @@ pub fn encode_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
             let levels = if ty == Q4_1 { 15.0 } else { 31.0 };
             let d = (max - min) / levels;
             let id = reciprocal_or_zero(d);
-            out[..2].copy_from_slice(&f16_bytes(d));
-            out[2..4].copy_from_slice(&f16_bytes(min));
+            out[..2].copy_from_slice(&f16_scale(d, ty)?);
+            out[2..4].copy_from_slice(&f16_scale(min, ty)?);
             let q: Vec<u8> = x
                 .iter()
                 .map(|&v| to_u8_clip(((v - min) * id + 0.5).trunc(), levels as u8))
@@ -496,15 +775,89 @@ pub fn encode_block(ty: GgmlType, x: &[f32], out: &mut [u8]) {
         Q5_0 => {
             let d = signed_absmax(x) / -16.0;
             let id = reciprocal_or_zero(d);
-            out[..2].copy_from_slice(&f16_bytes(d));
+            out[..2].copy_from_slice(&f16_scale(d, ty)?);
             let q: Vec<u8> = x
                 .iter()
                 .map(|&v| to_u8_clip((v * id + 16.5).trunc(), 31))
                 .collect();
             pack_q5(&q, &mut out[2..]);
         }
+        // d = max |x|; each element rounded (half away from zero) to -1, 0 or 1, stored + 1.
+        TQ1_0 | TQ2_0 => {
+            let d = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let id = reciprocal_or_zero(d);
+            let q: Vec<u8> = x
+                .iter()
+                .map(|&v| (roundf(v * id) as i8 + 1) as u8)
+                .collect();
+            if ty == TQ2_0 {
+                // qs[32h + l] holds elements 128h + 32s + l at bits 2s.
+                for h in 0..2 {
+                    for l in 0..32 {
+                        let e = |s: usize| q[128 * h + 32 * s + l] << (2 * s);
+                        out[32 * h + l] = e(0) | e(1) | e(2) | e(3);
+                    }
+                }
+                out[64..66].copy_from_slice(&f16_scale(d, ty)?);
+            } else {
+                // Five (four for the last 16) base-3 digits per byte, most significant first,
+                // scaled to 0..255 by ceil(v · 256 / 243).
+                let byte = |v: u16| (v * 256).div_ceil(243) as u8;
+                for l in 0..32 {
+                    out[l] = byte((0..5).map(|p| q[32 * p + l] as u16 * TQ_POW[p]).sum());
+                }
+                for l in 0..16 {
+                    let v = (0..5).map(|p| q[160 + 16 * p + l] as u16 * TQ_POW[p]).sum();
+                    out[32 + l] = byte(v);
+                }
+                for l in 0..4 {
+                    let v = (0..4).map(|p| q[240 + 4 * p + l] as u16 * TQ_POW[p]).sum();
+                    out[48 + l] = byte(v);
+                }
+                out[52..54].copy_from_slice(&f16_scale(d, ty)?);
+            }
+        }
+        // e = floor(log2(max |x|)) - 2 + 127 (0 for an all-zero block); each element the
+        // nearest (first on ties) of the doubled e2m1 values times the halved scale. Below
+        // 2^-125 e is negative and numpy's cast (through an i32 on x86-64) wraps it to
+        // 232..255, a huge scale: every element then takes 0, within 2^-125 of its value.
+        MXFP4 => {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let e = if amax > 0.0 {
+                (amax.log2().floor() - 2.0 + 127.0) as i32 as u8
+            } else {
+                0
+            };
+            let d = e8m0_half(e);
+            out[0] = e;
+            let mut q = [0u8; 32];
+            for (qj, &v) in q.iter_mut().zip(x) {
+                let mut best = (0usize, f32::INFINITY);
+                for (k, &kv) in MXFP4_VALUES.iter().enumerate() {
+                    let err = (d * kv as f32 - v).abs();
+                    if err < best.1 {
+                        best = (k, err);
+                    }
+                }
+                *qj = best.0 as u8;
+            }
+            for j in 0..16 {
+                out[1 + j] = q[j] | (q[j + 16] << 4);
+            }
+        }
         _ => {}
     }
+    Ok(())
+}
+
+/// MXFP4's e8m0 scale, halved for the doubled e2m1 table (`ggml_e8m0_to_fp32_half`).
+fn e8m0_half(e: u8) -> f32 {
+    let e = e as u32;
+    f32::from_bits(if e < 2 {
+        0x0020_0000 << e
+    } else {
+        (e - 1) << 23
+    })
 }
 
 /// qh (bit j = fifth bit of element j, a little-endian u32) then qs (low nibbles of
@@ -829,7 +1182,7 @@ mod tests {
             GgmlType::Q5_1,
         ] {
             let mut b = vec![0u8; ty.type_size()];
-            encode_block(ty, &x, &mut b);
+            encode_block(ty, &x, &mut b).unwrap();
             let mut y = [0f32; 32];
             decode_block(ty, &b, &mut y);
             let levels = match ty {
@@ -842,7 +1195,7 @@ mod tests {
                 assert!((x[j] - y[j]).abs() <= step * 0.51 + 1e-3, "{ty} {j}");
             }
             let mut z = vec![0u8; ty.type_size()];
-            encode_block(ty, &[0.0; 32], &mut z);
+            encode_block(ty, &[0.0; 32], &mut z).unwrap();
             decode_block(ty, &z, &mut y);
             assert!(y.iter().all(|v| *v == 0.0), "{ty}");
         }
@@ -850,9 +1203,9 @@ mod tests {
         assert_eq!(roundf(-2.5), -3.0);
         assert_eq!(roundf(2.4999), 2.0);
         let mut b = [0u8; 2];
-        encode_block(GgmlType::BF16, &[1.0 + 1.0 / 256.0], &mut b);
+        encode_block(GgmlType::BF16, &[1.0 + 1.0 / 256.0], &mut b).unwrap();
         assert_eq!(u16::from_le_bytes(b), 0x3f80);
-        encode_block(GgmlType::BF16, &[f32::from_bits(0x7f80_0001)], &mut b);
+        encode_block(GgmlType::BF16, &[f32::from_bits(0x7f80_0001)], &mut b).unwrap();
         assert_eq!(u16::from_le_bytes(b), 0x7fc0);
     }
 }
