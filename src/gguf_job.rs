@@ -29,14 +29,15 @@ pub fn is_gguf_path(path: &Path) -> bool {
 
 /// Parses `--gguf-type NAME`: one of the types lorastream writes.
 pub fn parse_gguf_type(s: &str) -> std::result::Result<GgmlType, String> {
-    GgmlType::from_name(s)
-        .filter(|t| t.encodes())
-        .ok_or_else(|| {
-            format!(
-                "unknown or unwritable GGUF type '{s}': use one of {}",
-                GgmlType::encodable_names()
-            )
-        })
+    match GgmlType::from_name(s) {
+        Some(t) if t.encodes() => Ok(t),
+        // A known type lorastream does not write: say why, and what to do instead.
+        Some(t) => Err(t.why_not_encoded()),
+        None => Err(format!(
+            "unknown GGUF type '{s}': use one of {}",
+            GgmlType::encodable_names()
+        )),
+    }
 }
 
 /// The ggml type tensor `t` is written in: `to` for tensors of two or more dimensions
@@ -70,6 +71,10 @@ fn file_type_of(to: GgmlType) -> Option<u32> {
         GgmlType::Q5_0 => 8,
         GgmlType::Q5_1 => 9,
         GgmlType::BF16 => 32,
+        // llama.cpp's LLAMA_FTYPE_MOSTLY_TQ1_0 / _TQ2_0 / _MXFP4_MOE (gguf-py LlamaFileType).
+        GgmlType::TQ1_0 => 36,
+        GgmlType::TQ2_0 => 37,
+        GgmlType::MXFP4 => 38,
         _ => return None,
     })
 }
