@@ -11,6 +11,7 @@
 //! tensor before the writing pass.
 
 use super::DeltaBackend;
+use super::convert;
 use super::finite::{NonFinite, encode_checked};
 use super::gemm::{self, AlignedF32, Elems, Isa, PackedRight, Strided};
 use super::read_ahead::{
@@ -20,7 +21,7 @@ use super::read_ahead::{
 use super::walk::{self, Engine, WorkItem};
 use crate::adapter::tuners::{BandChange, BandSource};
 use crate::direct_io::AlignedBuf;
-use crate::dtype::{Dtype, decode_f32, round_through};
+use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
 use crate::plan::checked::CheckedMerge;
 use crate::plan::merge_types::{DeltaLayout, Step};
@@ -277,6 +278,8 @@ struct PreparedMerge<'a> {
     steps: Vec<Prepared<'a>>,
     /// Per step: the column factors m / ‖V‖ of a DoRA step on a transposed layout.
     col_factors: Vec<Option<Vec<f32>>>,
+    /// The compute path: microkernels and vectorised conversions (`convert.rs`).
+    isa: Isa,
 }
 
 /// Per-thread scratch space.
@@ -325,6 +328,7 @@ impl<'a> PreparedMerge<'a> {
             band: band_rows(cols).div_ceil(block) * block,
             steps: Vec::with_capacity(steps.len()),
             col_factors: Vec::with_capacity(steps.len()),
+            isa,
         };
         // Steps are prepared in order: a tuner's preparation may stream the value after
         // the steps before it, and a DoRA column norm needs them too.
@@ -486,21 +490,52 @@ impl<'a> PreparedMerge<'a> {
                         scratch.broken = false;
                         let i0 = g0 + ci * band;
                         let i1 = (i0 + band).min(g1);
-                        self.compute_band(
-                            i0,
-                            i1,
-                            &rows,
-                            self.steps.len(),
-                            last_round,
-                            &mut scratch,
-                        );
+                        let fused = self.fused_weight(i0, i1, &rows);
+                        if fused.is_some() {
+                            // One plain LoRA step: delta, then decode + add + round +
+                            // encode + check in one pass (`convert::add_encode`).
+                            self.delta(0, i0, i1, &rows, &mut scratch);
+                        } else {
+                            self.compute_band(
+                                i0,
+                                i1,
+                                &rows,
+                                self.steps.len(),
+                                last_round,
+                                &mut scratch,
+                            );
+                        }
                         if scratch.broken {
                             *broken.lock().unwrap_or_else(|p| p.into_inner()) = true;
                             return;
                         }
                         // The band's values are final here: checked as they are encoded.
-                        let hits = encode_checked(out_dtype, &scratch.value, chunk, check);
+                        let hits = match fused {
+                            Some((w, round_delta)) => convert::add_encode(
+                                self.isa,
+                                self.base.dtype,
+                                w,
+                                &mut scratch.delta,
+                                round_delta,
+                                last_round,
+                                out_dtype,
+                                chunk,
+                                check,
+                            ),
+                            None => encode_checked(out_dtype, &scratch.value, chunk, check),
+                        };
                         if !hits.is_empty() {
+                            if fused.is_some() {
+                                // The values before encoding, for the message (rare).
+                                self.compute_band(
+                                    i0,
+                                    i1,
+                                    &rows,
+                                    self.steps.len(),
+                                    last_round,
+                                    &mut scratch,
+                                );
+                            }
                             let nf = self.created_non_finite(i0, i1, &rows, &hits, &mut scratch);
                             found.lock().unwrap_or_else(|p| p.into_inner()).merge(nf);
                         }
@@ -589,6 +624,35 @@ impl<'a> PreparedMerge<'a> {
         nf
     }
 
+    /// When the merge is one plain LoRA step (no DoRA) on a weight stored as bytes: the
+    /// stored bytes of rows [i0, i1) and whether the step rounds its delta first — what
+    /// the fused pass (`convert::add_encode`) needs. None for every other merge.
+    fn fused_weight<'r>(
+        &'r self,
+        i0: usize,
+        i1: usize,
+        rows: &Rows<'r>,
+    ) -> Option<(&'r [u8], bool)> {
+        let [
+            Prepared::Lora {
+                round_delta_first,
+                magnitude: None,
+                ..
+            },
+        ] = self.steps.as_slice()
+        else {
+            return None;
+        };
+        let es = self.base.dtype.size();
+        let len = (i1 - i0) * self.cols * es;
+        let w = match rows.w {
+            Some(w) => w.get((i0 - rows.first) * self.cols * es..)?,
+            None if self.w.decoded.is_none() => self.w.data.get(i0 * self.cols * es..)?,
+            None => return None,
+        };
+        Some((w.get(..len)?, *round_delta_first))
+    }
+
     /// The weight's rows [i0, i1) in f32, from the group read ahead or the map.
     fn decode_w(&self, i0: usize, i1: usize, rows: &Rows<'_>, out: &mut [f32]) {
         let (n, wd) = (self.cols, self.base.dtype);
@@ -597,7 +661,7 @@ impl<'a> PreparedMerge<'a> {
             Some(w) => {
                 let es = wd.size();
                 let at = (i0 - rows.first) * n * es;
-                decode_f32(wd, &w[at..at + len * es], &mut out[..len]);
+                convert::decode(self.isa, wd, &w[at..at + len * es], &mut out[..len]);
             }
             None => self.w.decode(i0 * n, &mut out[..len]),
         }
@@ -730,7 +794,7 @@ impl<'a> PreparedMerge<'a> {
                 } => {
                     self.delta(j, i0, i1, rows, scratch);
                     if *round_delta_first {
-                        round_through(wd, &mut scratch.delta);
+                        convert::round_through(self.isa, wd, &mut scratch.delta);
                     }
                     for (v, d) in scratch.value.iter_mut().zip(&scratch.delta) {
                         *v += d;
@@ -758,7 +822,7 @@ impl<'a> PreparedMerge<'a> {
             }
             // Each step lands in the weight's own dtype, like PEFT's in-place merge.
             if last_round || j + 1 < upto {
-                round_through(wd, &mut scratch.value);
+                convert::round_through(self.isa, wd, &mut scratch.value);
             }
         }
     }

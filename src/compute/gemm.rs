@@ -180,6 +180,92 @@ pub enum Elems<'a> {
 }
 
 impl Elems<'_> {
+    /// dst = elements [s, s + dst.len()), decoded to f32 (vectorised per path,
+    /// `convert.rs`: the same bits as the scalar decoding). False when out of range.
+    fn run(&self, isa: Isa, s: usize, dst: &mut [f32]) -> bool {
+        let n = dst.len();
+        match *self {
+            Elems::F32(v) => match v.get(s..s + n) {
+                Some(v) => {
+                    dst.copy_from_slice(v);
+                    true
+                }
+                None => false,
+            },
+            Elems::Stored(dt, b)
+                if matches!(dt, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) =>
+            {
+                let es = dt.size();
+                match b.get(s * es..(s + n) * es) {
+                    Some(b) => {
+                        super::convert::decode(isa, dt, b, dst);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            Elems::Stored(..) => false,
+        }
+    }
+
+    /// Packs the matrix X [count, k], element (x, kk) at `base + x·xs + kk·ks`, into
+    /// panels of `w` values of x, each k-major: dst[p·w·k + kk·w + (x − p·w)]. `dst` is
+    /// zeroed (the padding of the last panel stays zero). Contiguous runs (along x or
+    /// along k) are decoded a run at a time; False when an element is out of range.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_panels(
+        &self,
+        isa: Isa,
+        base: usize,
+        xs: usize,
+        ks: usize,
+        count: usize,
+        k: usize,
+        w: usize,
+        dst: &mut [f32],
+    ) -> bool {
+        let panels = count.div_ceil(w);
+        if dst.len() < panels * w * k {
+            return false;
+        }
+        if xs == 1 {
+            // Along x contiguous: one run of the panel's width per k.
+            for p in 0..panels {
+                let width = w.min(count - p * w);
+                for kk in 0..k {
+                    let d = &mut dst[p * w * k + kk * w..][..width];
+                    if !self.run(isa, base + p * w + kk * ks, d) {
+                        return false;
+                    }
+                }
+            }
+            return true;
+        }
+        if ks == 1 {
+            // Along k contiguous: each x's k values decoded as one run, then spread into
+            // the panel (stride w) from L1.
+            let mut tmp = vec![0f32; k];
+            for x in 0..count {
+                if !self.run(isa, base + x * xs, &mut tmp) {
+                    return false;
+                }
+                let (p, xi) = (x / w, x % w);
+                let panel = &mut dst[p * w * k..(p + 1) * w * k];
+                for (kk, v) in tmp.iter().enumerate() {
+                    panel[kk * w + xi] = *v;
+                }
+            }
+            return true;
+        }
+        let idx = (0..panels).flat_map(move |p| {
+            (0..k).flat_map(move |kk| {
+                (p * w..((p + 1) * w).min(count))
+                    .map(move |x| (p * w * k + kk * w + (x - p * w), base + x * xs + kk * ks))
+            })
+        });
+        self.pack(idx, dst)
+    }
+
     /// dst[d] = element s, decoded to f32, for every (d, s) of `idx`; the dtype is matched
     /// once, outside the loop. False (and `dst` partly written) when an index is out of range.
     fn pack(&self, idx: impl Iterator<Item = (usize, usize)>, dst: &mut [f32]) -> bool {
@@ -241,18 +327,9 @@ impl PackedRight {
         let panels = n.div_ceil(nr);
         let mut data = AlignedF32::default();
         let dst = data.zeroed(panels * nr * k);
-        let idx = (0..panels).flat_map(move |p| {
-            (0..k).flat_map(move |kk| {
-                (p * nr..((p + 1) * nr).min(n)).map(move |j| {
-                    (
-                        p * nr * k + kk * nr + (j - p * nr),
-                        src.base + kk * src.rs + j * src.cs,
-                    )
-                })
-            })
-        });
+        // x = the column j (panel dimension), stride cs; k along rs.
         src.data
-            .pack(idx, dst)
+            .pack_panels(isa, src.base, src.cs, src.rs, n, k, nr, dst)
             .then_some(PackedRight { isa, k, n, data })
     }
 
@@ -283,17 +360,10 @@ pub fn delta(
     }
     let rpanels = m.div_ceil(mr);
     let dst = lpack.zeroed(rpanels * mr * k);
-    let idx = (0..rpanels).flat_map(move |p| {
-        (0..k).flat_map(move |kk| {
-            (p * mr..((p + 1) * mr).min(m)).map(move |i| {
-                (
-                    p * mr * k + kk * mr + (i - p * mr),
-                    left.base + i * left.rs + kk * left.cs,
-                )
-            })
-        })
-    });
-    if !left.data.pack(idx, dst) {
+    if !left
+        .data
+        .pack_panels(isa, left.base, left.rs, left.cs, m, k, mr, dst)
+    {
         return false;
     }
     let (lp, rp) = (lpack.as_slice(), right.data.as_slice());
