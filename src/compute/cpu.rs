@@ -289,6 +289,8 @@ struct Scratch {
     delta: Vec<f32>,
     /// The band's left factor, packed for the microkernels.
     left: AlignedF32,
+    /// The fused pass's chunk of f32 values (`convert::add_encode`).
+    chunk: Vec<f32>,
     /// A delta could not be computed (operands of another size than planned).
     broken: bool,
 }
@@ -491,10 +493,22 @@ impl<'a> PreparedMerge<'a> {
                         let i0 = g0 + ci * band;
                         let i1 = (i0 + band).min(g1);
                         let fused = self.fused_weight(i0, i1, &rows);
-                        if fused.is_some() {
-                            // One plain LoRA step: delta, then decode + add + round +
-                            // encode + check in one pass (`convert::add_encode`).
-                            self.delta(0, i0, i1, &rows, &mut scratch);
+                        let mut hits = Vec::new();
+                        if let Some((w, round_delta)) = fused {
+                            // One plain LoRA step: delta, decode + add + round + encode +
+                            // check in one pass, block by block (`fused_band`).
+                            hits = self.fused_band(
+                                i0,
+                                i1,
+                                &rows,
+                                w,
+                                round_delta,
+                                last_round,
+                                out_dtype,
+                                chunk,
+                                check,
+                                &mut scratch,
+                            );
                         } else {
                             self.compute_band(
                                 i0,
@@ -510,20 +524,9 @@ impl<'a> PreparedMerge<'a> {
                             return;
                         }
                         // The band's values are final here: checked as they are encoded.
-                        let hits = match fused {
-                            Some((w, round_delta)) => convert::add_encode(
-                                self.isa,
-                                self.base.dtype,
-                                w,
-                                &mut scratch.delta,
-                                round_delta,
-                                last_round,
-                                out_dtype,
-                                chunk,
-                                check,
-                            ),
-                            None => encode_checked(out_dtype, &scratch.value, chunk, check),
-                        };
+                        if fused.is_none() {
+                            hits = encode_checked(out_dtype, &scratch.value, chunk, check);
+                        }
                         if !hits.is_empty() {
                             if fused.is_some() {
                                 // The values before encoding, for the message (rare).
@@ -715,9 +718,38 @@ impl<'a> PreparedMerge<'a> {
         else {
             return;
         };
-        let (m, k, n) = (i1 - i0, *r, self.cols);
+        let (m, n) = (i1 - i0, self.cols);
         scratch.delta.resize(m * n, 0.0);
-        let src = match layout {
+        let src = self.left_rows(left, *r, *layout, j, i0, rows);
+        // PEFT computes (B @ A) * s: the kernel scales the finished f32 dot product, which
+        // rounds exactly like a separate multiply.
+        if right.k() != *r
+            || !gemm::delta(
+                &src,
+                m,
+                right,
+                *scale,
+                &mut scratch.delta,
+                &mut scratch.left,
+            )
+        {
+            // Sizes were checked by the plan and in `new`: not reachable with a valid plan.
+            // `run` turns the mark into an error for the tensor (never a silent output).
+            scratch.broken = true;
+        }
+    }
+
+    /// The left factor of step j (rank k) for rows i0.. as the microkernels read it.
+    fn left_rows<'r>(
+        &'r self,
+        left: &'r Bytes<'r>,
+        k: usize,
+        layout: DeltaLayout,
+        j: usize,
+        i0: usize,
+        rows: &Rows<'r>,
+    ) -> Strided<'r> {
+        match layout {
             // B [rows, r]: rows i0..i1, from the group read ahead or the map.
             DeltaLayout::Normal => match rows.left.get(j).copied().flatten() {
                 Some(b) => Strided {
@@ -740,23 +772,85 @@ impl<'a> PreparedMerge<'a> {
                 rs: 1,
                 cs: self.rows,
             },
-        };
-        // PEFT computes (B @ A) * s: the kernel scales the finished f32 dot product, which
-        // rounds exactly like a separate multiply.
-        if right.k() != k
-            || !gemm::delta(
-                &src,
-                m,
-                right,
-                *scale,
-                &mut scratch.delta,
-                &mut scratch.left,
-            )
-        {
-            // Sizes were checked by the plan and in `new`: not reachable with a valid plan.
-            // `run` turns the mark into an error for the tensor (never a silent output).
-            scratch.broken = true;
         }
+    }
+
+    /// A band of a one-step plain LoRA merge, fused: L packed once, then column block by
+    /// column block (`gemm::COL_BLOCK`, so the block's f32 delta stays in L2) the delta
+    /// and, row by row, `convert::add_encode` of it with the weight's bytes `w` (rows
+    /// [i0, i1)) into `out`. The same operations in the same order as `compute_band`
+    /// followed by `encode_checked`; returns the indices (from row i0) of outputs that
+    /// are non-finite when `check`.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_band(
+        &self,
+        i0: usize,
+        i1: usize,
+        rows: &Rows<'_>,
+        w: &[u8],
+        round_delta: bool,
+        last_round: bool,
+        out_dtype: Dtype,
+        out: &mut [u8],
+        check: bool,
+        scratch: &mut Scratch,
+    ) -> Vec<usize> {
+        let mut hits = Vec::new();
+        let Some(Prepared::Lora {
+            left,
+            right,
+            r,
+            scale,
+            layout,
+            ..
+        }) = self.steps.first()
+        else {
+            scratch.broken = true;
+            return hits;
+        };
+        let (m, n) = (i1 - i0, self.cols);
+        let (wes, oes) = (self.base.dtype.size(), out_dtype.size());
+        let src = self.left_rows(left, *r, *layout, 0, i0, rows);
+        if right.k() != *r
+            || w.len() != m * n * wes
+            || out.len() != m * n * oes
+            || !gemm::pack_left(&src, m, right, &mut scratch.left)
+        {
+            scratch.broken = true;
+            return hits;
+        }
+        let nc = gemm::COL_BLOCK.min(n);
+        scratch.delta.resize(m * nc, 0.0);
+        for j0 in (0..n).step_by(nc.max(1)) {
+            let j1 = (j0 + nc).min(n);
+            let width = j1 - j0;
+            let d = &mut scratch.delta[..m * width];
+            for i in 0..m {
+                let at = i * n + j0;
+                convert::prefetch(&w[at * wes..(at + width) * wes]);
+            }
+            if !gemm::delta_cols(&scratch.left, m, right, j0, j1, *scale, d, width) {
+                scratch.broken = true;
+                return hits;
+            }
+            for (i, drow) in d.chunks_mut(width).enumerate() {
+                let at = i * n + j0;
+                let h = convert::add_encode(
+                    self.isa,
+                    self.base.dtype,
+                    &w[at * wes..(at + width) * wes],
+                    drow,
+                    round_delta,
+                    last_round,
+                    out_dtype,
+                    &mut out[at * oes..(at + width) * oes],
+                    check,
+                    &mut scratch.chunk,
+                );
+                hits.extend(h.into_iter().map(|x| at + x));
+            }
+        }
+        hits
     }
 
     /// scratch.value = rows [i0, i1) after steps[..upto]; the rounding into the base dtype

@@ -349,30 +349,72 @@ pub fn delta(
     out: &mut [f32],
     lpack: &mut AlignedF32,
 ) -> bool {
+    out.len() == m * right.n
+        && pack_left(left, m, right, lpack)
+        && delta_cols(lpack, m, right, 0, right.n, scale, out, right.n)
+}
+
+/// Columns per block of [`delta_cols`] for callers that finish a band block by block
+/// (a multiple of every path's NR, so blocks start on a panel).
+pub const COL_BLOCK: usize = 256;
+
+/// Packs L [m, k] (`left`, decoded from its dtype as it is packed) into `lpack` in the
+/// panels of `right`'s path: once per band, then used by every [`delta_cols`] block.
+/// False when `left` is too short.
+pub fn pack_left(
+    left: &Strided<'_>,
+    m: usize,
+    right: &PackedRight,
+    lpack: &mut AlignedF32,
+) -> bool {
+    let (mr, _) = right.isa.tile();
+    let k = right.k;
+    let dst = lpack.zeroed(m.div_ceil(mr) * mr * k);
+    left.data
+        .pack_panels(right.isa, left.base, left.rs, left.cs, m, k, mr, dst)
+}
+
+/// Columns j0..j1 of the delta: out[i·ldo + (j − j0)] = scale · (L @ R)[i, j], L being
+/// `lpack` as [`pack_left`] made it for these m rows. Blocking over columns only picks
+/// which elements are computed; each one's chain is the same. False when j0 is not a
+/// multiple of the path's NR, the range or `out` does not fit, or `lpack` is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn delta_cols(
+    lpack: &AlignedF32,
+    m: usize,
+    right: &PackedRight,
+    j0: usize,
+    j1: usize,
+    scale: f32,
+    out: &mut [f32],
+    ldo: usize,
+) -> bool {
     let (isa, k, n) = (right.isa, right.k, right.n);
     let (mr, nr) = isa.tile();
-    if out.len() != m * n {
+    let width = j1.saturating_sub(j0);
+    if !j0.is_multiple_of(nr) || j1 > n || j1 < j0 || ldo < width {
+        return false;
+    }
+    if m == 0 || width == 0 {
+        return true;
+    }
+    if out.len() < (m - 1) * ldo + width {
         return false;
     }
     if k == 0 {
-        out.iter_mut().for_each(|x| *x = 0.0 * scale);
+        for row in out.chunks_mut(ldo).take(m) {
+            row[..width].iter_mut().for_each(|x| *x = 0.0 * scale);
+        }
         return true;
     }
     let rpanels = m.div_ceil(mr);
-    let dst = lpack.zeroed(rpanels * mr * k);
-    if !left
-        .data
-        .pack_panels(isa, left.base, left.rs, left.cs, m, k, mr, dst)
-    {
-        return false;
-    }
     let (lp, rp) = (lpack.as_slice(), right.data.as_slice());
     if lp.len() < rpanels * mr * k || rp.len() < n.div_ceil(nr) * nr * k {
         return false;
     }
     let c = out.as_mut_ptr();
-    for jp in 0..n.div_ceil(nr) {
-        let cols = nr.min(n - jp * nr);
+    for jp in j0 / nr..j1.div_ceil(nr) {
+        let cols = nr.min(j1 - jp * nr);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let last = k0 + kc == k;
@@ -387,14 +429,15 @@ pub fn delta(
                 };
                 // SAFETY: panel ip of lpack holds mr·k values and panel jp of the packed R
                 // nr·k (lengths checked above), read from k0 on for kc values of k; the
-                // tile writes rows × cols elements of `out` (m × n, checked) at row
-                // ip·mr, column jp·nr, with row stride n; the path was checked supported
-                // when the caller chose it (`Isa::from_env`).
+                // tile writes rows × cols elements of `out` at row ip·mr, column
+                // jp·nr − j0 (< width), row stride ldo: the last one at most
+                // (m − 1)·ldo + width − 1 < out.len() (checked); the path was checked
+                // supported when the caller chose it (`Isa::from_env`).
                 unsafe {
                     let a = lp.as_ptr().add(ip * mr * k + k0 * mr);
                     let b = rp.as_ptr().add(jp * nr * k + k0 * nr);
-                    let cp = c.add(ip * mr * n + jp * nr);
-                    run_tile(isa, &t, a, b, cp, n);
+                    let cp = c.add(ip * mr * ldo + (jp * nr - j0));
+                    run_tile(isa, &t, a, b, cp, ldo);
                 }
             }
         }
@@ -772,6 +815,57 @@ mod tests {
                     "{} (transposed strides) differs at {m}x{k}x{n}",
                     isa.name()
                 );
+            }
+        }
+    }
+
+    /// The delta computed column block by column block (`pack_left` once, then
+    /// `delta_cols` per block into a block-sized buffer, as the fused band does) gives the
+    /// reference's bits, with blocks not a multiple of the tile width at the end.
+    #[test]
+    fn column_blocks_match_the_reference_bit_for_bit() {
+        for (si, &(m, k, n)) in [(29usize, 257usize, 600usize), (13, 16, 257), (40, 512, 300)]
+            .iter()
+            .enumerate()
+        {
+            let l = values(m * k, si as u64 + 11);
+            let r = values(k * n, si as u64 + 200);
+            let want = reference(&l, &r, m, k, n, 0.37);
+            for isa in Isa::available() {
+                let rs = Strided {
+                    data: Elems::F32(&r),
+                    base: 0,
+                    rs: n,
+                    cs: 1,
+                };
+                let p = PackedRight::pack(isa, &rs, k, n).unwrap();
+                let ls = Strided {
+                    data: Elems::F32(&l),
+                    base: 0,
+                    rs: k,
+                    cs: 1,
+                };
+                let mut lp = AlignedF32::default();
+                assert!(pack_left(&ls, m, &p, &mut lp));
+                for j0 in (0..n).step_by(COL_BLOCK) {
+                    let j1 = (j0 + COL_BLOCK).min(n);
+                    let w = j1 - j0;
+                    let mut out = vec![f32::NAN; m * w];
+                    assert!(delta_cols(&lp, m, &p, j0, j1, 0.37, &mut out, w));
+                    for i in 0..m {
+                        for j in j0..j1 {
+                            assert_eq!(
+                                out[i * w + j - j0].to_bits(),
+                                want[i * n + j].to_bits(),
+                                "{} {m}x{k}x{n} at ({i}, {j})",
+                                isa.name()
+                            );
+                        }
+                    }
+                }
+                // A block start off the tile grid is refused, not computed.
+                let mut out = vec![0f32; m * 8];
+                assert!(!delta_cols(&lp, m, &p, 1, 9, 1.0, &mut out, 8) || isa.tile().1 == 1);
             }
         }
     }
