@@ -1,10 +1,20 @@
 //! The CPU backend: row bands of the weight, split across a thread pool, each band
 //! decoded to f32, updated with the LoRA delta of `gemm.rs` (own microkernels per ISA, one
 //! reduction order on every CPU and the GPU), rounded into the base dtype after every step
-//! (PEFT merges in place) and encoded to the output dtype. Memory is a few bands, never the whole tensor in f32. The rows come
-//! from `read_ahead.rs`, read a group ahead (and a tensor ahead) on helper threads.
-//! Merges come checked by the plan (`plan::checked`): dtypes and sizes are not checked
-//! again here.
+//! (PEFT merges in place) and encoded to the output dtype. Memory is a few bands, never
+//! the whole tensor in f32. The rows come from `read_ahead.rs`, read a group ahead (and a
+//! tensor ahead) on helper threads. Merges come checked by the plan (`plan::checked`):
+//! dtypes and sizes are not checked again here.
+//!
+//! The common merge — one plain LoRA step (no DoRA) on a weight stored as bytes — takes a
+//! fused path (`fused_band`): the band's L is packed once, then per block of
+//! `gemm::COL_BLOCK` columns the delta is computed into an L2-sized buffer and, row by
+//! row, decoded weight + delta → rounding → encoding → non-finite check run in one
+//! pass (`convert::add_encode`) while it is in cache. It performs the same IEEE
+//! operations in the same order as the general path (`compute_band` + `encode_checked`),
+//! so its bytes are the same; the general path serves every other merge (DoRA, several
+//! steps, other tuners, decoded bases). Conversions go through `convert.rs` (vectorised
+//! per path, exact).
 //!
 //! DoRA needs the norm of every row (Linear, Conv: inside one band) or of every column
 //! (Conv1D, Embedding: across all bands); column norms take one extra pass over the

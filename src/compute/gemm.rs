@@ -35,10 +35,15 @@
 //!
 //! R (the LoRA factor read whole: A, or Bᵀ for transposed layouts) is packed once per
 //! tensor into panels of NR columns, k-major ([`PackedRight`]); L (the factor read per
-//! band) is packed per band into panels of MR rows, k-major, decoded from its stored dtype
-//! straight into the panels (the f16/bf16 → f32 conversion is part of the packing). Loop
+//! band) is packed once per band ([`pack_left`]) into panels of MR rows, k-major, decoded
+//! from its stored dtype straight into the panels (the f16/bf16 → f32 conversion is part
+//! of the packing, a contiguous run at a time through the vectorised `convert.rs`). Loop
 //! order: column panel → k block → row panel, so one R panel slice (KC × NR) stays in L1
-//! while the band's L panels stream from L2.
+//! while the band's L panels stream from L2. [`delta_cols`] computes a block of columns
+//! into a block-sized buffer (row stride = the block's width): the CPU backend's fused
+//! band walks [`COL_BLOCK`] columns at a time so the block's f32 delta is still in L2
+//! when it is added to the weight and encoded. None of this blocking changes any
+//! element's chain.
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
