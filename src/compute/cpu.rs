@@ -1,16 +1,27 @@
 //! The CPU backend: row bands of the weight, split across a thread pool, each band
 //! decoded to f32, updated with the LoRA delta of `gemm.rs` (own microkernels per ISA, one
 //! reduction order on every CPU and the GPU), rounded into the base dtype after every step
-//! (PEFT merges in place) and encoded to the output dtype. Memory is a few bands, never the whole tensor in f32. The rows come
-//! from `read_ahead.rs`, read a group ahead (and a tensor ahead) on helper threads.
-//! Merges come checked by the plan (`plan::checked`): dtypes and sizes are not checked
-//! again here.
+//! (PEFT merges in place) and encoded to the output dtype. Memory is a few bands, never
+//! the whole tensor in f32. The rows come from `read_ahead.rs`, read a group ahead (and a
+//! tensor ahead) on helper threads. Merges come checked by the plan (`plan::checked`):
+//! dtypes and sizes are not checked again here.
+//!
+//! The common merge — one plain LoRA step (no DoRA) on a weight stored as bytes — takes a
+//! fused path (`fused_band`): the band's L is packed once, then per block of
+//! `gemm::COL_BLOCK` columns the delta is computed into an L2-sized buffer and, row by
+//! row, decoded weight + delta → rounding → encoding → non-finite check run in one
+//! pass (`convert::add_encode`) while it is in cache. It performs the same IEEE
+//! operations in the same order as the general path (`compute_band` + `encode_checked`),
+//! so its bytes are the same; the general path serves every other merge (DoRA, several
+//! steps, other tuners, decoded bases). Conversions go through `convert.rs` (vectorised
+//! per path, exact).
 //!
 //! DoRA needs the norm of every row (Linear, Conv: inside one band) or of every column
 //! (Conv1D, Embedding: across all bands); column norms take one extra pass over the
 //! tensor before the writing pass.
 
 use super::DeltaBackend;
+use super::convert;
 use super::finite::{NonFinite, encode_checked};
 use super::gemm::{self, AlignedF32, Elems, Isa, PackedRight, Strided};
 use super::read_ahead::{
@@ -20,7 +31,7 @@ use super::read_ahead::{
 use super::walk::{self, Engine, WorkItem};
 use crate::adapter::tuners::{BandChange, BandSource};
 use crate::direct_io::AlignedBuf;
-use crate::dtype::{Dtype, decode_f32, round_through};
+use crate::dtype::{Dtype, decode_f32};
 use crate::error::{Error, Result};
 use crate::plan::checked::CheckedMerge;
 use crate::plan::merge_types::{DeltaLayout, Step};
@@ -277,6 +288,8 @@ struct PreparedMerge<'a> {
     steps: Vec<Prepared<'a>>,
     /// Per step: the column factors m / ‖V‖ of a DoRA step on a transposed layout.
     col_factors: Vec<Option<Vec<f32>>>,
+    /// The compute path: microkernels and vectorised conversions (`convert.rs`).
+    isa: Isa,
 }
 
 /// Per-thread scratch space.
@@ -286,6 +299,8 @@ struct Scratch {
     delta: Vec<f32>,
     /// The band's left factor, packed for the microkernels.
     left: AlignedF32,
+    /// The fused pass's chunk of f32 values (`convert::add_encode`).
+    chunk: Vec<f32>,
     /// A delta could not be computed (operands of another size than planned).
     broken: bool,
 }
@@ -325,6 +340,7 @@ impl<'a> PreparedMerge<'a> {
             band: band_rows(cols).div_ceil(block) * block,
             steps: Vec::with_capacity(steps.len()),
             col_factors: Vec::with_capacity(steps.len()),
+            isa,
         };
         // Steps are prepared in order: a tuner's preparation may stream the value after
         // the steps before it, and a DoRA column norm needs them too.
@@ -486,21 +502,53 @@ impl<'a> PreparedMerge<'a> {
                         scratch.broken = false;
                         let i0 = g0 + ci * band;
                         let i1 = (i0 + band).min(g1);
-                        self.compute_band(
-                            i0,
-                            i1,
-                            &rows,
-                            self.steps.len(),
-                            last_round,
-                            &mut scratch,
-                        );
+                        let fused = self.fused_weight(i0, i1, &rows);
+                        let mut hits = Vec::new();
+                        if let Some((w, round_delta)) = fused {
+                            // One plain LoRA step: delta, decode + add + round + encode +
+                            // check in one pass, block by block (`fused_band`).
+                            hits = self.fused_band(
+                                i0,
+                                i1,
+                                &rows,
+                                w,
+                                round_delta,
+                                last_round,
+                                out_dtype,
+                                chunk,
+                                check,
+                                &mut scratch,
+                            );
+                        } else {
+                            self.compute_band(
+                                i0,
+                                i1,
+                                &rows,
+                                self.steps.len(),
+                                last_round,
+                                &mut scratch,
+                            );
+                        }
                         if scratch.broken {
                             *broken.lock().unwrap_or_else(|p| p.into_inner()) = true;
                             return;
                         }
                         // The band's values are final here: checked as they are encoded.
-                        let hits = encode_checked(out_dtype, &scratch.value, chunk, check);
+                        if fused.is_none() {
+                            hits = encode_checked(out_dtype, &scratch.value, chunk, check);
+                        }
                         if !hits.is_empty() {
+                            if fused.is_some() {
+                                // The values before encoding, for the message (rare).
+                                self.compute_band(
+                                    i0,
+                                    i1,
+                                    &rows,
+                                    self.steps.len(),
+                                    last_round,
+                                    &mut scratch,
+                                );
+                            }
                             let nf = self.created_non_finite(i0, i1, &rows, &hits, &mut scratch);
                             found.lock().unwrap_or_else(|p| p.into_inner()).merge(nf);
                         }
@@ -589,6 +637,35 @@ impl<'a> PreparedMerge<'a> {
         nf
     }
 
+    /// When the merge is one plain LoRA step (no DoRA) on a weight stored as bytes: the
+    /// stored bytes of rows [i0, i1) and whether the step rounds its delta first — what
+    /// the fused pass (`convert::add_encode`) needs. None for every other merge.
+    fn fused_weight<'r>(
+        &'r self,
+        i0: usize,
+        i1: usize,
+        rows: &Rows<'r>,
+    ) -> Option<(&'r [u8], bool)> {
+        let [
+            Prepared::Lora {
+                round_delta_first,
+                magnitude: None,
+                ..
+            },
+        ] = self.steps.as_slice()
+        else {
+            return None;
+        };
+        let es = self.base.dtype.size();
+        let len = (i1 - i0) * self.cols * es;
+        let w = match rows.w {
+            Some(w) => w.get((i0 - rows.first) * self.cols * es..)?,
+            None if self.w.decoded.is_none() => self.w.data.get(i0 * self.cols * es..)?,
+            None => return None,
+        };
+        Some((w.get(..len)?, *round_delta_first))
+    }
+
     /// The weight's rows [i0, i1) in f32, from the group read ahead or the map.
     fn decode_w(&self, i0: usize, i1: usize, rows: &Rows<'_>, out: &mut [f32]) {
         let (n, wd) = (self.cols, self.base.dtype);
@@ -597,7 +674,7 @@ impl<'a> PreparedMerge<'a> {
             Some(w) => {
                 let es = wd.size();
                 let at = (i0 - rows.first) * n * es;
-                decode_f32(wd, &w[at..at + len * es], &mut out[..len]);
+                convert::decode(self.isa, wd, &w[at..at + len * es], &mut out[..len]);
             }
             None => self.w.decode(i0 * n, &mut out[..len]),
         }
@@ -651,9 +728,38 @@ impl<'a> PreparedMerge<'a> {
         else {
             return;
         };
-        let (m, k, n) = (i1 - i0, *r, self.cols);
+        let (m, n) = (i1 - i0, self.cols);
         scratch.delta.resize(m * n, 0.0);
-        let src = match layout {
+        let src = self.left_rows(left, *r, *layout, j, i0, rows);
+        // PEFT computes (B @ A) * s: the kernel scales the finished f32 dot product, which
+        // rounds exactly like a separate multiply.
+        if right.k() != *r
+            || !gemm::delta(
+                &src,
+                m,
+                right,
+                *scale,
+                &mut scratch.delta,
+                &mut scratch.left,
+            )
+        {
+            // Sizes were checked by the plan and in `new`: not reachable with a valid plan.
+            // `run` turns the mark into an error for the tensor (never a silent output).
+            scratch.broken = true;
+        }
+    }
+
+    /// The left factor of step j (rank k) for rows i0.. as the microkernels read it.
+    fn left_rows<'r>(
+        &'r self,
+        left: &'r Bytes<'r>,
+        k: usize,
+        layout: DeltaLayout,
+        j: usize,
+        i0: usize,
+        rows: &Rows<'r>,
+    ) -> Strided<'r> {
+        match layout {
             // B [rows, r]: rows i0..i1, from the group read ahead or the map.
             DeltaLayout::Normal => match rows.left.get(j).copied().flatten() {
                 Some(b) => Strided {
@@ -676,23 +782,85 @@ impl<'a> PreparedMerge<'a> {
                 rs: 1,
                 cs: self.rows,
             },
-        };
-        // PEFT computes (B @ A) * s: the kernel scales the finished f32 dot product, which
-        // rounds exactly like a separate multiply.
-        if right.k() != k
-            || !gemm::delta(
-                &src,
-                m,
-                right,
-                *scale,
-                &mut scratch.delta,
-                &mut scratch.left,
-            )
-        {
-            // Sizes were checked by the plan and in `new`: not reachable with a valid plan.
-            // `run` turns the mark into an error for the tensor (never a silent output).
-            scratch.broken = true;
         }
+    }
+
+    /// A band of a one-step plain LoRA merge, fused: L packed once, then column block by
+    /// column block (`gemm::COL_BLOCK`, so the block's f32 delta stays in L2) the delta
+    /// and, row by row, `convert::add_encode` of it with the weight's bytes `w` (rows
+    /// [i0, i1)) into `out`. The same operations in the same order as `compute_band`
+    /// followed by `encode_checked`; returns the indices (from row i0) of outputs that
+    /// are non-finite when `check`.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_band(
+        &self,
+        i0: usize,
+        i1: usize,
+        rows: &Rows<'_>,
+        w: &[u8],
+        round_delta: bool,
+        last_round: bool,
+        out_dtype: Dtype,
+        out: &mut [u8],
+        check: bool,
+        scratch: &mut Scratch,
+    ) -> Vec<usize> {
+        let mut hits = Vec::new();
+        let Some(Prepared::Lora {
+            left,
+            right,
+            r,
+            scale,
+            layout,
+            ..
+        }) = self.steps.first()
+        else {
+            scratch.broken = true;
+            return hits;
+        };
+        let (m, n) = (i1 - i0, self.cols);
+        let (wes, oes) = (self.base.dtype.size(), out_dtype.size());
+        let src = self.left_rows(left, *r, *layout, 0, i0, rows);
+        if right.k() != *r
+            || w.len() != m * n * wes
+            || out.len() != m * n * oes
+            || !gemm::pack_left(&src, m, right, &mut scratch.left)
+        {
+            scratch.broken = true;
+            return hits;
+        }
+        let nc = gemm::COL_BLOCK.min(n);
+        scratch.delta.resize(m * nc, 0.0);
+        for j0 in (0..n).step_by(nc.max(1)) {
+            let j1 = (j0 + nc).min(n);
+            let width = j1 - j0;
+            let d = &mut scratch.delta[..m * width];
+            for i in 0..m {
+                let at = i * n + j0;
+                convert::prefetch(&w[at * wes..(at + width) * wes]);
+            }
+            if !gemm::delta_cols(&scratch.left, m, right, j0, j1, *scale, d, width) {
+                scratch.broken = true;
+                return hits;
+            }
+            for (i, drow) in d.chunks_mut(width).enumerate() {
+                let at = i * n + j0;
+                let h = convert::add_encode(
+                    self.isa,
+                    self.base.dtype,
+                    &w[at * wes..(at + width) * wes],
+                    drow,
+                    round_delta,
+                    last_round,
+                    out_dtype,
+                    &mut out[at * oes..(at + width) * oes],
+                    check,
+                    &mut scratch.chunk,
+                );
+                hits.extend(h.into_iter().map(|x| at + x));
+            }
+        }
+        hits
     }
 
     /// scratch.value = rows [i0, i1) after steps[..upto]; the rounding into the base dtype
@@ -730,7 +898,7 @@ impl<'a> PreparedMerge<'a> {
                 } => {
                     self.delta(j, i0, i1, rows, scratch);
                     if *round_delta_first {
-                        round_through(wd, &mut scratch.delta);
+                        convert::round_through(self.isa, wd, &mut scratch.delta);
                     }
                     for (v, d) in scratch.value.iter_mut().zip(&scratch.delta) {
                         *v += d;
@@ -758,7 +926,7 @@ impl<'a> PreparedMerge<'a> {
             }
             // Each step lands in the weight's own dtype, like PEFT's in-place merge.
             if last_round || j + 1 < upto {
-                round_through(wd, &mut scratch.value);
+                convert::round_through(self.isa, wd, &mut scratch.value);
             }
         }
     }

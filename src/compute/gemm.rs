@@ -35,10 +35,15 @@
 //!
 //! R (the LoRA factor read whole: A, or Bᵀ for transposed layouts) is packed once per
 //! tensor into panels of NR columns, k-major ([`PackedRight`]); L (the factor read per
-//! band) is packed per band into panels of MR rows, k-major, decoded from its stored dtype
-//! straight into the panels (the f16/bf16 → f32 conversion is part of the packing). Loop
+//! band) is packed once per band ([`pack_left`]) into panels of MR rows, k-major, decoded
+//! from its stored dtype straight into the panels (the f16/bf16 → f32 conversion is part
+//! of the packing, a contiguous run at a time through the vectorised `convert.rs`). Loop
 //! order: column panel → k block → row panel, so one R panel slice (KC × NR) stays in L1
-//! while the band's L panels stream from L2.
+//! while the band's L panels stream from L2. [`delta_cols`] computes a block of columns
+//! into a block-sized buffer (row stride = the block's width): the CPU backend's fused
+//! band walks [`COL_BLOCK`] columns at a time so the block's f32 delta is still in L2
+//! when it is added to the weight and encoded. None of this blocking changes any
+//! element's chain.
 
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
@@ -180,6 +185,92 @@ pub enum Elems<'a> {
 }
 
 impl Elems<'_> {
+    /// dst = elements [s, s + dst.len()), decoded to f32 (vectorised per path,
+    /// `convert.rs`: the same bits as the scalar decoding). False when out of range.
+    fn run(&self, isa: Isa, s: usize, dst: &mut [f32]) -> bool {
+        let n = dst.len();
+        match *self {
+            Elems::F32(v) => match v.get(s..s + n) {
+                Some(v) => {
+                    dst.copy_from_slice(v);
+                    true
+                }
+                None => false,
+            },
+            Elems::Stored(dt, b)
+                if matches!(dt, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) =>
+            {
+                let es = dt.size();
+                match b.get(s * es..(s + n) * es) {
+                    Some(b) => {
+                        super::convert::decode(isa, dt, b, dst);
+                        true
+                    }
+                    None => false,
+                }
+            }
+            Elems::Stored(..) => false,
+        }
+    }
+
+    /// Packs the matrix X [count, k], element (x, kk) at `base + x·xs + kk·ks`, into
+    /// panels of `w` values of x, each k-major: dst[p·w·k + kk·w + (x − p·w)]. `dst` is
+    /// zeroed (the padding of the last panel stays zero). Contiguous runs (along x or
+    /// along k) are decoded a run at a time; False when an element is out of range.
+    #[allow(clippy::too_many_arguments)]
+    fn pack_panels(
+        &self,
+        isa: Isa,
+        base: usize,
+        xs: usize,
+        ks: usize,
+        count: usize,
+        k: usize,
+        w: usize,
+        dst: &mut [f32],
+    ) -> bool {
+        let panels = count.div_ceil(w);
+        if dst.len() < panels * w * k {
+            return false;
+        }
+        if xs == 1 {
+            // Along x contiguous: one run of the panel's width per k.
+            for p in 0..panels {
+                let width = w.min(count - p * w);
+                for kk in 0..k {
+                    let d = &mut dst[p * w * k + kk * w..][..width];
+                    if !self.run(isa, base + p * w + kk * ks, d) {
+                        return false;
+                    }
+                }
+            }
+            return true;
+        }
+        if ks == 1 {
+            // Along k contiguous: each x's k values decoded as one run, then spread into
+            // the panel (stride w) from L1.
+            let mut tmp = vec![0f32; k];
+            for x in 0..count {
+                if !self.run(isa, base + x * xs, &mut tmp) {
+                    return false;
+                }
+                let (p, xi) = (x / w, x % w);
+                let panel = &mut dst[p * w * k..(p + 1) * w * k];
+                for (kk, v) in tmp.iter().enumerate() {
+                    panel[kk * w + xi] = *v;
+                }
+            }
+            return true;
+        }
+        let idx = (0..panels).flat_map(move |p| {
+            (0..k).flat_map(move |kk| {
+                (p * w..((p + 1) * w).min(count))
+                    .map(move |x| (p * w * k + kk * w + (x - p * w), base + x * xs + kk * ks))
+            })
+        });
+        self.pack(idx, dst)
+    }
+
     /// dst[d] = element s, decoded to f32, for every (d, s) of `idx`; the dtype is matched
     /// once, outside the loop. False (and `dst` partly written) when an index is out of range.
     fn pack(&self, idx: impl Iterator<Item = (usize, usize)>, dst: &mut [f32]) -> bool {
@@ -241,18 +332,9 @@ impl PackedRight {
         let panels = n.div_ceil(nr);
         let mut data = AlignedF32::default();
         let dst = data.zeroed(panels * nr * k);
-        let idx = (0..panels).flat_map(move |p| {
-            (0..k).flat_map(move |kk| {
-                (p * nr..((p + 1) * nr).min(n)).map(move |j| {
-                    (
-                        p * nr * k + kk * nr + (j - p * nr),
-                        src.base + kk * src.rs + j * src.cs,
-                    )
-                })
-            })
-        });
+        // x = the column j (panel dimension), stride cs; k along rs.
         src.data
-            .pack(idx, dst)
+            .pack_panels(isa, src.base, src.cs, src.rs, n, k, nr, dst)
             .then_some(PackedRight { isa, k, n, data })
     }
 
@@ -272,37 +354,72 @@ pub fn delta(
     out: &mut [f32],
     lpack: &mut AlignedF32,
 ) -> bool {
+    out.len() == m * right.n
+        && pack_left(left, m, right, lpack)
+        && delta_cols(lpack, m, right, 0, right.n, scale, out, right.n)
+}
+
+/// Columns per block of [`delta_cols`] for callers that finish a band block by block
+/// (a multiple of every path's NR, so blocks start on a panel).
+pub const COL_BLOCK: usize = 256;
+
+/// Packs L [m, k] (`left`, decoded from its dtype as it is packed) into `lpack` in the
+/// panels of `right`'s path: once per band, then used by every [`delta_cols`] block.
+/// False when `left` is too short.
+pub fn pack_left(
+    left: &Strided<'_>,
+    m: usize,
+    right: &PackedRight,
+    lpack: &mut AlignedF32,
+) -> bool {
+    let (mr, _) = right.isa.tile();
+    let k = right.k;
+    let dst = lpack.zeroed(m.div_ceil(mr) * mr * k);
+    left.data
+        .pack_panels(right.isa, left.base, left.rs, left.cs, m, k, mr, dst)
+}
+
+/// Columns j0..j1 of the delta: out[i·ldo + (j − j0)] = scale · (L @ R)[i, j], L being
+/// `lpack` as [`pack_left`] made it for these m rows. Blocking over columns only picks
+/// which elements are computed; each one's chain is the same. False when j0 is not a
+/// multiple of the path's NR, the range or `out` does not fit, or `lpack` is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn delta_cols(
+    lpack: &AlignedF32,
+    m: usize,
+    right: &PackedRight,
+    j0: usize,
+    j1: usize,
+    scale: f32,
+    out: &mut [f32],
+    ldo: usize,
+) -> bool {
     let (isa, k, n) = (right.isa, right.k, right.n);
     let (mr, nr) = isa.tile();
-    if out.len() != m * n {
+    let width = j1.saturating_sub(j0);
+    if !j0.is_multiple_of(nr) || j1 > n || j1 < j0 || ldo < width {
+        return false;
+    }
+    if m == 0 || width == 0 {
+        return true;
+    }
+    if out.len() < (m - 1) * ldo + width {
         return false;
     }
     if k == 0 {
-        out.iter_mut().for_each(|x| *x = 0.0 * scale);
+        for row in out.chunks_mut(ldo).take(m) {
+            row[..width].iter_mut().for_each(|x| *x = 0.0 * scale);
+        }
         return true;
     }
     let rpanels = m.div_ceil(mr);
-    let dst = lpack.zeroed(rpanels * mr * k);
-    let idx = (0..rpanels).flat_map(move |p| {
-        (0..k).flat_map(move |kk| {
-            (p * mr..((p + 1) * mr).min(m)).map(move |i| {
-                (
-                    p * mr * k + kk * mr + (i - p * mr),
-                    left.base + i * left.rs + kk * left.cs,
-                )
-            })
-        })
-    });
-    if !left.data.pack(idx, dst) {
-        return false;
-    }
     let (lp, rp) = (lpack.as_slice(), right.data.as_slice());
     if lp.len() < rpanels * mr * k || rp.len() < n.div_ceil(nr) * nr * k {
         return false;
     }
     let c = out.as_mut_ptr();
-    for jp in 0..n.div_ceil(nr) {
-        let cols = nr.min(n - jp * nr);
+    for jp in j0 / nr..j1.div_ceil(nr) {
+        let cols = nr.min(j1 - jp * nr);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let last = k0 + kc == k;
@@ -317,14 +434,15 @@ pub fn delta(
                 };
                 // SAFETY: panel ip of lpack holds mr·k values and panel jp of the packed R
                 // nr·k (lengths checked above), read from k0 on for kc values of k; the
-                // tile writes rows × cols elements of `out` (m × n, checked) at row
-                // ip·mr, column jp·nr, with row stride n; the path was checked supported
-                // when the caller chose it (`Isa::from_env`).
+                // tile writes rows × cols elements of `out` at row ip·mr, column
+                // jp·nr − j0 (< width), row stride ldo: the last one at most
+                // (m − 1)·ldo + width − 1 < out.len() (checked); the path was checked
+                // supported when the caller chose it (`Isa::from_env`).
                 unsafe {
                     let a = lp.as_ptr().add(ip * mr * k + k0 * mr);
                     let b = rp.as_ptr().add(jp * nr * k + k0 * nr);
-                    let cp = c.add(ip * mr * n + jp * nr);
-                    run_tile(isa, &t, a, b, cp, n);
+                    let cp = c.add(ip * mr * ldo + (jp * nr - j0));
+                    run_tile(isa, &t, a, b, cp, ldo);
                 }
             }
         }
@@ -702,6 +820,57 @@ mod tests {
                     "{} (transposed strides) differs at {m}x{k}x{n}",
                     isa.name()
                 );
+            }
+        }
+    }
+
+    /// The delta computed column block by column block (`pack_left` once, then
+    /// `delta_cols` per block into a block-sized buffer, as the fused band does) gives the
+    /// reference's bits, with blocks not a multiple of the tile width at the end.
+    #[test]
+    fn column_blocks_match_the_reference_bit_for_bit() {
+        for (si, &(m, k, n)) in [(29usize, 257usize, 600usize), (13, 16, 257), (40, 512, 300)]
+            .iter()
+            .enumerate()
+        {
+            let l = values(m * k, si as u64 + 11);
+            let r = values(k * n, si as u64 + 200);
+            let want = reference(&l, &r, m, k, n, 0.37);
+            for isa in Isa::available() {
+                let rs = Strided {
+                    data: Elems::F32(&r),
+                    base: 0,
+                    rs: n,
+                    cs: 1,
+                };
+                let p = PackedRight::pack(isa, &rs, k, n).unwrap();
+                let ls = Strided {
+                    data: Elems::F32(&l),
+                    base: 0,
+                    rs: k,
+                    cs: 1,
+                };
+                let mut lp = AlignedF32::default();
+                assert!(pack_left(&ls, m, &p, &mut lp));
+                for j0 in (0..n).step_by(COL_BLOCK) {
+                    let j1 = (j0 + COL_BLOCK).min(n);
+                    let w = j1 - j0;
+                    let mut out = vec![f32::NAN; m * w];
+                    assert!(delta_cols(&lp, m, &p, j0, j1, 0.37, &mut out, w));
+                    for i in 0..m {
+                        for j in j0..j1 {
+                            assert_eq!(
+                                out[i * w + j - j0].to_bits(),
+                                want[i * n + j].to_bits(),
+                                "{} {m}x{k}x{n} at ({i}, {j})",
+                                isa.name()
+                            );
+                        }
+                    }
+                }
+                // A block start off the tile grid is refused, not computed.
+                let mut out = vec![0f32; m * 8];
+                assert!(!delta_cols(&lp, m, &p, 1, 9, 1.0, &mut out, 8) || isa.tile().1 == 1);
             }
         }
     }

@@ -6,6 +6,7 @@
 //! what comes next and reads ahead on its own. What differs between backends is only how
 //! one merge is computed: their engine (`walk::Engine`).
 
+mod convert;
 pub mod cpu;
 pub mod cuda;
 pub mod finite;

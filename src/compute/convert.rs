@@ -1,0 +1,473 @@
+//! The CPU backend's element conversions between stored dtypes and f32 (decode, encode,
+//! round-through), vectorised per compute path, and the fused pass that turns a band's
+//! delta into output bytes: decode the weight, add the delta, round, encode and check for
+//! non-finite values, in L1-sized chunks (one pass over memory instead of four).
+//!
+//! Every function gives exactly the bits of the scalar definitions in `crate::dtype`
+//! (`decode_f32`, `encode_f32`, `round_through`), on every input: f16 uses the F16C /
+//! AVX-512F `vcvtph2ps` / `vcvtps2ph` instructions (exact, round to nearest even, which is
+//! also what `half` uses at run time on these CPUs), bf16 the same integer rounding as
+//! `dtype::bf16_bits`. The tests check every f16/bf16 bit pattern and random f32 values
+//! (denormals, ties, ±inf, NaN) against the scalar definitions on every path this CPU runs.
+//! `Isa::Scalar` (and NEON, for now) uses the scalar definitions themselves.
+
+use super::gemm::Isa;
+use crate::dtype::{self, Dtype};
+
+/// Elements per chunk of the fused pass: the chunk's f32 values (16 KB) stay in L1
+/// between decoding, adding, rounding and encoding.
+const CHUNK: usize = 4096;
+
+/// dst = `src` (little-endian `dtype` elements) as f32, like `dtype::decode_f32`.
+pub fn decode(isa: Isa, dtype: Dtype, src: &[u8], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if src.len() == dst.len() * dtype.size() {
+        match (isa, dtype) {
+            // SAFETY: the path was checked supported when it was chosen (`Isa::from_env`);
+            // the lengths agree (checked above).
+            (Isa::Avx512, Dtype::F16) => return unsafe { x86::f16_to_f32_avx512(src, dst) },
+            (Isa::Avx512, Dtype::BF16) => return unsafe { x86::bf16_to_f32_avx512(src, dst) },
+            (Isa::Avx2, Dtype::F16) if x86::f16c() => {
+                return unsafe { x86::f16_to_f32_f16c(src, dst) };
+            }
+            (Isa::Avx2, Dtype::BF16) => return unsafe { x86::bf16_to_f32_avx2(src, dst) },
+            _ => {}
+        }
+    }
+    let _ = isa;
+    dtype::decode_f32(dtype, src, dst);
+}
+
+/// dst = `src` encoded as little-endian `dtype` elements, like `dtype::encode_f32`.
+pub fn encode(isa: Isa, dtype: Dtype, src: &[f32], dst: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if dst.len() == src.len() * dtype.size() {
+        match (isa, dtype) {
+            // SAFETY: as in `decode`.
+            (Isa::Avx512, Dtype::F16) => return unsafe { x86::f32_to_f16_avx512(src, dst) },
+            (Isa::Avx512, Dtype::BF16) => return unsafe { x86::f32_to_bf16_avx512(src, dst) },
+            (Isa::Avx2, Dtype::F16) if x86::f16c() => {
+                return unsafe { x86::f32_to_f16_f16c(src, dst) };
+            }
+            (Isa::Avx2, Dtype::BF16) => return unsafe { x86::f32_to_bf16_avx2(src, dst) },
+            _ => {}
+        }
+    }
+    let _ = isa;
+    dtype::encode_f32(dtype, src, dst);
+}
+
+/// Rounds `v` in place to the nearest value of `dtype`, like `dtype::round_through`.
+pub fn round_through(isa: Isa, dtype: Dtype, v: &mut [f32]) {
+    if !matches!(dtype, Dtype::F16 | Dtype::BF16) || matches!(isa, Isa::Scalar | Isa::Neon) {
+        dtype::round_through(dtype, v);
+        return;
+    }
+    let mut tmp = [0u8; 2 * 1024];
+    for chunk in v.chunks_mut(1024) {
+        let t = &mut tmp[..2 * chunk.len()];
+        encode(isa, dtype, chunk, t);
+        decode(isa, dtype, t, chunk);
+    }
+}
+
+/// Asks the CPU to bring `bytes` into L2 (a hint: no effect on results). The fused pass
+/// reads the weight in column blocks of many rows, a pattern the hardware prefetcher
+/// does not follow; hinted one block ahead, the reads overlap the block's GEMM.
+pub fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        // SAFETY: SSE is part of x86-64; a prefetch reads nothing architecturally.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
+/// Indices (relative to `bytes`) of the elements of `bytes` (little-endian `dtype`) whose
+/// exponent bits are all set (inf or NaN); empty for other dtypes.
+fn non_finite_at(dtype: Dtype, bytes: &[u8], base: usize, hits: &mut Vec<usize>) {
+    fn scan<const N: usize>(
+        bytes: &[u8],
+        mask: u64,
+        base: usize,
+        hits: &mut Vec<usize>,
+        get: impl Fn([u8; N]) -> u64,
+    ) {
+        let word = |c: &[u8]| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            get(a) & mask == mask
+        };
+        // A branch-free sweep first (vectorises); only a chunk with a hit is walked again.
+        if !bytes.chunks_exact(N).fold(false, |any, c| any | word(c)) {
+            return;
+        }
+        hits.extend(
+            bytes
+                .chunks_exact(N)
+                .enumerate()
+                .filter(|(_, c)| word(c))
+                .map(|(i, _)| base + i),
+        );
+    }
+    match dtype {
+        Dtype::F16 => scan::<2>(bytes, 0x7C00, base, hits, |a| u16::from_le_bytes(a) as u64),
+        Dtype::BF16 => scan::<2>(bytes, 0x7F80, base, hits, |a| u16::from_le_bytes(a) as u64),
+        Dtype::F32 => scan::<4>(bytes, 0x7F80_0000, base, hits, |a| {
+            u32::from_le_bytes(a) as u64
+        }),
+        Dtype::F64 => scan::<8>(bytes, 0x7FF0_0000_0000_0000, base, hits, u64::from_le_bytes),
+        _ => {}
+    }
+}
+
+/// The last step of a plain LoRA merge, fused: for every element,
+/// `out = encode(out_dtype, R(decode(wd, w) + D(delta)))` with D = rounding into `wd`
+/// when `round_delta`, R = rounding into `wd` when `last_round` — the same IEEE operations
+/// in the same order as decoding the band, `round_through` of the delta, adding it,
+/// `round_through` of the value and `encode_f32`, chunk by chunk while a chunk is in L1.
+/// Returns the indices of outputs that are non-finite in `out_dtype` when `check`.
+/// `delta` is used as scratch (its values are rounded in place when `round_delta`);
+/// `tmp` is the caller's reused chunk buffer (grown here once: zeroing a fresh one per
+/// call would cost as much as the pass).
+#[allow(clippy::too_many_arguments)]
+pub fn add_encode(
+    isa: Isa,
+    wd: Dtype,
+    w: &[u8],
+    delta: &mut [f32],
+    round_delta: bool,
+    last_round: bool,
+    out_dtype: Dtype,
+    out: &mut [u8],
+    check: bool,
+    tmp: &mut Vec<f32>,
+) -> Vec<usize> {
+    let (wes, oes) = (wd.size(), out_dtype.size());
+    let mut hits = Vec::new();
+    if tmp.len() < CHUNK.min(delta.len()) {
+        tmp.resize(CHUNK, 0.0);
+    }
+    for (ci, ((d, w), o)) in delta
+        .chunks_mut(CHUNK)
+        .zip(w.chunks(CHUNK * wes))
+        .zip(out.chunks_mut(CHUNK * oes))
+        .enumerate()
+    {
+        let v = &mut tmp[..d.len()];
+        decode(isa, wd, w, v);
+        if round_delta {
+            round_through(isa, wd, d);
+        }
+        v.iter_mut().zip(&*d).for_each(|(v, d)| *v += d);
+        if last_round {
+            round_through(isa, wd, v);
+        }
+        encode(isa, out_dtype, v, o);
+        if check {
+            non_finite_at(out_dtype, o, ci * CHUNK, &mut hits);
+        }
+    }
+    hits
+}
+
+#[cfg(target_arch = "x86_64")]
+#[clippy::msrv = "1.89"]
+mod x86 {
+    //! x86-64 conversions. Loads and stores are unaligned (bands start anywhere in a
+    //! group's bytes); tails go through the scalar definitions.
+    use crate::dtype::{self, Dtype};
+    use std::arch::x86_64::*;
+
+    /// Round to nearest even from the immediate (not from MXCSR), exceptions suppressed.
+    const RNE: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    /// The same for the VEX form (3 bits: rounding from the immediate, nearest even).
+    const RNE_F16C: i32 = _MM_FROUND_TO_NEAREST_INT;
+
+    pub(super) fn f16c() -> bool {
+        is_x86_feature_detected!("f16c")
+    }
+
+    /// # Safety
+    /// AVX-512F present; `src.len() == 2 * dst.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn f16_to_f32_avx512(src: &[u8], dst: &mut [f32]) {
+        let n = dst.len() / 16 * 16;
+        for i in (0..n).step_by(16) {
+            // SAFETY: elements i..i+16 exist in both (i + 16 <= n <= len).
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr().add(2 * i).cast());
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            }
+        }
+        dtype::decode_f32(Dtype::F16, &src[2 * n..], &mut dst[n..]);
+    }
+
+    /// # Safety
+    /// AVX-512F present; `dst.len() == 2 * src.len()`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn f32_to_f16_avx512(src: &[f32], dst: &mut [u8]) {
+        let n = src.len() / 16 * 16;
+        for i in (0..n).step_by(16) {
+            // SAFETY: as in `f16_to_f32_avx512`.
+            unsafe {
+                let v = _mm512_loadu_ps(src.as_ptr().add(i));
+                let h = _mm512_cvtps_ph::<RNE>(v);
+                _mm256_storeu_si256(dst.as_mut_ptr().add(2 * i).cast(), h);
+            }
+        }
+        dtype::encode_f32(Dtype::F16, &src[n..], &mut dst[2 * n..]);
+    }
+
+    /// # Safety
+    /// F16C and AVX present; `src.len() == 2 * dst.len()`.
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn f16_to_f32_f16c(src: &[u8], dst: &mut [f32]) {
+        let n = dst.len() / 8 * 8;
+        for i in (0..n).step_by(8) {
+            // SAFETY: as in `f16_to_f32_avx512`.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(2 * i).cast());
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+        }
+        dtype::decode_f32(Dtype::F16, &src[2 * n..], &mut dst[n..]);
+    }
+
+    /// # Safety
+    /// F16C and AVX present; `dst.len() == 2 * src.len()`.
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn f32_to_f16_f16c(src: &[f32], dst: &mut [u8]) {
+        let n = src.len() / 8 * 8;
+        for i in (0..n).step_by(8) {
+            // SAFETY: as in `f16_to_f32_avx512`.
+            unsafe {
+                let v = _mm256_loadu_ps(src.as_ptr().add(i));
+                let h = _mm256_cvtps_ph::<RNE_F16C>(v);
+                _mm_storeu_si128(dst.as_mut_ptr().add(2 * i).cast(), h);
+            }
+        }
+        dtype::encode_f32(Dtype::F16, &src[n..], &mut dst[2 * n..]);
+    }
+
+    /// bf16 → f32 is a shift; written as the scalar definition so the compiler vectorises
+    /// it for the enabled features.
+    #[inline(always)]
+    fn bf16_to_f32(src: &[u8], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+            *d = f32::from_bits((u16::from_le_bytes([s[0], s[1]]) as u32) << 16);
+        }
+    }
+
+    /// `dtype::bf16_bits` element-wise (the same branch-free integer rounding).
+    #[inline(always)]
+    fn f32_to_bf16(src: &[f32], dst: &mut [u8]) {
+        for (d, s) in dst.chunks_exact_mut(2).zip(src) {
+            d.copy_from_slice(&dtype::bf16_bits(*s).to_le_bytes());
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F present.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn bf16_to_f32_avx512(src: &[u8], dst: &mut [f32]) {
+        bf16_to_f32(src, dst)
+    }
+
+    /// # Safety
+    /// AVX-512F present.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn f32_to_bf16_avx512(src: &[f32], dst: &mut [u8]) {
+        f32_to_bf16(src, dst)
+    }
+
+    /// # Safety
+    /// AVX2 present.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn bf16_to_f32_avx2(src: &[u8], dst: &mut [f32]) {
+        bf16_to_f32(src, dst)
+    }
+
+    /// # Safety
+    /// AVX2 present.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn f32_to_bf16_avx2(src: &[f32], dst: &mut [u8]) {
+        f32_to_bf16(src, dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Random f32 bit patterns, with the special classes mixed in: denormals, ±0, ±inf,
+    /// NaNs (quiet and signalling payloads), exact f16/bf16 ties, and values around the
+    /// f16 overflow and denormal thresholds.
+    fn specials(n: usize) -> Vec<f32> {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut v: Vec<f32> = (0..n)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let b = s as u32;
+                match i % 8 {
+                    0 => f32::from_bits(b),
+                    1 => f32::from_bits(b & 0x807F_FFFF), // f32 denormal
+                    2 => f32::from_bits((b & 0x8000_0000) | 0x3380_0000 | (b & 0x00FF_E000)), // f16 denormal range
+                    3 => f32::from_bits((b & 0xFFFF_0000) | 0x8000), // bf16 tie
+                    4 => f32::from_bits((b & 0xFFFF_E000) | 0x1000), // f16 tie
+                    5 => f32::from_bits((b & 0x8000_0000) | 0x4770_0000 | (b & 0x000F_FFFF)), // near 65504
+                    6 => f32::from_bits(0x7F80_0000 | (b & 0x807F_FFFF)), // inf / NaN
+                    _ => (b as i32 as f32) * 1e-9,
+                }
+            })
+            .collect();
+        v.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            65504.0,
+            65520.0,
+        ]);
+        v.extend([
+            f32::MIN_POSITIVE,
+            -f32::MIN_POSITIVE,
+            f32::MAX,
+            f32::MIN,
+            1e-45,
+        ]);
+        v
+    }
+
+    fn bits_eq(a: &[u8], b: &[u8]) -> bool {
+        a == b
+    }
+
+    /// Every f16 and bf16 bit pattern decodes to the scalar definition's bits, and the
+    /// decoded value encodes back to the same pattern, on every path.
+    #[test]
+    fn every_f16_and_bf16_pattern_decodes_and_encodes_like_the_scalar_definition() {
+        let all: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
+        for dt in [Dtype::F16, Dtype::BF16] {
+            let mut want = vec![0f32; 1 << 16];
+            dtype::decode_f32(dt, &all, &mut want);
+            let mut want_back = vec![0u8; all.len()];
+            dtype::encode_f32(dt, &want, &mut want_back);
+            for isa in Isa::available() {
+                // Offsets 0 and 1 element: the vector loop and the scalar tail both run,
+                // on unaligned memory.
+                for off in [0usize, 1, 7] {
+                    let src = &all[2 * off..];
+                    let mut got = vec![0f32; src.len() / 2];
+                    decode(isa, dt, src, &mut got);
+                    assert!(
+                        got.iter()
+                            .zip(&want[off..])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{} {dt} decode (offset {off})",
+                        isa.name()
+                    );
+                    let mut back = vec![0u8; src.len()];
+                    encode(isa, dt, &got, &mut back);
+                    assert!(
+                        bits_eq(&back, &want_back[2 * off..]),
+                        "{} {dt} encode",
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Random f32 values (denormals, ties, inf, NaN payloads) encode and round like the
+    /// scalar definitions, on every path and output dtype.
+    #[test]
+    fn random_f32_encode_and_round_like_the_scalar_definition() {
+        let v = specials(100_003);
+        for dt in [Dtype::F16, Dtype::BF16, Dtype::F32, Dtype::F64] {
+            let mut want = vec![0u8; v.len() * dt.size()];
+            dtype::encode_f32(dt, &v, &mut want);
+            let mut want_r = v.clone();
+            dtype::round_through(dt, &mut want_r);
+            for isa in Isa::available() {
+                let mut got = vec![0u8; v.len() * dt.size()];
+                encode(isa, dt, &v, &mut got);
+                assert!(bits_eq(&got, &want), "{} {dt} encode", isa.name());
+                let mut r = v.clone();
+                round_through(isa, dt, &mut r);
+                assert!(
+                    r.iter()
+                        .zip(&want_r)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{} {dt} round_through",
+                    isa.name()
+                );
+            }
+        }
+    }
+
+    /// The fused pass equals its unfused definition (decode, round the delta, add, round,
+    /// encode, then list non-finite outputs) for every dtype pair and flag.
+    #[test]
+    fn add_encode_equals_the_unfused_steps() {
+        let d0: Vec<f32> = specials(3 * CHUNK + 5)
+            .into_iter()
+            .map(|x| if x.is_finite() { x % 70000.0 } else { x })
+            .collect();
+        let n = d0.len();
+        let wv: Vec<f32> = specials(n + 5)[5..5 + n].iter().map(|x| x * 0.5).collect();
+        for wd in [Dtype::F16, Dtype::BF16, Dtype::F32] {
+            let mut w = vec![0u8; n * wd.size()];
+            dtype::encode_f32(wd, &wv, &mut w);
+            for od in [Dtype::F16, Dtype::BF16, Dtype::F32] {
+                for (round_delta, last_round) in
+                    [(false, false), (true, false), (false, true), (true, true)]
+                {
+                    let mut v = vec![0f32; n];
+                    dtype::decode_f32(wd, &w, &mut v);
+                    let mut d = d0.clone();
+                    if round_delta {
+                        dtype::round_through(wd, &mut d);
+                    }
+                    v.iter_mut().zip(&d).for_each(|(v, d)| *v += d);
+                    if last_round {
+                        dtype::round_through(wd, &mut v);
+                    }
+                    let mut want = vec![0u8; n * od.size()];
+                    let want_hits = crate::compute::finite::encode_checked(od, &v, &mut want, true);
+                    assert!(
+                        !want_hits.is_empty(),
+                        "the inputs should overflow somewhere"
+                    );
+                    for isa in Isa::available() {
+                        let mut d = d0.clone();
+                        let mut got = vec![0u8; n * od.size()];
+                        let hits = add_encode(
+                            isa,
+                            wd,
+                            &w,
+                            &mut d,
+                            round_delta,
+                            last_round,
+                            od,
+                            &mut got,
+                            true,
+                            &mut Vec::new(),
+                        );
+                        assert!(
+                            bits_eq(&got, &want),
+                            "{} {wd}->{od} {round_delta} {last_round}",
+                            isa.name()
+                        );
+                        assert_eq!(hits, want_hits, "{} {wd}->{od} hits", isa.name());
+                    }
+                }
+            }
+        }
+    }
+}
