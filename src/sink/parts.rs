@@ -1,8 +1,9 @@
 //! `PartWriter`: one part (`--part K/N`) of a sharded folder output. It is told only the
 //! tensors of its own shards (the caller skips the rest without computing them) and
 //! writes each shard exactly as the single run would (same `SafetensorsWriter`, same
-//! header, same bytes) under a temp name in the shared folder, fsyncs it, hashes it and
-//! renames it to its final `model-0000i-of-0000n.safetensors` name: a part killed even
+//! header, same bytes) under a temp name in the shared folder, hashing the bytes as it
+//! hands them to the file (it never reads back what it wrote: `stitch` does, once), fsyncs
+//! it and renames it to its final `model-0000i-of-0000n.safetensors` name: a part killed even
 //! with SIGKILL leaves at most a temp file (removed by the next run on that host, or by
 //! `stitch`), never a partial shard under a final name, and a rerun rewrites the same
 //! bytes. Last, it writes its manifest, `DIR/.lorastream/part-K-of-N.json`: the plan's
@@ -14,7 +15,7 @@
 use super::atomic::{TempOutput, sync_dir, sync_file};
 use super::part_plan::{PartPlan, ShardSpec, hex};
 use super::safetensors::SafetensorsWriter;
-use super::sharded::{INDEX, write_side_file};
+use super::sharded::{INDEX, write_side_file_hashed};
 use super::{OutTensor, PlanCursor, SharedBytes, SideFile, SinkOptions, TensorSink};
 use crate::checkpoint_files::is_weight_file;
 use crate::error::{Error, Result};
@@ -228,9 +229,9 @@ impl PartWriter {
                 }
                 let shown = dest.join(&f.name);
                 let at = staged.join(&f.name);
-                let (temp, ()) = TempOutput::create(&at, |p| write_side_file(f, p, &shown))?;
+                let (temp, (bytes, sha256)) =
+                    TempOutput::create(&at, |p| write_side_file_hashed(f, p, &shown))?;
                 temp.commit()?;
-                let (bytes, sha256) = sha256_file(&at)?;
                 files.push(WrittenFile {
                     name: f.name.clone(),
                     bytes,
@@ -259,19 +260,20 @@ impl PartWriter {
         let dest = self.dir.join(&spec.name);
         let direct = self.direct;
         let (temp, writer) = TempOutput::create(&dest, |p| {
-            SafetensorsWriter::create_in(p, &dest, tensors, direct)
+            SafetensorsWriter::create_in_hashed(p, &dest, tensors, direct)
         })?;
         self.current = Some(Open { at, temp, writer });
         Ok(())
     }
 
-    /// Completes the open shard: fsync, hash, final name.
+    /// Completes the open shard: fsync, final name, and the hash taken while writing.
     fn close_shard(&mut self) -> Result<()> {
         let Some(Open { at, temp, writer }) = self.current.take() else {
             return Ok(());
         };
-        writer.close()?;
-        let (bytes, sha256) = sha256_file(temp.path())?;
+        let (bytes, sha256) = writer
+            .close_hashed()?
+            .ok_or_else(|| Error::Internal("a part's shard was written unhashed".into()))?;
         temp.rename_into_place()?;
         let (spec, tensors) = &self.mine[at];
         self.written[at] = Some(WrittenShard {

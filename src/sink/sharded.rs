@@ -18,6 +18,7 @@ use super::safetensors::SafetensorsWriter;
 use super::{OutTensor, PlanCursor, SharedBytes, SideFile, TensorSink};
 use crate::checkpoint_files::is_weight_file;
 use crate::error::{Error, Result};
+use sha2::Digest;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -93,31 +94,64 @@ pub fn check_output_folder(dest: &Path, overwrite: bool) -> Result<()> {
     ))
 }
 
+/// The text of side file `f` when the job replaces JSON keys in it (None: a plain copy).
+fn edited_side_file(f: &SideFile, shown: &Path) -> Result<Option<Vec<u8>>> {
+    if f.set.is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&f.source).map_err(|e| Error::io(&f.source, e))?;
+    let mut json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&f.source, format!("not valid JSON: {e}")))?;
+    let obj = json
+        .as_object_mut()
+        .ok_or_else(|| Error::format(&f.source, "not a JSON object"))?;
+    for (k, v) in &f.set {
+        // A null removes the key (quantization_config of a dequantized base).
+        if v.is_null() {
+            obj.remove(k);
+        } else {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    // Two-space indent and a final newline, as transformers writes config.json.
+    let out =
+        serde_json::to_string_pretty(&json).map_err(|e| Error::format(shown, e.to_string()))?;
+    Ok(Some((out + "\n").into_bytes()))
+}
+
 /// Writes side file `f` at `path` (JSON keys replaced when asked) and fsyncs it.
 pub(super) fn write_side_file(f: &SideFile, path: &Path, shown: &Path) -> Result<()> {
-    if f.set.is_empty() {
-        std::fs::copy(&f.source, path).map_err(|e| Error::io(&f.source, e))?;
-    } else {
-        let text = std::fs::read_to_string(&f.source).map_err(|e| Error::io(&f.source, e))?;
-        let mut json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&f.source, format!("not valid JSON: {e}")))?;
-        let obj = json
-            .as_object_mut()
-            .ok_or_else(|| Error::format(&f.source, "not a JSON object"))?;
-        for (k, v) in &f.set {
-            // A null removes the key (quantization_config of a dequantized base).
-            if v.is_null() {
-                obj.remove(k);
-            } else {
-                obj.insert(k.clone(), v.clone());
-            }
+    match edited_side_file(f, shown)? {
+        None => {
+            std::fs::copy(&f.source, path).map_err(|e| Error::io(&f.source, e))?;
         }
-        // Two-space indent and a final newline, as transformers writes config.json.
-        let out =
-            serde_json::to_string_pretty(&json).map_err(|e| Error::format(shown, e.to_string()))?;
-        std::fs::write(path, out + "\n").map_err(|e| Error::io(shown, e))?;
+        Some(text) => std::fs::write(path, text).map_err(|e| Error::io(shown, e))?,
     }
     sync_file(path)
+}
+
+/// `write_side_file`, giving the size and hex SHA-256 of the bytes written: a copy goes
+/// through memory (read once, hashed, written with the source's permissions, as
+/// `std::fs::copy` gives them), so nothing is read back.
+pub(super) fn write_side_file_hashed(
+    f: &SideFile,
+    path: &Path,
+    shown: &Path,
+) -> Result<(u64, String)> {
+    let bytes = match edited_side_file(f, shown)? {
+        Some(text) => text,
+        None => std::fs::read(&f.source).map_err(|e| Error::io(&f.source, e))?,
+    };
+    std::fs::write(path, &bytes).map_err(|e| Error::io(shown, e))?;
+    if f.set.is_empty() {
+        let mode = std::fs::metadata(&f.source)
+            .map_err(|e| Error::io(&f.source, e))?
+            .permissions();
+        std::fs::set_permissions(path, mode).map_err(|e| Error::io(shown, e))?;
+    }
+    sync_file(path)?;
+    let sha = sha2::Sha256::digest(&bytes);
+    Ok((bytes.len() as u64, super::part_plan::hex(&sha)))
 }
 
 /// The text of `model.safetensors.index.json` for tensors `entries` (tensor, shard) in
