@@ -15,15 +15,15 @@
 use super::atomic::{TempOutput, sync_dir, sync_file};
 use super::part_plan::{PartPlan, ShardSpec, hex};
 use super::safetensors::SafetensorsWriter;
+use super::shard_stream::{ShardFiles, ShardStream};
 use super::sharded::{INDEX, write_side_file_hashed};
-use super::{OutTensor, PlanCursor, SharedBytes, SideFile, SinkOptions, TensorSink};
+use super::{OutTensor, SideFile, SinkOptions};
 use crate::checkpoint_files::is_weight_file;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// The folder, inside the output, that holds the parts' manifests until `stitch`.
 pub const PARTS_DIR: &str = ".lorastream";
@@ -146,27 +146,22 @@ pub fn check_part_folder(dest: &Path, plan: &PartPlan, overwrite: bool) -> Resul
     ))
 }
 
-/// A shard being written: its place in `mine`, its temp file, its writer.
-struct Open {
-    at: usize,
-    temp: TempOutput,
-    writer: SafetensorsWriter,
-}
+/// A part's writer: the tensors of its shards streamed into the files of `PartShards`.
+pub type PartWriter = ShardStream<PartShards>;
 
-pub struct PartWriter {
+/// The shards of one part, what they turned out to be, and its manifest.
+pub struct PartShards {
     dir: PathBuf,
     plan: PartPlan,
     /// This part's shards and their tensors.
     mine: Vec<(ShardSpec, Vec<OutTensor>)>,
-    /// For each tensor this part writes (cursor order), its place in `mine`.
-    shard_of: Vec<usize>,
-    current: Option<Open>,
+    /// The temp file of the shard being written.
+    temp: Option<TempOutput>,
     written: Vec<Option<WrittenShard>>,
     files: Vec<WrittenFile>,
     direct: bool,
     overwrite: bool,
     total_size: u64,
-    cursor: PlanCursor,
 }
 
 /// Creates folder `p` unless it is there (another part may create it at the same time).
@@ -239,42 +234,42 @@ impl PartWriter {
                 });
             }
         }
-        Ok(PartWriter {
+        let shards = mine.len();
+        let files = PartShards {
             dir: dest.to_path_buf(),
-            written: vec![None; mine.len()],
+            written: vec![None; shards],
             plan,
             mine,
-            shard_of,
-            current: None,
+            temp: None,
             files,
             direct: opts.direct_io,
             overwrite: opts.overwrite,
             total_size: full.iter().map(OutTensor::nbytes).sum(),
-            cursor: PlanCursor::new(&sub),
-        })
+        };
+        Ok(ShardStream::new(files, &sub, shard_of, shards))
     }
+}
 
-    fn open_shard(&mut self, at: usize) -> Result<()> {
-        self.close_shard()?;
+impl ShardFiles for PartShards {
+    fn open(&mut self, at: usize) -> Result<SafetensorsWriter> {
         let (spec, tensors) = &self.mine[at];
         let dest = self.dir.join(&spec.name);
         let direct = self.direct;
         let (temp, writer) = TempOutput::create(&dest, |p| {
             SafetensorsWriter::create_in_hashed(p, &dest, tensors, direct)
         })?;
-        self.current = Some(Open { at, temp, writer });
-        Ok(())
+        self.temp = Some(temp);
+        Ok(writer)
     }
 
-    /// Completes the open shard: fsync, final name, and the hash taken while writing.
-    fn close_shard(&mut self) -> Result<()> {
-        let Some(Open { at, temp, writer }) = self.current.take() else {
-            return Ok(());
-        };
+    /// Completes the shard: fsync, final name, and the hash taken while writing.
+    fn close(&mut self, at: usize, writer: SafetensorsWriter) -> Result<()> {
+        let temp = self.temp.take();
         let (bytes, sha256) = writer
             .close_hashed()?
             .ok_or_else(|| Error::Internal("a part's shard was written unhashed".into()))?;
-        temp.rename_into_place()?;
+        temp.ok_or_else(|| Error::Internal("no shard open".into()))?
+            .rename_into_place()?;
         let (spec, tensors) = &self.mine[at];
         self.written[at] = Some(WrittenShard {
             name: spec.name.clone(),
@@ -285,45 +280,7 @@ impl PartWriter {
         Ok(())
     }
 
-    fn writer(&mut self) -> Result<&mut SafetensorsWriter> {
-        match &mut self.current {
-            Some(o) => Ok(&mut o.writer),
-            None => Err(Error::Internal("no shard open".into())),
-        }
-    }
-}
-
-impl TensorSink for PartWriter {
-    fn begin(&mut self, t: &OutTensor) -> Result<()> {
-        let i = self.cursor.begin(t)?;
-        let at = self.shard_of[i];
-        if self.current.as_ref().map(|o| o.at) != Some(at) {
-            self.open_shard(at)?;
-        }
-        self.writer()?.begin(t)
-    }
-    fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.cursor.write(bytes.len())?;
-        self.writer()?.write(bytes)
-    }
-    fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
-        self.cursor.write(len)?;
-        self.writer()?.write_shared(src, start, len)
-    }
-    fn end(&mut self) -> Result<()> {
-        self.cursor.end()?;
-        self.writer()?.end()
-    }
-    fn finish(mut self: Box<Self>) -> Result<()> {
-        self.cursor.check_complete()?;
-        self.close_shard()?;
-        // Shards without tensors (the one shard of an empty output) are still written.
-        for at in 0..self.mine.len() {
-            if self.written[at].is_none() {
-                self.open_shard(at)?;
-                self.close_shard()?;
-            }
-        }
+    fn finish(mut self) -> Result<()> {
         sync_dir(&self.dir)?;
         let part = self.plan.part;
         let manifest = Manifest {
@@ -365,6 +322,7 @@ mod tests {
     use super::super::part_plan::Part;
     use super::*;
     use crate::dtype::Dtype;
+    use crate::sink::TensorSink;
 
     fn plan() -> Vec<OutTensor> {
         (0..6)
