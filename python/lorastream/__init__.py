@@ -223,59 +223,37 @@ def _part(part: Optional[Part]) -> List[str]:
     raise TypeError(f"part must be 'K/N', 'auto' or a (K, N) pair of ints, not {part!r}")
 
 
-def _output_flags(
-    dtype: str,
-    rename: Renames,
-    exclude: Iterable[str],
-    shard_size: Union[int, str, None],
-    buffered_io: bool,
-    overwrite: bool,
-    no_copy_files: bool,
-    progress: bool,
-    quiet: bool,
-    verbose: bool,
-    part: Optional[Part],
-) -> List[str]:
+def _output_flags(a: Mapping[str, Any]) -> List[str]:
+    """The output flags (``merge`` and ``convert``) from the caller's arguments ``a``."""
     return [
-        f"--dtype={dtype}",
-        *_renames(rename),
-        *_repeat("exclude", exclude),
-        *_value("shard-size", shard_size),
-        *_flag("buffered-io", buffered_io),
-        *_flag("overwrite", overwrite),
-        *_flag("no-copy-files", no_copy_files),
-        *_flag("verbose", verbose),
-        *_part(part),
+        f"--dtype={a['dtype']}",
+        *_renames(a["rename"]),
+        *_repeat("exclude", a["exclude"]),
+        *_value("shard-size", a["shard_size"]),
+        *_flag("buffered-io", a["buffered_io"]),
+        *_flag("overwrite", a["overwrite"]),
+        *_flag("no-copy-files", a["no_copy_files"]),
+        *_flag("verbose", a["verbose"]),
+        *_part(a["part"]),
         # --quiet: no bar and no notes; --progress: the bar (on a terminal) despite --json.
-        *(["--quiet"] if quiet else _flag("progress", progress)),
+        *(["--quiet"] if a["quiet"] else _flag("progress", a["progress"])),
     ]
 
 
-def _merge_flags(
-    base: Optional[Bases],
-    lora: Optional[Loras],
-    keep_lora: bool,
-    threads: Optional[int],
-    device: str,
-    fan_in_fan_out: Iterable[str],
-    no_fan_in_fan_out: Iterable[str],
-    combine: Optional[str],
-    density: Optional[float],
-    majority_sign_method: str,
-    seed: Optional[int],
-    module_order: Optional[PathLike],
-) -> List[str]:
+def _merge_flags(a: Mapping[str, Any]) -> List[str]:
+    """The merge flags (``merge`` and ``verify``) from the caller's arguments ``a``."""
+    density, module_order = a["density"], a["module_order"]
     return [
-        *_component_flags(base, lora),
-        *_flag("keep-lora", keep_lora),
-        *_value("threads", threads),
-        f"--device={device}",
-        *_repeat("fan-in-fan-out", fan_in_fan_out),
-        *_repeat("no-fan-in-fan-out", no_fan_in_fan_out),
-        *_value("combine", combine),
+        *_component_flags(a["base"], a["lora"]),
+        *_flag("keep-lora", a["keep_lora"]),
+        *_value("threads", a["threads"]),
+        f"--device={a['device']}",
+        *_repeat("fan-in-fan-out", a["fan_in_fan_out"]),
+        *_repeat("no-fan-in-fan-out", a["no_fan_in_fan_out"]),
+        *_value("combine", a["combine"]),
         *_value("density", None if density is None else repr(float(density))),
-        f"--majority-sign-method={majority_sign_method}",
-        *_value("seed", seed),
+        f"--majority-sign-method={a['majority_sign_method']}",
+        *_value("seed", a["seed"]),
         *_value("module-order", None if module_order is None else _path(module_order)),
     ]
 
@@ -356,39 +334,15 @@ def merge(
     Raises:
         LorastreamError: the run failed; nothing was written.
     """
+    args = locals()  # every argument, by name, for the flag helpers
     flags = [
         f"--out={_path(out)}",
-        *_merge_flags(
-            base,
-            lora,
-            keep_lora,
-            threads,
-            device,
-            fan_in_fan_out,
-            no_fan_in_fan_out,
-            combine,
-            density,
-            majority_sign_method,
-            seed,
-            module_order,
-        ),
+        *_merge_flags(args),
         *_value("expect-keys-from", None if expect_keys_from is None else _path(expect_keys_from)),
         *_flag("allow-missing-keys", allow_missing_keys),
         *_flag("allow-non-finite", allow_non_finite),
         *_flag("dry-run", dry_run),
-        *_output_flags(
-            dtype,
-            rename,
-            exclude,
-            shard_size,
-            buffered_io,
-            overwrite,
-            no_copy_files,
-            progress,
-            quiet,
-            verbose,
-            part,
-        ),
+        *_output_flags(args),
     ]
     return _run("merge", flags)
 
@@ -423,21 +377,10 @@ def convert(
     Raises:
         LorastreamError: the run failed; nothing was written.
     """
+    args = locals()  # every argument, by name, for the flag helpers
     flags = [
         *_flag("allow-empty", allow_empty),
-        *_output_flags(
-            dtype,
-            rename,
-            exclude,
-            shard_size,
-            buffered_io,
-            overwrite,
-            no_copy_files,
-            progress,
-            quiet,
-            verbose,
-            part,
-        ),
+        *_output_flags(args),
     ]
     return _run("convert", flags, [input, output])
 
@@ -489,21 +432,9 @@ def verify(
     Raises:
         LorastreamError: the check could not be made (``exit_code`` 2).
     """
+    args = locals()  # every argument, by name, for the flag helpers
     flags = [
-        *_merge_flags(
-            base,
-            lora,
-            keep_lora,
-            threads,
-            device,
-            fan_in_fan_out,
-            no_fan_in_fan_out,
-            combine,
-            density,
-            majority_sign_method,
-            seed,
-            module_order,
-        ),
+        *_merge_flags(args),
         f"--dtype={dtype}",
         *_renames(rename),
         *_repeat("exclude", exclude),

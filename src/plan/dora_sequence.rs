@@ -430,31 +430,22 @@ impl BandChange for Prepared {
 mod tests {
     use super::*;
     use crate::adapter::tuners::run_in_memory;
-    use crate::source::{MappedFile, TensorData};
     use Op::*;
 
-    /// f32 tensors written to one file, as entries.
-    fn entries(dir: &std::path::Path, parts: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<TensorEntry> {
-        let path = dir.join("t");
-        let data: Vec<f32> = parts.iter().flat_map(|p| p.2.clone()).collect();
-        std::fs::write(&path, bytemuck::cast_slice::<f32, u8>(&data)).unwrap();
-        let file = MappedFile::open(&path).unwrap();
-        let mut at = 0;
+    /// f32 tensors made in memory, as entries.
+    fn entries(parts: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<TensorEntry> {
         parts
             .iter()
             .map(|(name, shape, v)| {
-                let t = TensorEntry {
-                    name: name.to_string(),
-                    dtype: Dtype::F32,
-                    shape: shape.clone(),
-                    file: file.clone(),
-                    data: TensorData::Contiguous {
-                        start: at,
-                        len: v.len() * 4,
-                    },
-                };
-                at += v.len() * 4;
-                t
+                let bytes = bytemuck::cast_slice::<f32, u8>(v);
+                TensorEntry::in_memory(
+                    std::path::Path::new("t"),
+                    name,
+                    Dtype::F32,
+                    shape.clone(),
+                    bytes,
+                )
+                .unwrap()
             })
             .collect()
     }
@@ -477,19 +468,15 @@ mod tests {
         let a2: Vec<f32> = (0..r * inn).map(|i| (i % 5) as f32 - 2.0).collect();
         let b2: Vec<f32> = (0..out * r).map(|i| 1.0 - (i % 2) as f32).collect();
         let m2: Vec<f32> = vec![2.0, 3.0, 0.5];
-        let dir = tempfile::tempdir().unwrap();
-        let t = entries(
-            dir.path(),
-            &[
-                ("w", vec![out, inn], w),
-                ("wt", vec![inn, out], wt),
-                ("a1", vec![r, inn], a1),
-                ("b1", vec![out, r], b1),
-                ("a2", vec![r, inn], a2),
-                ("b2", vec![out, r], b2),
-                ("m2", vec![out], m2),
-            ],
-        );
+        let t = entries(&[
+            ("w", vec![out, inn], w),
+            ("wt", vec![inn, out], wt),
+            ("a1", vec![r, inn], a1),
+            ("b1", vec![out, r], b1),
+            ("a2", vec![r, inn], a2),
+            ("b2", vec![out, r], b2),
+            ("m2", vec![out], m2),
+        ]);
         let step = |a: &TensorEntry, b: &TensorEntry, m: Option<&TensorEntry>, layout| LoraStep {
             a: a.clone(),
             b: b.clone(),
@@ -524,16 +511,12 @@ mod tests {
     /// A factor of the wrong size is refused with the tensor's name, not read out of bounds.
     #[test]
     fn wrong_sizes_are_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = entries(
-            dir.path(),
-            &[
-                ("w", vec![2, 3], vec![1.0; 6]),
-                ("a", vec![1, 4], vec![1.0; 4]),
-                ("b", vec![2, 1], vec![1.0; 2]),
-                ("m", vec![2], vec![1.0; 2]),
-            ],
-        );
+        let t = entries(&[
+            ("w", vec![2, 3], vec![1.0; 6]),
+            ("a", vec![1, 4], vec![1.0; 4]),
+            ("b", vec![2, 1], vec![1.0; 2]),
+            ("m", vec![2], vec![1.0; 2]),
+        ]);
         let s = |m: Option<&TensorEntry>| LoraStep {
             a: t[1].clone(),
             b: t[2].clone(),

@@ -14,6 +14,7 @@ mod parts;
 mod pickle_writer;
 mod preflight;
 mod safetensors;
+mod shard_stream;
 mod sharded;
 mod torch_zip;
 

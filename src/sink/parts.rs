@@ -1,8 +1,9 @@
 //! `PartWriter`: one part (`--part K/N`) of a sharded folder output. It is told only the
 //! tensors of its own shards (the caller skips the rest without computing them) and
 //! writes each shard exactly as the single run would (same `SafetensorsWriter`, same
-//! header, same bytes) under a temp name in the shared folder, fsyncs it, hashes it and
-//! renames it to its final `model-0000i-of-0000n.safetensors` name: a part killed even
+//! header, same bytes) under a temp name in the shared folder, hashing the bytes as it
+//! hands them to the file (it never reads back what it wrote: `stitch` does, once), fsyncs
+//! it and renames it to its final `model-0000i-of-0000n.safetensors` name: a part killed even
 //! with SIGKILL leaves at most a temp file (removed by the next run on that host, or by
 //! `stitch`), never a partial shard under a final name, and a rerun rewrites the same
 //! bytes. Last, it writes its manifest, `DIR/.lorastream/part-K-of-N.json`: the plan's
@@ -14,15 +15,15 @@
 use super::atomic::{TempOutput, sync_dir, sync_file};
 use super::part_plan::{PartPlan, ShardSpec, hex};
 use super::safetensors::SafetensorsWriter;
-use super::sharded::{INDEX, write_side_file};
-use super::{OutTensor, PlanCursor, SharedBytes, SideFile, SinkOptions, TensorSink};
+use super::shard_stream::{ShardFiles, ShardStream};
+use super::sharded::{INDEX, write_side_file_hashed};
+use super::{OutTensor, SideFile, SinkOptions};
 use crate::checkpoint_files::is_weight_file;
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// The folder, inside the output, that holds the parts' manifests until `stitch`.
 pub const PARTS_DIR: &str = ".lorastream";
@@ -145,27 +146,22 @@ pub fn check_part_folder(dest: &Path, plan: &PartPlan, overwrite: bool) -> Resul
     ))
 }
 
-/// A shard being written: its place in `mine`, its temp file, its writer.
-struct Open {
-    at: usize,
-    temp: TempOutput,
-    writer: SafetensorsWriter,
-}
+/// A part's writer: the tensors of its shards streamed into the files of `PartShards`.
+pub type PartWriter = ShardStream<PartShards>;
 
-pub struct PartWriter {
+/// The shards of one part, what they turned out to be, and its manifest.
+pub struct PartShards {
     dir: PathBuf,
     plan: PartPlan,
     /// This part's shards and their tensors.
     mine: Vec<(ShardSpec, Vec<OutTensor>)>,
-    /// For each tensor this part writes (cursor order), its place in `mine`.
-    shard_of: Vec<usize>,
-    current: Option<Open>,
+    /// The temp file of the shard being written.
+    temp: Option<TempOutput>,
     written: Vec<Option<WrittenShard>>,
     files: Vec<WrittenFile>,
     direct: bool,
     overwrite: bool,
     total_size: u64,
-    cursor: PlanCursor,
 }
 
 /// Creates folder `p` unless it is there (another part may create it at the same time).
@@ -228,9 +224,9 @@ impl PartWriter {
                 }
                 let shown = dest.join(&f.name);
                 let at = staged.join(&f.name);
-                let (temp, ()) = TempOutput::create(&at, |p| write_side_file(f, p, &shown))?;
+                let (temp, (bytes, sha256)) =
+                    TempOutput::create(&at, |p| write_side_file_hashed(f, p, &shown))?;
                 temp.commit()?;
-                let (bytes, sha256) = sha256_file(&at)?;
                 files.push(WrittenFile {
                     name: f.name.clone(),
                     bytes,
@@ -238,41 +234,42 @@ impl PartWriter {
                 });
             }
         }
-        Ok(PartWriter {
+        let shards = mine.len();
+        let files = PartShards {
             dir: dest.to_path_buf(),
-            written: vec![None; mine.len()],
+            written: vec![None; shards],
             plan,
             mine,
-            shard_of,
-            current: None,
+            temp: None,
             files,
             direct: opts.direct_io,
             overwrite: opts.overwrite,
             total_size: full.iter().map(OutTensor::nbytes).sum(),
-            cursor: PlanCursor::new(&sub),
-        })
+        };
+        Ok(ShardStream::new(files, &sub, shard_of, shards))
     }
+}
 
-    fn open_shard(&mut self, at: usize) -> Result<()> {
-        self.close_shard()?;
+impl ShardFiles for PartShards {
+    fn open(&mut self, at: usize) -> Result<SafetensorsWriter> {
         let (spec, tensors) = &self.mine[at];
         let dest = self.dir.join(&spec.name);
         let direct = self.direct;
         let (temp, writer) = TempOutput::create(&dest, |p| {
-            SafetensorsWriter::create_in(p, &dest, tensors, direct)
+            SafetensorsWriter::create_in_hashed(p, &dest, tensors, direct)
         })?;
-        self.current = Some(Open { at, temp, writer });
-        Ok(())
+        self.temp = Some(temp);
+        Ok(writer)
     }
 
-    /// Completes the open shard: fsync, hash, final name.
-    fn close_shard(&mut self) -> Result<()> {
-        let Some(Open { at, temp, writer }) = self.current.take() else {
-            return Ok(());
-        };
-        writer.close()?;
-        let (bytes, sha256) = sha256_file(temp.path())?;
-        temp.rename_into_place()?;
+    /// Completes the shard: fsync, final name, and the hash taken while writing.
+    fn close(&mut self, at: usize, writer: SafetensorsWriter) -> Result<()> {
+        let temp = self.temp.take();
+        let (bytes, sha256) = writer
+            .close_hashed()?
+            .ok_or_else(|| Error::Internal("a part's shard was written unhashed".into()))?;
+        temp.ok_or_else(|| Error::Internal("no shard open".into()))?
+            .rename_into_place()?;
         let (spec, tensors) = &self.mine[at];
         self.written[at] = Some(WrittenShard {
             name: spec.name.clone(),
@@ -283,45 +280,7 @@ impl PartWriter {
         Ok(())
     }
 
-    fn writer(&mut self) -> Result<&mut SafetensorsWriter> {
-        match &mut self.current {
-            Some(o) => Ok(&mut o.writer),
-            None => Err(Error::Internal("no shard open".into())),
-        }
-    }
-}
-
-impl TensorSink for PartWriter {
-    fn begin(&mut self, t: &OutTensor) -> Result<()> {
-        let i = self.cursor.begin(t)?;
-        let at = self.shard_of[i];
-        if self.current.as_ref().map(|o| o.at) != Some(at) {
-            self.open_shard(at)?;
-        }
-        self.writer()?.begin(t)
-    }
-    fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.cursor.write(bytes.len())?;
-        self.writer()?.write(bytes)
-    }
-    fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
-        self.cursor.write(len)?;
-        self.writer()?.write_shared(src, start, len)
-    }
-    fn end(&mut self) -> Result<()> {
-        self.cursor.end()?;
-        self.writer()?.end()
-    }
-    fn finish(mut self: Box<Self>) -> Result<()> {
-        self.cursor.check_complete()?;
-        self.close_shard()?;
-        // Shards without tensors (the one shard of an empty output) are still written.
-        for at in 0..self.mine.len() {
-            if self.written[at].is_none() {
-                self.open_shard(at)?;
-                self.close_shard()?;
-            }
-        }
+    fn finish(mut self) -> Result<()> {
         sync_dir(&self.dir)?;
         let part = self.plan.part;
         let manifest = Manifest {
@@ -363,6 +322,7 @@ mod tests {
     use super::super::part_plan::Part;
     use super::*;
     use crate::dtype::Dtype;
+    use crate::sink::TensorSink;
 
     fn plan() -> Vec<OutTensor> {
         (0..6)

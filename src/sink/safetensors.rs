@@ -1,11 +1,15 @@
 //! `SafetensorsWriter`: one safetensors file. The header is computed from the plan and
 //! written first (padded with spaces to a multiple of 8, as torch does); tensor data then
-//! streams in plan order.
+//! streams in plan order. A writer opened with `hash_as_written` (the shards of a part,
+//! `--part K/N`) also keeps the size and SHA-256 of every byte it hands the file, in file
+//! order, so the part records its shard's hash without reading back what it wrote.
 
 use super::atomic::TempOutput;
 use super::direct_file::{DirectFileWriter, SharedReadAt};
 use super::{OutTensor, PlanCursor, SharedBytes, TensorSink};
+use crate::direct_io::{self, AlignedBuf};
 use crate::error::{Error, Result};
+use sha2::Digest;
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +20,21 @@ pub struct SafetensorsWriter {
     temp: Option<TempOutput>,
     path: std::path::PathBuf,
     cursor: PlanCursor,
+    /// `hash_as_written`: the hash of the bytes written so far, their count, and the
+    /// buffers copied tensors are read through on their way to the hash and the file.
+    hash: Option<FileHash>,
 }
+
+/// The running SHA-256 of a file written front to back (see `hash_as_written`).
+struct FileHash {
+    sha: sha2::Sha256,
+    bytes: u64,
+    bufs: [AlignedBuf; 2],
+}
+
+/// Copied tensors reach the hash in pieces of this size (two in flight: one being read
+/// while the other is hashed and written), as `DirectFileWriter` streams them.
+const HASH_PIECE: usize = 4 << 20;
 
 /// The header bytes (length prefix included) for `plan`.
 pub fn header(plan: &[OutTensor], path: &Path) -> Result<Vec<u8>> {
@@ -83,18 +101,50 @@ impl SafetensorsWriter {
             temp: None,
             path: shown.to_path_buf(),
             cursor: PlanCursor::new(plan),
+            hash: None,
         })
+    }
+
+    /// `create_in`, keeping the size and SHA-256 of the file as it is written, for
+    /// `close_hashed`: copied tensors then go through memory (read, hashed, written)
+    /// instead of the kernel's file-to-file copy or a helper thread, which never show
+    /// their bytes. The hash is of what was handed to the file, so a later full read
+    /// (`stitch`) that finds other bytes names the shard.
+    pub(crate) fn create_in_hashed(
+        path: &Path,
+        shown: &Path,
+        plan: &[OutTensor],
+        direct: bool,
+    ) -> Result<SafetensorsWriter> {
+        let head = header(plan, shown)?;
+        let mut w = Self::create_in(path, shown, plan, direct)?;
+        let mut sha = sha2::Sha256::new();
+        sha.update(&head);
+        w.hash = Some(FileHash {
+            sha,
+            bytes: head.len() as u64,
+            bufs: Default::default(),
+        });
+        Ok(w)
     }
 
     /// Flushes and fsyncs (`DirectFileWriter::finish`); commits when standalone (rename,
     /// then fsync of the folder), so the output is on disk before success is reported.
     pub(crate) fn close(self) -> Result<()> {
+        self.close_hashed().map(|_| ())
+    }
+
+    /// `close`, giving the size and hex SHA-256 of the file written when it was opened
+    /// with `create_in_hashed` (None otherwise).
+    pub(crate) fn close_hashed(self) -> Result<Option<(u64, String)>> {
         self.cursor.check_complete()?;
         self.out.finish().map_err(|e| Error::io(&self.path, e))?;
-        match self.temp {
-            Some(t) => t.commit(),
-            None => Ok(()),
+        if let Some(t) = self.temp {
+            t.commit()?;
         }
+        Ok(self
+            .hash
+            .map(|h| (h.bytes, super::part_plan::hex(&h.sha.finalize()))))
     }
 }
 
@@ -107,6 +157,18 @@ impl TensorSink for SafetensorsWriter {
         // Same bytes, same place: `append_copy` picks the cheapest way (a helper thread, the
         // kernel's file-to-file copy, or the staging buffer).
         let name = self.cursor.current_name().to_string();
+        if let Some(h) = &mut self.hash {
+            let out = &mut self.out;
+            let read = |at: u64, n: usize, buf: &mut AlignedBuf| src.read_at(at as usize, n, buf);
+            direct_io::stream_range(&read, start as u64, len, HASH_PIECE, &mut h.bufs, |b| {
+                h.sha.update(b);
+                h.bytes += b.len() as u64;
+                out.write_all(b)
+            })
+            .map_err(|e| Error::tensor(&self.path, &name, format!("copying: {e}")))?;
+            src.done(start, len);
+            return Ok(());
+        }
         let reader = Arc::clone(src);
         let read: SharedReadAt = Arc::new(move |at, n, buf| reader.read_at(at as usize, n, buf));
         self.out
@@ -123,6 +185,10 @@ impl TensorSink for SafetensorsWriter {
     }
     fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.cursor.write(bytes.len())?;
+        if let Some(h) = &mut self.hash {
+            h.sha.update(bytes);
+            h.bytes += bytes.len() as u64;
+        }
         self.out
             .write_all(bytes)
             .map_err(|e| Error::io(&self.path, e))
@@ -132,5 +198,67 @@ impl TensorSink for SafetensorsWriter {
     }
     fn finish(self: Box<Self>) -> Result<()> {
         self.close()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::Dtype;
+
+    /// Bytes in memory as a copy source (the default `read_at`: no file to copy from).
+    struct Held(Vec<u8>);
+    impl SharedBytes for Held {
+        fn bytes(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    /// A file opened with `create_in_hashed` records the size and SHA-256 a full read of
+    /// it gives, and has the same bytes as one written without hashing, in both write
+    /// modes, for written and copied tensors alike: copies of a few bytes, of several
+    /// pieces, and of more than the size `DirectFileWriter` copies on a helper thread.
+    #[test]
+    fn a_hashed_file_records_what_a_full_read_of_it_gives() {
+        let sizes = [3usize, 9 << 20, (33 << 20) + 5];
+        let plan: Vec<OutTensor> = (0..sizes.len() * 2)
+            .map(|i| OutTensor {
+                name: format!("t{i}"),
+                dtype: Dtype::U8,
+                shape: vec![sizes[i / 2]],
+            })
+            .collect();
+        let src: Arc<dyn SharedBytes> = Arc::new(Held(
+            (0..(40usize << 20)).map(|i| (i * 31 % 251) as u8).collect(),
+        ));
+        let root = tempfile::tempdir().unwrap();
+        for direct in [false, true] {
+            let mut files = Vec::new();
+            for hashed in [false, true] {
+                let path = root.path().join(format!("{direct}-{hashed}.safetensors"));
+                let create = if hashed {
+                    SafetensorsWriter::create_in_hashed
+                } else {
+                    SafetensorsWriter::create_in
+                };
+                let mut w = create(&path, &path, &plan, direct).unwrap();
+                for (i, t) in plan.iter().enumerate() {
+                    w.begin(t).unwrap();
+                    if i % 2 == 0 {
+                        w.write(&src.bytes()[7..7 + sizes[i / 2]]).unwrap();
+                    } else {
+                        w.write_shared(&src, 11 + i, sizes[i / 2]).unwrap();
+                    }
+                    w.end().unwrap();
+                }
+                let got = w.close_hashed().unwrap();
+                assert_eq!(got.is_some(), hashed);
+                if let Some(got) = got {
+                    assert_eq!(got, crate::sink::sha256_file(&path).unwrap());
+                }
+                files.push(std::fs::read(&path).unwrap());
+            }
+            assert!(files[0] == files[1], "direct {direct}: bytes differ");
+        }
     }
 }

@@ -15,11 +15,12 @@
 
 use super::atomic::{TempOutput, creating, remove_stale, sync_dir, sync_file};
 use super::safetensors::SafetensorsWriter;
-use super::{OutTensor, PlanCursor, SharedBytes, SideFile, TensorSink};
+use super::shard_stream::{ShardFiles, ShardStream};
+use super::{OutTensor, SideFile};
 use crate::checkpoint_files::is_weight_file;
 use crate::error::{Error, Result};
+use sha2::Digest;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 pub(crate) const INDEX: &str = "model.safetensors.index.json";
 
@@ -36,15 +37,17 @@ enum Place {
     },
 }
 
-pub struct ShardedSafetensorsWriter {
+/// The folder writer: the plan's tensors streamed into the shards of `FolderShards`.
+pub type ShardedSafetensorsWriter = ShardStream<FolderShards>;
+
+/// The shards of a single run's folder, the files beside them and the index.
+pub struct FolderShards {
     place: Place,
     dest: PathBuf,
     shards: Vec<(String, Vec<OutTensor>)>,
-    current: Option<(usize, SafetensorsWriter)>,
     direct: bool,
-    /// Which shard each plan index belongs to.
-    shard_of: Vec<usize>,
-    cursor: PlanCursor,
+    /// Tensor bytes of the whole output (the index's `total_size`).
+    total: u64,
 }
 
 /// The checkpoint files (by name, see `is_weight_file`) directly in folder `dir`.
@@ -93,31 +96,64 @@ pub fn check_output_folder(dest: &Path, overwrite: bool) -> Result<()> {
     ))
 }
 
+/// The text of side file `f` when the job replaces JSON keys in it (None: a plain copy).
+fn edited_side_file(f: &SideFile, shown: &Path) -> Result<Option<Vec<u8>>> {
+    if f.set.is_empty() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&f.source).map_err(|e| Error::io(&f.source, e))?;
+    let mut json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&f.source, format!("not valid JSON: {e}")))?;
+    let obj = json
+        .as_object_mut()
+        .ok_or_else(|| Error::format(&f.source, "not a JSON object"))?;
+    for (k, v) in &f.set {
+        // A null removes the key (quantization_config of a dequantized base).
+        if v.is_null() {
+            obj.remove(k);
+        } else {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    // Two-space indent and a final newline, as transformers writes config.json.
+    let out =
+        serde_json::to_string_pretty(&json).map_err(|e| Error::format(shown, e.to_string()))?;
+    Ok(Some((out + "\n").into_bytes()))
+}
+
 /// Writes side file `f` at `path` (JSON keys replaced when asked) and fsyncs it.
 pub(super) fn write_side_file(f: &SideFile, path: &Path, shown: &Path) -> Result<()> {
-    if f.set.is_empty() {
-        std::fs::copy(&f.source, path).map_err(|e| Error::io(&f.source, e))?;
-    } else {
-        let text = std::fs::read_to_string(&f.source).map_err(|e| Error::io(&f.source, e))?;
-        let mut json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&f.source, format!("not valid JSON: {e}")))?;
-        let obj = json
-            .as_object_mut()
-            .ok_or_else(|| Error::format(&f.source, "not a JSON object"))?;
-        for (k, v) in &f.set {
-            // A null removes the key (quantization_config of a dequantized base).
-            if v.is_null() {
-                obj.remove(k);
-            } else {
-                obj.insert(k.clone(), v.clone());
-            }
+    match edited_side_file(f, shown)? {
+        None => {
+            std::fs::copy(&f.source, path).map_err(|e| Error::io(&f.source, e))?;
         }
-        // Two-space indent and a final newline, as transformers writes config.json.
-        let out =
-            serde_json::to_string_pretty(&json).map_err(|e| Error::format(shown, e.to_string()))?;
-        std::fs::write(path, out + "\n").map_err(|e| Error::io(shown, e))?;
+        Some(text) => std::fs::write(path, text).map_err(|e| Error::io(shown, e))?,
     }
     sync_file(path)
+}
+
+/// `write_side_file`, giving the size and hex SHA-256 of the bytes written: a copy goes
+/// through memory (read once, hashed, written with the source's permissions, as
+/// `std::fs::copy` gives them), so nothing is read back.
+pub(super) fn write_side_file_hashed(
+    f: &SideFile,
+    path: &Path,
+    shown: &Path,
+) -> Result<(u64, String)> {
+    let bytes = match edited_side_file(f, shown)? {
+        Some(text) => text,
+        None => std::fs::read(&f.source).map_err(|e| Error::io(&f.source, e))?,
+    };
+    std::fs::write(path, &bytes).map_err(|e| Error::io(shown, e))?;
+    if f.set.is_empty() {
+        let mode = std::fs::metadata(&f.source)
+            .map_err(|e| Error::io(&f.source, e))?
+            .permissions();
+        std::fs::set_permissions(path, mode).map_err(|e| Error::io(shown, e))?;
+    }
+    sync_file(path)?;
+    let sha = sha2::Sha256::digest(&bytes);
+    Ok((bytes.len() as u64, super::part_plan::hex(&sha)))
 }
 
 /// The text of `model.safetensors.index.json` for tensors `entries` (tensor, shard) in
@@ -167,7 +203,7 @@ impl ShardedSafetensorsWriter {
         plan: &[OutTensor],
         opts: &super::SinkOptions,
         side_files: &[SideFile],
-    ) -> Result<Self> {
+    ) -> Result<ShardedSafetensorsWriter> {
         if opts.shard_size == 0 {
             return Err(Error::Usage("--shard-size must be at least 1 byte".into()));
         }
@@ -196,14 +232,12 @@ impl ShardedSafetensorsWriter {
                 (super::part_plan::shard_name(i, n), p)
             })
             .collect();
-        let mut w = ShardedSafetensorsWriter {
+        let mut w = FolderShards {
             place,
             dest: dest.to_path_buf(),
             shards,
-            current: None,
             direct: opts.direct_io,
-            shard_of,
-            cursor: PlanCursor::new(plan),
+            total: plan.iter().map(OutTensor::nbytes).sum(),
         };
         for f in side_files {
             if is_weight_file(&f.name) || f.name == INDEX || f.name.contains('/') {
@@ -215,9 +249,11 @@ impl ShardedSafetensorsWriter {
             let shown = dest.join(&f.name);
             w.create_file(&f.name, |p| write_side_file(f, p, &shown))?;
         }
-        Ok(w)
+        Ok(ShardStream::new(w, plan, shard_of, n))
     }
+}
 
+impl FolderShards {
     /// Creates the file that will be called `name` in the output folder with `make`
     /// (given where to create it), where the signal handler cannot interleave.
     fn create_file<T>(&mut self, name: &str, make: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
@@ -231,27 +267,6 @@ impl ShardedSafetensorsWriter {
                 pending.push(t);
                 Ok(v)
             }
-        }
-    }
-
-    fn open_shard(&mut self, i: usize) -> Result<()> {
-        if let Some((_, w)) = self.current.take() {
-            w.close()?;
-        }
-        let (name, plan) = self.shards[i].clone();
-        let shown = self.dest.join(&name);
-        let direct = self.direct;
-        let w = self.create_file(&name, |p| {
-            SafetensorsWriter::create_in(p, &shown, &plan, direct)
-        })?;
-        self.current = Some((i, w));
-        Ok(())
-    }
-
-    fn writer(&mut self) -> Result<&mut SafetensorsWriter> {
-        match &mut self.current {
-            Some((_, w)) => Ok(w),
-            None => Err(Error::Internal("no shard open".into())),
         }
     }
 
@@ -295,44 +310,25 @@ impl ShardedSafetensorsWriter {
     }
 }
 
-impl TensorSink for ShardedSafetensorsWriter {
-    fn begin(&mut self, t: &OutTensor) -> Result<()> {
-        let i = self.cursor.begin(t)?;
-        let shard = self.shard_of[i];
-        if self.current.as_ref().map(|(s, _)| *s) != Some(shard) {
-            // Shards without tensors in between (impossible by construction) are skipped.
-            self.open_shard(shard)?;
-        }
-        self.writer()?.begin(t)
+impl ShardFiles for FolderShards {
+    fn open(&mut self, at: usize) -> Result<SafetensorsWriter> {
+        let (name, plan) = self.shards[at].clone();
+        let shown = self.dest.join(&name);
+        let direct = self.direct;
+        self.create_file(&name, |p| {
+            SafetensorsWriter::create_in(p, &shown, &plan, direct)
+        })
     }
-    fn write(&mut self, bytes: &[u8]) -> Result<()> {
-        self.cursor.write(bytes.len())?;
-        self.writer()?.write(bytes)
+    fn close(&mut self, _: usize, writer: SafetensorsWriter) -> Result<()> {
+        writer.close()
     }
-    fn write_shared(&mut self, src: &Arc<dyn SharedBytes>, start: usize, len: usize) -> Result<()> {
-        self.cursor.write(len)?;
-        self.writer()?.write_shared(src, start, len)
-    }
-    fn end(&mut self) -> Result<()> {
-        self.cursor.end()?;
-        self.writer()?.end()
-    }
-    fn finish(mut self: Box<Self>) -> Result<()> {
-        self.cursor.check_complete()?;
-        // An empty plan still gets its (empty) shard so the folder loads.
-        if self.current.is_none() {
-            self.open_shard(0)?;
-        }
-        if let Some((_, w)) = self.current.take() {
-            w.close()?;
-        }
+    fn finish(mut self) -> Result<()> {
         let entries = self
             .shards
             .iter()
             .flat_map(|(name, plan)| plan.iter().map(move |t| (t.name.as_str(), name.as_str())));
-        let total: u64 = self.cursor.plan().iter().map(|t| t.nbytes()).sum();
         let shown = self.dest.join(INDEX);
-        let text = index_text(entries, total, &shown)?;
+        let text = index_text(entries, self.total, &shown)?;
         self.create_file(INDEX, |p| {
             std::fs::write(p, text).map_err(|e| Error::io(&shown, e))?;
             sync_file(p)

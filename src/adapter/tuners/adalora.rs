@@ -25,7 +25,7 @@
 use super::loha::{Mat, Product, expect_shape, matmul, split_part};
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    TunerType, bad_part, check_float, decode, factor_pair_fits,
 };
 use crate::dtype::round_through;
 use crate::error::{Error, Result};
@@ -156,13 +156,7 @@ impl Tuner for AdaLora {
     }
 
     fn fits(&self, m: &SavedModule, out_in: [usize; 2]) -> bool {
-        let (Some(a), Some(b)) = (m.parts.get("lora_A"), m.parts.get("lora_B")) else {
-            return false;
-        };
-        a.shape.len() == 2
-            && b.shape.len() == 2
-            && b.shape[0] == out_in[0]
-            && a.shape[1] == out_in[1]
+        factor_pair_fits(m, "lora_B", "lora_A", out_in)
     }
 
     fn changes(

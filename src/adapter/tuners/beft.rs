@@ -8,7 +8,7 @@
 
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    TunerType, bad_part, check_float, decode, split_part,
 };
 use crate::error::{Error, Result};
 use crate::source::TensorEntry;
@@ -36,13 +36,7 @@ impl Tuner for Beft {
     }
 
     fn classify<'k>(&self, rel: &'k str) -> SavedKey<'k> {
-        match rel.strip_suffix(".beft_bias") {
-            Some(module) => SavedKey::Part {
-                module,
-                part: "beft_bias",
-            },
-            None => SavedKey::Full,
-        }
+        split_part(rel, &["beft_bias"])
     }
 
     /// Only the bias changes, which has no layout: the weight's orientation is never needed.

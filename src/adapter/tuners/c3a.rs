@@ -16,7 +16,7 @@
 
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    TunerType, bad_part, check_float, decode, split_part,
 };
 use crate::dtype::{Dtype, round_through};
 use crate::error::{Error, Result};
@@ -54,13 +54,7 @@ impl Tuner for C3a {
     }
 
     fn classify<'k>(&self, rel: &'k str) -> SavedKey<'k> {
-        match rel.strip_suffix(".c3a_kernel") {
-            Some(module) => SavedKey::Part {
-                module,
-                part: "c3a_kernel",
-            },
-            None => SavedKey::Full,
-        }
+        split_part(rel, &["c3a_kernel"])
     }
 
     fn fits(&self, m: &SavedModule, out_in: [usize; 2]) -> bool {

@@ -27,7 +27,7 @@
 
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    TunerType, bad_part, check_float, decode, split_part,
 };
 use crate::error::{Error, Result};
 use crate::source::TensorEntry;
@@ -83,13 +83,7 @@ impl Tuner for FourierFt {
     }
 
     fn classify<'k>(&self, rel: &'k str) -> SavedKey<'k> {
-        match rel.strip_suffix(".fourierft_spectrum") {
-            Some(module) => SavedKey::Part {
-                module,
-                part: "fourierft_spectrum",
-            },
-            None => SavedKey::Full,
-        }
+        split_part(rel, &["fourierft_spectrum"])
     }
 
     fn fits(&self, m: &SavedModule, out_in: [usize; 2]) -> bool {

@@ -19,7 +19,7 @@
 use super::oft::cfg_bool;
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    TunerType, bad_part, check_float, decode, split_part,
 };
 use crate::error::{Error, Result};
 use crate::source::TensorEntry;
@@ -57,10 +57,7 @@ impl Tuner for Hra {
     }
 
     fn classify<'k>(&self, rel: &'k str) -> SavedKey<'k> {
-        match rel.strip_suffix(".hra_u") {
-            Some(module) => SavedKey::Part { module, part: PART },
-            None => SavedKey::Full,
-        }
+        split_part(rel, &[PART])
     }
 
     fn fits(&self, m: &SavedModule, out_in: [usize; 2]) -> bool {

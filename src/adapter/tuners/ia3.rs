@@ -13,7 +13,7 @@
 
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    TunerType, bad_part, check_float, decode, split_part,
 };
 use crate::error::{Error, Result};
 use crate::source::TensorEntry;
@@ -116,13 +116,7 @@ impl Tuner for Ia3 {
     }
 
     fn classify<'k>(&self, rel: &'k str) -> SavedKey<'k> {
-        match rel.strip_suffix(".ia3_l") {
-            Some(module) => SavedKey::Part {
-                module,
-                part: "ia3_l",
-            },
-            None => SavedKey::Full,
-        }
+        split_part(rel, &["ia3_l"])
     }
 
     fn fits(&self, m: &SavedModule, out_in: [usize; 2]) -> bool {

@@ -26,7 +26,7 @@
 
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    TunerType, bad_part, check_float, decode, factor_pair_fits,
 };
 use crate::adapter::config::patterns;
 use crate::error::{Error, Result};
@@ -116,13 +116,7 @@ impl LycorisConfig {
     }
 }
 
-/// The `(module, part)` of a saved key whose last component is one of `parts`.
-pub(super) fn split_part<'k>(rel: &'k str, parts: &[&str]) -> SavedKey<'k> {
-    match rel.rsplit_once('.') {
-        Some((module, part)) if parts.contains(&part) => SavedKey::Part { module, part },
-        _ => SavedKey::Full,
-    }
-}
+pub(super) use super::split_part;
 
 /// Refuses a weight stored `[in, out]`: PEFT's LyCORIS tuners wrap only nn.Linear/Conv.
 pub(super) fn refuse_transposed(
@@ -320,13 +314,7 @@ impl Tuner for LoHa {
     }
 
     fn fits(&self, m: &SavedModule, out_in: [usize; 2]) -> bool {
-        let (Some(a), Some(b)) = (m.parts.get("hada_w1_a"), m.parts.get("hada_w1_b")) else {
-            return false;
-        };
-        a.shape.len() == 2
-            && b.shape.len() == 2
-            && a.shape[0] == out_in[0]
-            && b.shape[1] == out_in[1]
+        factor_pair_fits(m, "hada_w1_a", "hada_w1_b", out_in)
     }
 
     fn changes(

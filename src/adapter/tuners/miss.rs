@@ -19,7 +19,7 @@
 
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    TunerType, bad_part, check_float, decode, split_part,
 };
 use crate::error::{Error, Result};
 use crate::source::TensorEntry;
@@ -111,13 +111,7 @@ impl Tuner for Miss {
     }
 
     fn classify<'k>(&self, rel: &'k str) -> SavedKey<'k> {
-        match rel.strip_suffix(".miss_block") {
-            Some(module) => SavedKey::Part {
-                module,
-                part: "miss_block",
-            },
-            None => SavedKey::Full,
-        }
+        split_part(rel, &["miss_block"])
     }
 
     fn fits(&self, m: &SavedModule, out_in: [usize; 2]) -> bool {

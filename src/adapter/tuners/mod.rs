@@ -154,6 +154,30 @@ pub struct Change {
     pub change: Arc<dyn TensorChange>,
 }
 
+/// The `(module, part)` of a saved key whose last component is one of `parts`
+/// (a tuner's per-module tensors, named `<module>.<part>`).
+pub(super) fn split_part<'k>(rel: &'k str, parts: &[&str]) -> SavedKey<'k> {
+    match rel.rsplit_once('.') {
+        Some((module, part)) if parts.contains(&part) => SavedKey::Part { module, part },
+        _ => SavedKey::Full,
+    }
+}
+
+/// Whether module `m` has a low-rank pair of 2-D factors, `out_part` `[out, r]` and
+/// `in_part` `[r', in]`, on the sides that give the base's PEFT `[out, in]` (the `fits` of
+/// AdaLoRA's B @ A, LoHa's first Hadamard pair, SuperTuning's LoRA pair).
+pub(super) fn factor_pair_fits(
+    m: &SavedModule,
+    out_part: &str,
+    in_part: &str,
+    out_in: [usize; 2],
+) -> bool {
+    let (Some(o), Some(i)) = (m.parts.get(out_part), m.parts.get(in_part)) else {
+        return false;
+    };
+    o.shape.len() == 2 && i.shape.len() == 2 && o.shape[0] == out_in[0] && i.shape[1] == out_in[1]
+}
+
 /// One opened adapter of a non-LoRA tuner type.
 pub trait Tuner: Send + Sync + fmt::Debug {
     /// Display name ("LoHa").

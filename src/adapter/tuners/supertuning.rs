@@ -20,7 +20,7 @@
 
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    TunerType, bad_part, check_float, decode, factor_pair_fits,
 };
 use crate::dtype::{Dtype, round_through};
 use crate::error::{Error, Result};
@@ -141,18 +141,12 @@ impl Tuner for Supertuning {
         // and nothing needs to: PEFT wraps nn.Linear only and the positions address the
         // stored weight as it is. Fitting neither orientation skips the layout decision;
         // `changes` checks the positions against the weight.
-        match (
-            m.parts.get("supertuning_lora_A.weight"),
-            m.parts.get("supertuning_lora_B.weight"),
-        ) {
-            (Some(a), Some(b)) => {
-                a.shape.len() == 2
-                    && b.shape.len() == 2
-                    && a.shape[1] == out_in[1]
-                    && b.shape[0] == out_in[0]
-            }
-            _ => false,
-        }
+        factor_pair_fits(
+            m,
+            "supertuning_lora_B.weight",
+            "supertuning_lora_A.weight",
+            out_in,
+        )
     }
 
     fn changes(

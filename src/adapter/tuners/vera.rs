@@ -20,8 +20,8 @@
 
 use super::torch_mm::LowRank;
 use super::{
-    BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, bad_part, check_float, decode,
+    BandChange, BandSource, BaseTensor, Change, Effect, ModuleBase, SavedKey, SavedModule,
+    TensorChange, Tuner, TunerType, bad_part, check_float, decode,
 };
 use crate::error::{Error, Result};
 use crate::source::TensorEntry;
@@ -53,8 +53,28 @@ const NAMES: Names = Names {
     b: "vera_B",
 };
 
+/// VeRA: A `[r, in_max]`, B `[out_max, r]`, λ_d `[r]`, λ_b `[out]`.
+const VERA: VeraLike = VeraLike {
+    names: NAMES,
+    rank: vera_rank,
+};
+
+/// A VeRA-like tuner (VeRA, PVeRA): the same saved layout under its own `names`, and the
+/// same merge ([`VeraDelta`]) of the first `r` rows of A, where `rank` checks the parts'
+/// shapes against the base and says `r`.
 #[derive(Debug)]
-struct Vera;
+pub(crate) struct VeraLike {
+    pub names: Names,
+    pub rank: fn(&Path, &VeraParts<'_>, &BaseTensor, usize, usize) -> Result<usize>,
+}
+
+/// The tensors of one module of a VeRA-like tuner: its two vectors, the shared projections.
+pub(crate) struct VeraParts<'t> {
+    pub lambda_b: &'t TensorEntry,
+    pub lambda_d: &'t TensorEntry,
+    pub a: &'t TensorEntry,
+    pub b: &'t TensorEntry,
+}
 
 /// Refuses `save_projection: false` (shared by VeRA and PVeRA): the projections are not saved.
 pub(crate) fn refuse_unsaved_projection(v: &Value, path: &Path, tuner: &str) -> Result<()> {
@@ -78,7 +98,7 @@ pub(crate) fn refuse_unsaved_projection(v: &Value, path: &Path, tuner: &str) -> 
 
 fn open(v: &Value, path: &Path) -> Result<Box<dyn Tuner>> {
     refuse_unsaved_projection(v, path, "VeRA")?;
-    Ok(Box::new(Vera))
+    Ok(Box::new(VERA))
 }
 
 /// What a saved key is, for a VeRA-like tuner.
@@ -112,18 +132,60 @@ pub(crate) fn shared<'s>(
     })
 }
 
-impl Tuner for Vera {
+/// VeRA's shapes: A `[r, >= in]`, B `[>= out, r]`, λ_d `[r]`, λ_b `[out]`.
+fn vera_rank(
+    weights: &Path,
+    p: &VeraParts<'_>,
+    w: &BaseTensor,
+    out: usize,
+    inn: usize,
+) -> Result<usize> {
+    let VeraParts {
+        lambda_b: lb,
+        lambda_d: ld,
+        a,
+        b,
+    } = *p;
+    let &[r, a_in] = a.shape.as_slice() else {
+        return Err(bad_part(
+            weights,
+            a,
+            format!("vera_A has shape {:?}, not [r, in]", a.shape),
+        ));
+    };
+    let &[b_out, b_r] = b.shape.as_slice() else {
+        return Err(bad_part(
+            weights,
+            b,
+            format!("vera_B has shape {:?}, not [out, r]", b.shape),
+        ));
+    };
+    if b_r != r || ld.shape != [r] || lb.shape != [out] || a_in < inn || b_out < out {
+        return Err(bad_part(
+            weights,
+            lb,
+            format!(
+                "VeRA parts do not fit base '{}' (PEFT [out, in] = [{out}, {inn}]): {} {:?}, {} {:?}, \
+                 shared vera_A {:?} (needs [r, >= in]), vera_B {:?} (needs [>= out, r])",
+                w.entry.name, lb.name, lb.shape, ld.name, ld.shape, a.shape, b.shape
+            ),
+        ));
+    }
+    Ok(r)
+}
+
+impl Tuner for VeraLike {
     fn name(&self) -> &'static str {
-        NAMES.tuner
+        self.names.tuner
     }
 
     fn classify<'k>(&self, rel: &'k str) -> SavedKey<'k> {
-        classify(&NAMES, rel)
+        classify(&self.names, rel)
     }
 
     fn fits(&self, m: &SavedModule, out_in: [usize; 2]) -> bool {
         m.parts
-            .get(NAMES.lambda_b)
+            .get(self.names.lambda_b)
             .is_some_and(|b| b.numel() == out_in[0])
     }
 
@@ -134,10 +196,11 @@ impl Tuner for Vera {
         shared_t: &BTreeMap<String, TensorEntry>,
         base: &ModuleBase,
     ) -> Result<Vec<Change>> {
-        let lb = m.part(weights, NAMES.lambda_b)?;
-        let ld = m.part(weights, NAMES.lambda_d)?;
-        let a = shared(weights, shared_t, NAMES.a, NAMES.tuner)?;
-        let b = shared(weights, shared_t, NAMES.b, NAMES.tuner)?;
+        let names = &self.names;
+        let lb = m.part(weights, names.lambda_b)?;
+        let ld = m.part(weights, names.lambda_d)?;
+        let a = shared(weights, shared_t, names.a, names.tuner)?;
+        let b = shared(weights, shared_t, names.b, names.tuner)?;
         check_float(weights, &[lb, ld, a, b])?;
         let w = &base.weight;
         let &[out, inn] = w.out_in_shape().as_slice() else {
@@ -145,40 +208,22 @@ impl Tuner for Vera {
                 weights,
                 lb,
                 format!(
-                    "VeRA adapts Linear / Conv1D layers; base '{}' has shape {:?}",
-                    w.entry.name, w.entry.shape
+                    "{} adapts Linear / Conv1D layers; base '{}' has shape {:?}",
+                    names.tuner, w.entry.name, w.entry.shape
                 ),
             ));
         };
-        let &[r, a_in] = a.shape.as_slice() else {
-            return Err(bad_part(
-                weights,
-                a,
-                format!("vera_A has shape {:?}, not [r, in]", a.shape),
-            ));
+        let parts = VeraParts {
+            lambda_b: lb,
+            lambda_d: ld,
+            a,
+            b,
         };
-        let &[b_out, b_r] = b.shape.as_slice() else {
-            return Err(bad_part(
-                weights,
-                b,
-                format!("vera_B has shape {:?}, not [out, r]", b.shape),
-            ));
-        };
-        if b_r != r || ld.shape != [r] || lb.shape != [out] || a_in < inn || b_out < out {
-            return Err(bad_part(
-                weights,
-                lb,
-                format!(
-                    "VeRA parts do not fit base '{}' (PEFT [out, in] = [{out}, {inn}]): {} {:?}, {} {:?}, \
-                     shared vera_A {:?} (needs [r, >= in]), vera_B {:?} (needs [>= out, r])",
-                    w.entry.name, lb.name, lb.shape, ld.name, ld.shape, a.shape, b.shape
-                ),
-            ));
-        }
+        let r = (self.rank)(weights, &parts, w, out, inn)?;
         Ok(vec![Change {
             target: w.entry.name.clone(),
             change: Arc::new(VeraDelta {
-                tuner: NAMES.tuner,
+                tuner: names.tuner,
                 lambda_b: lb.clone(),
                 lambda_d: ld.clone(),
                 a: a.clone(),
@@ -324,7 +369,7 @@ mod tests {
             },
             bias: None,
         };
-        let ch = Vera.changes(Path::new("a"), &m, &shared, &base).unwrap();
+        let ch = VERA.changes(Path::new("a"), &m, &shared, &base).unwrap();
         let got = run_in_memory(&*ch[0].change, &base.weight.entry, 1).unwrap();
         // (λb·B[:2]) = [[1,2],[1.5,2]], (λd·A[:, :2]) = [[2,0],[0,-1]] -> ΔW = [[2,-2],[3,-2]]
         assert_eq!(got, [3.0, 0.0, 6.0, 2.0]);
@@ -336,7 +381,7 @@ mod tests {
             },
             bias: None,
         };
-        let ch = Vera.changes(Path::new("a"), &m, &shared, &base_t).unwrap();
+        let ch = VERA.changes(Path::new("a"), &m, &shared, &base_t).unwrap();
         let got = run_in_memory(&*ch[0].change, &base_t.weight.entry, 1).unwrap();
         assert_eq!(got, [3.0, 5.0, 1.0, 2.0]);
         // A base wider than the shared projection names the parts.
@@ -347,7 +392,7 @@ mod tests {
             },
             bias: None,
         };
-        let e = Vera
+        let e = VERA
             .changes(Path::new("a"), &m, &shared, &wide)
             .unwrap_err()
             .to_string();

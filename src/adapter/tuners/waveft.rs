@@ -23,7 +23,7 @@
 use super::fourierft::{spectrum_part, torch_randperm_prefix};
 use super::{
     BandChange, BandSource, Change, Effect, ModuleBase, SavedKey, SavedModule, TensorChange, Tuner,
-    TunerType, decode,
+    TunerType, decode, split_part,
 };
 use crate::error::{Error, Result};
 use crate::source::TensorEntry;
@@ -135,13 +135,7 @@ impl Tuner for WaveFt {
     }
 
     fn classify<'k>(&self, rel: &'k str) -> SavedKey<'k> {
-        match rel.strip_suffix(".waveft_spectrum") {
-            Some(module) => SavedKey::Part {
-                module,
-                part: "waveft_spectrum",
-            },
-            None => SavedKey::Full,
-        }
+        split_part(rel, &["waveft_spectrum"])
     }
 
     fn fits(&self, m: &SavedModule, out_in: [usize; 2]) -> bool {
