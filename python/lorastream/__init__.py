@@ -235,6 +235,8 @@ def _output_flags(a: Mapping[str, Any]) -> List[str]:
         *_flag("no-copy-files", a["no_copy_files"]),
         *_flag("verbose", a["verbose"]),
         *_part(a["part"]),
+        *_value("gguf-type", a["gguf_type"]),
+        *_value("requantize", a["requantize"]),
         # --quiet: no bar and no notes; --progress: the bar (on a terminal) despite --json.
         *(["--quiet"] if a["quiet"] else _flag("progress", a["progress"])),
     ]
@@ -288,6 +290,8 @@ def merge(
     quiet: bool = False,
     verbose: bool = False,
     part: Optional[Part] = None,
+    gguf_type: Optional[str] = None,
+    requantize: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Merges PEFT adapters into base weights (or keeps them unmerged) and writes ``out``:
     ``lorastream merge``.
@@ -322,6 +326,12 @@ def merge(
         part: write only part K of N of a folder output (``"K/N"``, ``(K, N)``, or
             ``"auto"`` from a Slurm job array or Kubernetes Indexed Job); :func:`stitch`
             joins the N parts into exactly the single run's folder (``--part``).
+        gguf_type: a ``.gguf`` output: the ggml type of the 2-D tensors written
+            (``"F16"``, ``"BF16"``, ``"Q8_0"``, ``"Q4_0"``, …; ``--gguf-type``); other
+            tensors keep their stored type.
+        requantize: ``"fp8-block"``: write the merged weights of an FP8 block-scaled base
+            in the base's own layout (``weight`` + ``weight_scale_inv``), as vLLM and
+            SGLang load it (``--requantize``).
 
     The other arguments are the command's flags of the same name (``lorastream merge
     --help``).
@@ -363,6 +373,8 @@ def convert(
     quiet: bool = False,
     verbose: bool = False,
     part: Optional[Part] = None,
+    gguf_type: Optional[str] = None,
+    requantize: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Rewrites a checkpoint in another format, dtype or naming: ``lorastream convert``.
 
