@@ -103,23 +103,32 @@ pub fn write_tensor(
     o: &GgufOut,
     out: &mut dyn TensorSink,
 ) -> Result<()> {
-    let entry = gguf::entry(file, t)?;
-    let planned = OutTensor {
-        name: o.name.clone(),
-        dtype: entry.dtype,
-        shape: entry.shape.clone(),
-    };
-    out.begin(&planned)?;
     match o.input {
+        // A stored copy never reads the values, so it needs no decoder: a GGUF round-trips
+        // even with tensors of a type lorastream cannot dequantize (Q8_1, Q1_0).
         GgufInput::Stored => {
+            out.begin(&OutTensor {
+                name: o.name.clone(),
+                dtype: gguf::value_dtype(t.ty),
+                shape: t.shape(),
+            })?;
             let shared: Arc<dyn SharedBytes> = file.clone();
             out.write_shared(&shared, t.start, t.nbytes)?;
+            out.end()
         }
-        GgufInput::Values(_) => copy_tensor(&entry, entry.dtype, out)?,
+        GgufInput::Values(_) => {
+            let entry = gguf::entry(file, t)?;
+            out.begin(&OutTensor {
+                name: o.name.clone(),
+                dtype: entry.dtype,
+                shape: entry.shape.clone(),
+            })?;
+            copy_tensor(&entry, entry.dtype, out)?;
+            out.end()?;
+            entry.release();
+            Ok(())
+        }
     }
-    out.end()?;
-    entry.release();
-    Ok(())
 }
 
 /// `convert INPUT.gguf OUTPUT.gguf [--gguf-type T]`.
@@ -148,8 +157,13 @@ pub fn convert(
             "--dtype does not apply to a GGUF output: use --gguf-type F32|F16|BF16|Q8_0|…".into(),
         ));
     }
-    let ckpt_format = crate::source::open(input)?.format;
-    if ckpt_format != SourceFormat::Gguf {
+    // Decided by the magic, not by opening the checkpoint: opening dequantizes nothing,
+    // but it refuses tensor types it cannot decode, which a stored copy does not need.
+    let is_gguf = input.is_file() && gguf::looks_gguf(MappedFile::open(input)?.bytes());
+    if !is_gguf {
+        // Not a GGUF: a readable checkpoint of another format is a usage mistake; an
+        // unreadable one reports why it cannot be read.
+        crate::source::open(input)?;
         return Err(Error::Usage(format!(
             "{}: a GGUF output needs a GGUF input (its metadata — architecture, hyperparameters, \
              tokenizer — exists only there); convert HF checkpoints with llama.cpp's convert_hf_to_gguf.py",

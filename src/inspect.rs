@@ -112,7 +112,40 @@ pub fn adapter_summary(config: &serde_json::Value, parameters: u64) -> serde_jso
     Value::Object(out)
 }
 
+/// A GGUF file, listed from its own tensor infos: every tensor with its ggml type, also
+/// those of a type lorastream cannot dequantize (their dtype column says so).
+fn inspect_gguf(path: &Path) -> Result<InspectReport> {
+    let (file, g) = source::gguf::open(path)?;
+    let mut tensors: Vec<TensorSummary> = g
+        .tensors
+        .iter()
+        .map(|t| TensorSummary {
+            name: t.name.clone(),
+            dtype: source::gguf::reads_as(t.ty).map_or("not decoded", |d| d.name()),
+            shape: t.shape(),
+            bytes: t.nbytes as u64,
+            file: file.path().display().to_string(),
+            stored: Some(t.ty.name().to_string()),
+        })
+        .collect();
+    tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+    Ok(InspectReport {
+        path: path.display().to_string(),
+        format: source::SourceFormat::Gguf.name(),
+        files: vec![file.path().display().to_string()],
+        total_tensors: tensors.len(),
+        total_bytes: tensors.iter().map(|t| t.bytes).sum(),
+        tensors,
+        skipped: Vec::new(),
+        adapter: None,
+        metadata: Some(g.metadata_json(16)),
+    })
+}
+
 pub fn inspect(path: &Path) -> Result<InspectReport> {
+    if path.is_file() && source::gguf::looks_gguf(source::MappedFile::open(path)?.bytes()) {
+        return inspect_gguf(path);
+    }
     let (ckpt, adapter) = if path.is_dir() && path.join("adapter_config.json").is_file() {
         let a = source::open_adapter(path)?;
         let params = a.weights.tensors.iter().map(|t| t.numel() as u64).sum();
@@ -141,16 +174,6 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
             }
         })
         .collect();
-    let mut metadata = None;
-    if let (source::SourceFormat::Gguf, Some(f)) = (ckpt.format, ckpt.files.first()) {
-        let g = source::gguf::parse(f.bytes(), f.path())?;
-        metadata = Some(g.metadata_json(16));
-        for s in &mut tensors {
-            if let Some(t) = g.tensors.iter().find(|t| t.name == s.name) {
-                s.stored = Some(t.ty.name().to_string());
-            }
-        }
-    }
     tensors.sort_by(|a, b| natural_cmp(&a.name, &b.name));
     Ok(InspectReport {
         path: path.display().to_string(),
@@ -165,7 +188,7 @@ pub fn inspect(path: &Path) -> Result<InspectReport> {
         tensors,
         skipped: ckpt.skipped.clone(),
         adapter,
-        metadata,
+        metadata: None,
     })
 }
 

@@ -88,6 +88,42 @@ def test_gguf_rewrite_is_byte_identical(run, tmp_path, fixtures_dir, name):
     assert out.read_bytes() == fresh.read_bytes()
 
 
+def test_undecodable_types_round_trip_and_are_listed_but_never_read(run, tmp_path):
+    """Q8_1 and Q1_0 (no dequantizer in gguf.quants, so none here): `convert` to a .gguf
+    copies them byte for byte and `inspect` lists them; anything that needs their values
+    (another output format, --gguf-type re-encoding) is refused naming the tensor."""
+    src = tmp_path / "odd.gguf"
+    w = GGUFWriter(str(src), "llama")
+    w.add_block_count(1)
+    w.add_tensor("plain.weight", np.arange(256, dtype=np.float32).reshape(4, 64))
+    rng = np.random.default_rng(7)
+    for name, qt in [("q81.weight", T.Q8_1), ("q10.weight", T.Q1_0)]:
+        bs, ts = quants.GGML_QUANT_SIZES[qt]
+        raw = rng.integers(0, 256, size=(2, 2 * ts), dtype=np.uint8)
+        w.add_tensor(name, raw, raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "out.gguf"
+    run(["convert", src, out, "-q"])
+    assert out.read_bytes() == src.read_bytes()
+    rep = json.loads(run(["inspect", src, "--json"]).stdout)
+    t = {x["name"]: x for x in rep["tensors"]}
+    r = {x.name: x for x in GGUFReader(str(src)).tensors}
+    assert set(t) == set(r)
+    for name, x in t.items():
+        assert x["stored"] == r[name].tensor_type.name and x["bytes"] == r[name].n_bytes
+        assert x["shape"] == [int(d) for d in reversed(r[name].shape)]
+    assert t["q81.weight"]["dtype"] == "not decoded" and t["plain.weight"]["dtype"] == "F32"
+    for args in (["convert", src, tmp_path / "o.safetensors"],
+                 ["convert", src, tmp_path / "o2.gguf", "--gguf-type", "F16"]):
+        p = run(args, expect_rc=1)
+        assert "q81.weight" in p.stderr or "q10.weight" in p.stderr, p.stderr
+        assert "cannot be dequantized" in p.stderr
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o2.gguf").exists()
+
+
 def requant_source(path: Path) -> None:
     """2-D tensors of every decodable type with rows of a multiple of 256, and a 1-D norm."""
     rng = np.random.default_rng(5)

@@ -512,6 +512,17 @@ impl Decode for Blocks {
     }
 }
 
+/// The dtype a tensor of type `ty` reads as: its own for the plain types, else f32 (the
+/// dequantized values).
+pub fn value_dtype(ty: GgmlType) -> Dtype {
+    plain_dtype(ty).unwrap_or(Dtype::F32)
+}
+
+/// The dtype a tensor of type `ty` is read as, if lorastream reads its values at all.
+pub fn reads_as(ty: GgmlType) -> Option<Dtype> {
+    plain_dtype(ty).or(ty.decodes().then_some(Dtype::F32))
+}
+
 /// The entry of one validated tensor info.
 pub fn entry(file: &Arc<MappedFile>, t: &TensorInfo) -> Result<TensorEntry> {
     let data = if plain_dtype(t.ty).is_some() {
@@ -535,7 +546,8 @@ pub fn entry(file: &Arc<MappedFile>, t: &TensorInfo) -> Result<TensorEntry> {
             &t.name,
             format!(
                 "ggml type {} cannot be dequantized by lorastream (gguf.quants has no dequantizer \
-                 for it; supported: F32, F16, BF16, F64, I8-I64, {}); a GGUF output copies it as stored",
+                 for it; supported: F32, F16, BF16, F64, I8-I64, {}); only `convert` to a .gguf \
+                 (which copies it as stored) and `inspect` read this file",
                 t.ty,
                 GgmlType::decodable_names()
             ),
