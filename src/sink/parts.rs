@@ -14,7 +14,7 @@
 
 use super::atomic::{TempOutput, sync_dir, sync_file};
 use super::part_plan::{PartPlan, ShardSpec, hex};
-use super::safetensors::SafetensorsWriter;
+use super::safetensors::{Hashing, SafetensorsWriter};
 use super::shard_stream::{ShardFiles, ShardStream};
 use super::sharded::{INDEX, write_side_file_hashed};
 use super::{OutTensor, SideFile, SinkOptions};
@@ -256,7 +256,7 @@ impl ShardFiles for PartShards {
         let dest = self.dir.join(&spec.name);
         let direct = self.direct;
         let (temp, writer) = TempOutput::create(&dest, |p| {
-            SafetensorsWriter::create_in_hashed(p, &dest, tensors, direct)
+            SafetensorsWriter::create_in(p, &dest, tensors, direct, Hashing::AsWritten)
         })?;
         self.temp = Some(temp);
         Ok(writer)

@@ -1,6 +1,6 @@
 //! `SafetensorsWriter`: one safetensors file. The header is computed from the plan and
 //! written first (padded with spaces to a multiple of 8, as torch does); tensor data then
-//! streams in plan order. A writer opened with `hash_as_written` (the shards of a part,
+//! streams in plan order. A writer opened with `Hashing::AsWritten` (the shards of a part,
 //! `--part K/N`) also keeps the size and SHA-256 of every byte it hands the file, in file
 //! order, so the part records its shard's hash without reading back what it wrote.
 
@@ -20,16 +20,27 @@ pub struct SafetensorsWriter {
     temp: Option<TempOutput>,
     path: std::path::PathBuf,
     cursor: PlanCursor,
-    /// `hash_as_written`: the hash of the bytes written so far, their count, and the
+    /// `Hashing::AsWritten`: the hash of the bytes written so far, their count, and the
     /// buffers copied tensors are read through on their way to the hash and the file.
     hash: Option<FileHash>,
 }
 
-/// The running SHA-256 of a file written front to back (see `hash_as_written`).
+/// The running SHA-256 of a file written front to back (see `Hashing::AsWritten`).
 struct FileHash {
     sha: sha2::Sha256,
     bytes: u64,
     bufs: [AlignedBuf; 2],
+}
+
+/// Whether a writer keeps the size and SHA-256 of its file (`close_hashed`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Hashing {
+    Off,
+    /// Of every byte as it is handed to the file: copied tensors then go through memory
+    /// (read, hashed, written) instead of the kernel's file-to-file copy or a helper
+    /// thread, which never show their bytes. The hash is of what was meant to be written,
+    /// so a later full read (`stitch`) that finds other bytes names the shard.
+    AsWritten,
 }
 
 /// Copied tensors reach the hash in pieces of this size (two in flight: one being read
@@ -80,52 +91,38 @@ impl SafetensorsWriter {
     /// A standalone file at `dest`, written atomically; `direct`: bypass the page cache
     /// where the filesystem allows (see `DirectFileWriter`).
     pub fn create(dest: &Path, plan: &[OutTensor], direct: bool) -> Result<SafetensorsWriter> {
-        let (temp, mut w) = TempOutput::create(dest, |p| Self::create_in(p, dest, plan, direct))?;
+        let (temp, mut w) = TempOutput::create(dest, |p| {
+            Self::create_in(p, dest, plan, direct, Hashing::Off)
+        })?;
         w.temp = Some(temp);
         Ok(w)
     }
 
     /// A plain file at `path` (the caller owns atomicity), named `shown` in messages (its
-    /// final name, when `path` is a temp name the caller renames).
+    /// final name, when `path` is a temp name the caller renames); `hashing` says whether
+    /// `close_hashed` gives its size and SHA-256 (see `Hashing`).
     pub(crate) fn create_in(
         path: &Path,
         shown: &Path,
         plan: &[OutTensor],
         direct: bool,
+        hashing: Hashing,
     ) -> Result<SafetensorsWriter> {
         let head = header(plan, shown)?;
         let mut out = DirectFileWriter::create(path, direct).map_err(|e| Error::io(shown, e))?;
         out.write_all(&head).map_err(|e| Error::io(shown, e))?;
+        let hash = (hashing == Hashing::AsWritten).then(|| FileHash {
+            sha: sha2::Sha256::new_with_prefix(&head),
+            bytes: head.len() as u64,
+            bufs: Default::default(),
+        });
         Ok(SafetensorsWriter {
             out,
             temp: None,
             path: shown.to_path_buf(),
             cursor: PlanCursor::new(plan),
-            hash: None,
+            hash,
         })
-    }
-
-    /// `create_in`, keeping the size and SHA-256 of the file as it is written, for
-    /// `close_hashed`: copied tensors then go through memory (read, hashed, written)
-    /// instead of the kernel's file-to-file copy or a helper thread, which never show
-    /// their bytes. The hash is of what was handed to the file, so a later full read
-    /// (`stitch`) that finds other bytes names the shard.
-    pub(crate) fn create_in_hashed(
-        path: &Path,
-        shown: &Path,
-        plan: &[OutTensor],
-        direct: bool,
-    ) -> Result<SafetensorsWriter> {
-        let head = header(plan, shown)?;
-        let mut w = Self::create_in(path, shown, plan, direct)?;
-        let mut sha = sha2::Sha256::new();
-        sha.update(&head);
-        w.hash = Some(FileHash {
-            sha,
-            bytes: head.len() as u64,
-            bufs: Default::default(),
-        });
-        Ok(w)
     }
 
     /// Flushes and fsyncs (`DirectFileWriter::finish`); commits when standalone (rename,
@@ -135,7 +132,7 @@ impl SafetensorsWriter {
     }
 
     /// `close`, giving the size and hex SHA-256 of the file written when it was opened
-    /// with `create_in_hashed` (None otherwise).
+    /// with `Hashing::AsWritten` (None otherwise).
     pub(crate) fn close_hashed(self) -> Result<Option<(u64, String)>> {
         self.cursor.check_complete()?;
         self.out.finish().map_err(|e| Error::io(&self.path, e))?;
@@ -214,7 +211,7 @@ mod tests {
         }
     }
 
-    /// A file opened with `create_in_hashed` records the size and SHA-256 a full read of
+    /// A file opened with `Hashing::AsWritten` records the size and SHA-256 a full read of
     /// it gives, and has the same bytes as one written without hashing, in both write
     /// modes, for written and copied tensors alike: copies of a few bytes, of several
     /// pieces, and of more than the size `DirectFileWriter` copies on a helper thread.
@@ -236,12 +233,13 @@ mod tests {
             let mut files = Vec::new();
             for hashed in [false, true] {
                 let path = root.path().join(format!("{direct}-{hashed}.safetensors"));
-                let create = if hashed {
-                    SafetensorsWriter::create_in_hashed
+                let hashing = if hashed {
+                    Hashing::AsWritten
                 } else {
-                    SafetensorsWriter::create_in
+                    Hashing::Off
                 };
-                let mut w = create(&path, &path, &plan, direct).unwrap();
+                let mut w =
+                    SafetensorsWriter::create_in(&path, &path, &plan, direct, hashing).unwrap();
                 for (i, t) in plan.iter().enumerate() {
                     w.begin(t).unwrap();
                     if i % 2 == 0 {

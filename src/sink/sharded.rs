@@ -14,7 +14,7 @@
 //!   that fails leaves the old checkpoint whole.
 
 use super::atomic::{TempOutput, creating, remove_stale, sync_dir, sync_file};
-use super::safetensors::SafetensorsWriter;
+use super::safetensors::{Hashing, SafetensorsWriter};
 use super::shard_stream::{ShardFiles, ShardStream};
 use super::{OutTensor, SideFile};
 use crate::checkpoint_files::is_weight_file;
@@ -316,7 +316,7 @@ impl ShardFiles for FolderShards {
         let shown = self.dest.join(&name);
         let direct = self.direct;
         self.create_file(&name, |p| {
-            SafetensorsWriter::create_in(p, &shown, &plan, direct)
+            SafetensorsWriter::create_in(p, &shown, &plan, direct, Hashing::Off)
         })
     }
     fn close(&mut self, _: usize, writer: SafetensorsWriter) -> Result<()> {

@@ -13,7 +13,7 @@
 //! `projection_prng_key`, sized over all targeted modules).
 
 use super::vera::{Names, VeraLike, VeraParts, refuse_unsaved_projection};
-use super::{BaseTensor, Tuner, TunerType, bad_part};
+use super::{Tuner, TunerType, bad_part};
 use crate::error::Result;
 use serde_json::Value;
 use std::path::Path;
@@ -44,19 +44,8 @@ fn open(v: &Value, path: &Path) -> Result<Box<dyn Tuner>> {
 
 /// PVeRA's shapes; the rank merged is B's `r`: the mean halves, the first r values of λ_d
 /// and rows of A.
-fn pvera_rank(
-    weights: &Path,
-    p: &VeraParts<'_>,
-    w: &BaseTensor,
-    out: usize,
-    inn: usize,
-) -> Result<usize> {
-    let VeraParts {
-        lambda_b: lb,
-        lambda_d: ld,
-        a,
-        b,
-    } = *p;
+fn pvera_rank(weights: &Path, p: &VeraParts<'_>) -> Result<usize> {
+    let (lb, ld, a, b, out, inn) = (p.lambda_b, p.lambda_d, p.a, p.b, p.out, p.inn);
     // A and λ_d: [2r, …] (mean half first); B: [out_max, r].
     match (a.shape.as_slice(), b.shape.as_slice(), ld.shape.as_slice()) {
         (&[a2r, a_in], &[b_out, r], &[d2r])
@@ -76,7 +65,7 @@ fn pvera_rank(
                 "PVeRA parts do not fit base '{}' (PEFT [out, in] = [{out}, {inn}]): {} {:?} (needs [out]), \
                  {} {:?} (needs [2r]), shared pvera_A {:?} (needs [2r, >= in]), pvera_B {:?} (needs \
                  [>= out, r])",
-                w.entry.name, lb.name, lb.shape, ld.name, ld.shape, a.shape, b.shape
+                p.base.entry.name, lb.name, lb.shape, ld.name, ld.shape, a.shape, b.shape
             ),
         )),
     }
@@ -85,7 +74,7 @@ fn pvera_rank(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapter::tuners::{ModuleBase, SavedModule, run_in_memory};
+    use crate::adapter::tuners::{BaseTensor, ModuleBase, SavedModule, run_in_memory};
     use crate::dtype::Dtype;
     use crate::source::TensorEntry;
     use std::collections::BTreeMap;

@@ -65,11 +65,15 @@ const VERA: VeraLike = VeraLike {
 #[derive(Debug)]
 pub(crate) struct VeraLike {
     pub names: Names,
-    pub rank: fn(&Path, &VeraParts<'_>, &BaseTensor, usize, usize) -> Result<usize>,
+    pub rank: fn(&Path, &VeraParts<'_>) -> Result<usize>,
 }
 
-/// The tensors of one module of a VeRA-like tuner: its two vectors, the shared projections.
+/// The tensors of one module of a VeRA-like tuner: its two vectors, the shared projections,
+/// and the base weight they change, of PEFT shape `[out, inn]`.
 pub(crate) struct VeraParts<'t> {
+    pub base: &'t BaseTensor,
+    pub out: usize,
+    pub inn: usize,
     pub lambda_b: &'t TensorEntry,
     pub lambda_d: &'t TensorEntry,
     pub a: &'t TensorEntry,
@@ -133,19 +137,8 @@ pub(crate) fn shared<'s>(
 }
 
 /// VeRA's shapes: A `[r, >= in]`, B `[>= out, r]`, λ_d `[r]`, λ_b `[out]`.
-fn vera_rank(
-    weights: &Path,
-    p: &VeraParts<'_>,
-    w: &BaseTensor,
-    out: usize,
-    inn: usize,
-) -> Result<usize> {
-    let VeraParts {
-        lambda_b: lb,
-        lambda_d: ld,
-        a,
-        b,
-    } = *p;
+fn vera_rank(weights: &Path, p: &VeraParts<'_>) -> Result<usize> {
+    let (lb, ld, a, b, out, inn) = (p.lambda_b, p.lambda_d, p.a, p.b, p.out, p.inn);
     let &[r, a_in] = a.shape.as_slice() else {
         return Err(bad_part(
             weights,
@@ -167,7 +160,7 @@ fn vera_rank(
             format!(
                 "VeRA parts do not fit base '{}' (PEFT [out, in] = [{out}, {inn}]): {} {:?}, {} {:?}, \
                  shared vera_A {:?} (needs [r, >= in]), vera_B {:?} (needs [>= out, r])",
-                w.entry.name, lb.name, lb.shape, ld.name, ld.shape, a.shape, b.shape
+                p.base.entry.name, lb.name, lb.shape, ld.name, ld.shape, a.shape, b.shape
             ),
         ));
     }
@@ -214,12 +207,15 @@ impl Tuner for VeraLike {
             ));
         };
         let parts = VeraParts {
+            base: w,
+            out,
+            inn,
             lambda_b: lb,
             lambda_d: ld,
             a,
             b,
         };
-        let r = (self.rank)(weights, &parts, w, out, inn)?;
+        let r = (self.rank)(weights, &parts)?;
         Ok(vec![Change {
             target: w.entry.name.clone(),
             change: Arc::new(VeraDelta {
