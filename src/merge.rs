@@ -435,7 +435,8 @@ pub fn merge_into(
                     sink,
                     jobs.requantized(),
                     sink_index.clone(),
-                );
+                    opts.threads,
+                )?;
                 &mut requantizer
             };
             backend.run(&work, sink, &mut |k, took| {

@@ -1,7 +1,8 @@
 //! FP8 block quantization of merged weights (`--requantize fp8-block`), as a sink in front
 //! of the run's sink: a merged weight the plan lists as an [`Fp8Requant`] arrives in its
 //! merge dtype (bf16 by default), is gathered one band of `block.0` whole rows at a time
-//! (whatever the pieces the backend writes), quantized, and goes on as float8_e4m3fn;
+//! (whatever the pieces the backend writes; the bands of one piece on the merge's number
+//! of threads), quantized, and goes on as float8_e4m3fn;
 //! its f32 scales (a few bytes per block) follow as the next tensor. Every other tensor
 //! passes through untouched, ties re-pointed at the sink's indices.
 //!
@@ -18,6 +19,7 @@ use crate::dtype::decode_f32;
 use crate::error::{Error, Result};
 use crate::plan::requantize::Fp8Requant;
 use crate::sink::{OutTensor, SharedBytes, TensorSink};
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -105,7 +107,6 @@ struct Current {
     /// Bytes received and not yet quantized (less than a band, between writes).
     pending: Vec<u8>,
     scales: Vec<u8>,
-    vals: Vec<f32>,
 }
 
 /// A sink that quantizes the merged weights the plan lists as they pass (see the module
@@ -116,15 +117,29 @@ pub struct Requantizer<'a> {
     /// Job index → the index of its (first) tensor in the sink's plan.
     sink_index: Vec<usize>,
     cur: Option<Current>,
+    /// The workers that quantize a piece's bands (as many as the merge's).
+    pool: rayon::ThreadPool,
 }
 
 impl<'a> Requantizer<'a> {
+    /// `threads`: quantizing workers (None: one per core, as the merge's `--threads`).
     pub fn new(
         inner: &'a mut dyn TensorSink,
         specs: &[Fp8Requant],
         sink_index: Vec<usize>,
-    ) -> Requantizer<'a> {
-        Requantizer {
+        threads: Option<usize>,
+    ) -> Result<Requantizer<'a>> {
+        let threads = threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| {
+                Error::Device(format!("cannot start {threads} quantizing threads: {e}"))
+            })?;
+        Ok(Requantizer {
+            pool,
             inner,
             specs: specs
                 .iter()
@@ -132,7 +147,7 @@ impl<'a> Requantizer<'a> {
                 .collect(),
             sink_index,
             cur: None,
-        }
+        })
     }
 
     fn take(&mut self, bytes: &[u8]) -> Result<()> {
@@ -146,17 +161,29 @@ impl<'a> Requantizer<'a> {
         if whole == 0 {
             return Ok(());
         }
-        // One band of f32 at a time (not the whole piece): memory stays a band.
+        // The piece's bands in parallel (blocks are independent, so the bytes do not
+        // depend on the split), each decoded to f32 one band at a time per worker: memory
+        // stays a band per worker, not the piece. Scales are kept in band order.
         let mut q = self.inner.buffer();
         q.resize(whole / es, 0);
-        c.vals.resize(band / es, 0.0);
-        for (src, dst) in c.pending[..whole]
-            .chunks_exact(band)
-            .zip(q.chunks_exact_mut(band / es))
-        {
-            decode_f32(c.spec.input.dtype, src, &mut c.vals);
-            quantize_band(&c.vals, c.cols, c.spec.block, dst, &mut c.scales);
-        }
+        let (dtype, cols, block) = (c.spec.input.dtype, c.cols, c.spec.block);
+        let pending = &c.pending[..whole];
+        let band_scales: Vec<Vec<u8>> = self.pool.install(|| {
+            pending
+                .par_chunks_exact(band)
+                .zip(q.par_chunks_exact_mut(band / es))
+                .map_init(Vec::new, |vals: &mut Vec<f32>, (src, dst)| {
+                    vals.resize(band / es, 0.0);
+                    decode_f32(dtype, src, vals);
+                    let mut scales = Vec::new();
+                    quantize_band(vals, cols, block, dst, &mut scales);
+                    scales
+                })
+                .collect()
+        });
+        band_scales
+            .iter()
+            .for_each(|s| c.scales.extend_from_slice(s));
         c.pending.drain(..whole);
         self.inner.write_owned(q)
     }
@@ -173,7 +200,6 @@ impl TensorSink for Requantizer<'_> {
                     cols,
                     pending: Vec::new(),
                     scales: Vec::new(),
-                    vals: Vec::new(),
                 });
                 Ok(())
             }
