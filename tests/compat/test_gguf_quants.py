@@ -187,7 +187,8 @@ def test_blocks_the_reference_would_garble_are_refused(run, tmp_path, target, va
 
 def test_inspect_names_every_ggml_type(run, tmp_path):
     """Every type gguf.quants can dequantize is read and shown by name (`stored`) with its
-    stored bytes; the two it cannot (Q8_1, Q1_0) are refused by tensor and type name."""
+    stored bytes; the two it cannot (Q8_1, Q1_0) are listed too (dtype "not decoded") and
+    refused by tensor and type name where their values are needed."""
     import json
     rng = np.random.default_rng(6)
     undecodable = [T.Q8_1, T.Q1_0]
@@ -211,5 +212,8 @@ def test_inspect_names_every_ggml_type(run, tmp_path):
     for q in undecodable:
         bad = tmp_path / f"{q.name}.gguf"
         fx.write(bad, [i for i in items if i[2] == q])
-        p = run(["inspect", bad], expect_rc=1)
+        t = {x["name"]: x for x in json.loads(run(["inspect", bad, "--json"]).stdout)["tensors"]}
+        assert t[f"t.{q.name}"]["stored"] == q.name and t[f"t.{q.name}"]["dtype"] == "not decoded"
+        p = run(["convert", bad, tmp_path / f"{q.name}.safetensors"], expect_rc=1)
         assert f"t.{q.name}" in p.stderr and f"ggml type {q.name}" in p.stderr, p.stderr
+        assert not (tmp_path / f"{q.name}.safetensors").exists()

@@ -224,7 +224,9 @@ LOADBACK = [c for c in KEEP if c["tuner"] in {"adalora", "randlora", "tinylora"}
 def test_tuner_keep_lora_loads_back(mrun, tmp_path, case):
     """`merge --keep-lora` output loads into `PeftModel.from_pretrained(base, adapter)` with
     `load_state_dict(strict=True)` (no key missing or unexpected, every shape right), and that
-    model's `merge_and_unload()` gives PEFT's merge bit for bit."""
+    model's `merge_and_unload()` gives bit for bit what PEFT's own merge of the adapter gives
+    on this CPU (computed here, not the stored expected file: torch's f32 matmul rounds
+    differently on CPUs with and without AVX-512)."""
     import sys
 
     sys.path.insert(0, str(REPO / "fixtures"))
@@ -236,12 +238,17 @@ def test_tuner_keep_lora_loads_back(mrun, tmp_path, case):
     out = tmp_path / "out.safetensors"
     mrun(merge_args(case, out) + ["--keep-lora"])
     dt = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[case["base_dtype"]]
-    base = mtm.mpm.CUSTOM[case["model"]]().to(dt)
-    base.load_state_dict(load_file(str(fx(case, case["base"]) / "model.safetensors")))
-    pm = PeftModel.from_pretrained(base, str(fx(case, case["loras"][0])))
+
+    def peft_model():
+        base = mtm.mpm.CUSTOM[case["model"]]().to(dt)
+        base.load_state_dict(load_file(str(fx(case, case["base"]) / "model.safetensors")))
+        return PeftModel.from_pretrained(base, str(fx(case, case["loras"][0])))
+
+    pm = peft_model()
     pm.load_state_dict(load_file(str(out)), strict=True)
     merged = pm.merge_and_unload().state_dict()
-    exp = load_file(str(fx(case, case["expected"])))
+    exp = peft_model().merge_and_unload().state_dict()
+    assert set(load_file(str(fx(case, case["expected"])))) <= set(exp)
     for k, v in exp.items():
         assert torch.equal(merged[k].view(torch.uint8), v.view(torch.uint8)), (cid(case), k)
 
