@@ -288,7 +288,7 @@ def test_verify_and_diff_are_the_cli_json(tmp_path):
 
 # --- a run big enough to interrupt -------------------------------------------------------
 
-FILLER = 48  # tensors of FILLER_SHAPE added to a real base: 48 x 8 MiB f32 = 384 MiB
+FILLER = 192  # tensors of FILLER_SHAPE added to a real base: 192 x 8 MiB f32 = 1.5 GiB
 FILLER_SHAPE = (2048, 1024)
 
 
@@ -300,7 +300,7 @@ def read_safetensors(path: Path) -> tuple[dict, bytes]:
 
 @pytest.fixture(scope="module")
 def big_base(tmp_path_factory) -> Path:
-    """The llama_f32 fixture base plus 384 MiB of extra tensors, so its merge takes a
+    """The llama_f32 fixture base plus 1.5 GiB of extra tensors, so its merge takes a
     while; the extra data is a hole in a sparse file, so making it costs nothing."""
     src = PEFT / "bases/llama_f32"
     header, data = read_safetensors(src / "model.safetensors")
@@ -453,8 +453,9 @@ def test_the_progress_bar_is_drawn_on_a_terminal_unless_turned_off(tmp_path, big
         )
     )
     text = stderr_on_a_terminal(code)
-    # The bar's "{bytes}/{total_bytes}": the total is the output's size, 192 MiB and change.
-    drawn = re.search(r"MiB/192\.\d\d MiB", text) is not None
+    # The bar's "{bytes}/{total_bytes}": the total is the output's size, the filler's f16
+    # MiB (4 per tensor) and change.
+    drawn = re.search(rf"MiB/{FILLER * 4}\.\d\d MiB", text) is not None
     assert drawn == progress, text[-2000:]
 
 
