@@ -288,7 +288,10 @@ def test_verify_and_diff_are_the_cli_json(tmp_path):
 
 # --- a run big enough to interrupt -------------------------------------------------------
 
-FILLER = 192  # tensors of FILLER_SHAPE added to a real base: 192 x 8 MiB f32 = 1.5 GiB
+FILLER = 48  # tensors of FILLER_SHAPE added to a real base: 48 x 8 MiB f32 = 384 MiB
+# For the runs that are interrupted: 8 GiB, so that no merge finishes before Ctrl-C gets
+# there (they stop early, so its size costs nothing).
+FILLER_INTERRUPTED = 1024
 FILLER_SHAPE = (2048, 1024)
 
 
@@ -298,19 +301,17 @@ def read_safetensors(path: Path) -> tuple[dict, bytes]:
     return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
-@pytest.fixture(scope="module")
-def big_base(tmp_path_factory) -> Path:
-    """The llama_f32 fixture base plus 1.5 GiB of extra tensors, so its merge takes a
-    while; the extra data is a hole in a sparse file, so making it costs nothing."""
+def sparse_base(folder: Path, filler: int) -> Path:
+    """The llama_f32 fixture base plus `filler` extra tensors of FILLER_SHAPE, so its merge
+    takes a while; the extra data is a hole in a sparse file, so making it costs nothing."""
     src = PEFT / "bases/llama_f32"
     header, data = read_safetensors(src / "model.safetensors")
     header.pop("__metadata__", None)
-    folder = tmp_path_factory.mktemp("big") / "base"
     folder.mkdir()
     shutil.copy(src / "config.json", folder / "config.json")
     at = len(data)
     nbytes = FILLER_SHAPE[0] * FILLER_SHAPE[1] * 4
-    for i in range(FILLER):
+    for i in range(filler):
         header[f"filler.{i}.weight"] = {"dtype": "F32", "shape": list(FILLER_SHAPE),
                                         "data_offsets": [at, at + nbytes]}
         at += nbytes
@@ -320,6 +321,18 @@ def big_base(tmp_path_factory) -> Path:
         f.write(struct.pack("<Q", len(text)) + text + data)
         f.truncate(8 + len(text) + at)
     return folder
+
+
+@pytest.fixture(scope="module")
+def big_base(tmp_path_factory) -> Path:
+    """A base of 384 MiB: runs that go to the end (progress bar, GIL)."""
+    return sparse_base(tmp_path_factory.mktemp("big") / "base", FILLER)
+
+
+@pytest.fixture(scope="module")
+def huge_base(tmp_path_factory) -> Path:
+    """A base of 8 GiB: runs that are interrupted."""
+    return sparse_base(tmp_path_factory.mktemp("huge") / "base", FILLER_INTERRUPTED)
 
 
 def sigint_once_writing(folder: Path, pid: int | None = None, timeout: float = 60.0) -> threading.Thread:
@@ -337,17 +350,17 @@ def sigint_once_writing(folder: Path, pid: int | None = None, timeout: float = 6
     return t
 
 
-def test_ctrl_c_cancels_a_merge_and_removes_its_output(tmp_path, big_base):
+def test_ctrl_c_cancels_a_merge_and_removes_its_output(tmp_path, huge_base):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    kwargs = dict(base=big_base, lora=PEFT / "cases/llama_f32/adapter", dtype="bf16",
+    kwargs = dict(base=huge_base, lora=PEFT / "cases/llama_f32/adapter", dtype="bf16",
                   threads=1, device="cpu", progress=False)
     for out in (out_dir / "m.safetensors", f"{out_dir / 'sharded'}/"):
         watcher = sigint_once_writing(out_dir)
         t0 = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             lorastream.merge(out, shard_size="64MB" if str(out).endswith("/") else None, **kwargs)
-            pytest.fail("the merge finished before the interrupt: make big_base bigger")
+            pytest.fail("the merge finished before the interrupt: make huge_base bigger")
         watcher.join()
         assert list(out_dir.iterdir()) == [], "unfinished output left behind"
         assert time.monotonic() - t0 < 30
@@ -407,11 +420,11 @@ def test_the_installed_command_is_the_cli(tmp_path):
     assert p.returncode == 0 and p.stdout == "" and out.is_file()
 
 
-def test_the_installed_command_ends_on_ctrl_c_like_the_cli(tmp_path, big_base):
+def test_the_installed_command_ends_on_ctrl_c_like_the_cli(tmp_path, huge_base):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     proc = subprocess.Popen(
-        [str(VENV_BIN / "lorastream"), "merge", "--base", str(big_base), "--lora",
+        [str(VENV_BIN / "lorastream"), "merge", "--base", str(huge_base), "--lora",
          str(PEFT / "cases/llama_f32/adapter"), "--out", str(out_dir / "m.safetensors"),
          "--dtype", "bf16", "--threads", "1", "--device", "cpu", "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -677,12 +690,12 @@ def test_an_invalid_recipe_raises_before_any_job(tmp_path):
         err["kind"], err["message"], code, None)
 
 
-def test_ctrl_c_during_run_stops_its_jobs_and_removes_their_output(tmp_path, big_base):
+def test_ctrl_c_during_run_stops_its_jobs_and_removes_their_output(tmp_path, huge_base):
     recipe = write_recipe(tmp_path, f"""
 [[job]]
 name = "big"
 command = "merge"
-base = "{big_base}"
+base = "{huge_base}"
 lora = "{PEFT / 'cases/llama_f32/adapter'}"
 out = "out/m.safetensors"
 dtype = "bf16"
@@ -706,7 +719,7 @@ device = "cpu"
     t.start()
     with pytest.raises(KeyboardInterrupt):
         lorastream.run(recipe)
-        pytest.fail("the job finished before the interrupt: make big_base bigger")
+        pytest.fail("the job finished before the interrupt: make huge_base bigger")
     t.join()
     assert time.monotonic() - t0 < 30
     # The job has ended (run waits for it) and left nothing; nothing appears later either.
