@@ -110,13 +110,7 @@ impl CpuBackend {
                 isa.name()
             )));
         }
-        let threads = threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|e| Error::Device(format!("cannot start {threads} worker threads: {e}")))?;
+        let (pool, threads) = super::worker_pool(threads, "worker")?;
         Ok(CpuBackend {
             pool,
             threads,

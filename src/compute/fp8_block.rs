@@ -129,15 +129,7 @@ impl<'a> Requantizer<'a> {
         sink_index: Vec<usize>,
         threads: Option<usize>,
     ) -> Result<Requantizer<'a>> {
-        let threads = threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-            .max(1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|e| {
-                Error::Device(format!("cannot start {threads} quantizing threads: {e}"))
-            })?;
+        let (pool, _) = super::worker_pool(threads, "quantizing")?;
         Ok(Requantizer {
             pool,
             inner,

@@ -22,6 +22,23 @@ use crate::error::{Error, Result};
 use crate::plan::checked::CheckedMerge;
 use crate::sink::TensorSink;
 use std::time::Duration;
+
+/// A pool of `threads` workers (None: one per core, at least one) and its size; `what`
+/// names the workers in the error when they cannot be started. The CPU backend and the
+/// FP8 re-quantizer size theirs from the same `--threads`.
+pub(crate) fn worker_pool(
+    threads: Option<usize>,
+    what: &str,
+) -> Result<(rayon::ThreadPool, usize)> {
+    let threads = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::Device(format!("cannot start {threads} {what} threads: {e}")))?;
+    Ok((pool, threads))
+}
 use walk::Engine;
 
 /// Something that produces a run's tensors, computing merges, into a sink.
