@@ -159,8 +159,12 @@ pub fn convert(
     }
     // Decided by the magic, not by opening the checkpoint: opening dequantizes nothing,
     // but it refuses tensor types it cannot decode, which a stored copy does not need.
-    let is_gguf = input.is_file() && gguf::looks_gguf(MappedFile::open(input)?.bytes());
-    if !is_gguf {
+    let file = if input.is_file() {
+        Some(MappedFile::open(input)?).filter(|f| gguf::looks_gguf(f.bytes()))
+    } else {
+        None
+    };
+    let Some(file) = file else {
         // Not a GGUF: a readable checkpoint of another format is a usage mistake; an
         // unreadable one reports why it cannot be read.
         crate::source::open(input)?;
@@ -169,8 +173,8 @@ pub fn convert(
              tokenizer — exists only there); convert HF checkpoints with llama.cpp's convert_hf_to_gguf.py",
             input.display()
         )));
-    }
-    let (file, g) = gguf::open(input)?;
+    };
+    let g = gguf::parse(file.bytes(), input)?;
     let mut plan = Vec::new();
     let mut sources = Vec::new();
     for t in &g.tensors {

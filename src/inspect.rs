@@ -114,8 +114,8 @@ pub fn adapter_summary(config: &serde_json::Value, parameters: u64) -> serde_jso
 
 /// A GGUF file, listed from its own tensor infos: every tensor with its ggml type, also
 /// those of a type lorastream cannot dequantize (their dtype column says so).
-fn inspect_gguf(path: &Path) -> Result<InspectReport> {
-    let (file, g) = source::gguf::open(path)?;
+fn inspect_gguf(path: &Path, file: &source::MappedFile) -> Result<InspectReport> {
+    let g = source::gguf::parse(file.bytes(), path)?;
     let mut tensors: Vec<TensorSummary> = g
         .tensors
         .iter()
@@ -143,8 +143,11 @@ fn inspect_gguf(path: &Path) -> Result<InspectReport> {
 }
 
 pub fn inspect(path: &Path) -> Result<InspectReport> {
-    if path.is_file() && source::gguf::looks_gguf(source::MappedFile::open(path)?.bytes()) {
-        return inspect_gguf(path);
+    if path.is_file() {
+        let file = source::MappedFile::open(path)?;
+        if source::gguf::looks_gguf(file.bytes()) {
+            return inspect_gguf(path, &file);
+        }
     }
     let (ckpt, adapter) = if path.is_dir() && path.join("adapter_config.json").is_file() {
         let a = source::open_adapter(path)?;
