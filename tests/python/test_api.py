@@ -335,6 +335,16 @@ def huge_base(tmp_path_factory) -> Path:
     return sparse_base(tmp_path_factory.mktemp("huge") / "base", FILLER_INTERRUPTED)
 
 
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test: a process started in the background by a
+    non-interactive shell inherits SIGINT ignored, and Python then installs no handler, so
+    the SIGINT these tests send would be dropped (seen in a `nohup .ci/run &` run)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def sigint_once_writing(folder: Path, pid: int | None = None, timeout: float = 60.0) -> threading.Thread:
     """Sends SIGINT to `pid` (this process by default) as soon as something (the temp
     output) appears in `folder`: the run is then surely under way."""
@@ -350,7 +360,7 @@ def sigint_once_writing(folder: Path, pid: int | None = None, timeout: float = 6
     return t
 
 
-def test_ctrl_c_cancels_a_merge_and_removes_its_output(tmp_path, huge_base):
+def test_ctrl_c_cancels_a_merge_and_removes_its_output(tmp_path, huge_base, python_sigint):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     kwargs = dict(base=huge_base, lora=PEFT / "cases/llama_f32/adapter", dtype="bf16",
@@ -690,7 +700,8 @@ def test_an_invalid_recipe_raises_before_any_job(tmp_path):
         err["kind"], err["message"], code, None)
 
 
-def test_ctrl_c_during_run_stops_its_jobs_and_removes_their_output(tmp_path, huge_base):
+def test_ctrl_c_during_run_stops_its_jobs_and_removes_their_output(tmp_path, huge_base,
+                                                                  python_sigint):
     recipe = write_recipe(tmp_path, f"""
 [[job]]
 name = "big"
