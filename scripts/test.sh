@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this):
 #   1. cargo fmt --check and clippy -D warnings;
-#   2. Rust unit tests and the fixture tests in tests/*.rs (no Python needed), then short
-#      fuzz runs of every reader (scripts/fuzz-smoke.sh: nightly + cargo-fuzz, skipped
-#      with a message when absent; bench/FUZZ.md);
+#   2. Rust unit tests and the fixture tests in tests/*.rs (no Python needed); the unit
+#      tests and the Python-free merge tests again, cross-compiled for aarch64 and run
+#      under qemu (scripts/test-aarch64.sh: the NEON path, and every fixture merge's bytes
+#      against the digests committed from x86); then short fuzz runs of every reader
+#      (scripts/fuzz-smoke.sh: nightly + cargo-fuzz, skipped with a message when absent;
+#      bench/FUZZ.md);
 #   3. the compatibility tests in tests/compat/ against the real clients: our outputs loaded
 #      by torch.load (weights_only, mmap) and safetensors, merges compared with PEFT's
 #      merge_and_unload, XTuner's LLaVA layout. Their Python venv is created once and cached
@@ -20,6 +23,7 @@ cargo build --release
 LD_LIBRARY_PATH="$(scripts/nvrtc-lib.sh)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export LD_LIBRARY_PATH LORASTREAM_REQUIRE_NVRTC=1
 cargo test --release
+scripts/test-aarch64.sh
 scripts/fuzz-smoke.sh
 PY=$(scripts/python-env.sh)
 # Real XTuner 0.2.0 for the LLaVA load check, in its own cached venv (it pins an older

@@ -2,10 +2,19 @@
 //! same bytes: every path this CPU runs, forced one after the other, on random merges (odd
 //! shapes, ranks up to 1024 across the k blocking, every float dtype, both layouts, DoRA on
 //! rows and columns, several steps, band splits) in process, and on every merge case of the
-//! PEFT fixtures (`fixtures/peft`, `fixtures/peft_matrix`) through the CLI with
-//! `LORASTREAM_CPU`. Plain LoRA cases are also checked against the written-down reduction
-//! order computed here with plain loops. How close the default path is to PEFT is checked
-//! by `fixtures_merge.rs` and `tests/compat/`; identical bytes carry that to every path.
+//! PEFT fixtures (`fixtures/peft`, `peft_matrix`, `peft_combos`, `dora_sequences`) through
+//! the CLI with `LORASTREAM_CPU`. Plain LoRA cases are also checked against the
+//! written-down reduction order computed here with plain loops. How close the default path
+//! is to PEFT is checked by `fixtures_merge.rs` and `tests/compat/`; identical bytes carry
+//! that to every path.
+//!
+//! Across machines: every fixture merge's sha256 is committed (`fixtures/merge_digests.json`)
+//! and each path's output must have it, so an x86 run (scalar, AVX2, AVX-512) and an aarch64
+//! run (scalar, NEON; `scripts/test-aarch64.sh` runs this file under qemu) check the same
+//! bytes. A change that means to change merged bytes re-blesses the file with
+//! `LORASTREAM_BLESS_DIGESTS=1 cargo test --release --test cpu_paths` and says why in its
+//! commit. `LORASTREAM_TEST_RUNNER` (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`) runs the
+//! CLI through an emulator when the tests are cross-compiled.
 
 use lorastream::Dtype;
 use lorastream::compute::cpu::CpuBackend;
@@ -297,29 +306,82 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The CLI, through `LORASTREAM_TEST_RUNNER` when set (an emulator for a cross-compiled
+/// binary).
+fn cli() -> Command {
+    let bin = env!("CARGO_BIN_EXE_lorastream");
+    let runner = std::env::var("LORASTREAM_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(prog) => {
+            let mut cmd = Command::new(prog);
+            cmd.args(words).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    }
+}
+
 fn run(dir: &Path, case: &Value, isa: &str, out: &Path) -> std::process::Output {
     let fx = |p: &Value| dir.join(p.as_str().unwrap());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lorastream"));
+    let mut cmd = cli();
     cmd.env("LORASTREAM_CPU", isa)
         .args(["merge", "--device", "cpu", "--base"])
         .arg(fx(&case["base"]))
         .arg("--out")
         .arg(out);
-    for l in case["loras"].as_array().unwrap() {
-        cmd.arg("--lora").arg(fx(l));
+    let weights = case.get("weights").and_then(|w| w.as_array());
+    for (i, l) in case["loras"].as_array().unwrap().iter().enumerate() {
+        let mut lora = fx(l).into_os_string();
+        // A weighted combination: `--lora PATH:WEIGHT` (`peft_combos`).
+        if let Some(w) = weights {
+            lora.push(format!(":{}", w[i].as_f64().unwrap()));
+        }
+        cmd.arg("--lora").arg(lora);
     }
     if let Some(a) = case.get("args").and_then(|a| a.as_array()) {
         cmd.args(a.iter().map(|x| x.as_str().unwrap()));
     }
+    if let Some(order) = case.get("module_order") {
+        cmd.arg("--module-order").arg(fx(order));
+    }
     cmd.output().unwrap()
+}
+
+const FIXTURE_SETS: [&str; 4] = [
+    "fixtures/peft",
+    "fixtures/peft_matrix",
+    "fixtures/peft_combos",
+    "fixtures/dora_sequences",
+];
+
+const DIGESTS: &str = "fixtures/merge_digests.json";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[test]
 fn fixture_merges_are_byte_identical_on_every_cpu_path() {
     let paths: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
+    let bless = std::env::var_os("LORASTREAM_BLESS_DIGESTS").is_some();
+    let committed: serde_json::Map<String, Value> = if bless {
+        serde_json::Map::new()
+    } else {
+        let text = std::fs::read_to_string(repo().join(DIGESTS)).unwrap();
+        serde_json::from_str::<Value>(&text).unwrap()["sha256"]
+            .as_object()
+            .unwrap()
+            .clone()
+    };
+    let mut seen = serde_json::Map::new();
     let tmp = tempfile::tempdir().unwrap();
-    let mut n = 0;
-    for set in ["fixtures/peft", "fixtures/peft_matrix"] {
+    let mut cases = Vec::new();
+    for set in FIXTURE_SETS {
         let dir = repo().join(set);
         let manifest: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap())
@@ -328,28 +390,74 @@ fn fixture_merges_are_byte_identical_on_every_cpu_path() {
             if case["refuse"] == true || !case["expected"].is_string() {
                 continue;
             }
-            let name = case["name"].as_str().unwrap();
-            let mut first: Option<Vec<u8>> = None;
-            for isa in &paths {
-                let out = tmp.path().join(format!("{name}.{isa}.safetensors"));
-                let o = run(&dir, case, isa, &out);
-                assert!(
-                    o.status.success(),
-                    "{set} {name} ({isa}): {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-                let bytes = std::fs::read(&out).unwrap();
-                match &first {
-                    None => first = Some(bytes),
-                    Some(f) => assert!(f == &bytes, "{set} {name}: {isa} differs from scalar"),
-                }
-                std::fs::remove_file(&out).unwrap();
-            }
-            n += 1;
+            let key = format!(
+                "{}/{}",
+                set.trim_start_matches("fixtures/"),
+                case["name"].as_str().unwrap()
+            );
+            cases.push((dir.clone(), case.clone(), key));
         }
     }
-    assert!(n >= 150, "only {n} fixture merge cases");
-    eprintln!("{n} fixture merges, byte-identical on {paths:?}");
+    // Cases run side by side (under an emulator each CLI start is slow); the checks
+    // below go in manifest order.
+    use rayon::prelude::*;
+    let digests: Vec<String> = cases
+        .par_iter()
+        .enumerate()
+        .map(|(n, (dir, case, key))| {
+            let mut first: Option<String> = None;
+            for isa in &paths {
+                let out = tmp.path().join(format!("{n}.{isa}.safetensors"));
+                let o = run(dir, case, isa, &out);
+                assert!(
+                    o.status.success(),
+                    "{key} ({isa}): {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                let digest = sha256_hex(&std::fs::read(&out).unwrap());
+                std::fs::remove_file(&out).unwrap();
+                match &first {
+                    None => first = Some(digest),
+                    Some(f) => assert!(f == &digest, "{key}: {isa} differs from scalar"),
+                }
+            }
+            first.unwrap()
+        })
+        .collect();
+    for ((_, _, key), digest) in cases.into_iter().zip(digests) {
+        if !bless {
+            let want = committed.get(&key).and_then(|v| v.as_str());
+            assert!(
+                want == Some(digest.as_str()),
+                "{key}: sha256 {digest} on {paths:?}, {DIGESTS} has {want:?}: the merged \
+                 bytes differ from the ones committed (another machine's, or before a \
+                 change); if the change means to change them, re-bless (module comment)"
+            );
+        }
+        seen.insert(key, Value::String(digest));
+    }
+    let n = seen.len();
+    assert!(n >= 300, "only {n} fixture merge cases");
+    if bless {
+        let doc = serde_json::json!({
+            "about": "sha256 of lorastream's output for every fixture merge case; the same on \
+                      every CPU path and machine (tests/cpu_paths.rs)",
+            "sha256": Value::Object(seen),
+        });
+        let text = serde_json::to_string_pretty(&doc).unwrap() + "\n";
+        std::fs::write(repo().join(DIGESTS), text).unwrap();
+        eprintln!("{n} digests written to {DIGESTS}");
+    } else {
+        let stale: Vec<&String> = committed
+            .keys()
+            .filter(|k| !seen.contains_key(*k))
+            .collect();
+        assert!(
+            stale.is_empty(),
+            "{DIGESTS} names cases that are gone: {stale:?}"
+        );
+    }
+    eprintln!("{n} fixture merges, byte-identical on {paths:?} and to {DIGESTS}");
 }
 
 #[test]
