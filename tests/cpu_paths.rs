@@ -23,7 +23,7 @@ use lorastream::compute::{DeltaBackend, Source, Task, WorkItem};
 use lorastream::dtype::{decode_f32, encode_f32};
 use lorastream::plan::checked::CheckedMerge;
 use lorastream::plan::merge_types::{DeltaLayout, LoraStep, Step};
-use lorastream::sink::{MemorySink, OutTensor};
+use lorastream::sink::{MemorySink, OutTensor, sha256_file};
 use lorastream::source::{MappedFile, TensorData, TensorEntry};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -357,14 +357,6 @@ const FIXTURE_SETS: [&str; 4] = [
 
 const DIGESTS: &str = "fixtures/merge_digests.json";
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 #[test]
 fn fixture_merges_are_byte_identical_on_every_cpu_path() {
     let paths: Vec<&str> = Isa::available().iter().map(|i| i.name()).collect();
@@ -414,7 +406,7 @@ fn fixture_merges_are_byte_identical_on_every_cpu_path() {
                     "{key} ({isa}): {}",
                     String::from_utf8_lossy(&o.stderr)
                 );
-                let digest = sha256_hex(&std::fs::read(&out).unwrap());
+                let (_, digest) = sha256_file(&out).unwrap();
                 std::fs::remove_file(&out).unwrap();
                 match &first {
                     None => first = Some(digest),
