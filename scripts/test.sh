@@ -5,8 +5,8 @@
 #      tests and the Python-free merge tests again, cross-compiled for aarch64 and run
 #      under qemu (scripts/test-aarch64.sh: the NEON path, and every fixture merge's bytes
 #      against the digests committed from x86); then short fuzz runs of every reader
-#      (scripts/fuzz-smoke.sh: nightly + cargo-fuzz, skipped with a message when absent;
-#      bench/FUZZ.md);
+#      (scripts/fuzz-smoke.sh: nightly + cargo-fuzz, which it installs into the cache when
+#      missing; skipped with a message when that fails; bench/FUZZ.md);
 #   3. the compatibility tests in tests/compat/ against the real clients: our outputs loaded
 #      by torch.load (weights_only, mmap) and safetensors, merges compared with PEFT's
 #      merge_and_unload, XTuner's LLaVA layout. Their Python venv is created once and cached
