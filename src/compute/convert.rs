@@ -71,18 +71,23 @@ pub fn round_through(isa: Isa, dtype: Dtype, v: &mut [f32]) {
     }
 }
 
-/// Asks the CPU to bring `bytes` into L2 (a hint: no effect on results). The fused pass
-/// reads the weight in column blocks of many rows, a pattern the hardware prefetcher
-/// does not follow; hinted one block ahead, the reads overlap the block's GEMM.
-pub fn prefetch(bytes: &[u8]) {
+/// Asks the CPU to bring the cache lines of `v` into L2 (a hint: no effect on results).
+/// The fused pass reads the weight in column blocks of many rows, a pattern the hardware
+/// prefetcher does not follow; hinted one block ahead, the reads overlap the block's GEMM.
+/// `gemm::delta_cols` hints the next slice of the packed right factor the same way.
+pub fn prefetch<T>(v: &[T]) {
     #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
+    {
         use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        // SAFETY: SSE is part of x86-64; a prefetch reads nothing architecturally.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+        let start = v.as_ptr().cast::<u8>();
+        for at in (0..std::mem::size_of_val(v)).step_by(64) {
+            // SAFETY: `at` is inside `v`'s bytes; SSE is part of x86-64, and a prefetch
+            // reads nothing architecturally.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(start.add(at).cast()) };
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    let _ = v;
 }
 
 /// Indices (relative to `bytes`) of the elements of `bytes` (little-endian `dtype`) whose

@@ -418,12 +418,31 @@ pub fn delta_cols(
         return false;
     }
     let c = out.as_mut_ptr();
+    let panels = n.div_ceil(nr);
     for jp in j0 / nr..j1.div_ceil(nr) {
         let cols = nr.min(j1 - jp * nr);
         for k0 in (0..k).step_by(KC) {
             let kc = KC.min(k - k0);
             let last = k0 + kc == k;
+            // The R slice of the next step (this panel's next k block, else the next
+            // panel's first, which may be the caller's next block of columns) is hinted
+            // into L2 a few lines per row panel while this slice computes: a packed R
+            // bigger than the cache (29 MB at r = 512 and 14336 columns) would otherwise
+            // reach the next slice's first tile from memory. A hint: no result changes.
+            let next = if !last {
+                let at = jp * nr * k + (k0 + kc) * nr;
+                at..at + KC.min(k - k0 - kc) * nr
+            } else if jp + 1 < panels {
+                let at = (jp + 1) * nr * k;
+                at..at + KC.min(k) * nr
+            } else {
+                0..0
+            };
+            let next = rp.get(next).unwrap_or(&[]);
+            let per_panel = next.len().div_ceil(rpanels).next_multiple_of(16);
             for ip in 0..rpanels {
+                let from = (ip * per_panel).min(next.len());
+                super::convert::prefetch(&next[from..(from + per_panel).min(next.len())]);
                 let rows = mr.min(m - ip * mr);
                 let t = Tile {
                     k: kc,
