@@ -418,7 +418,11 @@ pub fn delta_cols(
         return false;
     }
     let c = out.as_mut_ptr();
-    let panels = n.div_ceil(nr);
+    // Where panel p's values of k block k0.. sit in the packed R (`PackedRight`).
+    let slice = |p: usize, k0: usize| {
+        let at = p * nr * k + k0 * nr;
+        at..at + KC.min(k - k0) * nr
+    };
     for jp in j0 / nr..j1.div_ceil(nr) {
         let cols = nr.min(j1 - jp * nr);
         for k0 in (0..k).step_by(KC) {
@@ -426,23 +430,24 @@ pub fn delta_cols(
             let last = k0 + kc == k;
             // The R slice of the next step (this panel's next k block, else the next
             // panel's first, which may be the caller's next block of columns) is hinted
-            // into L2 a few lines per row panel while this slice computes: a packed R
-            // bigger than the cache (29 MB at r = 512 and 14336 columns) would otherwise
+            // into L2 a few cache lines per row panel while this slice computes: a packed
+            // R bigger than the cache (29 MB at r = 512 and 14336 columns) would otherwise
             // reach the next slice's first tile from memory. A hint: no result changes.
             let next = if !last {
-                let at = jp * nr * k + (k0 + kc) * nr;
-                at..at + KC.min(k - k0 - kc) * nr
-            } else if jp + 1 < panels {
-                let at = (jp + 1) * nr * k;
-                at..at + KC.min(k) * nr
+                slice(jp, k0 + kc)
+            } else if jp + 1 < n.div_ceil(nr) {
+                slice(jp + 1, 0)
             } else {
                 0..0
             };
             let next = rp.get(next).unwrap_or(&[]);
-            let per_panel = next.len().div_ceil(rpanels).next_multiple_of(16);
+            // At most one part per row panel, each whole 64-byte lines (16 f32).
+            let per_panel = next.len().div_ceil(rpanels).next_multiple_of(16).max(1);
+            let mut ahead = next.chunks(per_panel);
             for ip in 0..rpanels {
-                let from = (ip * per_panel).min(next.len());
-                super::convert::prefetch(&next[from..(from + per_panel).min(next.len())]);
+                if let Some(part) = ahead.next() {
+                    super::convert::prefetch(part);
+                }
                 let rows = mr.min(m - ip * mr);
                 let t = Tile {
                     k: kc,
@@ -459,7 +464,7 @@ pub fn delta_cols(
                 // supported when the caller chose it (`Isa::from_env`).
                 unsafe {
                     let a = lp.as_ptr().add(ip * mr * k + k0 * mr);
-                    let b = rp.as_ptr().add(jp * nr * k + k0 * nr);
+                    let b = rp.as_ptr().add(slice(jp, k0).start);
                     let cp = c.add(ip * mr * ldo + (jp * nr - j0));
                     run_tile(isa, &t, a, b, cp, ldo);
                 }
