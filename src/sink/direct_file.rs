@@ -2,7 +2,8 @@
 //! staging buffer that goes to disk in whole blocks with `O_DIRECT`, so writing a 15 GB
 //! checkpoint costs no kernel copy into the page cache and leaves no 15 GB of dirty cache
 //! behind (see `direct_io` for the measurements). The last partial block is padded and the
-//! file truncated to its length at the end.
+//! file truncated to its length at the end. Full staging buffers are written on helper
+//! threads, two at a time, while the next one fills (`write_behind.rs`: why two).
 //!
 //! It implements `Write + Seek` because the zip crate seeks back to fill in a record's
 //! CRC: a write below the staged range is a small positioned write through the ordinary
@@ -18,6 +19,7 @@
 //! when asked to, the same buffer is written with ordinary positioned writes, and copies
 //! of unchanged input ranges use `copy_file_range` as `cp` does.
 
+use super::write_behind::WriteBehind;
 use crate::direct_io::{self, ALIGN, AlignedBuf, ReadAt};
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
@@ -41,6 +43,9 @@ pub struct DirectFileWriter {
     file: File,
     /// `O_DIRECT` descriptor, while direct writes work.
     direct: Option<File>,
+    /// Writes the full staging buffers while direct writes work; kept after a refusal
+    /// until `finish` so the writes it has are waited for.
+    behind: Option<WriteBehind>,
     staging: AlignedBuf,
     /// Where copied ranges are read to (two: one being read while the other is written).
     bounce: [AlignedBuf; 2],
@@ -74,9 +79,14 @@ impl DirectFileWriter {
         } else {
             None
         };
+        let behind = match &direct {
+            Some(d) => Some(WriteBehind::new(d, &file)?),
+            None => None,
+        };
         Ok(DirectFileWriter {
             file,
             direct,
+            behind,
             staging: AlignedBuf::with_capacity(STAGING),
             bounce: Default::default(),
             staged: 0,
@@ -93,36 +103,41 @@ impl DirectFileWriter {
     }
 
     /// Writes the staged bytes, whole blocks only when direct (a partial block stays
-    /// staged, moved to the front, unless `last`, when it is padded out).
+    /// staged, moved to the front of the next buffer, unless `last`, when it is padded
+    /// out). Direct writes are handed to the helpers (`WriteBehind`), which write them
+    /// while the next buffer fills.
     fn flush_staged(&mut self, last: bool) -> io::Result<()> {
         if self.staged == 0 {
             return Ok(());
         }
-        if let Some(d) = &self.direct {
+        // The device wanted another alignment (or the fs changed its mind): a helper wrote
+        // that buffer through the page cache; everything after goes that way too.
+        if self
+            .behind
+            .as_ref()
+            .is_some_and(WriteBehind::direct_refused)
+        {
+            self.direct = None;
+        }
+        if let (Some(_), Some(behind)) = (&self.direct, &mut self.behind) {
             let n = if last {
                 direct_io::align_up(self.staged)
             } else {
                 self.staged / ALIGN * ALIGN
             };
-            if n > 0 {
-                // Padding of the last block: zeros, cut off again by set_len in finish.
-                self.staging.as_mut_slice()[self.staged..n].fill(0);
-                match d.write_all_at(&self.staging.as_slice()[..n], self.base) {
-                    Ok(()) => {
-                        let kept = self.staged.saturating_sub(n);
-                        self.staging.as_mut_slice().copy_within(n..n + kept, 0);
-                        self.staged = kept;
-                        self.base += n as u64;
-                        return Ok(());
-                    }
-                    // The device wants another alignment (or the fs changed its mind):
-                    // write this and everything after through the page cache.
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
-                    Err(e) => return Err(e),
-                }
-            } else {
+            if n == 0 {
                 return Ok(());
             }
+            // Padding of the last block: zeros, cut off again by set_len in finish.
+            self.staging.as_mut_slice()[self.staged..n].fill(0);
+            let kept = self.staged.saturating_sub(n);
+            let mut next = behind.buffer(STAGING)?;
+            next.as_mut_slice()[..kept].copy_from_slice(&self.staging.as_slice()[n..n + kept]);
+            let full = std::mem::replace(&mut self.staging, next);
+            behind.submit(full, n, self.base)?;
+            self.staged = kept;
+            self.base += n as u64;
+            return Ok(());
         }
         self.file
             .write_all_at(&self.staging.as_slice()[..self.staged], self.base)?;
@@ -231,6 +246,9 @@ impl DirectFileWriter {
     pub fn finish(mut self) -> io::Result<()> {
         self.join_background()?;
         self.flush_staged(true)?;
+        if let Some(behind) = &mut self.behind {
+            behind.drain()?;
+        }
         self.file.set_len(self.len)?;
         self.file.sync_all()
     }
@@ -254,6 +272,9 @@ impl Write for DirectFileWriter {
         if self.pos < self.base {
             self.join_background()?;
             let n = ((self.base - self.pos) as usize).min(bytes.len());
+            if let Some(behind) = &mut self.behind {
+                behind.wait_overlapping(self.pos, self.pos + n as u64)?;
+            }
             self.file.write_all_at(&bytes[..n], self.pos)?;
             self.pos += n as u64;
             self.len = self.len.max(self.pos);

@@ -17,6 +17,7 @@ mod safetensors;
 mod shard_stream;
 mod sharded;
 mod torch_zip;
+mod write_behind;
 
 pub(crate) use atomic::sync_dir;
 pub use atomic::{TempOutput, install_interrupt_cleanup};
