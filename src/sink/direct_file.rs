@@ -19,7 +19,7 @@
 //! when asked to, the same buffer is written with ordinary positioned writes, and copies
 //! of unchanged input ranges use `copy_file_range` as `cp` does.
 
-use super::write_behind::WriteBehind;
+use super::write_behind::{WriteBehind, write_blocks};
 use crate::direct_io::{self, ALIGN, AlignedBuf, ReadAt};
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom, Write};
@@ -202,8 +202,9 @@ impl DirectFileWriter {
         };
         let cancel = Arc::new(AtomicBool::new(false));
         let mut blocks = BlockWriter {
-            direct: Some(direct.try_clone()?),
+            direct: direct.try_clone()?,
             buffered: self.file.try_clone()?,
+            refused: AtomicBool::new(false),
             cancel: Arc::clone(&cancel),
         };
         let (from, n) = (offset + head as u64, (last - first) as usize);
@@ -327,21 +328,17 @@ impl Seek for DirectFileWriter {
 
 /// Whole aligned blocks written at given offsets, directly while the device takes it.
 struct BlockWriter {
-    direct: Option<File>,
+    direct: File,
     buffered: File,
+    /// Set once the device refused a direct write (`write_behind::write_blocks`).
+    refused: AtomicBool,
     /// Set when the writer that started the copy is dropped unfinished.
     cancel: Arc<AtomicBool>,
 }
 
 impl BlockWriter {
     fn write(&mut self, blocks: &[u8], at: u64) -> io::Result<()> {
-        if let Some(d) = &self.direct {
-            match d.write_all_at(blocks, at) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.direct = None,
-                other => return other,
-            }
-        }
-        self.buffered.write_all_at(blocks, at)
+        write_blocks(&self.direct, &self.buffered, &self.refused, blocks, at)
     }
 
     /// Copies `len` bytes (whole blocks) read by `read` from `from` to the file at `at`

@@ -213,8 +213,9 @@ fn helper(
     }
 }
 
-/// Writes `bytes` at `at` directly, or through `buffered` once the device refused that.
-fn write_blocks(
+/// Writes `bytes` at `at` directly, or through `buffered` once the device refused that
+/// (also the background copies' writes, `direct_file.rs`).
+pub(crate) fn write_blocks(
     direct: &File,
     buffered: &File,
     refused: &AtomicBool,
