@@ -162,16 +162,18 @@ impl Engine for CpuBackend {
                 spare.take().unwrap_or_default(),
             ));
         }
-        let job = PreparedMerge::new(m, factor, &self.scratch, first.as_ref(), self.isa)?;
-        // The group read ahead becomes this merge's first group.
-        let first_ranges = first.map(|p| {
-            groups[0] = p.first;
-            p.first_ranges
-        });
         let check = self.check_non_finite;
         let out_dtype = m.out_dtype();
-        self.pool
-            .install(|| job.run(out_dtype, self.threads, groups, first_ranges, check, sink))
+        // Prepared on the pool too: packing the LoRA factor splits across its workers.
+        self.pool.install(|| {
+            let job = PreparedMerge::new(m, factor, &self.scratch, first.as_ref(), self.isa)?;
+            // The group read ahead becomes this merge's first group.
+            let first_ranges = first.map(|p| {
+                groups[0] = p.first;
+                p.first_ranges
+            });
+            job.run(out_dtype, self.threads, groups, first_ranges, check, sink)
+        })
     }
 }
 
