@@ -1105,4 +1105,93 @@ mod perf {
             }
         }
     }
+
+    /// The fused band's pass alone (`cpu.rs`: L packed, then per COL_BLOCK the delta and
+    /// `convert::add_encode` with weight rows that come from memory, not cache), by rows
+    /// per sub-block: `cargo test --release fused_pass_rate -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn fused_pass_rate() {
+        let (band, k, n) = (512usize, 512usize, 4096usize);
+        // Weight and output bands rotate through 512 MB each (past the last-level cache).
+        let bands = 128usize;
+        let w: Vec<u8> = (0..bands * band * n)
+            .flat_map(|i| {
+                f16::from_f32(((i % 13) as f32 - 6.0) * 0.01)
+                    .to_bits()
+                    .to_le_bytes()
+            })
+            .collect();
+        let mut out = vec![0u8; w.len()];
+        let l: Vec<f32> = (0..band * k).map(|i| (i % 7) as f32 * 1e-4).collect();
+        let r: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 1e-3).collect();
+        for isa in Isa::available().into_iter().rev().take(2) {
+            let rs = Strided {
+                data: Elems::F32(&r),
+                base: 0,
+                rs: n,
+                cs: 1,
+            };
+            let p = PackedRight::pack(isa, &rs, k, n).unwrap();
+            let subs = [512usize, 192, 96];
+            let mut best = vec![0f64; subs.len()];
+            let (mut lp, mut chunk) = (AlignedF32::default(), Vec::new());
+            let mut d = vec![0f32; band * COL_BLOCK];
+            for round in 0..4 {
+                for (si, &sub) in subs.iter().enumerate() {
+                    let t = std::time::Instant::now();
+                    let mut done = 0usize;
+                    for b in 0..bands / 4 {
+                        let b = (b + round * 7 + si * 31) % bands;
+                        let wb = &w[b * band * n * 2..(b + 1) * band * n * 2];
+                        let ob = &mut out[b * band * n * 2..(b + 1) * band * n * 2];
+                        for s0 in (0..band).step_by(sub) {
+                            let m = sub.min(band - s0);
+                            let ls = Strided {
+                                data: Elems::F32(&l),
+                                base: s0 * k,
+                                rs: k,
+                                cs: 1,
+                            };
+                            assert!(pack_left(&ls, m, &p, &mut lp));
+                            for j0 in (0..n).step_by(COL_BLOCK) {
+                                let j1 = (j0 + COL_BLOCK).min(n);
+                                let width = j1 - j0;
+                                for i in 0..m {
+                                    let at = (s0 + i) * n + j0;
+                                    super::super::convert::prefetch(&wb[at * 2..(at + width) * 2]);
+                                }
+                                let dd = &mut d[..m * width];
+                                assert!(delta_cols(&lp, m, &p, j0, j1, 1.0, dd, width));
+                                for (i, drow) in dd.chunks_mut(width).enumerate() {
+                                    let at = (s0 + i) * n + j0;
+                                    super::super::convert::add_encode(
+                                        isa,
+                                        Dtype::F16,
+                                        &wb[at * 2..(at + width) * 2],
+                                        drow,
+                                        false,
+                                        false,
+                                        Dtype::F16,
+                                        &mut ob[at * 2..(at + width) * 2],
+                                        true,
+                                        &mut chunk,
+                                    );
+                                }
+                            }
+                        }
+                        done += 1;
+                    }
+                    let g = 2.0 * (band * n * k * done) as f64 / t.elapsed().as_secs_f64() / 1e9;
+                    best[si] = best[si].max(g);
+                }
+            }
+            for (sub, g) in subs.iter().zip(&best) {
+                println!(
+                    "{} rows per sub-block {sub}: best {g:.1} GFLOP/s",
+                    isa.name()
+                );
+            }
+        }
+    }
 }
