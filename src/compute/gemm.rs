@@ -178,6 +178,19 @@ pub struct Strided<'a> {
     pub cs: usize,
 }
 
+/// Test shorthand: an f32 matrix to be packed (see [`Strided`]).
+#[cfg(test)]
+impl<'a> Strided<'a> {
+    fn f32(data: &'a [f32], base: usize, rs: usize, cs: usize) -> Strided<'a> {
+        Strided {
+            data: Elems::F32(data),
+            base,
+            rs,
+            cs,
+        }
+    }
+}
+
 /// Elements in f32 or in a stored dtype (decoded as they are packed).
 #[derive(Clone, Copy)]
 pub enum Elems<'a> {
@@ -828,18 +841,8 @@ mod tests {
             let lt: Vec<f32> = (0..k * m).map(|x| l[(x % m) * k + x / m]).collect();
             let rt: Vec<f32> = (0..n * k).map(|x| r[(x % k) * n + x / k]).collect();
             for isa in Isa::available() {
-                let ln = Strided {
-                    data: Elems::F32(&l),
-                    base: 0,
-                    rs: k,
-                    cs: 1,
-                };
-                let rn = Strided {
-                    data: Elems::F32(&r),
-                    base: 0,
-                    rs: n,
-                    cs: 1,
-                };
+                let ln = Strided::f32(&l, 0, k, 1);
+                let rn = Strided::f32(&r, 0, n, 1);
                 let got = run(isa, &ln, &rn, m, k, n);
                 assert!(
                     got.iter()
@@ -848,18 +851,8 @@ mod tests {
                     "{} differs from the reference at {m}x{k}x{n}",
                     isa.name()
                 );
-                let ltr = Strided {
-                    data: Elems::F32(&lt),
-                    base: 0,
-                    rs: 1,
-                    cs: m,
-                };
-                let rtr = Strided {
-                    data: Elems::F32(&rt),
-                    base: 0,
-                    rs: 1,
-                    cs: k,
-                };
+                let ltr = Strided::f32(&lt, 0, 1, m);
+                let rtr = Strided::f32(&rt, 0, 1, k);
                 let got = run(isa, &ltr, &rtr, m, k, n);
                 assert!(
                     got.iter()
@@ -896,14 +889,11 @@ mod tests {
                     };
                     let p = PackedRight::pack(isa, &src, k, n).unwrap();
                     let mut whole = AlignedF32::default();
-                    let dst = whole.zeroed(n.div_ceil(nr) * nr * k);
-                    assert!(data.pack_panels(isa, 0, cs, rs, n, k, nr, dst));
-                    // as_slice runs on into the alignment slack: compare the packed length.
                     let len = n.div_ceil(nr) * nr * k;
+                    assert!(data.pack_panels(isa, 0, cs, rs, n, k, nr, whole.zeroed(len)));
+                    // as_slice runs on into the alignment slack: compare the packed length.
                     let (got, want) = (&p.data.as_slice()[..len], &whole.as_slice()[..len]);
-                    let differ = (0..len).find(|&i| {
-                        got.get(i).map(|x| x.to_bits()) != want.get(i).map(|x| x.to_bits())
-                    });
+                    let differ = (0..len).find(|&i| got[i].to_bits() != want[i].to_bits());
                     assert_eq!(
                         differ,
                         None,
@@ -928,19 +918,9 @@ mod tests {
             let r = values(k * n, si as u64 + 200);
             let want = reference(&l, &r, m, k, n, 0.37);
             for isa in Isa::available() {
-                let rs = Strided {
-                    data: Elems::F32(&r),
-                    base: 0,
-                    rs: n,
-                    cs: 1,
-                };
+                let rs = Strided::f32(&r, 0, n, 1);
                 let p = PackedRight::pack(isa, &rs, k, n).unwrap();
-                let ls = Strided {
-                    data: Elems::F32(&l),
-                    base: 0,
-                    rs: k,
-                    cs: 1,
-                };
+                let ls = Strided::f32(&l, 0, k, 1);
                 let mut lp = AlignedF32::default();
                 assert!(pack_left(&ls, m, &p, &mut lp));
                 for j0 in (0..n).step_by(COL_BLOCK) {
@@ -986,12 +966,7 @@ mod tests {
                     rs: k,
                     cs: 1,
                 };
-                let rs = Strided {
-                    data: Elems::F32(&r),
-                    base: 0,
-                    rs: n,
-                    cs: 1,
-                };
+                let rs = Strided::f32(&r, 0, n, 1);
                 let got = run(isa, &ls, &rs, m, k, n);
                 assert!(
                     got.iter()
@@ -1008,26 +983,11 @@ mod tests {
     fn short_operands_are_refused_not_read() {
         let l = values(10, 1);
         let r = values(12, 2);
-        let rs = Strided {
-            data: Elems::F32(&r),
-            base: 0,
-            rs: 4,
-            cs: 1,
-        };
+        let rs = Strided::f32(&r, 0, 4, 1);
         assert!(PackedRight::pack(Isa::Scalar, &rs, 4, 4).is_none());
-        let rs = Strided {
-            data: Elems::F32(&r),
-            base: 0,
-            rs: 4,
-            cs: 1,
-        };
+        let rs = Strided::f32(&r, 0, 4, 1);
         let p = PackedRight::pack(Isa::Scalar, &rs, 3, 4).unwrap();
-        let ls = Strided {
-            data: Elems::F32(&l),
-            base: 0,
-            rs: 3,
-            cs: 1,
-        };
+        let ls = Strided::f32(&l, 0, 3, 1);
         let mut out = vec![0f32; 16];
         assert!(!delta(
             &ls,
@@ -1067,19 +1027,9 @@ mod perf {
             let l: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
             let r: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.1).collect();
             for isa in Isa::available() {
-                let rs = Strided {
-                    data: Elems::F32(&r),
-                    base: 0,
-                    rs: n,
-                    cs: 1,
-                };
+                let rs = Strided::f32(&r, 0, n, 1);
                 let p = PackedRight::pack(isa, &rs, k, n).unwrap();
-                let ls = Strided {
-                    data: Elems::F32(&l),
-                    base: 0,
-                    rs: k,
-                    cs: 1,
-                };
+                let ls = Strided::f32(&l, 0, k, 1);
                 let mut out = vec![0f32; m * n];
                 let mut lp = AlignedF32::default();
                 // On-CPU time of this thread (ns): the machine may be shared.
@@ -1126,12 +1076,7 @@ mod perf {
         let l: Vec<f32> = (0..band * k).map(|i| (i % 7) as f32 * 1e-4).collect();
         let r: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 1e-3).collect();
         for isa in Isa::available().into_iter().rev().take(2) {
-            let rs = Strided {
-                data: Elems::F32(&r),
-                base: 0,
-                rs: n,
-                cs: 1,
-            };
+            let rs = Strided::f32(&r, 0, n, 1);
             let p = PackedRight::pack(isa, &rs, k, n).unwrap();
             let subs = [512usize, 192, 96];
             let mut best = vec![0f64; subs.len()];
@@ -1147,12 +1092,7 @@ mod perf {
                         let ob = &mut out[b * band * n * 2..(b + 1) * band * n * 2];
                         for s0 in (0..band).step_by(sub) {
                             let m = sub.min(band - s0);
-                            let ls = Strided {
-                                data: Elems::F32(&l),
-                                base: s0 * k,
-                                rs: k,
-                                cs: 1,
-                            };
+                            let ls = Strided::f32(&l, s0 * k, k, 1);
                             assert!(pack_left(&ls, m, &p, &mut lp));
                             for j0 in (0..n).step_by(COL_BLOCK) {
                                 let j1 = (j0 + COL_BLOCK).min(n);
