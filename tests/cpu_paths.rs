@@ -141,6 +141,9 @@ fn cases() -> Vec<Case> {
         case(F32, F16, 61, 1000, 1024),
         // Several bands (2 workers): band splits do not change a byte either.
         case(BF16, BF16, 4500, 1003, 8),
+        // Several row sub-blocks of the fused band (192 rows each, the last one short)
+        // across two k blocks, f16 in and out (the one-pass vector add-encode).
+        case(F16, F16, 700, 300, 300),
         Case {
             out: F32,
             ..case(BF16, BF16, 31, 90, 64)

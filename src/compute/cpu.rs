@@ -7,10 +7,11 @@
 //! dtypes and sizes are not checked again here.
 //!
 //! The common merge — one plain LoRA step (no DoRA) on a weight stored as bytes — takes a
-//! fused path (`fused_band`): the band's L is packed once, then per block of
-//! `gemm::COL_BLOCK` columns the delta is computed into an L2-sized buffer and, row by
-//! row, decoded weight + delta → rounding → encoding → non-finite check run in one
-//! pass (`convert::add_encode`) while it is in cache. It performs the same IEEE
+//! fused path (`fused_band`): per sub-block of the band's rows (`FUSED_SUB_ROWS`) L is
+//! packed once, then per block of `gemm::COL_BLOCK` columns the delta is computed into
+//! an L2-sized buffer and, row by row, decoded weight + delta → rounding → encoding →
+//! non-finite check run in one pass (`convert::add_encode`) while it is in cache. It
+//! performs the same IEEE
 //! operations in the same order as the general path (`compute_band` + `encode_checked`),
 //! so its bytes are the same; the general path serves every other merge (DoRA, several
 //! steps, other tuners, decoded bases). Conversions go through `convert.rs` (vectorised
@@ -61,6 +62,14 @@ fn band_rows(cols: usize) -> usize {
         (BAND_ELEMS / cols).max(1)
     }
 }
+
+/// Rows per sub-block of the fused band (`fused_band`): its packed L (r ≤ 256 values a
+/// row per k block) and its block of delta (`gemm::COL_BLOCK` values a row) together stay
+/// within a 512 KB L2 (AMD Zen 3 has that much per core), where a whole 512-row band's
+/// spill to L3: measured 1.5-5 % faster there (`gemm` microbench `fused_pass_rate`), no
+/// difference on a Xeon with 1-2 MB of L2. A multiple of every path's tile rows (4, 6,
+/// 8, 12), so no sub-block ends in a partial tile that a whole band would not have.
+const FUSED_SUB_ROWS: usize = 192;
 
 /// Rows per group (one band per worker): the unit read ahead and handed to the writer.
 /// The read-ahead of a tensor's first group and the merge that uses it both size it here.
@@ -781,8 +790,9 @@ impl<'a> PreparedMerge<'a> {
         }
     }
 
-    /// A band of a one-step plain LoRA merge, fused: L packed once, then column block by
-    /// column block (`gemm::COL_BLOCK`, so the block's f32 delta stays in L2) the delta
+    /// A band of a one-step plain LoRA merge, fused: per sub-block of `FUSED_SUB_ROWS`
+    /// rows, L packed once, then column block by column block (`gemm::COL_BLOCK`, so the
+    /// block's f32 delta stays in L2) the delta
     /// and, row by row, `convert::add_encode` of it with the weight's bytes `w` (rows
     /// [i0, i1)) into `out`. The same operations in the same order as `compute_band`
     /// followed by `encode_checked`; returns the indices (from row i0) of outputs that
@@ -814,46 +824,49 @@ impl<'a> PreparedMerge<'a> {
             scratch.broken = true;
             return hits;
         };
-        let (m, n) = (i1 - i0, self.cols);
+        let (band, n) = (i1 - i0, self.cols);
         let (wes, oes) = (self.base.dtype.size(), out_dtype.size());
-        let src = self.left_rows(left, *r, *layout, 0, i0, rows);
-        if right.k() != *r
-            || w.len() != m * n * wes
-            || out.len() != m * n * oes
-            || !gemm::pack_left(&src, m, right, &mut scratch.left)
-        {
+        if right.k() != *r || w.len() != band * n * wes || out.len() != band * n * oes {
             scratch.broken = true;
             return hits;
         }
         let nc = gemm::COL_BLOCK.min(n);
-        scratch.delta.resize(m * nc, 0.0);
-        for j0 in (0..n).step_by(nc.max(1)) {
-            let j1 = (j0 + nc).min(n);
-            let width = j1 - j0;
-            let d = &mut scratch.delta[..m * width];
-            for i in 0..m {
-                let at = i * n + j0;
-                convert::prefetch(&w[at * wes..(at + width) * wes]);
-            }
-            if !gemm::delta_cols(&scratch.left, m, right, j0, j1, *scale, d, width) {
+        for s0 in (0..band).step_by(FUSED_SUB_ROWS) {
+            let m = FUSED_SUB_ROWS.min(band - s0);
+            let src = self.left_rows(left, *r, *layout, 0, i0 + s0, rows);
+            if !gemm::pack_left(&src, m, right, &mut scratch.left) {
                 scratch.broken = true;
                 return hits;
             }
-            for (i, drow) in d.chunks_mut(width).enumerate() {
-                let at = i * n + j0;
-                let h = convert::add_encode(
-                    self.isa,
-                    self.base.dtype,
-                    &w[at * wes..(at + width) * wes],
-                    drow,
-                    round_delta,
-                    last_round,
-                    out_dtype,
-                    &mut out[at * oes..(at + width) * oes],
-                    check,
-                    &mut scratch.chunk,
-                );
-                hits.extend(h.into_iter().map(|x| at + x));
+            scratch.delta.resize(m * nc, 0.0);
+            for j0 in (0..n).step_by(nc.max(1)) {
+                let j1 = (j0 + nc).min(n);
+                let width = j1 - j0;
+                let d = &mut scratch.delta[..m * width];
+                for i in s0..s0 + m {
+                    let at = i * n + j0;
+                    convert::prefetch(&w[at * wes..(at + width) * wes]);
+                }
+                if !gemm::delta_cols(&scratch.left, m, right, j0, j1, *scale, d, width) {
+                    scratch.broken = true;
+                    return hits;
+                }
+                for (i, drow) in (s0..).zip(d.chunks_mut(width)) {
+                    let at = i * n + j0;
+                    let h = convert::add_encode(
+                        self.isa,
+                        self.base.dtype,
+                        &w[at * wes..(at + width) * wes],
+                        drow,
+                        round_delta,
+                        last_round,
+                        out_dtype,
+                        &mut out[at * oes..(at + width) * oes],
+                        check,
+                        &mut scratch.chunk,
+                    );
+                    hits.extend(h.into_iter().map(|x| at + x));
+                }
             }
         }
         hits

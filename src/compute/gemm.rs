@@ -1078,7 +1078,7 @@ mod perf {
         for isa in Isa::available().into_iter().rev().take(2) {
             let rs = Strided::f32(&r, 0, n, 1);
             let p = PackedRight::pack(isa, &rs, k, n).unwrap();
-            let subs = [512usize, 192, 96];
+            let subs = [512usize, 256, 192, 128];
             let mut best = vec![0f64; subs.len()];
             let (mut lp, mut chunk) = (AlignedF32::default(), Vec::new());
             let mut d = vec![0f32; band * COL_BLOCK];
