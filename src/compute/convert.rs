@@ -159,16 +159,19 @@ pub fn add_encode(
     // 16-bit weights and outputs on x86: all of it in one vector pass, straight from the
     // weight's bytes to the output's (`x86::add_encode_16`); what it leaves (a tail of
     // fewer than 8, or other dtypes) goes through the chunks below.
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if let Some((n, any)) =
-        x86::add_encode_16(isa, wd, w, delta, round_delta, last_round, out_dtype, out)
+    let done = match x86::add_encode_16(isa, wd, w, delta, round_delta, last_round, out_dtype, out)
     {
-        done = n;
-        if check && any {
-            non_finite_at(out_dtype, &out[..n * oes], 0, &mut hits);
+        Some((n, any)) => {
+            if check && any {
+                non_finite_at(out_dtype, &out[..n * oes], 0, &mut hits);
+            }
+            n
         }
-    }
+        None => 0,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     let (delta, w, out) = (
         &mut delta[done..],
         w.get(done * wes..).unwrap_or(&[]),
