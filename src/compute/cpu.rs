@@ -11,9 +11,9 @@
 //! packed once, then per block of `gemm::COL_BLOCK` columns the delta is computed into
 //! an L2-sized buffer and, row by row, decoded weight + delta → rounding → encoding →
 //! non-finite check run in one pass (`convert::add_encode`) while it is in cache. It
-//! performs the same IEEE
-//! operations in the same order as the general path (`compute_band` + `encode_checked`),
-//! so its bytes are the same; the general path serves every other merge (DoRA, several
+//! performs the same IEEE operations in the same order as the general path
+//! (`compute_band` + `encode_checked`), so its bytes are the same; the general path
+//! serves every other merge (DoRA, several
 //! steps, other tuners, decoded bases). Conversions go through `convert.rs` (vectorised
 //! per path, exact).
 //!
@@ -792,8 +792,8 @@ impl<'a> PreparedMerge<'a> {
 
     /// A band of a one-step plain LoRA merge, fused: per sub-block of `FUSED_SUB_ROWS`
     /// rows, L packed once, then column block by column block (`gemm::COL_BLOCK`, so the
-    /// block's f32 delta stays in L2) the delta
-    /// and, row by row, `convert::add_encode` of it with the weight's bytes `w` (rows
+    /// block's f32 delta stays in L2) the delta and, row by row, `convert::add_encode`
+    /// of it with the weight's bytes `w` (rows
     /// [i0, i1)) into `out`. The same operations in the same order as `compute_band`
     /// followed by `encode_checked`; returns the indices (from row i0) of outputs that
     /// are non-finite when `check`.
