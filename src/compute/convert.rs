@@ -569,6 +569,8 @@ mod tests {
         for wd in [Dtype::F16, Dtype::BF16, Dtype::F32] {
             let mut w = vec![0u8; n * wd.size()];
             dtype::encode_f32(wd, &wv, &mut w);
+            let mut wf = vec![0f32; n];
+            dtype::decode_f32(wd, &w, &mut wf);
             for od in [Dtype::F16, Dtype::BF16, Dtype::F32] {
                 for (round_delta, last_round) in
                     [(false, false), (true, false), (false, true), (true, true)]
@@ -608,8 +610,6 @@ mod tests {
                         // sum keeps is the compiler's choice of operand order (the
                         // contract leaves NaN payloads open): NaN must stay NaN. Every
                         // other element is exact.
-                        let mut wf = vec![0f32; n];
-                        dtype::decode_f32(wd, &w, &mut wf);
                         let nan = |b: &[u8]| {
                             let mut x = [0f32; 1];
                             dtype::decode_f32(od, b, &mut x);

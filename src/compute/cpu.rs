@@ -13,9 +13,8 @@
 //! non-finite check run in one pass (`convert::add_encode`) while it is in cache. It
 //! performs the same IEEE operations in the same order as the general path
 //! (`compute_band` + `encode_checked`), so its bytes are the same; the general path
-//! serves every other merge (DoRA, several
-//! steps, other tuners, decoded bases). Conversions go through `convert.rs` (vectorised
-//! per path, exact).
+//! serves every other merge (DoRA, several steps, other tuners, decoded bases).
+//! Conversions go through `convert.rs` (vectorised per path, exact).
 //!
 //! DoRA needs the norm of every row (Linear, Conv: inside one band) or of every column
 //! (Conv1D, Embedding: across all bands); column norms take one extra pass over the
@@ -65,8 +64,8 @@ fn band_rows(cols: usize) -> usize {
 
 /// Rows per sub-block of the fused band (`fused_band`): its packed L (r ≤ 256 values a
 /// row per k block) and its block of delta (`gemm::COL_BLOCK` values a row) together stay
-/// within a 512 KB L2 (AMD Zen 3 has that much per core), where a whole 512-row band's
-/// spill to L3: measured 1.5-5 % faster there (`gemm` microbench `fused_pass_rate`), no
+/// within a 512 KB L2 (AMD Zen 3 has that much per core), where those of a whole 512-row
+/// band spill to L3: measured 1.5-5 % faster there (`gemm` microbench `fused_pass_rate`), no
 /// difference on a Xeon with 1-2 MB of L2. A multiple of every path's tile rows (4, 6,
 /// 8, 12), so no sub-block ends in a partial tile that a whole band would not have.
 const FUSED_SUB_ROWS: usize = 192;
@@ -793,10 +792,9 @@ impl<'a> PreparedMerge<'a> {
     /// A band of a one-step plain LoRA merge, fused: per sub-block of `FUSED_SUB_ROWS`
     /// rows, L packed once, then column block by column block (`gemm::COL_BLOCK`, so the
     /// block's f32 delta stays in L2) the delta and, row by row, `convert::add_encode`
-    /// of it with the weight's bytes `w` (rows
-    /// [i0, i1)) into `out`. The same operations in the same order as `compute_band`
-    /// followed by `encode_checked`; returns the indices (from row i0) of outputs that
-    /// are non-finite when `check`.
+    /// of it with the weight's bytes `w` (rows [i0, i1)) into `out`. The same operations
+    /// in the same order as `compute_band` followed by `encode_checked`; returns the
+    /// indices (from row i0) of outputs that are non-finite when `check`.
     #[allow(clippy::too_many_arguments)]
     fn fused_band(
         &self,
